@@ -1,0 +1,28 @@
+"""qlora-pipe: QLoRA fine-tuning on one consumer GPU.
+
+The public API mirrors the CLI stages, for notebooks and scripts::
+
+    from qlora_pipe import load_recipe, train
+    recipe = load_recipe("recipes/quickstart.yaml", overrides=["training.max_steps=10"])
+    result = train(recipe)
+    print(result.run_dir, result.summary["final_eval_loss"])
+"""
+
+from qlora_pipe.errors import UserError
+from qlora_pipe.recipe import Recipe, load_recipe
+
+__version__ = "0.1.0"
+
+
+def train(recipe: "Recipe | str", overrides: list[str] | None = None, overwrite: bool = False):
+    """Run the training stage on a recipe object or a recipe path; returns a ``TrainResult``."""
+    from qlora_pipe.train import run_training
+
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe, overrides=overrides)
+    elif overrides:
+        raise UserError("overrides apply to recipe paths; edit the Recipe object directly instead")
+    return run_training(recipe, overwrite=overwrite)
+
+
+__all__ = ["Recipe", "UserError", "__version__", "load_recipe", "train"]

@@ -1,0 +1,218 @@
+"""Tokenizer, 4-bit base model and LoRA adapter.
+
+All bitsandbytes knowledge of the training side lives in this module: the quantization
+config, the frozen 4-bit layers, and the CPU fast-path guard below.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qlora_pipe.errors import UserError
+from qlora_pipe.recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "uint8": torch.uint8}
+# Tokens that tokenizers of common model families reserve for padding, in order of preference.
+PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<|pad|>", "<pad>", "[PAD]", "<|endoftext|>", "<unk>")
+
+
+@dataclass
+class TrainableModel:
+    model: nn.Module  # a peft.PeftModel
+    trainable_params: int
+    total_params: int
+
+
+def training_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).exists()
+
+
+def check_model_source(recipe: Recipe) -> None:
+    """Fail before any download when a local model path does not exist."""
+    name = recipe.model.name_or_path
+    if _looks_local(name) and not Path(name).expanduser().is_dir():
+        raise UserError(f"model.name_or_path: directory not found: {name}")
+
+
+def load_tokenizer(recipe: Recipe):
+    """The base model's tokenizer with a chat template and a pad token distinct from EOS."""
+    from transformers import AutoTokenizer
+
+    check_model_source(recipe)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            str(Path(recipe.model.name_or_path).expanduser())
+            if _looks_local(recipe.model.name_or_path)
+            else recipe.model.name_or_path,
+            revision=recipe.model.revision,
+            trust_remote_code=recipe.model.trust_remote_code,
+        )
+    except OSError as exc:
+        raise UserError(f"model.name_or_path: cannot load tokenizer of {recipe.model.name_or_path!r}: {exc}") from exc
+    if not tokenizer.chat_template:
+        raise UserError(
+            f"model.name_or_path: the tokenizer of {recipe.model.name_or_path!r} has no chat template; "
+            "use an instruct/chat model"
+        )
+    ensure_distinct_pad(tokenizer)
+    return tokenizer
+
+
+def ensure_distinct_pad(tokenizer) -> None:
+    """Pick a pad token that is not EOS: with pad == EOS the collator masks EOS and the model never stops."""
+    if tokenizer.eos_token is None:
+        raise UserError("the tokenizer defines no EOS token; cannot train the model to stop")
+    if tokenizer.pad_token is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
+        return
+    vocab = tokenizer.get_vocab()
+    for candidate in PAD_CANDIDATES:
+        if candidate in vocab and vocab[candidate] != tokenizer.eos_token_id:
+            tokenizer.pad_token = candidate
+            log.info("pad token: using %r (distinct from EOS %r)", candidate, tokenizer.eos_token)
+            return
+    raise UserError(
+        f"the tokenizer has no pad token distinct from EOS {tokenizer.eos_token!r} and none of "
+        f"{', '.join(PAD_CANDIDATES)}; add one to the tokenizer"
+    )
+
+
+def quantization_config(recipe: Recipe):
+    """The BitsAndBytesConfig for the recipe, or None for plain 16-bit LoRA."""
+    from transformers import BitsAndBytesConfig
+
+    q = recipe.quantization
+    if not q.enabled:
+        return None
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q.quant_type,
+        bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_compute_dtype=DTYPES[q.compute_dtype],
+        bnb_4bit_quant_storage=DTYPES[q.quant_storage],
+    )
+
+
+def load_base_model(recipe: Recipe, device: torch.device | None = None) -> nn.Module:
+    """The frozen base model: 4-bit per the recipe, or 16-bit when quantization is disabled."""
+    from transformers import AutoModelForCausalLM
+
+    check_model_source(recipe)
+    device = device or training_device()
+    name = recipe.model.name_or_path
+    dtype = DTYPES[recipe.quantization.compute_dtype]
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(Path(name).expanduser()) if _looks_local(name) else name,
+            revision=recipe.model.revision,
+            trust_remote_code=recipe.model.trust_remote_code,
+            quantization_config=quantization_config(recipe),
+            dtype=dtype,
+            device_map={"": device},
+            attn_implementation=recipe.model.attn_implementation,
+        )
+    except OSError as exc:
+        raise UserError(f"model.name_or_path: cannot load {name!r}: {exc}") from exc
+    keep_plain_nf4_on_cpu(model)
+    return model
+
+
+def keep_plain_nf4_on_cpu(model: nn.Module) -> None:
+    """Turn off bitsandbytes' CPU inference fast path on our 4-bit layers.
+
+    In eval mode without grad (evaluation, generation) bitsandbytes 0.50 repacks a CPU layer's
+    weight in place for its AVX512-BF16 kernel, converting the absmax constants to bf16 and
+    undoing double quantization. The inverse on save is lossy, so the base the adapter trains
+    against would silently change after the first evaluation (verified: the training loss of
+    the same batch moves by ~1e-4). GPU runs never take this path. Remove this guard once
+    bitsandbytes' CPU packing is lossless or opt-in.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """Qualified names of the layers LoRA can adapt (linear, 4-bit linear, GPT-2 Conv1D)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear | Conv1D)]
+
+
+def check_target_modules(model: nn.Module, targets: list[str] | str) -> None:
+    """Every requested target must match at least one adaptable layer, before training starts."""
+    if targets == "all-linear":
+        return
+    names = linear_module_names(model)
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        suffixes = sorted({n.rsplit(".", 1)[-1] for n in names})
+        raise UserError(
+            f"lora.target_modules: {', '.join(missing)} match no linear layer of the model "
+            f"(available: {', '.join(suffixes)})"
+        )
+
+
+def add_lora(model: nn.Module, recipe: Recipe) -> TrainableModel:
+    """Prepare the frozen base for training and wrap it with a fresh LoRA adapter."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    check_target_modules(model, recipe.lora.target_modules)
+    checkpointing = recipe.training.gradient_checkpointing
+    ckpt_kwargs = {"use_reentrant": False}
+    if recipe.quantization.enabled:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs=ckpt_kwargs
+        )
+    else:
+        for param in model.parameters():
+            param.requires_grad_(False)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
+            model.enable_input_require_grads()
+    lora = recipe.lora
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        use_rslora=lora.use_rslora,
+        use_dora=lora.use_dora,
+        modules_to_save=lora.modules_to_save or None,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(model, config)
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    if trainable == 0:
+        raise UserError("lora: the adapter has no trainable parameters; check lora.target_modules")
+    return TrainableModel(peft_model, trainable, total)
+
+
+def load_trainable_model(recipe: Recipe) -> tuple[object, TrainableModel]:
+    """Tokenizer, then the 4-bit base with a LoRA adapter: the model stage in one call."""
+    tokenizer = load_tokenizer(recipe)
+    base = load_base_model(recipe)
+    if base.config.pad_token_id is None or base.config.pad_token_id == tokenizer.eos_token_id:
+        base.config.pad_token_id = tokenizer.pad_token_id
+    trainable = add_lora(base, recipe)
+    pct = 100 * trainable.trainable_params / max(trainable.total_params, 1)
+    log.info(
+        "trainable params: %s of %s (%.4f%%)",
+        f"{trainable.trainable_params:,}",
+        f"{trainable.total_params:,}",
+        pct,
+    )
+    return tokenizer, trainable

@@ -1,0 +1,262 @@
+"""The recipe: a typed, validated description of one fine-tuning run.
+
+No torch imports here: validating a recipe must be instant and must not need a GPU.
+Every field carries a one-line description; ``qlora-pipe validate --explain`` prints them.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from qlora_pipe.errors import UserError
+
+Dtype = Literal["bfloat16", "float16", "float32"]
+
+
+class Section(BaseModel):
+    """Base of every recipe section: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(Section):
+    name_or_path: str = Field(description="Hub id or local directory of the base model (a causal LM).")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the base model.")
+    trust_remote_code: bool = Field(False, description="Allow model code from the Hub repository to run.")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="Attention kernel passed to transformers."
+    )
+
+
+class QuantizationSection(Section):
+    enabled: bool = Field(True, description="Load the base in 4-bit (QLoRA); false gives plain 16-bit LoRA.")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type of the frozen base weights.")
+    double_quant: bool = Field(True, description="Quantize the quantization constants too (saves ~0.4 bit/param).")
+    compute_dtype: Dtype = Field("bfloat16", description="Dtype the 4-bit weights are dequantized to for matmuls.")
+    quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = Field(
+        "uint8", description="Storage dtype of packed 4-bit weights (bfloat16 for FSDP sharding)."
+    )
+
+
+class LoraSection(Section):
+    r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
+    alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r)).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input during training.")
+    target_modules: list[str] | str = Field(
+        "all-linear", description="Module names to adapt, or 'all-linear' for every linear layer but lm_head."
+    )
+    use_rslora: bool = Field(False, description="Rank-stabilized LoRA: scale = alpha / sqrt(r).")
+    use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA): also learns a magnitude vector.")
+    modules_to_save: list[str] = Field(
+        default_factory=list, description="Modules trained in full and saved with the adapter (e.g. lm_head)."
+    )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _names_or_all_linear(cls, value: list[str] | str) -> list[str] | str:
+        if (isinstance(value, list) and not value) or (isinstance(value, str) and value != "all-linear"):
+            raise ValueError("must be a non-empty list of module names, or 'all-linear'")
+        return value
+
+
+class DataSection(Section):
+    train_path: str = Field(description="Training data: chat-messages JSONL ({'messages': [{role, content}]}).")
+    eval_path: str | None = Field(None, description="Held-out data in the same format, for eval loss.")
+    max_length: int = Field(2048, ge=16, description="Longest tokenized example; longer ones are dropped.")
+    loss_on: Literal["assistant", "all"] = Field(
+        "assistant", description="Train on assistant turns only (default) or on every token."
+    )
+    max_train_samples: int | None = Field(None, ge=1, description="Use only the first N training rows.")
+    max_eval_samples: int | None = Field(None, ge=1, description="Use only the first N eval rows.")
+
+
+class TrainingSection(Section):
+    max_steps: int = Field(-1, ge=-1, description="Optimizer steps to run; -1 means run num_epochs.")
+    num_epochs: float = Field(1.0, gt=0, description="Passes over the training data (when max_steps is -1).")
+    micro_batch_size: int = Field(1, ge=1, description="Sequences per forward pass (per device).")
+    gradient_accumulation_steps: int = Field(16, ge=1, description="Micro batches per optimizer step.")
+    learning_rate: float = Field(2e-4, gt=0, lt=1, description="Peak learning rate of the LoRA weights.")
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
+        "cosine", description="Learning-rate schedule after warmup."
+    )
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Fraction of steps spent warming up the LR.")
+    weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay on the LoRA weights.")
+    max_grad_norm: float = Field(0.3, gt=0, description="Gradient clipping norm.")
+    optimizer: Literal[
+        "paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw_torch", "adamw_torch_fused", "sgd"
+    ] = Field("paged_adamw_8bit", description="Optimizer; paged ones fall back to non-paged without a GPU.")
+    precision: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="Mixed-precision mode of training.")
+    gradient_checkpointing: bool = Field(True, description="Recompute activations in backward (non-reentrant).")
+    logging_steps: int = Field(10, ge=1, description="Log train loss every N optimizer steps.")
+    eval_steps: int | None = Field(None, ge=1, description="Evaluate every N steps (None: only at start/end).")
+    save_steps: int = Field(200, ge=1, description="Write a checkpoint every N optimizer steps.")
+    save_total_limit: int = Field(2, ge=1, description="Keep at most this many checkpoints.")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=list, description="Experiment trackers to log to (empty: metrics.jsonl only)."
+    )
+    preview_prompts: list[str] = Field(
+        default_factory=list, description="Questions answered (greedy) before and after training, side by side."
+    )
+    preview_max_new_tokens: int = Field(64, ge=1, description="Tokens generated per preview answer.")
+
+
+class ExportSection(Section):
+    dtype: Literal["bfloat16", "float16"] = Field("bfloat16", description="Dtype of the merged model.")
+    merge_base: Literal["dequantized", "original"] = Field(
+        "dequantized", description="Merge into the NF4 weights trained against (default) or the 16-bit ones."
+    )
+    max_shard_size: str = Field("5GB", description="Largest safetensors shard of the merged model.")
+    verify: bool = Field(True, description="Check the merged model against the trained model.")
+
+
+class HubSection(Section):
+    repo_id: str | None = Field(None, description="Hub repository (user/name) to publish to.")
+    private: bool = Field(True, description="Create the Hub repository as private.")
+    push_adapter_at_end: bool = Field(False, description="Push the adapter when training finishes.")
+
+
+class Recipe(Section):
+    run_name: str = Field(
+        "run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Name of the run directory."
+    )
+    output_dir: str = Field("runs", description="Parent directory of run directories.")
+    seed: int = Field(42, ge=0, description="Seed for data order, LoRA init and dropout.")
+    model: ModelSection
+    quantization: QuantizationSection = Field(default_factory=QuantizationSection)
+    lora: LoraSection = Field(default_factory=LoraSection)
+    data: DataSection
+    training: TrainingSection = Field(default_factory=TrainingSection)
+    export: ExportSection = Field(default_factory=ExportSection)
+    hub: HubSection = Field(default_factory=HubSection)
+
+    # Where the recipe was read from, for error messages. Relative paths inside a recipe are
+    # relative to the working directory (the repository root in every documented command).
+    source: str | None = Field(None, exclude=True, description="Path the recipe was loaded from (internal).")
+
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.run_name
+
+    def dump_yaml(self) -> str:
+        """The resolved recipe (defaults filled in) as YAML."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading, overrides and error messages
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe file; raise UserError with a one-line message."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"recipe file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    raw = parse_yaml(text, str(path))
+    for item in overrides or []:
+        apply_override(raw, item)
+    return validate_recipe(raw, str(path))
+
+
+def parse_yaml(text: str, where: str) -> dict[str, Any]:
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        pos = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        problem = exc.problem or exc.context or "malformed YAML"
+        raise UserError(f"{where}{pos}: invalid YAML: {problem}") from exc
+    except yaml.YAMLError as exc:
+        raise UserError(f"{where}: invalid YAML: {exc}") from exc
+    if raw is None:
+        raise UserError(f"{where}: the recipe is empty")
+    if not isinstance(raw, dict):
+        raise UserError(f"{where}: a recipe must be a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Apply one ``dotted.key=value`` override; the value is parsed as YAML (safe_load)."""
+    key, sep, value_text = item.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. training.learning_rate=1e-4")
+    parts = key.strip().split(".")
+    try:
+        value = yaml.safe_load(value_text) if value_text.strip() else None
+    except yaml.YAMLError as exc:
+        raise UserError(f"--set {item!r}: value is not valid YAML") from exc
+    node = raw
+    for depth, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            dotted = ".".join(parts[: depth + 1])
+            raise UserError(f"--set {item!r}: {dotted} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def validate_recipe(raw: dict[str, Any], where: str = "recipe") -> Recipe:
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as exc:
+        raise UserError(f"{where}: {describe_validation_error(exc)}") from exc
+    return recipe.model_copy(update={"source": where})
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """Turn pydantic's first error into one line naming the dotted path and the offending value."""
+    messages = []
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"] if not str(p).startswith(("function-", "literal["))]
+        # Union branches add a type tag (e.g. "list[str]") to the location; drop it.
+        loc = [p for p in loc if not p.startswith(("list[", "str", "int", "float"))] or loc
+        dotted = ".".join(loc)
+        if err["type"] == "extra_forbidden":
+            messages.append(_unknown_key_message(loc))
+        elif err["type"] == "missing":
+            messages.append(f"{dotted}: required key is missing")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            messages.append(f"{dotted}: {msg} (got {err.get('input')!r})")
+    # One line: the first problem, and how many more there are.
+    extra = f" (and {len(messages) - 1} more problem(s))" if len(messages) > 1 else ""
+    return messages[0] + extra
+
+
+def _unknown_key_message(loc: list[str]) -> str:
+    dotted = ".".join(loc)
+    section: type[BaseModel] = Recipe
+    for part in loc[:-1]:
+        field = section.model_fields.get(part)
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            break
+        section = annotation
+    valid = [name for name in section.model_fields if name != "source"]
+    close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.6)
+    hint = f"did you mean '{'.'.join([*loc[:-1], close[0]])}'?" if close else f"valid keys: {', '.join(valid)}"
+    return f"{dotted}: unknown key ({hint})"
+
+
+def explain() -> str:
+    """Every recipe field with its type, default and one-line description."""
+    lines: list[str] = []
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            if name == "source":
+                continue
+            annotation = field.annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                lines.append(f"\n{prefix}{name}:")
+                walk(annotation, f"{prefix}{name}.")
+                continue
+            default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
+            lines.append(f"  {prefix}{name} = {default}\n      {field.description}")
+
+    walk(Recipe, "")
+    return "\n".join(lines).lstrip("\n")

@@ -1,0 +1,111 @@
+"""The run directory: every path and file name of a run lives here.
+
+A run is finished only when ``summary.json`` exists; it is written last, atomically. A run
+directory without it (crash, Ctrl-C, error) is never mistaken for a finished one: export,
+push and ``latest_finished_run`` all check ``is_finished``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qlora_pipe.errors import UserError
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+RESOLVED_RECIPE = "recipe.resolved.yaml"
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+STATUS = "status.json"
+PREVIEW = "preview.json"
+CHECKPOINTS = "checkpoints"
+
+
+@dataclass(frozen=True)
+class RunDir:
+    root: Path
+
+    @property
+    def adapter_weights(self) -> Path:
+        return self.root / ADAPTER_WEIGHTS
+
+    @property
+    def adapter_config(self) -> Path:
+        return self.root / ADAPTER_CONFIG
+
+    @property
+    def resolved_recipe(self) -> Path:
+        return self.root / RESOLVED_RECIPE
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / METRICS
+
+    @property
+    def summary(self) -> Path:
+        return self.root / SUMMARY
+
+    @property
+    def status(self) -> Path:
+        return self.root / STATUS
+
+    @property
+    def preview(self) -> Path:
+        return self.root / PREVIEW
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / CHECKPOINTS
+
+    def is_finished(self) -> bool:
+        return self.summary.is_file() and self.adapter_weights.is_file()
+
+    def prepare(self, overwrite: bool) -> None:
+        """Create the run directory; refuse to clobber an existing run unless asked."""
+        if self.root.exists() and any(self.root.iterdir()):
+            state = "a finished run" if self.is_finished() else "an unfinished run"
+            if not overwrite:
+                raise UserError(
+                    f"{self.root} already holds {state}; choose another run_name "
+                    f"(--set run_name=NAME) or pass --overwrite"
+                )
+            shutil.rmtree(self.root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def set_status(self, state: str, **extra: Any) -> None:
+        write_json_atomic(self.status, {"state": state, **extra})
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write via a temporary file in the same directory and rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=False) + "\n")
+
+
+def latest_finished_run(output_dir: str | Path = "runs") -> RunDir:
+    """The most recently finished run under ``output_dir`` (by summary.json mtime)."""
+    root = Path(output_dir)
+    runs = [RunDir(p) for p in root.iterdir() if p.is_dir()] if root.is_dir() else []
+    finished = [r for r in runs if r.is_finished()]
+    if not finished:
+        raise UserError(f"no finished run under {root}/ (a run is finished when it has {SUMMARY})")
+    return max(finished, key=lambda r: r.summary.stat().st_mtime)
