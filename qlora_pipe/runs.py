@@ -66,17 +66,23 @@ class RunDir:
     def is_finished(self) -> bool:
         return self.summary.is_file() and self.adapter_weights.is_file()
 
-    def prepare(self, overwrite: bool) -> None:
-        """Create the run directory; refuse to clobber an existing run unless asked."""
-        if self.root.exists() and any(self.root.iterdir()):
+    def check_available(self, overwrite: bool) -> None:
+        """Refuse to clobber an existing run unless asked; no side effects."""
+        if self.root.is_file():
+            raise UserError(f"{self.root} is a file, not a run directory")
+        if self.root.exists() and any(self.root.iterdir()) and not overwrite:
             state = "a finished run" if self.is_finished() else "an unfinished run"
-            if not overwrite:
-                raise UserError(
-                    f"{self.root} already holds {state}; choose another run_name "
-                    f"(--set run_name=NAME) or pass --overwrite"
-                )
+            raise UserError(
+                f"{self.root} already holds {state}; choose another run_name (--set run_name=NAME) "
+                "or pass --overwrite"
+            )
+
+    def prepare(self, overwrite: bool) -> None:
+        """Create an empty run directory (replacing an old run only when ``overwrite``)."""
+        self.check_available(overwrite)
+        if self.root.exists():
             shutil.rmtree(self.root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(parents=True)
 
     def set_status(self, state: str, **extra: Any) -> None:
         write_json_atomic(self.status, {"state": state, **extra})

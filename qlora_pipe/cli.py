@@ -1,0 +1,115 @@
+"""`qlora-pipe <command>`: argument parsing and error reporting only."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from qlora_pipe.errors import UserError
+
+USER_ERROR_EXIT = 2
+
+
+def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="path to a recipe YAML file")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe value, e.g. --set training.learning_rate=1e-4 (repeatable)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qlora-pipe", description="QLoRA fine-tuning on one consumer GPU.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="fine-tune a LoRA adapter on a 4-bit base")
+    _add_recipe_args(train)
+    train.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+
+    validate = commands.add_parser("validate", help="check a recipe without loading anything")
+    validate.add_argument("recipe", nargs="?", help="path to a recipe YAML file")
+    validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    validate.add_argument("--explain", action="store_true", help="list every recipe field with its meaning")
+
+    build = commands.add_parser(
+        "build-quickstart-model", help="pretrain the tiny offline base model used by recipes/quickstart.yaml"
+    )
+    build.add_argument("--out", default="models/quickstart-base", help="output directory")
+    build.add_argument("--corpus", default="data/legal-qa/corpus.txt", help="plain-text corpus")
+    build.add_argument("--steps", type=int, default=None, help="pretraining steps (default: the built-in spec)")
+    build.add_argument("--force", action="store_true", help="rebuild even if already built")
+    return parser
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from qlora_pipe.recipe import load_recipe
+    from qlora_pipe.train import run_training
+
+    recipe = load_recipe(args.recipe, overrides=args.overrides)
+    result = run_training(recipe, overwrite=args.overwrite)
+    s = result.summary
+    eval_part = ""
+    if s["final_eval_loss"] is not None:
+        eval_part = f"eval loss {s['eval_loss_before']:.4f} -> {s['final_eval_loss']:.4f}, "
+    print(
+        f"finished: {result.run_dir.root} ({s['steps']} steps, {eval_part}"
+        f"{s['supervised_tokens']:,} supervised tokens in {s['train_seconds']:.0f}s)"
+    )
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from qlora_pipe.recipe import explain, load_recipe
+
+    if args.explain:
+        print(explain())
+        if not args.recipe:
+            return 0
+    if not args.recipe:
+        raise UserError("validate: give a recipe path (or --explain)")
+    recipe = load_recipe(args.recipe, overrides=args.overrides)
+    print(f"{args.recipe}: valid (run directory {recipe.run_dir()})")
+    return 0
+
+
+def cmd_build_quickstart_model(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from qlora_pipe.quickstart_base import BaseSpec, build_quickstart_base
+
+    spec = BaseSpec() if args.steps is None else replace(BaseSpec(), steps=args.steps)
+    out = build_quickstart_base(Path(args.out), Path(args.corpus), spec, force=args.force)
+    print(f"quickstart base model ready: {out}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "validate": cmd_validate, "build-quickstart-model": cmd_build_quickstart_model}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s" if args.debug else "%(message)s",
+    )
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return USER_ERROR_EXIT
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,223 @@
+"""The training stage: recipe -> SFTConfig -> SFTTrainer -> adapter in the run directory.
+
+``run_training`` reads as the list of stages it runs. Data formatting lives in data.py, model
+loading in model.py; this module maps the recipe onto TRL and records what happened.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import resource
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from importlib.metadata import version
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from qlora_pipe.data import PreparedData, prepare_data
+from qlora_pipe.model import load_trainable_model, training_device
+from qlora_pipe.preview import generate_answers
+from qlora_pipe.recipe import Recipe
+from qlora_pipe.runs import RunDir, write_json_atomic, write_text_atomic
+
+log = logging.getLogger(__name__)
+
+LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "trl", "qlora-pipe")
+
+
+@dataclass
+class TrainResult:
+    run_dir: RunDir
+    summary: dict[str, Any]
+
+
+def sft_config(recipe: Recipe, run: RunDir, device: torch.device):
+    """The one place where recipe names become TRL/transformers argument names."""
+    from trl import SFTConfig
+
+    t = recipe.training
+    on_cpu = device.type == "cpu"
+    optimizer = t.optimizer
+    if on_cpu and optimizer.startswith("paged_"):
+        # Paging moves optimizer state between GPU and CPU memory; with no GPU there is nothing to page.
+        optimizer = optimizer.removeprefix("paged_")
+        log.warning("no GPU: optimizer %s runs as %s (paging needs CUDA)", t.optimizer, optimizer)
+    evaluating = recipe.data.eval_path is not None and t.eval_steps is not None
+    return SFTConfig(
+        output_dir=str(run.checkpoints),
+        seed=recipe.seed,
+        data_seed=recipe.seed,
+        max_steps=t.max_steps,
+        num_train_epochs=t.num_epochs,
+        per_device_train_batch_size=t.micro_batch_size,
+        per_device_eval_batch_size=t.micro_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,  # a float below 1 is a fraction of the total steps
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=optimizer,
+        bf16=t.precision == "bf16",
+        fp16=t.precision == "fp16",
+        # Enabled (non-reentrant) by the model stage; the trainer must not wrap it a second time.
+        gradient_checkpointing=False,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps" if evaluating else "no",
+        eval_steps=t.eval_steps if evaluating else None,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        report_to=list(t.report_to) or "none",
+        max_length=recipe.data.max_length,
+        assistant_only_loss=recipe.data.loss_on == "assistant",
+        packing=False,
+        use_cpu=on_cpu,
+        dataloader_num_workers=0,
+    )
+
+
+class MetricsRecorder(TrainerCallback):
+    """Appends every log event (train and eval) to metrics.jsonl, one JSON object per line."""
+
+    def __init__(self, run: RunDir) -> None:
+        self.path = run.metrics
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and state.is_world_process_zero:
+            row = {"step": state.global_step, "epoch": state.epoch, **logs}
+            with self.path.open("a", encoding="utf-8") as handle:
+                handle.write(json.dumps(row) + "\n")
+
+
+def _trainer_class():
+    from trl import SFTTrainer
+
+    class CountingSFTTrainer(SFTTrainer):
+        """SFTTrainer that counts the tokens that carry loss (labels other than -100)."""
+
+        supervised_tokens = 0
+
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            if model.training and "labels" in inputs:
+                self.supervised_tokens += int((inputs["labels"][..., 1:] != -100).sum())
+            return super().compute_loss(model, inputs, *args, **kwargs)
+
+    return CountingSFTTrainer
+
+
+def build_trainer(recipe: Recipe, run: RunDir, model, tokenizer, data: PreparedData):
+    trainer_cls = _trainer_class()
+    return trainer_cls(
+        model=model,
+        args=sft_config(recipe, run, training_device()),
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        processing_class=tokenizer,
+        callbacks=[MetricsRecorder(run)],
+    )
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated())
+    # ru_maxrss is in KiB on Linux: the process's peak resident memory.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def save_adapter(model, tokenizer, run: RunDir) -> None:
+    """Write adapter and tokenizer to a temporary directory, then move them into the run."""
+    tmp = run.root / ".adapter.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    for item in tmp.iterdir():
+        item.replace(run.root / item.name)
+    tmp.rmdir()
+
+
+def run_training(recipe: Recipe, overwrite: bool = False) -> TrainResult:
+    """Data and model checks, then train, save, and summarise. Returns the finished run."""
+    from transformers import set_seed
+
+    started = time.time()
+    run = RunDir(recipe.run_dir())
+    run.check_available(overwrite=overwrite)  # before any expensive loading
+    set_seed(recipe.seed)
+    tokenizer, trainable = load_trainable_model(recipe)
+    data = prepare_data(recipe.data, tokenizer)
+
+    run.prepare(overwrite=overwrite)
+    run.set_status("running", started=started)
+    write_text_atomic(run.resolved_recipe, recipe.dump_yaml())
+    write_json_atomic(run.root / "data_report.json", [r.as_dict() for r in data.reports])
+    try:
+        summary = _train_and_save(recipe, run, trainable, tokenizer, data, started)
+    except BaseException as exc:
+        run.set_status("failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+    return TrainResult(run, summary)
+
+
+def _train_and_save(recipe, run, trainable, tokenizer, data, started) -> dict[str, Any]:
+    device = training_device()
+    model = trainable.model
+    prompts = recipe.training.preview_prompts
+    max_new = recipe.training.preview_max_new_tokens
+    before = generate_answers(model, tokenizer, prompts, data.system_prompt, max_new) if prompts else []
+
+    trainer = build_trainer(recipe, run, model, tokenizer, data)
+    eval_before = trainer.evaluate()["eval_loss"] if data.eval is not None else None
+    train_started = time.time()
+    output = trainer.train()
+    train_seconds = time.time() - train_started
+    eval_after = trainer.evaluate()["eval_loss"] if data.eval is not None else None
+
+    after = generate_answers(model, tokenizer, prompts, data.system_prompt, max_new) if prompts else []
+    if prompts:
+        rows = [{"prompt": p, "before": b, "after": a} for p, b, a in zip(prompts, before, after, strict=True)]
+        write_json_atomic(run.preview, rows)
+        print_preview(rows)
+
+    save_adapter(model, tokenizer, run)
+    train_losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
+    summary = {
+        "run_name": recipe.run_name,
+        "base_model": recipe.model.name_or_path,
+        "steps": trainer.state.global_step,
+        "epochs": trainer.state.epoch,
+        "first_train_loss": train_losses[0] if train_losses else None,
+        "final_train_loss": train_losses[-1] if train_losses else None,
+        "mean_train_loss": output.training_loss,
+        "eval_loss_before": eval_before,
+        "final_eval_loss": eval_after,
+        "supervised_tokens": trainer.supervised_tokens,
+        "train_seconds": round(train_seconds, 2),
+        "wall_seconds": round(time.time() - started, 2),
+        "supervised_tokens_per_second": round(trainer.supervised_tokens / max(train_seconds, 1e-9), 2),
+        "peak_memory_bytes": peak_memory_bytes(device),
+        "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process peak RSS",
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        "trainable_params": trainable.trainable_params,
+        "total_params": trainable.total_params,
+        "python": sys.version.split()[0],
+        "versions": {name: version(name) for name in LIBRARIES},
+    }
+    # summary.json is the completion marker: written after everything else, atomically.
+    write_json_atomic(run.summary, summary)
+    run.set_status("finished", finished=time.time())
+    return summary
+
+
+def print_preview(rows: list[dict[str, str]]) -> None:
+    print("\n=== answers before and after fine-tuning ===")
+    for row in rows:
+        print(f"\nQ: {row['prompt']}\n  before: {row['before']!r}\n  after:  {row['after']!r}")
+    print()
