@@ -52,7 +52,7 @@ class BaseSpec:
     num_kv_heads: int = 2
     seq_len: int = 128
     batch_size: int = 8
-    steps: int = 160
+    steps: int = 400
     learning_rate: float = 3e-3
     seed: int = 0
 
@@ -115,7 +115,7 @@ def pretrain(model, blocks: torch.Tensor, spec: BaseSpec) -> list[float]:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
     losses = []
     model.train()
-    bar = tqdm(range(spec.steps), desc="pretraining quickstart base", unit="step")
+    bar = tqdm(range(spec.steps), desc="pretraining quickstart base", unit="step", mininterval=2)
     for _ in bar:
         idx = torch.randint(0, blocks.shape[0], (spec.batch_size,), generator=generator)
         batch = blocks[idx]

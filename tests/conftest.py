@@ -1,0 +1,79 @@
+"""Shared fixtures: a tiny Llama-architecture model and tokenizer built locally (no network)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+CORPUS = REPO / "data/legal-qa/corpus.txt"
+TRAIN = REPO / "data/legal-qa/train.jsonl"
+EVAL = REPO / "data/legal-qa/eval.jsonl"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """Random-weight tiny Llama (hidden 128, 2 layers) with the quickstart tokenizer and chat template."""
+    import torch
+
+    from qlora_pipe.quickstart_base import BaseSpec, build_tokenizer, make_model
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    spec = BaseSpec(vocab_size=512, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=2, num_kv_heads=1)
+    tokenizer = build_tokenizer(CORPUS.read_text(encoding="utf-8"), spec.vocab_size)
+    model = make_model(spec, len(tokenizer))
+    model.to(torch.bfloat16).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def recipe_dict(model_dir: Path, output_dir: Path, **training) -> dict:
+    """A small, fast recipe over the bundled data for tests."""
+    return {
+        "run_name": "test",
+        "output_dir": str(output_dir),
+        "seed": 7,
+        "model": {"name_or_path": str(model_dir)},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+        "data": {
+            "train_path": str(TRAIN),
+            "eval_path": str(EVAL),
+            "max_length": 256,
+            "max_train_samples": 32,
+            "max_eval_samples": 16,
+        },
+        "training": {
+            "max_steps": 6,
+            "micro_batch_size": 4,
+            "gradient_accumulation_steps": 1,
+            "learning_rate": 1e-2,
+            "warmup_ratio": 0.0,
+            "max_grad_norm": 1.0,
+            "optimizer": "adamw_torch",
+            "precision": "fp32",
+            "logging_steps": 1,
+            "save_steps": 100,
+            **training,
+        },
+    }
+
+
+@pytest.fixture
+def make_recipe(tiny_model_dir, tmp_path):
+    from qlora_pipe.recipe import validate_recipe
+
+    def factory(quantization: dict | None = None, lora: dict | None = None, **training):
+        raw = recipe_dict(tiny_model_dir, tmp_path / "runs", **training)
+        if quantization:
+            raw["quantization"] = quantization
+        if lora:
+            raw["lora"].update(lora)
+        return validate_recipe(raw, "test-recipe")
+
+    return factory

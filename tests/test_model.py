@@ -1,0 +1,116 @@
+"""Model stage: a real 4-bit NF4 base (double quantization), frozen, with only LoRA trainable."""
+
+from __future__ import annotations
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from torch import nn
+
+from qlora_pipe.errors import UserError
+from qlora_pipe.model import load_base_model, load_tokenizer, load_trainable_model
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def expected_lora_params(config, r: int, targets=PROJECTIONS) -> int:
+    """r * (in + out) for every adapted linear layer, computed from the model config alone."""
+    h, i = config.hidden_size, config.intermediate_size
+    head_dim = h // config.num_attention_heads
+    kv = config.num_key_value_heads * head_dim
+    shapes = {
+        "q_proj": (h, h),
+        "k_proj": (h, kv),
+        "v_proj": (h, kv),
+        "o_proj": (h, h),
+        "gate_proj": (h, i),
+        "up_proj": (h, i),
+        "down_proj": (i, h),
+    }
+    per_layer = sum(r * (shapes[t][0] + shapes[t][1]) for t in targets)
+    return per_layer * config.num_hidden_layers
+
+
+def test_base_linear_layers_are_nf4_with_double_quant(make_recipe):
+    recipe = make_recipe()
+    model = load_base_model(recipe)
+    layers = [m for n, m in model.named_modules() if n.endswith(PROJECTIONS)]
+    assert layers and all(isinstance(m, bnb.nn.Linear4bit) for m in layers)
+    for layer in layers:
+        state = layer.weight.quant_state
+        assert state.quant_type == "nf4"
+        assert state.nested, "double quantization must be on by default"
+        assert layer.weight.dtype == torch.uint8
+    assert not isinstance(model.lm_head, bnb.nn.Linear4bit)
+
+
+def test_only_lora_parameters_train_and_count_matches_config(make_recipe):
+    recipe = make_recipe()
+    _, trainable = load_trainable_model(recipe)
+    model = trainable.model
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert names and all("lora_" in n for n in names)
+    config = model.base_model.model.config
+    expected = expected_lora_params(config, r=recipe.lora.r)
+    assert trainable.trainable_params == expected
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected
+
+
+def test_target_module_list_and_modules_to_save(make_recipe):
+    recipe = make_recipe(lora={"target_modules": ["q_proj", "v_proj"], "modules_to_save": ["lm_head"]})
+    _, trainable = load_trainable_model(recipe)
+    config = trainable.model.base_model.model.config
+    lm_head = config.hidden_size * config.vocab_size
+    assert trainable.trainable_params == expected_lora_params(config, 8, ("q_proj", "v_proj")) + lm_head
+
+
+def test_rslora_and_dora_are_passed_to_peft(make_recipe):
+    recipe = make_recipe(lora={"use_rslora": True, "use_dora": True})
+    _, trainable = load_trainable_model(recipe)
+    config = trainable.model.peft_config["default"]
+    assert config.use_rslora and config.use_dora
+    assert any("lora_magnitude_vector" in n for n, _ in trainable.model.named_parameters())
+
+
+def test_quantization_disabled_gives_16bit_lora(make_recipe):
+    recipe = make_recipe(quantization={"enabled": False})
+    _, trainable = load_trainable_model(recipe)
+    base = trainable.model.base_model.model
+    q_proj = base.model.layers[0].self_attn.q_proj.base_layer
+    assert type(q_proj) is nn.Linear and q_proj.weight.dtype == torch.bfloat16
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in base.modules())
+
+
+def test_target_modules_matching_nothing_fail_before_training(make_recipe):
+    recipe = make_recipe(lora={"target_modules": ["q_proj", "qkv_proj"]})
+    with pytest.raises(UserError, match=r"lora\.target_modules: qkv_proj match no linear layer.*q_proj"):
+        load_trainable_model(recipe)
+
+
+def test_pad_token_is_never_eos(make_recipe):
+    tokenizer = load_tokenizer(make_recipe())
+    assert tokenizer.pad_token_id is not None
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id
+
+
+def test_missing_model_directory(make_recipe, tmp_path):
+    recipe = make_recipe()
+    recipe.model.name_or_path = str(tmp_path / "no-such-model")
+    with pytest.raises(UserError, match="model.name_or_path: directory not found"):
+        load_tokenizer(recipe)
+
+
+def test_evaluation_does_not_alter_the_4bit_base(make_recipe):
+    """The CPU inference fast path of bitsandbytes must not repack (and lossily change) the base."""
+    recipe = make_recipe(quantization={"compute_dtype": "float32"})
+    _, trainable = load_trainable_model(recipe)
+    model = trainable.model
+    ids = torch.arange(40).view(2, 20) + 5
+    model.train()
+    before = model(input_ids=ids, labels=ids).loss.item()
+    model.eval()
+    with torch.no_grad():
+        evaluated = model(input_ids=ids, labels=ids).loss.item()
+    model.train()
+    after = model(input_ids=ids, labels=ids).loss.item()
+    assert before == evaluated == after
