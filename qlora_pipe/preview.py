@@ -6,9 +6,7 @@ import torch
 
 
 @torch.no_grad()
-def generate_answers(
-    model, tokenizer, prompts: list[str], system: str | None, max_new_tokens: int
-) -> list[str]:
+def generate_answers(model, tokenizer, prompts: list[str], system: str | None, max_new_tokens: int) -> list[str]:
     """One greedy answer per prompt; generation stops at the tokenizer's EOS (end of turn)."""
     was_training = model.training
     model.eval()

@@ -171,6 +171,12 @@ def build_quickstart_base(
     (tmp / BUILD_INFO).write_text(json.dumps(info, indent=2) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
-    log.info("quickstart base: %s params, loss %.2f -> %.2f in %.0fs, saved to %s",
-             f"{info['parameters']:,}", info["first_loss"], info["final_loss"], info["seconds"], out)
+    log.info(
+        "quickstart base: %s params, loss %.2f -> %.2f in %.0fs, saved to %s",
+        f"{info['parameters']:,}",
+        info["first_loss"],
+        info["final_loss"],
+        info["seconds"],
+        out,
+    )
     return out

@@ -121,9 +121,7 @@ class HubSection(Section):
 
 
 class Recipe(Section):
-    run_name: str = Field(
-        "run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Name of the run directory."
-    )
+    run_name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Name of the run directory.")
     output_dir: str = Field("runs", description="Parent directory of run directories.")
     seed: int = Field(42, ge=0, description="Seed for data order, LoRA init and dropout.")
     model: ModelSection

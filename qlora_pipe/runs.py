@@ -73,8 +73,7 @@ class RunDir:
         if self.root.exists() and any(self.root.iterdir()) and not overwrite:
             state = "a finished run" if self.is_finished() else "an unfinished run"
             raise UserError(
-                f"{self.root} already holds {state}; choose another run_name (--set run_name=NAME) "
-                "or pass --overwrite"
+                f"{self.root} already holds {state}; choose another run_name (--set run_name=NAME) or pass --overwrite"
             )
 
     def prepare(self, overwrite: bool) -> None:

@@ -96,7 +96,7 @@ def test_pad_token_is_never_eos(make_recipe):
 def test_missing_model_directory(make_recipe, tmp_path):
     recipe = make_recipe()
     recipe.model.name_or_path = str(tmp_path / "no-such-model")
-    with pytest.raises(UserError, match="model.name_or_path: directory not found"):
+    with pytest.raises(UserError, match=r"model\.name_or_path: directory not found"):
         load_tokenizer(recipe)
 
 

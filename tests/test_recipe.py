@@ -45,7 +45,9 @@ def test_defaults_follow_qlora_practice(tmp_path):
 
 def test_misspelt_key_names_path_and_closest_key(tmp_path):
     path = write(tmp_path, MINIMAL + "training:\n  learnig_rate: 1.0e-4\n")
-    with pytest.raises(UserError, match=r"training\.learnig_rate: unknown key \(did you mean 'training\.learning_rate'"):
+    with pytest.raises(
+        UserError, match=r"training\.learnig_rate: unknown key \(did you mean 'training\.learning_rate'"
+    ):
         load_recipe(path)
 
 
@@ -114,7 +116,7 @@ def test_resolved_recipe_round_trips(tmp_path):
 def test_explain_describes_every_field():
     text = explain()
     for section in ("model", "quantization", "lora", "data", "training", "export", "hub"):
-        fields = getattr(Recipe.model_fields[section].annotation, "model_fields")
+        fields = Recipe.model_fields[section].annotation.model_fields
         for name, field in fields.items():
             assert f"{section}.{name} =" in text
             assert field.description, f"{section}.{name} has no description"
