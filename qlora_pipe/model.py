@@ -165,23 +165,34 @@ def check_target_modules(model: nn.Module, targets: list[str] | str) -> None:
         )
 
 
-def add_lora(model: nn.Module, recipe: Recipe) -> TrainableModel:
-    """Prepare the frozen base for training and wrap it with a fresh LoRA adapter."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+def prepare_frozen_base(model: nn.Module, recipe: Recipe, checkpointing: bool) -> nn.Module:
+    """Freeze the base and give it the dtypes it has during training.
 
-    check_target_modules(model, recipe.lora.target_modules)
-    checkpointing = recipe.training.gradient_checkpointing
+    For 4-bit bases PEFT's k-bit preparation keeps norms and embeddings in fp32; loading the
+    base the same way for inference is what makes a reloaded adapter reproduce the trained
+    model exactly.
+    """
+    from peft import prepare_model_for_kbit_training
+
     ckpt_kwargs = {"use_reentrant": False}
     if recipe.quantization.enabled:
-        model = prepare_model_for_kbit_training(
+        return prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs=ckpt_kwargs
         )
-    else:
-        for param in model.parameters():
-            param.requires_grad_(False)
-        if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
-            model.enable_input_require_grads()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
+        model.enable_input_require_grads()
+    return model
+
+
+def add_lora(model: nn.Module, recipe: Recipe) -> TrainableModel:
+    """Prepare the frozen base for training and wrap it with a fresh LoRA adapter."""
+    from peft import LoraConfig, get_peft_model
+
+    check_target_modules(model, recipe.lora.target_modules)
+    model = prepare_frozen_base(model, recipe, recipe.training.gradient_checkpointing)
     lora = recipe.lora
     config = LoraConfig(
         r=lora.r,
@@ -216,3 +227,13 @@ def load_trainable_model(recipe: Recipe) -> tuple[object, TrainableModel]:
         pct,
     )
     return tokenizer, trainable
+
+
+def load_trained_model(recipe: Recipe, adapter_dir: str | Path) -> nn.Module:
+    """The 4-bit base plus a saved adapter, as it was at the end of training (eval mode)."""
+    from peft import PeftModel
+
+    base = prepare_frozen_base(load_base_model(recipe), recipe, checkpointing=False)
+    # Keep the adapter in the dtype it was trained and saved in (TRL trains QLoRA adapters in bf16).
+    model = PeftModel.from_pretrained(base, str(adapter_dir), autocast_adapter_dtype=False)
+    return model.eval()

@@ -35,6 +35,8 @@ LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "dat
 class TrainResult:
     run_dir: RunDir
     summary: dict[str, Any]
+    model: Any = None  # the trained PeftModel, still in memory (for notebooks and checks)
+    tokenizer: Any = None
 
 
 def sft_config(recipe: Recipe, run: RunDir, device: torch.device):
@@ -163,7 +165,7 @@ def run_training(recipe: Recipe, overwrite: bool = False) -> TrainResult:
     except BaseException as exc:
         run.set_status("failed", error=f"{type(exc).__name__}: {exc}")
         raise
-    return TrainResult(run, summary)
+    return TrainResult(run, summary, trainable.model, tokenizer)
 
 
 def _train_and_save(recipe, run, trainable, tokenizer, data, started) -> dict[str, Any]:

@@ -1,0 +1,129 @@
+"""Training stage: real SFT steps on a real 4-bit tiny model, and the run directory it leaves."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import AutoTokenizer
+
+from qlora_pipe.recipe import Recipe
+from qlora_pipe.runs import RunDir
+from qlora_pipe.train import run_training
+from tests.conftest import recipe_dict
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def train_losses(run: RunDir) -> list[float]:
+    rows = [json.loads(line) for line in run.metrics.read_text().splitlines()]
+    return [row["loss"] for row in rows if "loss" in row]
+
+
+def test_training_lowers_loss_and_writes_a_complete_run(make_recipe):
+    recipe = make_recipe(max_steps=8)
+    result = run_training(recipe)
+    run = result.run_dir
+    summary = json.loads(run.summary.read_text())
+    assert summary["final_eval_loss"] < summary["eval_loss_before"]
+    losses = train_losses(run)
+    assert len(losses) == 8 and losses[-1] < losses[0]
+    # What the run directory must hold.
+    assert run.is_finished()
+    assert run.adapter_weights.is_file() and run.adapter_config.is_file()
+    # The tokenizer and the exact chat template of training are saved with the adapter.
+    saved = AutoTokenizer.from_pretrained(run.root)
+    original = AutoTokenizer.from_pretrained(recipe.model.name_or_path)
+    assert saved.chat_template == original.chat_template and "generation" in saved.chat_template
+    assert saved.pad_token_id != saved.eos_token_id
+    resolved = Recipe.model_validate(yaml.safe_load(run.resolved_recipe.read_text()))
+    assert resolved.training.max_steps == 8 and resolved.lora.r == recipe.lora.r
+    assert json.loads(run.status.read_text())["state"] == "finished"
+    for key in ("final_train_loss", "supervised_tokens", "wall_seconds", "supervised_tokens_per_second"):
+        assert summary[key] is not None
+    assert summary["supervised_tokens"] > 0 and summary["peak_memory_bytes"] > 0
+    assert set(summary["versions"]) >= {"torch", "transformers", "peft", "bitsandbytes", "trl"}
+    assert not list(run.root.glob(".*.tmp")) and not (run.root / ".adapter.tmp").exists()
+
+
+def test_same_seed_gives_same_losses(make_recipe):
+    first = run_training(make_recipe(max_steps=4))
+    second_recipe = make_recipe(max_steps=4)
+    second_recipe.run_name = "test-again"
+    second = run_training(second_recipe)
+    assert train_losses(first.run_dir) == train_losses(second.run_dir)
+
+
+def test_adapter_reloads_onto_fresh_4bit_base_with_same_logits(make_recipe):
+    from qlora_pipe.model import load_trained_model
+
+    recipe = make_recipe(max_steps=4)
+    result = run_training(recipe)
+    ids = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 11]])
+    trained = result.model.eval()
+    with torch.no_grad():
+        expected = trained(input_ids=ids).logits
+    fresh = load_trained_model(recipe, result.run_dir.root)
+    with torch.no_grad():
+        reloaded = fresh(input_ids=ids).logits
+    assert torch.equal(expected, reloaded)
+    # The adapter learned something: it differs from the bare base.
+    with torch.no_grad(), fresh.disable_adapter():
+        base = fresh(input_ids=ids).logits
+    assert not torch.allclose(base, reloaded)
+
+
+def test_existing_run_is_not_clobbered(make_recipe):
+    from qlora_pipe.errors import UserError
+
+    recipe = make_recipe(max_steps=1)
+    run_training(recipe)
+    with pytest.raises(UserError, match="already holds a finished run"):
+        run_training(recipe)
+
+
+def cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "qlora_pipe.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=600
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"data": {"train_path": "missing/train.jsonl"}}, "data file not found: missing/train.jsonl"),
+        ({"lora": {"target_modules": ["qkv"]}}, "lora.target_modules: qkv match no linear layer"),
+        ({"model": {"name_or_path": "./no/such/model"}}, "model.name_or_path: directory not found"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line_and_leaves_no_run(tiny_model_dir, tmp_path, change, message):
+    raw = recipe_dict(tiny_model_dir, tmp_path / "runs")
+    for section, values in change.items():
+        raw[section].update(values)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    result = cli("train", str(path), cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last
+    assert "Traceback" not in result.stderr
+    run = RunDir(tmp_path / "runs" / "test")
+    assert not run.is_finished()
+    assert not run.root.exists() or not any(run.root.iterdir())
+
+
+def test_malformed_data_line_is_named(tiny_model_dir, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{not json}\n')
+    raw = recipe_dict(tiny_model_dir, tmp_path / "runs")
+    raw["data"]["train_path"] = str(bad)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    result = cli("train", str(path), cwd=tmp_path)
+    assert result.returncode == 2
+    assert f"{bad}:2: invalid JSON" in result.stderr
