@@ -36,7 +36,7 @@ class ModelSection(Section):
 class QuantizationSection(Section):
     enabled: bool = Field(True, description="Load the base in 4-bit (QLoRA); false gives plain 16-bit LoRA.")
     quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type of the frozen base weights.")
-    double_quant: bool = Field(True, description="Quantize the quantization constants too (saves ~0.4 bit/param).")
+    double_quant: bool = Field(True, description="Quantize the quantization constants too (saves ~0.37 bit/param).")
     compute_dtype: Dtype = Field("bfloat16", description="Dtype the 4-bit weights are dequantized to for matmuls.")
     quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = Field(
         "uint8", description="Storage dtype of packed 4-bit weights (bfloat16 for FSDP sharding)."
