@@ -212,9 +212,9 @@ def add_lora(model: nn.Module, recipe: Recipe) -> TrainableModel:
     return TrainableModel(peft_model, trainable, total)
 
 
-def load_trainable_model(recipe: Recipe) -> tuple[object, TrainableModel]:
-    """Tokenizer, then the 4-bit base with a LoRA adapter: the model stage in one call."""
-    tokenizer = load_tokenizer(recipe)
+def load_trainable_model(recipe: Recipe, tokenizer=None) -> tuple[object, TrainableModel]:
+    """Tokenizer (unless given), then the 4-bit base with a LoRA adapter: the model stage in one call."""
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(recipe)
     base = load_base_model(recipe)
     if base.config.pad_token_id is None or base.config.pad_token_id == tokenizer.eos_token_id:
         base.config.pad_token_id = tokenizer.pad_token_id

@@ -21,7 +21,7 @@ import torch
 from transformers import TrainerCallback
 
 from qlora_pipe.data import PreparedData, prepare_data
-from qlora_pipe.model import load_trainable_model, training_device
+from qlora_pipe.model import load_tokenizer, load_trainable_model, training_device
 from qlora_pipe.preview import generate_answers
 from qlora_pipe.recipe import Recipe
 from qlora_pipe.runs import RunDir, write_json_atomic, write_text_atomic
@@ -153,8 +153,10 @@ def run_training(recipe: Recipe, overwrite: bool = False) -> TrainResult:
     run = RunDir(recipe.run_dir())
     run.check_available(overwrite=overwrite)  # before any expensive loading
     set_seed(recipe.seed)
-    tokenizer, trainable = load_trainable_model(recipe)
-    data = prepare_data(recipe.data, tokenizer)
+    tokenizer = load_tokenizer(recipe)
+    data = prepare_data(recipe.data, tokenizer)  # data errors surface before the model loads
+    set_seed(recipe.seed)
+    _, trainable = load_trainable_model(recipe, tokenizer)
 
     run.prepare(overwrite=overwrite)
     run.set_status("running", started=started)
