@@ -34,6 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_args(train)
     train.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
 
+    data = commands.add_parser("data", help="check, tokenize and preview the data (loads the tokenizer only)")
+    _add_recipe_args(data)
+    data.add_argument("--preview", type=int, default=3, metavar="N", help="examples to show (default 3)")
+    data.add_argument("--color", choices=["auto", "always", "never"], default="auto", help="colour trained tokens")
+
     validate = commands.add_parser("validate", help="check a recipe without loading anything")
     validate.add_argument("recipe", nargs="?", help="path to a recipe YAML file")
     validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -66,6 +71,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data(args: argparse.Namespace) -> int:
+    from qlora_pipe.data import prepare_data
+    from qlora_pipe.data_preview import preview_text
+    from qlora_pipe.model import load_tokenizer
+    from qlora_pipe.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, overrides=args.overrides)
+    tokenizer = load_tokenizer(recipe)
+    prepared = prepare_data(recipe.data, tokenizer, recipe.seed)
+    color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
+    print(preview_text(prepared, tokenizer, args.preview, color))
+    return 0
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from qlora_pipe.recipe import explain, load_recipe
 
@@ -91,7 +110,12 @@ def cmd_build_quickstart_model(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "validate": cmd_validate, "build-quickstart-model": cmd_build_quickstart_model}
+COMMANDS = {
+    "data": cmd_data,
+    "train": cmd_train,
+    "validate": cmd_validate,
+    "build-quickstart-model": cmd_build_quickstart_model,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

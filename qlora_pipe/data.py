@@ -1,121 +1,44 @@
-"""Rows -> validated chat conversations -> the dataset the SFT trainer tokenizes and masks.
+"""Rows -> validated, templated, tokenized, masked SFT dataset (+ report).
 
-Gets a tokenizer; never loads a model. TRL renders the chat template and builds the
-assistant-only loss mask; this module checks every row first, drops over-long rows with a
-count (never silently), and reports what it kept.
+Gets a tokenizer; never loads a model. Every row is checked and either kept or counted under
+the reason it was dropped. Conversations are rendered with the chat template and masked with
+TRL's assistant-mask machinery ({% generation %} markers), so the end-of-turn token is always
+trained. The trainer receives ``input_ids`` and ``labels`` (-100 where no loss) ready made, so
+what ``qlora-pipe data --preview`` shows is exactly what training sees.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-from collections import Counter
-from dataclasses import dataclass, field
-from pathlib import Path
+import random
+from dataclasses import dataclass
 from typing import Any
 
+from qlora_pipe.data_cache import data_fingerprint, load_cached, save_cached
+from qlora_pipe.data_report import SplitReport
 from qlora_pipe.errors import UserError
-from qlora_pipe.recipe import DataSection
+from qlora_pipe.recipe import DataSection, SourceSection
+from qlora_pipe.sources import detect_format, draw, read_source, rename_columns, to_example
+from qlora_pipe.templates import require_chat_template
 
 log = logging.getLogger(__name__)
 
-ROLES = {"system", "user", "assistant"}
+IGNORE = -100
 
 
 @dataclass
-class SplitReport:
-    path: str
-    rows_read: int = 0
-    rows_kept: int = 0
-    dropped: Counter = field(default_factory=Counter)
-    supervised_tokens: int = 0
-    total_tokens: int = 0
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "path": self.path,
-            "rows_read": self.rows_read,
-            "rows_kept": self.rows_kept,
-            "dropped": dict(self.dropped),
-            "total_tokens": self.total_tokens,
-            "supervised_tokens": self.supervised_tokens,
-        }
-
-    def line(self) -> str:
-        dropped = ", ".join(f"{n} {why}" for why, n in sorted(self.dropped.items())) or "none"
-        return (
-            f"{self.path}: {self.rows_kept}/{self.rows_read} rows kept (dropped: {dropped}); "
-            f"{self.total_tokens:,} tokens, {self.supervised_tokens:,} trained"
-        )
-
-
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Parse a JSONL file; a malformed line is an error naming file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"data file not found: {path}")
-    rows = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{number}: invalid JSON: {exc.msg}") from exc
-            if not isinstance(row, dict):
-                raise UserError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
-    return rows
-
-
-def conversation_problem(row: dict[str, Any]) -> str | None:
-    """Why a row is not a usable chat conversation, or None when it is."""
-    messages = row.get("messages")
-    if not isinstance(messages, list) or not messages:
-        return "no 'messages' list"
-    for message in messages:
-        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
-            return "message without string content"
-        if message.get("role") not in ROLES:
-            return "unknown role"
-        if not message["content"].strip():
-            return "empty message"
-    if not any(m["role"] == "assistant" for m in messages):
-        return "no assistant turn"
-    return None
-
-
-def load_split(path: str, tokenizer, data: DataSection, limit: int | None, template: str | None):
-    """Read, check, length-filter one split; returns (rows, report)."""
-    report = SplitReport(path=path)
-    raw_rows = read_jsonl(path)
-    if limit is not None:
-        raw_rows = raw_rows[:limit]
-    report.rows_read = len(raw_rows)
-    kept = []
-    for row in raw_rows:
-        problem = conversation_problem(row)
-        if problem:
-            report.dropped[problem] += 1
-            continue
-        messages = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
-        total, supervised = count_tokens(tokenizer, messages, template)
-        if total > data.max_length:
-            report.dropped[f"longer than max_length {data.max_length}"] += 1
-            continue
-        report.total_tokens += total
-        report.supervised_tokens += supervised
-        kept.append({"messages": messages})
-    report.rows_kept = len(kept)
-    if not kept:
-        raise UserError(f"{path}: no usable rows after checks ({report.line()})")
-    return kept, report
+class PreparedData:
+    train: Any  # datasets.Dataset with input_ids and labels
+    eval: Any | None
+    reports: list[SplitReport]
+    system_prompt: str | None
+    fingerprint: str | None = None
+    cache_hit: bool = False
 
 
 def training_chat_template(tokenizer) -> str:
-    """The template TRL will mask with: the tokenizer's own if it has {% generation %} markers,
-    else TRL's training variant of a known family. Refuses templates that would not train EOS."""
+    """The template to mask with: the tokenizer's own if it has {% generation %} markers, else TRL's
+    training variant of a known family. Refuses templates that would not train the end-of-turn token."""
     from trl.chat_template_utils import (
         get_training_chat_template,
         has_generation_markers,
@@ -128,56 +51,152 @@ def training_chat_template(tokenizer) -> str:
             template = get_training_chat_template(tokenizer) or template
         except ValueError as exc:
             raise UserError(
-                "data.loss_on=assistant: the chat template has no {% generation %} markers and is not a "
-                "family TRL knows; add the markers to the template or set data.loss_on: all"
+                "data.loss_on: the chat template has no {% generation %} markers and is not a family TRL "
+                "knows; add the markers, choose data.chat_template, or set data.loss_on: all"
             ) from exc
     if not is_chat_template_stop_token_trained(tokenizer, chat_template=template):
         raise UserError(
-            "data.loss_on=assistant: the chat template leaves the end-of-turn token outside the loss mask, "
-            "so the model would never learn to stop; put it inside {% generation %}...{% endgeneration %}"
+            "data.loss_on: the chat template leaves the end-of-turn token outside the loss mask, so the "
+            "model would never learn to stop; put it inside {% generation %}...{% endgeneration %}"
         )
     return template
 
 
-def count_tokens(tokenizer, messages: list[dict[str, str]], template: str | None) -> tuple[int, int]:
-    """Tokens of the rendered conversation and how many of them carry loss (all, when no template)."""
-    if template is None:
-        ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
-        return len(ids), len(ids)
-    out = tokenizer.apply_chat_template(
-        messages,
-        tokenize=True,
-        return_dict=True,
-        return_assistant_tokens_mask=True,
-        chat_template=template,
-    )
-    return len(out["input_ids"]), int(sum(out["assistant_masks"]))
+def collect(sources: list[SourceSection], data: DataSection, rng: random.Random, report: SplitReport) -> list:
+    """Read, normalize, check and mix the rows of several sources."""
+    examples: list[dict[str, Any]] = []
+    for source in sources:
+        rows = rename_columns(read_source(source), source.columns)
+        fmt = source.format if source.format != "auto" else detect_format(rows, source.label())
+        kept = []
+        for index, row in enumerate(rows):
+            example = to_example(row, fmt)
+            if isinstance(example, str):
+                if data.on_bad_row == "error":
+                    raise UserError(f"{source.label()}: row {index + 1}: {example}")
+                report.dropped[example] += 1
+                continue
+            kept.append(example)
+        report.rows_read += len(rows)
+        examples.extend(draw(kept, source, rng))
+    return examples
 
 
-@dataclass
-class PreparedData:
-    train: Any  # datasets.Dataset
-    eval: Any | None
-    reports: list[SplitReport]
-    system_prompt: str | None
+def example_key(example: dict[str, Any]) -> str:
+    import json
+
+    return json.dumps(example, sort_keys=True)
 
 
-def prepare_data(data: DataSection, tokenizer) -> PreparedData:
-    """The data stage: both splits checked and filtered, with a one-line report each."""
+def encode(example: dict[str, Any], tokenizer, template: str | None, data: DataSection) -> dict[str, Any]:
+    """input_ids and labels of one example, with its length and a drop reason ('' when kept)."""
+    if example.get("messages"):
+        messages = example["messages"]
+        if data.loss_on == "all":
+            ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+            mask = [1] * len(ids)
+        else:
+            out = tokenizer.apply_chat_template(
+                messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, chat_template=template
+            )
+            ids, mask = out["input_ids"], out["assistant_masks"]
+            if data.loss_on == "completion":
+                mask = last_run_only(mask)
+    else:
+        ids = tokenizer(example["text"])["input_ids"] + [tokenizer.eos_token_id]
+        mask = [1] * len(ids)
+    reason = ""
+    if len(ids) > data.max_length:
+        if data.overlength == "truncate":
+            ids, mask = ids[: data.max_length], mask[: data.max_length]
+        else:
+            reason = f"longer than max_length {data.max_length}"
+    if not reason and not any(mask):
+        reason = "no trained tokens"
+    labels = [t if m else IGNORE for t, m in zip(ids, mask, strict=True)]
+    return {"input_ids": ids, "labels": labels, "n_tokens": len(ids), "n_trained": sum(mask), "reason": reason}
+
+
+def last_run_only(mask: list[int]) -> list[int]:
+    """Keep only the last contiguous run of ones: the final assistant answer."""
+    out = [0] * len(mask)
+    end = max((i for i, m in enumerate(mask) if m), default=-1)
+    i = end
+    while i >= 0 and mask[i]:
+        out[i] = 1
+        i -= 1
+    return out
+
+
+def tokenize_split(examples: list[dict], tokenizer, template: str | None, data: DataSection, report: SplitReport):
     from datasets import Dataset
 
-    template = None if data.loss_on == "all" else training_chat_template(tokenizer)
-    train_rows, train_report = load_split(data.train_path, tokenizer, data, data.max_train_samples, template)
-    reports = [train_report]
-    eval_ds = None
-    if data.eval_path:
-        eval_rows, eval_report = load_split(data.eval_path, tokenizer, data, data.max_eval_samples, template)
-        reports.append(eval_report)
-        eval_ds = Dataset.from_list(eval_rows)
+    dataset = Dataset.from_list(examples)
+    dataset = dataset.map(
+        encode,
+        fn_kwargs={"tokenizer": tokenizer, "template": template, "data": data},
+        remove_columns=dataset.column_names,
+        num_proc=data.num_proc,
+        desc=f"Tokenizing {report.name}",
+    )
+    reasons = dataset["reason"]
+    if data.overlength == "error":
+        too_long = [i for i, r in enumerate(reasons) if r.startswith("longer")]
+        if too_long:
+            raise UserError(
+                f"{report.name}: {len(too_long)} rows exceed data.max_length {data.max_length} "
+                f"(first: row {too_long[0] + 1}); set data.overlength: drop or truncate"
+            )
+    for reason in reasons:
+        if reason:
+            report.dropped[reason] += 1
+    keep = [i for i, r in enumerate(reasons) if not r]
+    dataset = dataset.select(keep)
+    report.add_lengths(dataset["n_tokens"], dataset["n_trained"])
+    if data.overlength == "truncate":
+        report.truncated = sum(1 for n in dataset["n_tokens"] if n == data.max_length)
+    return dataset.remove_columns(["n_tokens", "n_trained", "reason"])
+
+
+def prepare_data(data: DataSection, tokenizer, seed: int = 42) -> PreparedData:
+    """The data stage: sources read, checked, split, deduplicated, tokenized, masked and reported."""
+    fingerprint = data_fingerprint(data, tokenizer, seed)
+    cached = load_cached(data, fingerprint)
+    if cached is not None:
+        for report in cached.reports:
+            log.info("data: %s", report.line())
+        return cached
+    rng = random.Random(seed)
+    train_report, eval_report = SplitReport("train"), SplitReport("eval")
+    train = collect(data.train_sources(), data, rng, train_report)[: data.max_train_samples]
+    held_out = collect(data.held_out_sources(), data, rng, eval_report) if data.held_out_sources() else []
+    if data.eval_fraction > 0:
+        rng.shuffle(train)
+        cut = max(1, round(len(train) * data.eval_fraction))
+        held_out, train = train[:cut], train[cut:]
+        eval_report.rows_read = len(held_out)
+    held_out = held_out[: data.max_eval_samples]
+    eval_keys = {example_key(e) for e in held_out}
+    before = len(train)
+    train = [e for e in train if example_key(e) not in eval_keys]
+    if before - len(train):
+        train_report.dropped["duplicate of an eval row"] += before - len(train)
+
+    if not train:
+        raise UserError(f"training data: no usable rows after checks ({train_report.line()})")
+    template = None
+    if any("messages" in e for e in [*train, *held_out]):
+        require_chat_template(tokenizer, getattr(tokenizer, "name_or_path", "the model"))
+        template = training_chat_template(tokenizer) if data.loss_on != "all" else None
+    train_ds = tokenize_split(train, tokenizer, template, data, train_report)
+    if len(train_ds) == 0:
+        raise UserError(f"training data: no usable rows after tokenization ({train_report.line()})")
+    eval_ds = tokenize_split(held_out, tokenizer, template, data, eval_report) if held_out else None
+    reports = [train_report] + ([eval_report] if eval_ds is not None else [])
+    first = train[0].get("messages") or [{}]
+    system = first[0]["content"] if first[0].get("role") == "system" else None
+    prepared = PreparedData(train_ds, eval_ds, reports, system, fingerprint)
     for report in reports:
         log.info("data: %s", report.line())
-    if train_report.supervised_tokens == 0:
-        raise UserError(f"{data.train_path}: the assistant-only loss mask selects no tokens")
-    first = train_rows[0]["messages"][0]
-    system_prompt = first["content"] if first["role"] == "system" else None
-    return PreparedData(Dataset.from_list(train_rows), eval_ds, reports, system_prompt)
+    save_cached(data, prepared)
+    return prepared

@@ -15,6 +15,7 @@ from torch import nn
 
 from qlora_pipe.errors import UserError
 from qlora_pipe.recipe import Recipe
+from qlora_pipe.templates import select_chat_template
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +61,8 @@ def load_tokenizer(recipe: Recipe):
         )
     except OSError as exc:
         raise UserError(f"model.name_or_path: cannot load tokenizer of {recipe.model.name_or_path!r}: {exc}") from exc
-    if not tokenizer.chat_template:
-        raise UserError(
-            f"model.name_or_path: the tokenizer of {recipe.model.name_or_path!r} has no chat template; "
-            "use an instruct/chat model"
-        )
+    described = select_chat_template(tokenizer, recipe.data.chat_template)
+    log.info("chat template: %s", described)
     ensure_distinct_pad(tokenizer)
     return tokenizer
 

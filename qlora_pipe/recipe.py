@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from qlora_pipe.errors import UserError
 
@@ -64,15 +64,75 @@ class LoraSection(Section):
         return value
 
 
+class SourceSection(Section):
+    path: str | None = Field(None, description="Local file, directory or glob (.jsonl, .json, .csv, .parquet).")
+    hub: str | None = Field(None, description="Hugging Face Hub dataset id (or a local dataset folder).")
+    config: str | None = Field(None, description="Hub dataset configuration name.")
+    split: str = Field("train", description="Hub dataset split.")
+    revision: str | None = Field(None, description="Hub dataset revision (branch, tag or commit).")
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"] = Field(
+        "auto", description="Row format; 'auto' detects it from the columns and says what it found."
+    )
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="Rename columns to the format's names, e.g. {instruction: question}."
+    )
+    weight: float = Field(1.0, gt=0, description="Rows drawn relative to the source size (0.5: half, 2: twice).")
+    samples: int | None = Field(None, ge=1, description="Exact number of rows to draw (instead of weight).")
+
+    @model_validator(mode="after")
+    def _one_location(self) -> SourceSection:
+        if (self.path is None) == (self.hub is None):
+            raise ValueError("give exactly one of 'path' or 'hub'")
+        if self.samples is not None and self.weight != 1.0:
+            raise ValueError("give 'weight' or 'samples', not both")
+        return self
+
+    def label(self) -> str:
+        return self.path or f"hub:{self.hub}" + (f"/{self.config}" if self.config else "") + f"[{self.split}]"
+
+
 class DataSection(Section):
-    train_path: str = Field(description="Training data: chat-messages JSONL ({'messages': [{role, content}]}).")
-    eval_path: str | None = Field(None, description="Held-out data in the same format, for eval loss.")
-    max_length: int = Field(2048, ge=16, description="Longest tokenized example; longer ones are dropped.")
-    loss_on: Literal["assistant", "all"] = Field(
-        "assistant", description="Train on assistant turns only (default) or on every token."
+    train_path: str | None = Field(None, description="Shorthand for one training source: a local file.")
+    eval_path: str | None = Field(None, description="Shorthand for one held-out source: a local file.")
+    sources: list[SourceSection] = Field(default_factory=list, description="Training sources, mixed.")
+    eval_sources: list[SourceSection] = Field(default_factory=list, description="Held-out sources.")
+    eval_fraction: float = Field(0.0, ge=0, lt=0.5, description="Hold out this share of training rows (seeded).")
+    chat_template: str | None = Field(
+        None, description="None: the tokenizer's own; or chatml, llama-3, mistral, or a .jinja file."
+    )
+    max_length: int = Field(2048, ge=16, description="Longest tokenized example, in tokens.")
+    overlength: Literal["drop", "truncate", "error"] = Field(
+        "drop", description="What to do with rows longer than max_length (always counted)."
+    )
+    on_bad_row: Literal["drop", "error"] = Field("drop", description="Drop (and count) or reject invalid rows.")
+    loss_on: Literal["assistant", "completion", "all"] = Field(
+        "assistant", description="Train on assistant turns, on the final answer only, or on every token."
+    )
+    packing: bool = Field(False, description="Pack rows into max_length sequences (TRL best-fit-decreasing).")
+    num_proc: int | None = Field(None, ge=1, description="Processes for tokenization (datasets.map).")
+    cache_dir: str = Field(
+        "~/.cache/qlora-pipe/data", description="Where tokenized datasets are cached, keyed by fingerprint."
     )
     max_train_samples: int | None = Field(None, ge=1, description="Use only the first N training rows.")
     max_eval_samples: int | None = Field(None, ge=1, description="Use only the first N eval rows.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DataSection:
+        if (self.train_path is None) == (not self.sources):
+            raise ValueError("give either 'train_path' or 'sources' (one or more)")
+        held_out = [self.eval_path is not None, bool(self.eval_sources), self.eval_fraction > 0]
+        if sum(held_out) > 1:
+            raise ValueError("give at most one of 'eval_path', 'eval_sources', 'eval_fraction'")
+        return self
+
+    def train_sources(self) -> list[SourceSection]:
+        return self.sources or [SourceSection(path=self.train_path)]
+
+    def held_out_sources(self) -> list[SourceSection]:
+        return self.eval_sources or ([SourceSection(path=self.eval_path)] if self.eval_path else [])
+
+    def has_eval(self) -> bool:
+        return bool(self.held_out_sources()) or self.eval_fraction > 0
 
 
 class TrainingSection(Section):
@@ -219,42 +279,70 @@ def describe_validation_error(exc: ValidationError) -> str:
             messages.append(f"{dotted}: required key is missing")
         else:
             msg = err["msg"].removeprefix("Value error, ")
-            messages.append(f"{dotted}: {msg} (got {err.get('input')!r})")
+            value = err.get("input")
+            got = "" if isinstance(value, dict) else f" (got {value!r})"
+            messages.append(f"{dotted or 'recipe'}: {msg}{got}")
     # One line: the first problem, and how many more there are.
     extra = f" (and {len(messages) - 1} more problem(s))" if len(messages) > 1 else ""
     return messages[0] + extra
+
+
+def _section_type(annotation: Any) -> type[BaseModel] | None:
+    """The recipe section class behind an annotation: X, list[X] or X | None."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = _section_type(arg)
+        if found is not None:
+            return found
+    return None
 
 
 def _unknown_key_message(loc: list[str]) -> str:
     dotted = ".".join(loc)
     section: type[BaseModel] = Recipe
     for part in loc[:-1]:
+        if part.isdigit():  # an index into a list of sections
+            continue
         field = section.model_fields.get(part)
-        annotation = getattr(field, "annotation", None)
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        inner = _section_type(field.annotation) if field else None
+        if inner is None:
             break
-        section = annotation
+        section = inner
     valid = [name for name in section.model_fields if name != "source"]
     close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.6)
     hint = f"did you mean '{'.'.join([*loc[:-1], close[0]])}'?" if close else f"valid keys: {', '.join(valid)}"
     return f"{dotted}: unknown key ({hint})"
 
 
+def iter_fields(model: type[BaseModel] = Recipe, prefix: str = ""):
+    """(dotted name, field) for every leaf field of the recipe; list sections appear as ``name[].key``."""
+    for name, field in model.model_fields.items():
+        if name == "source":
+            continue
+        inner = _section_type(field.annotation)
+        if inner is not None:
+            suffix = "[]." if get_origin(field.annotation) is list else "."
+            if suffix == "[].":
+                yield f"{prefix}{name}", field
+            yield from iter_fields(inner, f"{prefix}{name}{suffix}")
+        else:
+            yield f"{prefix}{name}", field
+
+
 def explain() -> str:
-    """Every recipe field with its type, default and one-line description."""
-    lines: list[str] = []
+    """Every recipe field with its default and one-line description."""
+    lines = []
+    for dotted, field in iter_fields():
+        default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
+        lines.append(f"{dotted} = {default}\n    {field.description}")
+    return "\n".join(lines)
 
-    def walk(model: type[BaseModel], prefix: str) -> None:
-        for name, field in model.model_fields.items():
-            if name == "source":
-                continue
-            annotation = field.annotation
-            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-                lines.append(f"\n{prefix}{name}:")
-                walk(annotation, f"{prefix}{name}.")
-                continue
-            default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
-            lines.append(f"  {prefix}{name} = {default}\n      {field.description}")
 
-    walk(Recipe, "")
-    return "\n".join(lines).lstrip("\n")
+def explain_markdown() -> str:
+    """The recipe reference as a markdown table (the README embeds it)."""
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    for dotted, field in iter_fields():
+        default = "*required*" if field.is_required() else f"`{field.get_default(call_default_factory=True)!r}`"
+        rows.append(f"| `{dotted}` | {default} | {field.description} |")
+    return "\n".join(rows) + "\n"

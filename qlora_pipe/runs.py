@@ -24,6 +24,7 @@ METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 STATUS = "status.json"
 PREVIEW = "preview.json"
+DATA_REPORT = "data_report.json"
 CHECKPOINTS = "checkpoints"
 
 
@@ -58,6 +59,10 @@ class RunDir:
     @property
     def preview(self) -> Path:
         return self.root / PREVIEW
+
+    @property
+    def data_report(self) -> Path:
+        return self.root / DATA_REPORT
 
     @property
     def checkpoints(self) -> Path:

@@ -50,7 +50,7 @@ def sft_config(recipe: Recipe, run: RunDir, device: torch.device):
         # Paging moves optimizer state between GPU and CPU memory; with no GPU there is nothing to page.
         optimizer = optimizer.removeprefix("paged_")
         log.warning("no GPU: optimizer %s runs as %s (paging needs CUDA)", t.optimizer, optimizer)
-    evaluating = recipe.data.eval_path is not None and t.eval_steps is not None
+    evaluating = recipe.data.has_eval() and t.eval_steps is not None
     return SFTConfig(
         output_dir=str(run.checkpoints),
         seed=recipe.seed,
@@ -79,8 +79,12 @@ def sft_config(recipe: Recipe, run: RunDir, device: torch.device):
         save_total_limit=t.save_total_limit,
         report_to=list(t.report_to) or "none",
         max_length=recipe.data.max_length,
-        assistant_only_loss=recipe.data.loss_on == "assistant",
-        packing=False,
+        # data.py hands over input_ids and labels already masked per data.loss_on; TRL only packs and collates.
+        assistant_only_loss=False,
+        completion_only_loss=False,
+        packing=recipe.data.packing,
+        packing_strategy="bfd",
+        dataset_num_proc=recipe.data.num_proc,
         use_cpu=on_cpu,
         dataloader_num_workers=0,
     )
@@ -154,14 +158,14 @@ def run_training(recipe: Recipe, overwrite: bool = False) -> TrainResult:
     run.check_available(overwrite=overwrite)  # before any expensive loading
     set_seed(recipe.seed)
     tokenizer = load_tokenizer(recipe)
-    data = prepare_data(recipe.data, tokenizer)  # data errors surface before the model loads
+    data = prepare_data(recipe.data, tokenizer, recipe.seed)  # data errors surface before the model loads
     set_seed(recipe.seed)
     _, trainable = load_trainable_model(recipe, tokenizer)
 
     run.prepare(overwrite=overwrite)
     run.set_status("running", started=started)
     write_text_atomic(run.resolved_recipe, recipe.dump_yaml())
-    write_json_atomic(run.root / "data_report.json", [r.as_dict() for r in data.reports])
+    write_json_atomic(run.data_report, [r.as_dict() for r in data.reports])
     try:
         summary = _train_and_save(recipe, run, trainable, tokenizer, data, started)
     except BaseException as exc:

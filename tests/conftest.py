@@ -47,6 +47,7 @@ def recipe_dict(model_dir: Path, output_dir: Path, **training) -> dict:
             "max_length": 256,
             "max_train_samples": 32,
             "max_eval_samples": 16,
+            "cache_dir": str(output_dir / "data-cache"),
         },
         "training": {
             "max_steps": 6,

@@ -38,7 +38,7 @@ def test_bad_rows_are_dropped_and_counted_by_reason(tokenizer, tmp_path):
         {"text": "not a conversation"},
         conversation("Long?", "word " * 400),
     ]
-    data = DataSection(train_path=write_jsonl(tmp_path / "t.jsonl", rows), max_length=128)
+    data = DataSection(train_path=write_jsonl(tmp_path / "t.jsonl", rows), max_length=128, cache_dir=str(tmp_path))
     prepared = prepare_data(data, tokenizer)
     report = prepared.reports[0]
     assert report.rows_read == 7 and report.rows_kept == 1 and len(prepared.train) == 1
@@ -46,8 +46,7 @@ def test_bad_rows_are_dropped_and_counted_by_reason(tokenizer, tmp_path):
         "no assistant turn": 1,
         "unknown role": 1,
         "empty message": 1,
-        "message without string content": 1,
-        "no 'messages' list": 1,
+        "missing or non-string field": 2,
         "longer than max_length 128": 1,
     }
     assert prepared.system_prompt == "Be brief."
@@ -57,7 +56,7 @@ def test_bad_rows_are_dropped_and_counted_by_reason(tokenizer, tmp_path):
 def test_empty_result_is_an_error(tokenizer, tmp_path):
     path = write_jsonl(tmp_path / "t.jsonl", [{"messages": [{"role": "user", "content": "q"}]}])
     with pytest.raises(UserError, match="no usable rows after checks"):
-        prepare_data(DataSection(train_path=path), tokenizer)
+        prepare_data(DataSection(train_path=path, cache_dir=str(tmp_path)), tokenizer)
 
 
 def test_assistant_mask_trains_the_answer_and_its_end_of_turn_token(tokenizer):

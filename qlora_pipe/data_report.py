@@ -1,0 +1,74 @@
+"""What the data stage did to each split: rows in and out by reason, lengths, trained-token share."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def percentile(sorted_values: list[int], q: float) -> int:
+    if not sorted_values:
+        return 0
+    index = min(len(sorted_values) - 1, round(q / 100 * (len(sorted_values) - 1)))
+    return sorted_values[index]
+
+
+@dataclass
+class SplitReport:
+    name: str
+    rows_read: int = 0
+    rows_kept: int = 0
+    dropped: Counter = field(default_factory=Counter)
+    truncated: int = 0
+    total_tokens: int = 0
+    supervised_tokens: int = 0
+    length_percentiles: dict[str, int] = field(default_factory=dict)
+
+    def add_lengths(self, lengths: list[int], trained: list[int]) -> None:
+        ordered = sorted(lengths)
+        self.rows_kept = len(lengths)
+        self.total_tokens = sum(lengths)
+        self.supervised_tokens = sum(trained)
+        self.length_percentiles = {f"p{q}": percentile(ordered, q) for q in (50, 90, 99)}
+        self.length_percentiles["max"] = ordered[-1] if ordered else 0
+
+    @property
+    def supervised_share(self) -> float:
+        return self.supervised_tokens / self.total_tokens if self.total_tokens else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "split": self.name,
+            "rows_read": self.rows_read,
+            "rows_kept": self.rows_kept,
+            "dropped": dict(self.dropped),
+            "truncated": self.truncated,
+            "total_tokens": self.total_tokens,
+            "supervised_tokens": self.supervised_tokens,
+            "supervised_share": round(self.supervised_share, 4),
+            "length_percentiles": self.length_percentiles,
+        }
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> SplitReport:
+        return cls(
+            name=raw["split"],
+            rows_read=raw["rows_read"],
+            rows_kept=raw["rows_kept"],
+            dropped=Counter(raw["dropped"]),
+            truncated=raw["truncated"],
+            total_tokens=raw["total_tokens"],
+            supervised_tokens=raw["supervised_tokens"],
+            length_percentiles=raw["length_percentiles"],
+        )
+
+    def line(self) -> str:
+        dropped = ", ".join(f"{n} {why}" for why, n in sorted(self.dropped.items())) or "none"
+        lengths = " ".join(f"{k}={v}" for k, v in self.length_percentiles.items())
+        truncated = f", {self.truncated} truncated" if self.truncated else ""
+        return (
+            f"{self.name}: {self.rows_kept}/{self.rows_read} rows kept (dropped: {dropped}{truncated}); "
+            f"{self.total_tokens:,} tokens, {self.supervised_tokens:,} trained ({self.supervised_share:.0%}); "
+            f"length {lengths}"
+        )
