@@ -81,9 +81,11 @@ def read_source(source: SourceSection) -> list[dict[str, Any]]:
     if source.hub is not None:
         return read_hub(source)
     rows: list[dict[str, Any]] = []
-    for path in resolve_files(source.path):
+    files = resolve_files(source.path)
+    for path in files:
         rows.extend(read_json_lines(path) if SUFFIXES[path.suffix] == "json" else read_table(path))
-    log.info("data: %s -> %d rows", source.path, len(rows))
+    shown = str(files[0]) if len(files) == 1 else f"{len(files)} files under {files[0].parent}"
+    log.info("data: %s -> %s: %d rows", source.path, shown, len(rows))
     return rows
 
 
