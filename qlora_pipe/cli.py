@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("recipe", nargs="?", help="path to a recipe YAML file")
     validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     validate.add_argument("--explain", action="store_true", help="list every recipe field with its meaning")
+    validate.add_argument("--markdown", action="store_true", help="with --explain: print a markdown table")
 
     build = commands.add_parser(
         "build-quickstart-model", help="pretrain the tiny offline base model used by recipes/quickstart.yaml"
@@ -86,10 +87,10 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from qlora_pipe.recipe import explain, load_recipe
+    from qlora_pipe.recipe import explain, explain_markdown, load_recipe
 
     if args.explain:
-        print(explain())
+        print(explain_markdown() if args.markdown else explain(), end="\n" if not args.markdown else "")
         if not args.recipe:
             return 0
     if not args.recipe:

@@ -21,9 +21,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qlora_pipe.data import prepare_data  # noqa: E402
-from qlora_pipe.quickstart_base import build_tokenizer  # noqa: E402
-from qlora_pipe.recipe import DataSection  # noqa: E402
+from qlora_pipe.data import prepare_data
+from qlora_pipe.quickstart_base import build_tokenizer
+from qlora_pipe.recipe import DataSection
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -64,6 +64,7 @@ def main() -> None:
     args = parser.parse_args()
     tokenizer = build_tokenizer((REPO / "data/legal-qa/corpus.txt").read_text(), 2048)
     import trl.chat_template_utils  # noqa: F401  (import time is not preprocessing time: load it before timing)
+
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "rows.jsonl"
         path.write_text("\n".join(make_rows(args.rows)) + "\n")
@@ -84,7 +85,7 @@ def main() -> None:
     }
     out = REPO / "benchmarks/results" / f"data-prep-{result['date']}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"| rows | bare datasets.map | ours, first run | ours, cached | ratio |\n|---|---|---|---|---|")
+    print("| rows | bare datasets.map | ours, first run | ours, cached | ratio |\n|---|---|---|---|---|")
     print(f"| {args.rows:,} | {bare:.1f} s | {first:.1f} s | {second:.1f} s | {first / bare:.2f}x |")
     print(f"written: {out}")
 

@@ -122,6 +122,12 @@ def test_explain_describes_every_field():
             assert field.description, f"{section}.{name} has no description"
 
 
+def test_readme_recipe_reference_is_current():
+    from qlora_pipe.recipe import explain_markdown
+
+    assert explain_markdown() in (REPO / "README.md").read_text()
+
+
 def run_cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "qlora_pipe.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=300
