@@ -105,16 +105,23 @@ def encode(example: dict[str, Any], tokenizer, template: str | None, data: DataS
     else:
         ids = tokenizer(example["text"])["input_ids"] + [tokenizer.eos_token_id]
         mask = [1] * len(ids)
-    reason = ""
+    reason, truncated = "", False
     if len(ids) > data.max_length:
         if data.overlength == "truncate":
-            ids, mask = ids[: data.max_length], mask[: data.max_length]
+            ids, mask, truncated = ids[: data.max_length], mask[: data.max_length], True
         else:
             reason = f"longer than max_length {data.max_length}"
     if not reason and not any(mask):
         reason = "no trained tokens"
     labels = [t if m else IGNORE for t, m in zip(ids, mask, strict=True)]
-    return {"input_ids": ids, "labels": labels, "n_tokens": len(ids), "n_trained": sum(mask), "reason": reason}
+    return {
+        "input_ids": ids,
+        "labels": labels,
+        "n_tokens": len(ids),
+        "n_trained": sum(mask),
+        "reason": reason,
+        "truncated": truncated,
+    }
 
 
 def last_run_only(mask: list[int]) -> list[int]:
@@ -131,7 +138,8 @@ def last_run_only(mask: list[int]) -> list[int]:
 def tokenize_split(examples: list[dict], tokenizer, template: str | None, data: DataSection, report: SplitReport):
     from datasets import Dataset
 
-    dataset = Dataset.from_list(examples)
+    # Every row carries both keys, so conversation and text sources can be mixed in one table.
+    dataset = Dataset.from_list([{"messages": e.get("messages"), "text": e.get("text")} for e in examples])
     dataset = dataset.map(
         encode,
         fn_kwargs={"tokenizer": tokenizer, "template": template, "data": data},
@@ -153,9 +161,8 @@ def tokenize_split(examples: list[dict], tokenizer, template: str | None, data: 
     keep = [i for i, r in enumerate(reasons) if not r]
     dataset = dataset.select(keep)
     report.add_lengths(dataset["n_tokens"], dataset["n_trained"])
-    if data.overlength == "truncate":
-        report.truncated = sum(1 for n in dataset["n_tokens"] if n == data.max_length)
-    return dataset.remove_columns(["n_tokens", "n_trained", "reason"])
+    report.truncated = sum(dataset["truncated"])
+    return dataset.remove_columns(["n_tokens", "n_trained", "reason", "truncated"])
 
 
 def prepare_data(data: DataSection, tokenizer, seed: int = 42) -> PreparedData:

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1  # bump when the tokenized layout or the masking rules change
+CACHE_FORMAT = 2  # bump when the tokenized layout or the masking rules change
 
 
 def _file_digest(path: Path) -> str:

@@ -7,6 +7,7 @@ declared per source or detected from the columns, with a printed notice.
 
 from __future__ import annotations
 
+import csv
 import glob
 import json
 import logging
@@ -71,9 +72,13 @@ def read_json_lines(path: Path) -> list[dict[str, Any]]:
 
 
 def read_table(path: Path) -> list[dict[str, Any]]:
+    """CSV as text (no type guessing: an answer "42" stays a string); Parquet with its own types."""
+    if path.suffix == ".csv":
+        with path.open(encoding="utf-8", newline="") as handle:
+            return list(csv.DictReader(handle))
     from datasets import load_dataset
 
-    return load_dataset(SUFFIXES[path.suffix], data_files=str(path), split="train").to_list()
+    return load_dataset("parquet", data_files=str(path), split="train").to_list()
 
 
 def read_source(source: SourceSection) -> list[dict[str, Any]]:
@@ -125,6 +130,8 @@ def to_example(row: dict[str, Any], fmt: str) -> dict[str, Any] | str:
         return {"text": text} if text.strip() else "empty row"
     if fmt == "messages":
         messages = row.get("messages")
+        if not isinstance(messages, list):
+            return "missing or non-string field"
     elif fmt == "sharegpt":
         messages = _from_sharegpt(row.get("conversations"))
     elif fmt == "alpaca":
