@@ -83,7 +83,7 @@ def main() -> None:
         "ours_cached_s": round(second, 2),
         "ratio_first_vs_bare": round(first / bare, 3),
     }
-    out = REPO / "benchmarks/results" / f"data-prep-{result['date']}.json"
+    out = REPO / "benchmarks/results" / f"data-prep-{result['date']}-procs{args.num_proc or 1}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print("| rows | bare datasets.map | ours, first run | ours, cached | ratio |\n|---|---|---|---|---|")
     print(f"| {args.rows:,} | {bare:.1f} s | {first:.1f} s | {second:.1f} s | {first / bare:.2f}x |")
