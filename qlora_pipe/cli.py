@@ -8,7 +8,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from qlora_pipe.errors import UserError
+from qlora_pipe.errors import Interrupted, UserError
 
 USER_ERROR_EXIT = 2
 
@@ -33,6 +33,14 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="fine-tune a LoRA adapter on a 4-bit base")
     _add_recipe_args(train)
     train.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    train.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="CHECKPOINT",
+        help="continue the run from its latest complete checkpoint, or from CHECKPOINT",
+    )
 
     data = commands.add_parser("data", help="check, tokenize and preview the data (loads the tokenizer only)")
     _add_recipe_args(data)
@@ -60,7 +68,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from qlora_pipe.train import run_training
 
     recipe = load_recipe(args.recipe, overrides=args.overrides)
-    result = run_training(recipe, overwrite=args.overwrite)
+    if args.resume and args.overwrite:
+        raise UserError("--resume and --overwrite contradict each other; choose one")
+    result = run_training(recipe, overwrite=args.overwrite, resume=args.resume)
     s = result.summary
     eval_part = ""
     if s["final_eval_loss"] is not None:
@@ -130,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return COMMANDS[args.command](args)
+    except Interrupted as exc:
+        print(str(exc), file=sys.stderr)
+        return 143 if exc.signal_name == "SIGTERM" else 130
     except UserError as exc:
         if args.debug:
             raise

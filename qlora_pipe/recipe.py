@@ -156,6 +156,9 @@ class TrainingSection(Section):
     eval_steps: int | None = Field(None, ge=1, description="Evaluate every N steps (None: only at start/end).")
     save_steps: int = Field(200, ge=1, description="Write a checkpoint every N optimizer steps.")
     save_total_limit: int = Field(2, ge=1, description="Keep at most this many checkpoints.")
+    max_bad_steps: int = Field(
+        5, ge=1, description="Stop after this many consecutive steps with a non-finite loss or gradient."
+    )
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
         default_factory=list, description="Experiment trackers to log to (empty: metrics.jsonl only)."
     )

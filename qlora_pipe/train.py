@@ -15,16 +15,22 @@ import sys
 import time
 from dataclasses import dataclass
 from importlib.metadata import version
+from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import TrainerCallback
 
+from qlora_pipe.checkpoints import latest_valid_checkpoint, read_marker, step_of
 from qlora_pipe.data import PreparedData, prepare_data
+from qlora_pipe.errors import Interrupted, UserError
 from qlora_pipe.model import load_tokenizer, load_trainable_model, training_device
 from qlora_pipe.preview import generate_answers
 from qlora_pipe.recipe import Recipe
+from qlora_pipe.resume import check_resumable, resolve_checkpoint
 from qlora_pipe.runs import RunDir, write_json_atomic, write_text_atomic
+from qlora_pipe.signals import StopAtStepBoundary, graceful_stop
+from qlora_pipe.trainer import TrainingAborted
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +82,7 @@ def sft_config(recipe: Recipe, run: RunDir, device: torch.device):
         eval_steps=t.eval_steps if evaluating else None,
         save_strategy="steps",
         save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
+        save_total_limit=None,  # PipeTrainer rotates, after the completion marker is written
         report_to=list(t.report_to) or "none",
         max_length=recipe.data.max_length,
         # data.py hands over input_ids and labels already masked per data.loss_on; TRL only packs and collates.
@@ -103,31 +109,18 @@ class MetricsRecorder(TrainerCallback):
                 handle.write(json.dumps(row) + "\n")
 
 
-def _trainer_class():
-    from trl import SFTTrainer
+def build_trainer(recipe: Recipe, run: RunDir, model, tokenizer, data: PreparedData, callbacks=()):
+    from qlora_pipe.trainer import PipeTrainer
 
-    class CountingSFTTrainer(SFTTrainer):
-        """SFTTrainer that counts the tokens that carry loss (labels other than -100)."""
-
-        supervised_tokens = 0
-
-        def compute_loss(self, model, inputs, *args, **kwargs):
-            if model.training and "labels" in inputs:
-                self.supervised_tokens += int((inputs["labels"][..., 1:] != -100).sum())
-            return super().compute_loss(model, inputs, *args, **kwargs)
-
-    return CountingSFTTrainer
-
-
-def build_trainer(recipe: Recipe, run: RunDir, model, tokenizer, data: PreparedData):
-    trainer_cls = _trainer_class()
-    return trainer_cls(
+    return PipeTrainer(
         model=model,
         args=sft_config(recipe, run, training_device()),
         train_dataset=data.train,
         eval_dataset=data.eval,
         processing_class=tokenizer,
-        callbacks=[MetricsRecorder(run)],
+        callbacks=[MetricsRecorder(run), *callbacks],
+        max_bad_steps=recipe.training.max_bad_steps,
+        keep_checkpoints=recipe.training.save_total_limit,
     )
 
 
@@ -149,48 +142,113 @@ def save_adapter(model, tokenizer, run: RunDir) -> None:
     tmp.rmdir()
 
 
-def run_training(recipe: Recipe, overwrite: bool = False) -> TrainResult:
-    """Data and model checks, then train, save, and summarise. Returns the finished run."""
+def run_training(
+    recipe: Recipe, overwrite: bool = False, resume: bool | str = False, callbacks: tuple = ()
+) -> TrainResult:
+    """Data and model checks, then train, save, and summarise. Returns the finished run.
+
+    ``resume``: True for the latest complete checkpoint of the run, or a checkpoint path.
+    ``callbacks``: extra transformers TrainerCallbacks (e.g. for notebooks or fault injection).
+    """
     from transformers import set_seed
 
     started = time.time()
     run = RunDir(recipe.run_dir())
-    run.check_available(overwrite=overwrite)  # before any expensive loading
+    checkpoint = None
+    if resume:  # before any expensive loading
+        check_resumable(recipe, run)
+        checkpoint = resolve_checkpoint(run, resume if isinstance(resume, str) else None)
+    else:
+        run.check_available(overwrite=overwrite)
     set_seed(recipe.seed)
     tokenizer = load_tokenizer(recipe)
     data = prepare_data(recipe.data, tokenizer, recipe.seed)  # data errors surface before the model loads
     set_seed(recipe.seed)
     _, trainable = load_trainable_model(recipe, tokenizer)
 
-    run.prepare(overwrite=overwrite)
-    run.set_status("running", started=started)
-    write_text_atomic(run.resolved_recipe, recipe.dump_yaml())
+    if checkpoint is None:
+        run.prepare(overwrite=overwrite)
+        write_text_atomic(run.resolved_recipe, recipe.dump_yaml())
+    else:
+        check_trainable_count(checkpoint, trainable.trainable_params)
+        truncate_metrics(run, step_of(checkpoint))
+        log.info("resuming from %s", checkpoint)
+    run.set_status("running", started=started, resumed_from=str(checkpoint) if checkpoint else None)
     write_json_atomic(run.data_report, [r.as_dict() for r in data.reports])
     try:
-        summary = _train_and_save(recipe, run, trainable, tokenizer, data, started)
+        summary = _train_and_save(recipe, run, trainable, tokenizer, data, started, checkpoint, callbacks)
+    except Interrupted as exc:
+        run.set_status("interrupted", step=exc.step, signal=exc.signal_name)
+        raise
     except BaseException as exc:
         run.set_status("failed", error=f"{type(exc).__name__}: {exc}")
         raise
     return TrainResult(run, summary, trainable.model, tokenizer)
 
 
-def _train_and_save(recipe, run, trainable, tokenizer, data, started) -> dict[str, Any]:
+def check_trainable_count(checkpoint: Path, trainable_params: int) -> None:
+    saved = read_marker(checkpoint).get("trainable_params")
+    if saved is not None and saved != trainable_params:
+        raise UserError(
+            f"cannot resume from {checkpoint}: it trained {saved:,} parameters, this model has {trainable_params:,}"
+        )
+
+
+def truncate_metrics(run: RunDir, step: int) -> None:
+    """Drop metrics logged after the checkpoint: those steps are about to run again."""
+    if not run.metrics.is_file():
+        return
+    rows = [line for line in run.metrics.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
+    write_text_atomic(run.metrics, "".join(row + "\n" for row in rows))
+
+
+def _baseline(recipe, run, model, tokenizer, data, trainer) -> dict[str, Any]:
+    """Eval loss and preview answers before training; computed once and kept for resumed runs."""
+    path = run.root / "baseline.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    prompts = recipe.training.preview_prompts
+    max_new = recipe.training.preview_max_new_tokens
+    baseline = {
+        "eval_loss": trainer.evaluate()["eval_loss"] if data.eval is not None else None,
+        "answers": generate_answers(model, tokenizer, prompts, data.system_prompt, max_new) if prompts else [],
+    }
+    write_json_atomic(path, baseline)
+    return baseline
+
+
+def _train_and_save(recipe, run, trainable, tokenizer, data, started, checkpoint, callbacks) -> dict[str, Any]:
     device = training_device()
     model = trainable.model
     prompts = recipe.training.preview_prompts
-    max_new = recipe.training.preview_max_new_tokens
-    before = generate_answers(model, tokenizer, prompts, data.system_prompt, max_new) if prompts else []
-
-    trainer = build_trainer(recipe, run, model, tokenizer, data)
-    eval_before = trainer.evaluate()["eval_loss"] if data.eval is not None else None
-    train_started = time.time()
-    output = trainer.train()
-    train_seconds = time.time() - train_started
+    with graceful_stop() as stop:
+        trainer = build_trainer(recipe, run, model, tokenizer, data, (StopAtStepBoundary(stop), *callbacks))
+        baseline = _baseline(recipe, run, model, tokenizer, data, trainer)
+        if checkpoint is not None:
+            marker = read_marker(checkpoint)
+            trainer.supervised_tokens = marker.get("supervised_tokens", 0)
+            trainer.skipped_steps = marker.get("skipped_steps", 0)
+        train_started = time.time()
+        output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        train_seconds = time.time() - train_started
+    if trainer.aborted:
+        latest = latest_valid_checkpoint(run.checkpoints)
+        kept = f"last good checkpoint: {latest}" if latest else "no checkpoint was written yet"
+        raise TrainingAborted(f"training stopped: {trainer.aborted}; {kept}")
+    if stop.signal_name:
+        step = trainer.state.global_step
+        raise Interrupted(
+            f"stopped by {stop.signal_name} at step {step}; checkpoint saved. Resume with: "
+            f"qlora-pipe train {recipe.source or 'RECIPE'} --resume",
+            step,
+            stop.signal_name,
+        )
     eval_after = trainer.evaluate()["eval_loss"] if data.eval is not None else None
 
-    after = generate_answers(model, tokenizer, prompts, data.system_prompt, max_new) if prompts else []
+    after = generate_answers(model, tokenizer, prompts, data.system_prompt, recipe.training.preview_max_new_tokens)
     if prompts:
-        rows = [{"prompt": p, "before": b, "after": a} for p, b, a in zip(prompts, before, after, strict=True)]
+        pairs = zip(prompts, baseline["answers"], after, strict=True)
+        rows = [{"prompt": p, "before": b, "after": a} for p, b, a in pairs]
         write_json_atomic(run.preview, rows)
         print_preview(rows)
 
@@ -201,11 +259,13 @@ def _train_and_save(recipe, run, trainable, tokenizer, data, started) -> dict[st
         "base_model": recipe.model.name_or_path,
         "steps": trainer.state.global_step,
         "epochs": trainer.state.epoch,
+        "resumed_from": str(checkpoint) if checkpoint else None,
         "first_train_loss": train_losses[0] if train_losses else None,
         "final_train_loss": train_losses[-1] if train_losses else None,
         "mean_train_loss": output.training_loss,
-        "eval_loss_before": eval_before,
+        "eval_loss_before": baseline["eval_loss"],
         "final_eval_loss": eval_after,
+        "skipped_steps": trainer.skipped_steps,
         "supervised_tokens": trainer.supervised_tokens,
         "train_seconds": round(train_seconds, 2),
         "wall_seconds": round(time.time() - started, 2),
