@@ -103,6 +103,17 @@ class PipeTrainer(SFTTrainer):
         self.bad_loss_in_step = False
         self.aborted: str | None = None
         self.add_callback(BadStepGuard(self))
+        # TRL trains QLoRA adapters in bf16; remember the dtypes so a resumed run keeps them.
+        self.adapter_dtypes = {n: p.dtype for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        """PEFT's load_adapter upcasts the reloaded adapter to fp32; put it back in its training dtype
+        before the optimizer state is restored, so the resumed run computes exactly as the original."""
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        for name, param in (model or self.model).named_parameters():
+            dtype = self.adapter_dtypes.get(name)
+            if dtype is not None and param.dtype != dtype:
+                param.data = param.data.to(dtype)
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if "loss" in logs:

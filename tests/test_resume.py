@@ -1,0 +1,250 @@
+"""Training that survives: exact resume, checkpoint integrity, bad steps, save failures, signals."""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from qlora_pipe.checkpoints import MARKER, checkpoint_problem, latest_valid_checkpoint
+from qlora_pipe.errors import UserError
+from qlora_pipe.resume import resolve_checkpoint
+from qlora_pipe.runs import RunDir
+from qlora_pipe.train import run_training
+from qlora_pipe.trainer import CheckpointWriteError, TrainingAborted
+from tests.conftest import recipe_dict
+
+REPO = Path(__file__).resolve().parents[1]
+FP32 = {"compute_dtype": "float32"}
+
+
+class SimulatedCrash(BaseException):
+    """Stands for the process dying (power loss, OOM kill) at a chosen point."""
+
+
+class CrashAtStep(TrainerCallback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise SimulatedCrash
+
+
+class NaNAtSteps(TrainerCallback):
+    """Makes the forward pass NaN during the given (1-based) optimizer steps, on the real model."""
+
+    def __init__(self, steps: set[int]) -> None:
+        self.steps, self.handle, self.final = steps, None, {}
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if state.global_step + 1 in self.steps:
+            embeddings = model.get_input_embeddings()
+            self.handle = embeddings.register_forward_hook(lambda mod, inp, out: out * float("nan"))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.handle:
+            self.handle.remove()
+            self.handle = None
+
+    def on_train_end(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+        steps = {int(s["step"]) for s in optimizer.state_dict()["state"].values()}
+        self.final = {"optimizer_steps": steps, "scheduler_steps": lr_scheduler.last_epoch}
+
+
+def losses(run: RunDir) -> list[tuple[int, float]]:
+    rows = [json.loads(line) for line in run.metrics.read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+
+
+def fp32_recipe(make_recipe, name: str, **training):
+    recipe = make_recipe(quantization=FP32, lora={"dropout": 0.1}, **{"precision": "fp32", **training})
+    recipe.run_name = name
+    return recipe
+
+
+def test_crash_and_resume_reproduce_the_uninterrupted_run(make_recipe):
+    straight = run_training(fp32_recipe(make_recipe, "straight", max_steps=8, save_steps=3))
+    crashed = fp32_recipe(make_recipe, "crashed", max_steps=8, save_steps=3)
+    with pytest.raises(SimulatedCrash):
+        run_training(crashed, callbacks=(CrashAtStep(5),))
+    run = RunDir(crashed.run_dir())
+    assert not run.is_finished() and json.loads(run.status.read_text())["state"] == "failed"
+    assert latest_valid_checkpoint(run.checkpoints).name == "checkpoint-3"
+
+    resumed_recipe = fp32_recipe(make_recipe, "crashed", max_steps=8, save_steps=3, preview_max_new_tokens=9)
+    resumed = run_training(resumed_recipe, resume=True)  # a harmless change is allowed
+    assert losses(resumed.run_dir) == losses(straight.run_dir)
+    assert [s for s, _ in losses(resumed.run_dir)] == list(range(1, 9))
+    a = load_file(straight.run_dir.adapter_weights)
+    b = load_file(resumed.run_dir.adapter_weights)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bitwise, fp32 compute
+    assert resumed.summary["trainable_params"] == straight.summary["trainable_params"]
+    assert resumed.summary["supervised_tokens"] == straight.summary["supervised_tokens"]
+    assert resumed.summary["eval_loss_before"] == straight.summary["eval_loss_before"]
+
+
+def test_resume_refuses_a_recipe_that_changes_what_is_trained(make_recipe):
+    recipe = make_recipe(max_steps=4, save_steps=2)
+    with pytest.raises(SimulatedCrash):
+        run_training(recipe, callbacks=(CrashAtStep(3),))
+    changed = make_recipe(max_steps=4, save_steps=2, lora={"r": 16})
+    changed.data.max_length = 200
+    with pytest.raises(UserError, match=r"cannot resume .*data\.max_length: 256 -> 200; lora\.r: 8 -> 16"):
+        run_training(changed, resume=True)
+    fresh = make_recipe(max_steps=4)
+    fresh.run_name = "never-started"
+    with pytest.raises(UserError, match="nothing to resume"):
+        run_training(fresh, resume=True)
+
+
+def test_crash_during_a_save_leaves_an_incomplete_checkpoint_that_resume_skips(make_recipe, monkeypatch, caplog):
+    real_save = torch.save
+
+    def dying_save(obj, path, *args, **kwargs):
+        if "checkpoint-4" in str(path) and str(path).endswith("optimizer.pt"):
+            raise SimulatedCrash
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    recipe = make_recipe(max_steps=6, save_steps=2)
+    with pytest.raises(SimulatedCrash):
+        run_training(recipe)
+    run = RunDir(recipe.run_dir())
+    broken = run.checkpoints / "checkpoint-4"
+    assert broken.is_dir() and not (broken / MARKER).exists()
+    with caplog.at_level(logging.WARNING):
+        assert resolve_checkpoint(run, None).name == "checkpoint-2"
+    assert "checkpoint-4: incomplete" in caplog.text
+    with pytest.raises(UserError, match="cannot resume from .*checkpoint-4: incomplete"):
+        resolve_checkpoint(run, str(broken))
+    monkeypatch.setattr(torch, "save", real_save)
+    finished = run_training(recipe, resume=True)
+    assert finished.summary["steps"] == 6 and finished.run_dir.is_finished()
+
+
+def test_truncated_or_corrupt_checkpoints_are_detected(make_recipe, caplog):
+    recipe = make_recipe(max_steps=4, save_steps=2)
+    run = run_training(recipe).run_dir
+    newest = run.checkpoints / "checkpoint-4"
+    weights = newest / "adapter_model.safetensors"
+    assert checkpoint_problem(newest) is None
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    assert checkpoint_problem(newest).startswith("truncated file adapter_model.safetensors")
+    weights.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))
+    assert checkpoint_problem(newest) == "corrupt file adapter_model.safetensors (checksum mismatch)"
+    with caplog.at_level(logging.WARNING):
+        assert latest_valid_checkpoint(run.checkpoints).name == "checkpoint-2"
+    assert "corrupt file" in caplog.text
+
+
+def test_only_the_last_k_complete_checkpoints_are_kept(make_recipe):
+    run = run_training(make_recipe(max_steps=6, save_steps=1, save_total_limit=2)).run_dir
+    assert sorted(p.name for p in run.checkpoints.glob("checkpoint-*")) == ["checkpoint-5", "checkpoint-6"]
+
+
+def test_a_failed_save_is_a_clear_error_and_the_previous_checkpoint_stays(make_recipe, monkeypatch):
+    real_save = torch.save
+
+    def full_disk(obj, path, *args, **kwargs):
+        if "checkpoint-4" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    recipe = make_recipe(max_steps=6, save_steps=2)
+    with pytest.raises(CheckpointWriteError, match=r"checkpoint-4: \[Errno 28\] No space left.*checkpoint-2 is intact"):
+        run_training(recipe)
+    run = RunDir(recipe.run_dir())
+    assert not (run.checkpoints / "checkpoint-4").exists()
+    assert checkpoint_problem(run.checkpoints / "checkpoint-2") is None
+    assert json.loads(run.status.read_text())["state"] == "failed" and not run.is_finished()
+
+
+def test_a_non_finite_step_is_skipped_without_optimizer_or_scheduler_step(make_recipe):
+    nan = NaNAtSteps({3})
+    result = run_training(make_recipe(max_steps=6), callbacks=(nan,))
+    assert result.summary["skipped_steps"] == 1 and result.summary["steps"] == 6
+    assert nan.final == {"optimizer_steps": {5}, "scheduler_steps": 5}
+    logged = [row for row in map(json.loads, result.run_dir.metrics.read_text().splitlines()) if "loss" in row]
+    assert all(row["loss"] == row["loss"] for row in logged)  # no NaN reaches the logs
+    assert [row["skipped_steps"] for row in logged][-1] == 1
+
+
+def test_too_many_bad_steps_stop_the_run_and_keep_the_last_good_checkpoint(make_recipe):
+    recipe = make_recipe(max_steps=10, save_steps=2, max_bad_steps=2)
+    with pytest.raises(
+        TrainingAborted, match=r"2 consecutive steps .* stopped at step 4; last good checkpoint: .*checkpoint-2"
+    ):
+        run_training(recipe, callbacks=(NaNAtSteps({3, 4, 5, 6}),))
+    run = RunDir(recipe.run_dir())
+    assert not run.is_finished() and not run.adapter_weights.exists()
+    assert latest_valid_checkpoint(run.checkpoints).name == "checkpoint-2"
+
+
+def _start_cli_run(tiny_model_dir: Path, tmp_path: Path) -> tuple[subprocess.Popen, RunDir, Path]:
+    raw = recipe_dict(tiny_model_dir, tmp_path / "runs", max_steps=400, save_steps=1000, logging_steps=1)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "qlora_pipe.cli", "train", str(path)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    return process, RunDir(tmp_path / "runs" / "test"), path
+
+
+def _wait_for_step(run: RunDir, step: int, process: subprocess.Popen) -> None:
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None:
+        if run.metrics.is_file() and any(f'"step": {step},' in line for line in run.metrics.read_text().splitlines()):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"run did not reach step {step}: {process.poll()}")
+
+
+def test_sigterm_checkpoints_at_the_next_step_and_resume_finishes(tiny_model_dir, tmp_path):
+    process, run, path = _start_cli_run(tiny_model_dir, tmp_path)
+    _wait_for_step(run, 2, process)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=240)
+    assert process.returncode == 143, stderr[-2000:]
+    assert f"Resume with: qlora-pipe train {path} --resume" in stderr
+    status = json.loads(run.status.read_text())
+    assert status["state"] == "interrupted" and status["signal"] == "SIGTERM"
+    checkpoint = latest_valid_checkpoint(run.checkpoints)
+    assert checkpoint is not None and checkpoint.name == f"checkpoint-{status['step']}"
+    resumed = subprocess.run(
+        [sys.executable, "-m", "qlora_pipe.cli", "train", str(path), "--resume"]
+        + ["--set", f"training.max_steps={status['step'] + 2}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert json.loads(run.summary.read_text())["steps"] == status["step"] + 2
+
+
+def test_second_ctrl_c_quits_at_once(tiny_model_dir, tmp_path):
+    process, run, _ = _start_cli_run(tiny_model_dir, tmp_path)
+    _wait_for_step(run, 2, process)
+    process.send_signal(signal.SIGINT)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-2000:]
+    assert not run.is_finished()
