@@ -127,7 +127,7 @@ def test_crash_during_a_save_leaves_an_incomplete_checkpoint_that_resume_skips(m
     with caplog.at_level(logging.WARNING):
         assert resolve_checkpoint(run, None).name == "checkpoint-2"
     assert "checkpoint-4: incomplete" in caplog.text
-    with pytest.raises(UserError, match="cannot resume from .*checkpoint-4: incomplete"):
+    with pytest.raises(UserError, match=r"cannot resume from .*checkpoint-4: incomplete"):
         resolve_checkpoint(run, str(broken))
     monkeypatch.setattr(torch, "save", real_save)
     finished = run_training(recipe, resume=True)
@@ -229,8 +229,16 @@ def test_sigterm_checkpoints_at_the_next_step_and_resume_finishes(tiny_model_dir
     checkpoint = latest_valid_checkpoint(run.checkpoints)
     assert checkpoint is not None and checkpoint.name == f"checkpoint-{status['step']}"
     resumed = subprocess.run(
-        [sys.executable, "-m", "qlora_pipe.cli", "train", str(path), "--resume"]
-        + ["--set", f"training.max_steps={status['step'] + 2}"],
+        [
+            sys.executable,
+            "-m",
+            "qlora_pipe.cli",
+            "train",
+            str(path),
+            "--resume",
+            "--set",
+            f"training.max_steps={status['step'] + 2}",
+        ],
         cwd=REPO,
         capture_output=True,
         text=True,
