@@ -159,8 +159,9 @@ class TrainingSection(Section):
     max_bad_steps: int = Field(
         5, ge=1, description="Stop after this many consecutive steps with a non-finite loss or gradient."
     )
-    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
-        default_factory=list, description="Experiment trackers to log to (empty: metrics.jsonl only)."
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "none"]] = Field(
+        default_factory=lambda: ["tensorboard"],
+        description="Experiment trackers besides metrics.jsonl (tensorboard logs go to the run's tensorboard/).",
     )
     preview_prompts: list[str] = Field(
         default_factory=list, description="Questions answered (greedy) before and after training, side by side."

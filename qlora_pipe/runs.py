@@ -25,6 +25,8 @@ SUMMARY = "summary.json"
 STATUS = "status.json"
 PREVIEW = "preview.json"
 DATA_REPORT = "data_report.json"
+LOSS_CURVE = "loss.png"
+TENSORBOARD = "tensorboard"
 CHECKPOINTS = "checkpoints"
 
 
@@ -63,6 +65,14 @@ class RunDir:
     @property
     def data_report(self) -> Path:
         return self.root / DATA_REPORT
+
+    @property
+    def loss_curve(self) -> Path:
+        return self.root / LOSS_CURVE
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / TENSORBOARD
 
     @property
     def checkpoints(self) -> Path:

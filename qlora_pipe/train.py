@@ -6,10 +6,10 @@ loading in model.py; this module maps the recipe onto TRL and records what happe
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import platform
-import resource
 import shutil
 import sys
 import time
@@ -25,7 +25,9 @@ from qlora_pipe.checkpoints import latest_valid_checkpoint, read_marker, step_of
 from qlora_pipe.data import PreparedData, prepare_data
 from qlora_pipe.errors import Interrupted, UserError
 from qlora_pipe.model import load_tokenizer, load_trainable_model, training_device
+from qlora_pipe.plots import plot_losses
 from qlora_pipe.preview import generate_answers
+from qlora_pipe.progress import peak_memory_bytes
 from qlora_pipe.recipe import Recipe
 from qlora_pipe.resume import check_resumable, resolve_checkpoint
 from qlora_pipe.runs import RunDir, write_json_atomic, write_text_atomic
@@ -83,7 +85,10 @@ def sft_config(recipe: Recipe, run: RunDir, device: torch.device):
         save_strategy="steps",
         save_steps=t.save_steps,
         save_total_limit=None,  # PipeTrainer rotates, after the completion marker is written
-        report_to=list(t.report_to) or "none",
+        # TensorBoard is attached by build_trainer, writing into the run directory.
+        report_to=[r for r in t.report_to if r not in ("tensorboard", "none")] or "none",
+        metric_for_best_model="eval_loss" if evaluating else None,
+        greater_is_better=False if evaluating else None,
         max_length=recipe.data.max_length,
         # data.py hands over input_ids and labels already masked per data.loss_on; TRL only packs and collates.
         assistant_only_loss=False,
@@ -109,10 +114,22 @@ class MetricsRecorder(TrainerCallback):
                 handle.write(json.dumps(row) + "\n")
 
 
+def check_trackers(recipe: Recipe) -> None:
+    """Each requested tracker must be importable, before anything expensive happens."""
+    modules = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+    for tracker in recipe.training.report_to:
+        if tracker in modules and importlib.util.find_spec(modules[tracker]) is None:
+            raise UserError(f"training.report_to: {tracker} is not installed (pip install {modules[tracker]})")
+
+
 def build_trainer(recipe: Recipe, run: RunDir, model, tokenizer, data: PreparedData, callbacks=()):
+    from transformers.integrations import TensorBoardCallback
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from qlora_pipe.progress import RunProgress
     from qlora_pipe.trainer import PipeTrainer
 
-    return PipeTrainer(
+    trainer = PipeTrainer(
         model=model,
         args=sft_config(recipe, run, training_device()),
         train_dataset=data.train,
@@ -122,13 +139,14 @@ def build_trainer(recipe: Recipe, run: RunDir, model, tokenizer, data: PreparedD
         max_bad_steps=recipe.training.max_bad_steps,
         keep_checkpoints=recipe.training.save_total_limit,
     )
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated())
-    # ru_maxrss is in KiB on Linux: the process's peak resident memory.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(RunProgress(trainer))
+    if "tensorboard" in recipe.training.report_to:
+        tensorboard = TensorBoardCallback()
+        tensorboard.logging_dir = str(run.tensorboard)
+        trainer.add_callback(tensorboard)
+    return trainer
 
 
 def save_adapter(model, tokenizer, run: RunDir) -> None:
@@ -160,6 +178,7 @@ def run_training(
         checkpoint = resolve_checkpoint(run, resume if isinstance(resume, str) else None)
     else:
         run.check_available(overwrite=overwrite)
+    check_trackers(recipe)
     set_seed(recipe.seed)
     tokenizer = load_tokenizer(recipe)
     data = prepare_data(recipe.data, tokenizer, recipe.seed)  # data errors surface before the model loads
@@ -253,6 +272,9 @@ def _train_and_save(recipe, run, trainable, tokenizer, data, started, checkpoint
         print_preview(rows)
 
     save_adapter(model, tokenizer, run)
+    curve = plot_losses(run.metrics, run.loss_curve, f"{recipe.run_name}: {recipe.model.name_or_path}")
+    evals = [(row["eval_loss"], row["step"]) for row in trainer.state.log_history if "eval_loss" in row]
+    best_loss, best_step = min(evals) if evals else (None, None)
     train_losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
     summary = {
         "run_name": recipe.run_name,
@@ -265,12 +287,15 @@ def _train_and_save(recipe, run, trainable, tokenizer, data, started, checkpoint
         "mean_train_loss": output.training_loss,
         "eval_loss_before": baseline["eval_loss"],
         "final_eval_loss": eval_after,
+        "best_eval_loss": best_loss,
+        "best_eval_step": best_step,
+        "loss_curve": curve.name if curve else None,
         "skipped_steps": trainer.skipped_steps,
         "supervised_tokens": trainer.supervised_tokens,
         "train_seconds": round(train_seconds, 2),
         "wall_seconds": round(time.time() - started, 2),
         "supervised_tokens_per_second": round(trainer.supervised_tokens / max(train_seconds, 1e-9), 2),
-        "peak_memory_bytes": peak_memory_bytes(device),
+        "peak_memory_bytes": peak_memory_bytes(),
         "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process peak RSS",
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
         "trainable_params": trainable.trainable_params,

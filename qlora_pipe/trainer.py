@@ -170,8 +170,10 @@ class PipeTrainer(SFTTrainer):
             (p for p in root.iterdir() if step_of(p) >= 0 and (p / "checkpoint_complete.json").is_file()),
             key=step_of,
         )
+        best = self.state.best_global_step  # the best eval loss so far is never rotated away
         for old in complete[: -self.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
+            if step_of(old) != best:
+                shutil.rmtree(old, ignore_errors=True)
         for broken in (p for p in root.iterdir() if step_of(p) >= 0 and step_of(p) < step_of(newest_valid)):
             if not (broken / "checkpoint_complete.json").is_file():
                 shutil.rmtree(broken, ignore_errors=True)

@@ -26,7 +26,7 @@ def train_losses(run: RunDir) -> list[float]:
 
 
 def test_training_lowers_loss_and_writes_a_complete_run(make_recipe):
-    recipe = make_recipe(max_steps=8)
+    recipe = make_recipe(max_steps=8, eval_steps=4, save_steps=4, save_total_limit=1)
     result = run_training(recipe)
     run = result.run_dir
     summary = json.loads(run.summary.read_text())
@@ -49,6 +49,14 @@ def test_training_lowers_loss_and_writes_a_complete_run(make_recipe):
     assert summary["supervised_tokens"] > 0 and summary["peak_memory_bytes"] > 0
     assert set(summary["versions"]) >= {"torch", "transformers", "peft", "bitsandbytes", "trl"}
     assert not list(run.root.glob(".*.tmp")) and not (run.root / ".adapter.tmp").exists()
+    # Seeing the run: loss curves, TensorBoard events, best eval tracking.
+    assert run.loss_curve.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and summary["loss_curve"] == "loss.png"
+    assert list(run.tensorboard.rglob("events.out.tfevents.*"))
+    evals = [json.loads(x) for x in run.metrics.read_text().splitlines() if "eval_loss" in x]
+    assert [e["step"] for e in evals] == [0, 4, 8, 8]  # before training, eval_steps, after training
+    best = min(evals, key=lambda e: e["eval_loss"])
+    assert (summary["best_eval_loss"], summary["best_eval_step"]) == (best["eval_loss"], best["step"])
+    assert (run.checkpoints / f"checkpoint-{best['step']}").is_dir()  # the best checkpoint survives rotation
 
 
 def test_same_seed_gives_same_losses(make_recipe):

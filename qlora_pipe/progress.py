@@ -1,0 +1,61 @@
+"""The training progress bar: step, loss, learning rate, trained tokens/s, ETA and peak memory."""
+
+from __future__ import annotations
+
+import resource
+import time
+
+import torch
+from tqdm.auto import tqdm
+from transformers import TrainerCallback
+
+
+def peak_memory_bytes() -> int:
+    """Peak accelerator memory on a GPU; the process's peak resident memory otherwise."""
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # ru_maxrss is in KiB on Linux
+
+
+class RunProgress(TrainerCallback):
+    """Replaces the trainer's bar (and its printed log dicts) with one line that says what matters."""
+
+    def __init__(self, trainer) -> None:
+        self.trainer = trainer
+        self.bar = None
+        self.started = 0.0
+        self.tokens_at_start = 0
+        self.last: dict[str, str] = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="training", unit="step")
+            self.started = time.time()
+            self.tokens_at_start = self.trainer.supervised_tokens
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is None:
+            return
+        elapsed = max(time.time() - self.started, 1e-9)
+        tokens = self.trainer.supervised_tokens - self.tokens_at_start
+        self.last["tok/s"] = f"{tokens / elapsed:,.0f}"
+        self.last["peak"] = f"{peak_memory_bytes() / 2**30:.2f}GiB"
+        self.bar.set_postfix(self.last, refresh=False)
+        self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.bar is None or not logs:
+            return
+        if "loss" in logs:
+            self.last["loss"] = f"{logs['loss']:.4f}"
+        if "learning_rate" in logs:
+            self.last["lr"] = f"{logs['learning_rate']:.2e}"
+        if "eval_loss" in logs:
+            self.last["eval"] = f"{logs['eval_loss']:.4f}"
+            self.bar.write(f"step {state.global_step}: eval loss {logs['eval_loss']:.4f}")
+        self.bar.set_postfix(self.last)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
