@@ -138,7 +138,13 @@ class DataSection(Section):
 class TrainingSection(Section):
     max_steps: int = Field(-1, ge=-1, description="Optimizer steps to run; -1 means run num_epochs.")
     num_epochs: float = Field(1.0, gt=0, description="Passes over the training data (when max_steps is -1).")
-    micro_batch_size: int = Field(1, ge=1, description="Sequences per forward pass (per device).")
+    micro_batch_size: int | Literal["auto"] = Field(
+        1, description="Sequences per forward pass (per device); 'auto' finds the largest that fits."
+    )
+    auto_micro_batch_start: int = Field(16, ge=1, description="First size 'auto' tries, halving on OOM.")
+    effective_batch_size: int | None = Field(
+        None, ge=1, description="With micro_batch_size auto: sequences per optimizer step (default: accumulation)."
+    )
     gradient_accumulation_steps: int = Field(16, ge=1, description="Micro batches per optimizer step.")
     learning_rate: float = Field(2e-4, gt=0, lt=1, description="Peak learning rate of the LoRA weights.")
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
@@ -167,6 +173,13 @@ class TrainingSection(Section):
         default_factory=list, description="Questions answered (greedy) before and after training, side by side."
     )
     preview_max_new_tokens: int = Field(64, ge=1, description="Tokens generated per preview answer.")
+
+    @field_validator("micro_batch_size")
+    @classmethod
+    def _positive(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("must be at least 1, or 'auto'")
+        return value
 
 
 class ExportSection(Section):

@@ -14,7 +14,13 @@ from qlora_pipe.runs import RunDir
 
 # Changing these changes what is being trained or the order it is seen in: refuse to resume.
 BINDING = ("model", "quantization", "lora", "data", "seed")
-BINDING_TRAINING = ("micro_batch_size", "gradient_accumulation_steps", "optimizer", "precision")
+BINDING_TRAINING = (
+    "micro_batch_size",
+    "gradient_accumulation_steps",
+    "effective_batch_size",
+    "optimizer",
+    "precision",
+)
 HARMLESS_DATA = ("num_proc", "cache_dir")
 
 

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from qlora_pipe.autobatch import BatchChoice, choose_batch
 from qlora_pipe.checkpoints import latest_valid_checkpoint, read_marker, step_of
 from qlora_pipe.data import PreparedData, prepare_data
 from qlora_pipe.errors import Interrupted, UserError
@@ -47,7 +48,7 @@ class TrainResult:
     tokenizer: Any = None
 
 
-def sft_config(recipe: Recipe, run: RunDir, device: torch.device):
+def sft_config(recipe: Recipe, run: RunDir, device: torch.device, batch: BatchChoice):
     """The one place where recipe names become TRL/transformers argument names."""
     from trl import SFTConfig
 
@@ -65,9 +66,9 @@ def sft_config(recipe: Recipe, run: RunDir, device: torch.device):
         data_seed=recipe.seed,
         max_steps=t.max_steps,
         num_train_epochs=t.num_epochs,
-        per_device_train_batch_size=t.micro_batch_size,
-        per_device_eval_batch_size=t.micro_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        per_device_train_batch_size=batch.micro_batch_size,
+        per_device_eval_batch_size=batch.micro_batch_size,
+        gradient_accumulation_steps=batch.gradient_accumulation_steps,
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler,
         warmup_steps=t.warmup_ratio,  # a float below 1 is a fraction of the total steps
@@ -122,7 +123,7 @@ def check_trackers(recipe: Recipe) -> None:
             raise UserError(f"training.report_to: {tracker} is not installed (pip install {modules[tracker]})")
 
 
-def build_trainer(recipe: Recipe, run: RunDir, model, tokenizer, data: PreparedData, callbacks=()):
+def build_trainer(recipe: Recipe, run: RunDir, model, tokenizer, data: PreparedData, callbacks=(), batch=None):
     from transformers.integrations import TensorBoardCallback
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -131,7 +132,7 @@ def build_trainer(recipe: Recipe, run: RunDir, model, tokenizer, data: PreparedD
 
     trainer = PipeTrainer(
         model=model,
-        args=sft_config(recipe, run, training_device()),
+        args=sft_config(recipe, run, training_device(), batch or choose_batch(recipe, run, model)),
         train_dataset=data.train,
         eval_dataset=data.eval,
         processing_class=tokenizer,
@@ -193,9 +194,10 @@ def run_training(
         truncate_metrics(run, step_of(checkpoint))
         log.info("resuming from %s", checkpoint)
     run.set_status("running", started=started, resumed_from=str(checkpoint) if checkpoint else None)
+    batch = choose_batch(recipe, run, trainable.model)
     write_json_atomic(run.data_report, [r.as_dict() for r in data.reports])
     try:
-        summary = _train_and_save(recipe, run, trainable, tokenizer, data, started, checkpoint, callbacks)
+        summary = _train_and_save(recipe, run, trainable, tokenizer, data, started, checkpoint, callbacks, batch)
     except Interrupted as exc:
         run.set_status("interrupted", step=exc.step, signal=exc.signal_name)
         raise
@@ -236,12 +238,12 @@ def _baseline(recipe, run, model, tokenizer, data, trainer) -> dict[str, Any]:
     return baseline
 
 
-def _train_and_save(recipe, run, trainable, tokenizer, data, started, checkpoint, callbacks) -> dict[str, Any]:
+def _train_and_save(recipe, run, trainable, tokenizer, data, started, checkpoint, callbacks, batch) -> dict[str, Any]:
     device = training_device()
     model = trainable.model
     prompts = recipe.training.preview_prompts
     with graceful_stop() as stop:
-        trainer = build_trainer(recipe, run, model, tokenizer, data, (StopAtStepBoundary(stop), *callbacks))
+        trainer = build_trainer(recipe, run, model, tokenizer, data, (StopAtStepBoundary(stop), *callbacks), batch)
         baseline = _baseline(recipe, run, model, tokenizer, data, trainer)
         if checkpoint is not None:
             marker = read_marker(checkpoint)
@@ -291,6 +293,8 @@ def _train_and_save(recipe, run, trainable, tokenizer, data, started, checkpoint
         "best_eval_step": best_step,
         "loss_curve": curve.name if curve else None,
         "skipped_steps": trainer.skipped_steps,
+        "micro_batch_size": batch.micro_batch_size,
+        "gradient_accumulation_steps": batch.gradient_accumulation_steps,
         "supervised_tokens": trainer.supervised_tokens,
         "train_seconds": round(train_seconds, 2),
         "wall_seconds": round(time.time() - started, 2),
