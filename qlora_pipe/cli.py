@@ -72,6 +72,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise UserError("--resume and --overwrite contradict each other; choose one")
     result = run_training(recipe, overwrite=args.overwrite, resume=args.resume)
     s = result.summary
+    if not s:  # not the first process of a multi-process launch
+        return 0
     eval_part = ""
     if s["final_eval_loss"] is not None:
         eval_part = f"eval loss {s['eval_loss_before']:.4f} -> {s['final_eval_loss']:.4f}, "
@@ -134,8 +136,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.debug:
         # transformers 5 renames gradient checkpointing; PEFT still calls the old names. Not actionable.
         warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated", category=FutureWarning)
+    from qlora_pipe.dist import is_main_process
+
+    quiet = not is_main_process()  # under torchrun, one process speaks for the run
     logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.INFO,
+        level=logging.DEBUG if args.debug else (logging.WARNING if quiet else logging.INFO),
         format="%(levelname)s %(name)s: %(message)s" if args.debug else "%(message)s",
     )
     try:

@@ -16,6 +16,7 @@ from typing import Any
 
 from qlora_pipe.data_cache import data_fingerprint, load_cached, save_cached
 from qlora_pipe.data_report import SplitReport
+from qlora_pipe.dist import is_main_process
 from qlora_pipe.errors import UserError
 from qlora_pipe.recipe import DataSection, SourceSection
 from qlora_pipe.sources import detect_format, draw, read_source, rename_columns, to_example
@@ -205,5 +206,6 @@ def prepare_data(data: DataSection, tokenizer, seed: int = 42) -> PreparedData:
     prepared = PreparedData(train_ds, eval_ds, reports, system, fingerprint)
     for report in reports:
         log.info("data: %s", report.line())
-    save_cached(data, prepared)
+    if is_main_process():  # one writer for the shared cache
+        save_cached(data, prepared)
     return prepared

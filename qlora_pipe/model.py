@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from qlora_pipe.dist import local_rank, sharded_launch
 from qlora_pipe.errors import UserError
 from qlora_pipe.recipe import Recipe
 from qlora_pipe.templates import select_chat_template
@@ -32,7 +33,8 @@ class TrainableModel:
 
 
 def training_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    """This process's device: its own GPU under a multi-process launch, else cuda or cpu."""
+    return torch.device(f"cuda:{local_rank()}") if torch.cuda.is_available() else torch.device("cpu")
 
 
 def _looks_local(name: str) -> bool:
@@ -106,6 +108,7 @@ def load_base_model(recipe: Recipe, device: torch.device | None = None) -> nn.Mo
     from transformers import AutoModelForCausalLM
 
     check_model_source(recipe)
+    check_sharded_quantization(recipe)
     device = device or training_device()
     name = recipe.model.name_or_path
     dtype = DTYPES[recipe.quantization.compute_dtype]
@@ -116,13 +119,24 @@ def load_base_model(recipe: Recipe, device: torch.device | None = None) -> nn.Mo
             trust_remote_code=recipe.model.trust_remote_code,
             quantization_config=quantization_config(recipe),
             dtype=dtype,
-            device_map={"": device},
+            # Sharded launches (FSDP, ZeRO-3) place the weights themselves; otherwise one device per process.
+            device_map=None if sharded_launch() else {"": device},
             attn_implementation=recipe.model.attn_implementation,
         )
     except OSError as exc:
         raise UserError(f"model.name_or_path: cannot load {name!r}: {exc}") from exc
     keep_plain_nf4_on_cpu(model)
     return model
+
+
+def check_sharded_quantization(recipe: Recipe) -> None:
+    """FSDP can only shard 4-bit weights stored in the same float dtype as the rest of the model."""
+    q = recipe.quantization
+    if sharded_launch() == "fsdp" and q.enabled and q.quant_storage != q.compute_dtype:
+        raise UserError(
+            f"quantization.quant_storage: FSDP with 4-bit weights needs quant_storage = compute_dtype "
+            f"({q.compute_dtype}), got {q.quant_storage}"
+        )
 
 
 def keep_plain_nf4_on_cpu(model: nn.Module) -> None:

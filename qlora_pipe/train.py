@@ -24,6 +24,7 @@ from transformers import TrainerCallback
 from qlora_pipe.autobatch import BatchChoice, choose_batch
 from qlora_pipe.checkpoints import latest_valid_checkpoint, read_marker, step_of
 from qlora_pipe.data import PreparedData, prepare_data
+from qlora_pipe.dist import is_main_process, world_size
 from qlora_pipe.errors import Interrupted, UserError
 from qlora_pipe.model import load_tokenizer, load_trainable_model, training_device
 from qlora_pipe.plots import plot_losses
@@ -48,7 +49,7 @@ class TrainResult:
     tokenizer: Any = None
 
 
-def sft_config(recipe: Recipe, run: RunDir, device: torch.device, batch: BatchChoice):
+def sft_config(recipe: Recipe, run: RunDir, device: torch.device, batch: BatchChoice, resuming: bool = False):
     """The one place where recipe names become TRL/transformers argument names."""
     from trl import SFTConfig
 
@@ -82,6 +83,9 @@ def sft_config(recipe: Recipe, run: RunDir, device: torch.device, batch: BatchCh
         logging_steps=t.logging_steps,
         logging_first_step=True,
         eval_strategy="steps" if evaluating else "no",
+        # The "before" eval runs inside train(), after the model is wrapped for DDP: a trainer.evaluate()
+        # before train() marks the model as prepared and DDP would then silently never wrap it.
+        eval_on_start=recipe.data.has_eval() and not resuming,
         eval_steps=t.eval_steps if evaluating else None,
         save_strategy="steps",
         save_steps=t.save_steps,
@@ -123,7 +127,9 @@ def check_trackers(recipe: Recipe) -> None:
             raise UserError(f"training.report_to: {tracker} is not installed (pip install {modules[tracker]})")
 
 
-def build_trainer(recipe: Recipe, run: RunDir, model, tokenizer, data: PreparedData, callbacks=(), batch=None):
+def build_trainer(
+    recipe: Recipe, run: RunDir, model, tokenizer, data: PreparedData, callbacks=(), batch=None, resuming=False
+):
     from transformers.integrations import TensorBoardCallback
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -132,7 +138,7 @@ def build_trainer(recipe: Recipe, run: RunDir, model, tokenizer, data: PreparedD
 
     trainer = PipeTrainer(
         model=model,
-        args=sft_config(recipe, run, training_device(), batch or choose_batch(recipe, run, model)),
+        args=sft_config(recipe, run, training_device(), batch or choose_batch(recipe, run, model), resuming),
         train_dataset=data.train,
         eval_dataset=data.eval,
         processing_class=tokenizer,
@@ -172,12 +178,15 @@ def run_training(
     from transformers import set_seed
 
     started = time.time()
+    main = is_main_process()
+    if world_size() > 1 and recipe.training.micro_batch_size == "auto":
+        raise UserError("training.micro_batch_size: 'auto' probes one device; with several processes give a number")
     run = RunDir(recipe.run_dir())
     checkpoint = None
     if resume:  # before any expensive loading
         check_resumable(recipe, run)
         checkpoint = resolve_checkpoint(run, resume if isinstance(resume, str) else None)
-    else:
+    elif main:
         run.check_available(overwrite=overwrite)
     check_trackers(recipe)
     set_seed(recipe.seed)
@@ -186,23 +195,27 @@ def run_training(
     set_seed(recipe.seed)
     _, trainable = load_trainable_model(recipe, tokenizer)
 
-    if checkpoint is None:
-        run.prepare(overwrite=overwrite)
-        write_text_atomic(run.resolved_recipe, recipe.dump_yaml())
-    else:
+    if checkpoint is not None:
         check_trainable_count(checkpoint, trainable.trainable_params)
-        truncate_metrics(run, step_of(checkpoint))
         log.info("resuming from %s", checkpoint)
-    run.set_status("running", started=started, resumed_from=str(checkpoint) if checkpoint else None)
+    if main:  # only the first process writes the run's files
+        if checkpoint is None:
+            run.prepare(overwrite=overwrite)
+            write_text_atomic(run.resolved_recipe, recipe.dump_yaml())
+        else:
+            truncate_metrics(run, step_of(checkpoint))
+        run.set_status("running", started=started, resumed_from=str(checkpoint) if checkpoint else None)
+        write_json_atomic(run.data_report, [r.as_dict() for r in data.reports])
     batch = choose_batch(recipe, run, trainable.model)
-    write_json_atomic(run.data_report, [r.as_dict() for r in data.reports])
     try:
         summary = _train_and_save(recipe, run, trainable, tokenizer, data, started, checkpoint, callbacks, batch)
     except Interrupted as exc:
-        run.set_status("interrupted", step=exc.step, signal=exc.signal_name)
+        if main:
+            run.set_status("interrupted", step=exc.step, signal=exc.signal_name)
         raise
     except BaseException as exc:
-        run.set_status("failed", error=f"{type(exc).__name__}: {exc}")
+        if main:
+            run.set_status("failed", error=f"{type(exc).__name__}: {exc}")
         raise
     return TrainResult(run, summary, trainable.model, tokenizer)
 
@@ -223,19 +236,25 @@ def truncate_metrics(run: RunDir, step: int) -> None:
     write_text_atomic(run.metrics, "".join(row + "\n" for row in rows))
 
 
-def _baseline(recipe, run, model, tokenizer, data, trainer) -> dict[str, Any]:
-    """Eval loss and preview answers before training; computed once and kept for resumed runs."""
+def _answers_before(recipe, run, model, tokenizer, data, resuming: bool) -> list[str]:
+    """Preview answers of the untrained model; generated once (first process) and kept for resumed runs."""
     path = run.root / "baseline.json"
-    if path.is_file():
-        return json.loads(path.read_text())
+    if resuming and path.is_file():
+        return json.loads(path.read_text())["answers"]
     prompts = recipe.training.preview_prompts
-    max_new = recipe.training.preview_max_new_tokens
-    baseline = {
-        "eval_loss": trainer.evaluate()["eval_loss"] if data.eval is not None else None,
-        "answers": generate_answers(model, tokenizer, prompts, data.system_prompt, max_new) if prompts else [],
-    }
-    write_json_atomic(path, baseline)
-    return baseline
+    if not prompts or not is_main_process():
+        return []
+    answers = generate_answers(model, tokenizer, prompts, data.system_prompt, recipe.training.preview_max_new_tokens)
+    write_json_atomic(path, {"answers": answers})
+    return answers
+
+
+def eval_loss_before(run: RunDir) -> float | None:
+    """The evaluation at step 0 (eval_on_start), as recorded in metrics.jsonl (survives resumes)."""
+    if not run.metrics.is_file():
+        return None
+    rows = [json.loads(line) for line in run.metrics.read_text().splitlines()]
+    return next((r["eval_loss"] for r in rows if r.get("step") == 0 and "eval_loss" in r), None)
 
 
 def _train_and_save(recipe, run, trainable, tokenizer, data, started, checkpoint, callbacks, batch) -> dict[str, Any]:
@@ -243,11 +262,13 @@ def _train_and_save(recipe, run, trainable, tokenizer, data, started, checkpoint
     model = trainable.model
     prompts = recipe.training.preview_prompts
     with graceful_stop() as stop:
-        trainer = build_trainer(recipe, run, model, tokenizer, data, (StopAtStepBoundary(stop), *callbacks), batch)
-        baseline = _baseline(recipe, run, model, tokenizer, data, trainer)
+        callbacks = (StopAtStepBoundary(stop), *callbacks)
+        trainer = build_trainer(recipe, run, model, tokenizer, data, callbacks, batch, resuming=checkpoint is not None)
+        before = _answers_before(recipe, run, model, tokenizer, data, resuming=checkpoint is not None)
         if checkpoint is not None:
             marker = read_marker(checkpoint)
-            trainer.supervised_tokens = marker.get("supervised_tokens", 0)
+            # The marker holds the count of all processes; the first one carries it forward.
+            trainer.supervised_tokens = marker.get("supervised_tokens", 0) if is_main_process() else 0
             trainer.skipped_steps = marker.get("skipped_steps", 0)
         train_started = time.time()
         output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
@@ -265,10 +286,13 @@ def _train_and_save(recipe, run, trainable, tokenizer, data, started, checkpoint
             stop.signal_name,
         )
     eval_after = trainer.evaluate()["eval_loss"] if data.eval is not None else None
+    supervised_tokens = trainer.total_supervised_tokens()  # a collective: every process calls it
+    if not is_main_process():
+        return {}
 
     after = generate_answers(model, tokenizer, prompts, data.system_prompt, recipe.training.preview_max_new_tokens)
     if prompts:
-        pairs = zip(prompts, baseline["answers"], after, strict=True)
+        pairs = zip(prompts, before, after, strict=True)
         rows = [{"prompt": p, "before": b, "after": a} for p, b, a in pairs]
         write_json_atomic(run.preview, rows)
         print_preview(rows)
@@ -287,7 +311,7 @@ def _train_and_save(recipe, run, trainable, tokenizer, data, started, checkpoint
         "first_train_loss": train_losses[0] if train_losses else None,
         "final_train_loss": train_losses[-1] if train_losses else None,
         "mean_train_loss": output.training_loss,
-        "eval_loss_before": baseline["eval_loss"],
+        "eval_loss_before": eval_loss_before(run),
         "final_eval_loss": eval_after,
         "best_eval_loss": best_loss,
         "best_eval_step": best_step,
@@ -295,10 +319,11 @@ def _train_and_save(recipe, run, trainable, tokenizer, data, started, checkpoint
         "skipped_steps": trainer.skipped_steps,
         "micro_batch_size": batch.micro_batch_size,
         "gradient_accumulation_steps": batch.gradient_accumulation_steps,
-        "supervised_tokens": trainer.supervised_tokens,
+        "supervised_tokens": supervised_tokens,
+        "processes": world_size(),
         "train_seconds": round(train_seconds, 2),
         "wall_seconds": round(time.time() - started, 2),
-        "supervised_tokens_per_second": round(trainer.supervised_tokens / max(train_seconds, 1e-9), 2),
+        "supervised_tokens_per_second": round(supervised_tokens / max(train_seconds, 1e-9), 2),
         "peak_memory_bytes": peak_memory_bytes(),
         "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process peak RSS",
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",

@@ -141,16 +141,24 @@ class PipeTrainer(SFTTrainer):
     def _save_checkpoint(self, model, trial):
         checkpoint = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
         previous = latest_valid_checkpoint(Path(self.args.output_dir))
+        supervised = self.total_supervised_tokens()  # a collective: before any process-0-only branch
         try:
             super()._save_checkpoint(model, trial)
             if self.args.should_save:
-                write_marker(checkpoint, self.marker_fields())
+                write_marker(checkpoint, {**self.marker_fields(), "supervised_tokens": supervised})
         except OSError as exc:
             shutil.rmtree(checkpoint, ignore_errors=True)
             kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
             raise CheckpointWriteError(f"could not write checkpoint {checkpoint}: {exc}; {kept}") from exc
         if self.args.should_save:
             self.rotate_checkpoints()
+
+    def total_supervised_tokens(self) -> int:
+        """Trained tokens of all processes together."""
+        if self.accelerator.num_processes == 1:
+            return self.supervised_tokens
+        count = torch.tensor(self.supervised_tokens, device=self.accelerator.device)
+        return int(self.accelerator.reduce(count, reduction="sum").item())
 
     def marker_fields(self) -> dict[str, Any]:
         return {
