@@ -130,11 +130,12 @@ def load_base_model(recipe: Recipe, device: torch.device | None = None) -> nn.Mo
 
 
 def check_sharded_quantization(recipe: Recipe) -> None:
-    """FSDP can only shard 4-bit weights stored in the same float dtype as the rest of the model."""
+    """FSDP and ZeRO-3 can only shard 4-bit weights stored in the same float dtype as the rest of the model."""
     q = recipe.quantization
-    if sharded_launch() == "fsdp" and q.enabled and q.quant_storage != q.compute_dtype:
+    launch = sharded_launch()
+    if launch and q.enabled and q.quant_storage != q.compute_dtype:
         raise UserError(
-            f"quantization.quant_storage: FSDP with 4-bit weights needs quant_storage = compute_dtype "
+            f"quantization.quant_storage: {launch} with 4-bit weights needs quant_storage = compute_dtype "
             f"({q.compute_dtype}), got {q.quant_storage}"
         )
 
