@@ -14,15 +14,24 @@ from qlora_pipe.recipe import Recipe, load_recipe
 __version__ = "0.1.0"
 
 
-def train(recipe: "Recipe | str", overrides: list[str] | None = None, overwrite: bool = False):
-    """Run the training stage on a recipe object or a recipe path; returns a ``TrainResult``."""
+def train(
+    recipe: "Recipe | str",
+    overrides: list[str] | None = None,
+    overwrite: bool = False,
+    resume: bool | str = False,
+    callbacks: tuple = (),
+):
+    """Run the training stage on a recipe object or a recipe path; returns a ``TrainResult``.
+
+    ``resume``: True (latest complete checkpoint) or a checkpoint path. ``callbacks``: extra
+    transformers ``TrainerCallback`` objects."""
     from qlora_pipe.train import run_training
 
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides=overrides)
     elif overrides:
         raise UserError("overrides apply to recipe paths; edit the Recipe object directly instead")
-    return run_training(recipe, overwrite=overwrite)
+    return run_training(recipe, overwrite=overwrite, resume=resume, callbacks=tuple(callbacks))
 
 
 __all__ = ["Recipe", "UserError", "__version__", "load_recipe", "train"]
