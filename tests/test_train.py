@@ -135,3 +135,13 @@ def test_malformed_data_line_is_named(tiny_model_dir, tmp_path):
     result = cli("train", str(path), cwd=tmp_path)
     assert result.returncode == 2
     assert f"{bad}:2: invalid JSON" in result.stderr
+
+
+def test_python_api_takes_a_recipe_path_with_overrides(tiny_model_dir, tmp_path):
+    import qlora_pipe
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe_dict(tiny_model_dir, tmp_path / "runs")))
+    result = qlora_pipe.train(str(path), overrides=["training.max_steps=2", "run_name=api"])
+    assert result.summary["steps"] == 2 and result.run_dir.root == tmp_path / "runs" / "api"
+    assert result.model is not None and result.tokenizer is not None
