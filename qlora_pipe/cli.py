@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from qlora_pipe.recipe import load_recipe
-    from qlora_pipe.train import run_training
+    from qlora_pipe.training import run_training
 
     recipe = load_recipe(args.recipe, overrides=args.overrides)
     if args.resume and args.overwrite:

@@ -10,7 +10,7 @@ import torch
 from qlora_pipe import autobatch
 from qlora_pipe.autobatch import find_micro_batch
 from qlora_pipe.errors import UserError
-from qlora_pipe.train import run_training
+from qlora_pipe.training import run_training
 from tests.test_resume import CrashAtStep, SimulatedCrash
 
 

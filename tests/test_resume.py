@@ -21,8 +21,8 @@ from qlora_pipe.checkpoints import MARKER, checkpoint_problem, latest_valid_chec
 from qlora_pipe.errors import UserError
 from qlora_pipe.resume import resolve_checkpoint
 from qlora_pipe.runs import RunDir
-from qlora_pipe.train import run_training
 from qlora_pipe.trainer import CheckpointWriteError, TrainingAborted
+from qlora_pipe.training import run_training
 from tests.conftest import recipe_dict
 
 REPO = Path(__file__).resolve().parents[1]
