@@ -42,6 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue the run from its latest complete checkpoint, or from CHECKPOINT",
     )
 
+    export = commands.add_parser("export", help="merge a finished run's adapter into its base model")
+    export.add_argument("run_dir", nargs="?", help="run directory (default: the most recently finished run)")
+    export.add_argument("--out", help="output directory (default: RUN_DIR/merged)")
+    export.add_argument("--merge-base", choices=["dequantized", "original"], help="weights to merge into")
+    export.add_argument("--dtype", choices=["bfloat16", "float16"], help="dtype of the merged model")
+    export.add_argument("--max-shard-size", help="largest safetensors shard, e.g. 5GB")
+    export.add_argument("--no-verify", dest="verify", action="store_false", default=None, help="skip verification")
+
     data = commands.add_parser("data", help="check, tokenize and preview the data (loads the tokenizer only)")
     _add_recipe_args(data)
     data.add_argument("--preview", type=int, default=3, metavar="N", help="examples to show (default 3)")
@@ -80,6 +88,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(
         f"finished: {result.run_dir.root} ({s['steps']} steps, {eval_part}"
         f"{s['supervised_tokens']:,} supervised tokens in {s['train_seconds']:.0f}s)"
+    )
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from qlora_pipe.merged_model import export_merged
+
+    result = export_merged(args.run_dir, args.out, args.merge_base, args.dtype, args.max_shard_size, args.verify)
+    info = result.info
+    print(
+        f"exported: {result.out} ({info['merged']} merged, {info['dequantized']} dequantized from NF4, "
+        f"{info['bytes'] / 2**20:.1f} MiB {info['dtype']}, merge base {info['merge_base']})"
     )
     return 0
 
@@ -124,6 +144,7 @@ def cmd_build_quickstart_model(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {
+    "export": cmd_export,
     "data": cmd_data,
     "train": cmd_train,
     "validate": cmd_validate,

@@ -1,0 +1,124 @@
+"""`qlora-pipe export`: a finished run -> a deployable merged model directory, verified."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qlora_pipe.errors import UserError
+from qlora_pipe.export import DTYPES, base_checkpoint_dir, merge_stream, parse_size
+from qlora_pipe.recipe import load_recipe
+from qlora_pipe.runs import RunDir, latest_finished_run, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+EXPORT_INFO = "export_info.json"
+FIDELITY = "fidelity.json"
+
+
+@dataclass
+class ExportResult:
+    out: Path
+    info: dict[str, Any]
+    fidelity: dict[str, Any] | None
+
+
+def write_configs(base: Path, folder: Path, dtype_name: str, tokenizer, untied: list[str]) -> None:
+    """config.json in the export dtype without quantization; generation config stopping at end of turn."""
+    config = json.loads((base / "config.json").read_text())
+    config.pop("quantization_config", None)
+    config["torch_dtype"] = dtype_name
+    config["dtype"] = dtype_name
+    if untied:
+        config["tie_word_embeddings"] = False
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+    generation_path = base / "generation_config.json"
+    generation = json.loads(generation_path.read_text()) if generation_path.is_file() else {}
+    eos = generation.get("eos_token_id", config.get("eos_token_id"))
+    eos_ids = [e for e in ([eos] if isinstance(eos, int) else list(eos or [])) if e is not None]
+    if tokenizer.eos_token_id not in eos_ids:  # the end-of-turn token the model was trained to emit
+        eos_ids.insert(0, tokenizer.eos_token_id)
+    generation["eos_token_id"] = eos_ids[0] if len(eos_ids) == 1 else eos_ids
+    generation["pad_token_id"] = tokenizer.pad_token_id
+    generation.setdefault("bos_token_id", config.get("bos_token_id"))
+    (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+
+
+def resolve_run(run_dir: str | Path | None, output_dir: str = "runs") -> RunDir:
+    if run_dir is None:
+        run = latest_finished_run(output_dir)
+        log.info("exporting the most recently finished run: %s", run.root)
+        return run
+    run = RunDir(Path(run_dir))
+    if not run.root.is_dir():
+        raise UserError(f"run directory not found: {run.root}")
+    if not run.is_finished():
+        raise UserError(f"{run.root} is not a finished run (no summary.json); finish or resume training first")
+    return run
+
+
+def export_merged(
+    run_dir: str | Path | None = None,
+    out: str | Path | None = None,
+    merge_base: str | None = None,
+    dtype: str | None = None,
+    max_shard_size: str | None = None,
+    verify: bool | None = None,
+) -> ExportResult:
+    """Merge a finished run's adapter into its base and write (and by default verify) the result."""
+    from transformers import AutoTokenizer
+
+    started = time.time()
+    run = resolve_run(run_dir)
+    recipe = load_recipe(run.resolved_recipe)
+    settings = recipe.export
+    merge_base = merge_base or settings.merge_base
+    dtype_name = dtype or settings.dtype
+    verify = settings.verify if verify is None else verify
+    max_bytes = parse_size(max_shard_size or settings.max_shard_size)
+    out = Path(out) if out else run.root / "merged"
+    base = base_checkpoint_dir(recipe)
+
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        merged = merge_stream(recipe, run, base, partial, merge_base, DTYPES[dtype_name], max_bytes)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)  # nothing half-written is left behind
+        raise
+    tokenizer = AutoTokenizer.from_pretrained(run.root)  # with the chat template used in training
+    tokenizer.save_pretrained(partial)
+    write_configs(base, partial, dtype_name, tokenizer, merged["untied"])
+    info = {
+        "run": str(run.root),
+        "base_model": recipe.model.name_or_path,
+        "merge_base": merge_base,
+        "dtype": dtype_name,
+        "quantization": recipe.quantization.model_dump(),
+        **merged,
+        "seconds": round(time.time() - started, 2),
+    }
+    write_json_atomic(partial / EXPORT_INFO, info)
+    fidelity = None
+    if verify:
+        from qlora_pipe.fidelity import fidelity_table, verify_merged
+
+        fidelity = verify_merged(recipe, run, partial, DTYPES[dtype_name])
+        fidelity["merge_base"] = merge_base
+        write_json_atomic(partial / FIDELITY, fidelity)
+        print(fidelity_table(fidelity))
+        if not fidelity["passed"]:
+            raise UserError(
+                f"export: the merged model does not reproduce the trained model (see {partial / FIDELITY}); "
+                "it was left in that .partial folder"
+            )
+    shutil.rmtree(out, ignore_errors=True)
+    partial.rename(out)  # only a complete (and, by default, verified) export gets the final name
+    return ExportResult(out, info, fidelity)
