@@ -149,21 +149,19 @@ def nf4_roundtrip(weight: torch.Tensor, recipe: Recipe, transposed: bool) -> tor
     return restored.T if transposed else restored
 
 
-def merge_tensor(base: torch.Tensor, lora: LoraWeights | None, fan_in_fan_out: bool) -> torch.Tensor:
-    """W + scale * B @ A in fp32 (DoRA: rescaled per output row to the learned magnitude)."""
-    merged = base.float()
+def merge_tensor(base: torch.Tensor, lora: LoraWeights | None, transposed: bool) -> torch.Tensor:
+    """W + scale * B @ A in fp32 (DoRA: rescaled per output row to the learned magnitude).
+
+    ``transposed``: the checkpoint stores this weight as (in, out) (GPT-2 Conv1D), while B @ A is
+    (out, in) whether PEFT adapted the Conv1D itself or the (out, in) 4-bit layer that replaced it."""
+    oriented = base.float().T if transposed else base.float()
     if lora is None:
-        return merged
-    delta = lora.scale * (lora.b.float() @ lora.a.float())
-    if fan_in_fan_out:
-        delta = delta.T
-    merged = merged + delta
+        return base.float()
+    merged = oriented + lora.scale * (lora.b.float() @ lora.a.float())
     if lora.magnitude is not None:
-        oriented = merged.T if fan_in_fan_out else merged
-        norm = oriented.norm(p=2, dim=1, keepdim=True)
-        oriented = oriented * (lora.magnitude.float().view(-1, 1) / norm)
-        merged = oriented.T if fan_in_fan_out else oriented
-    return merged
+        norm = merged.norm(p=2, dim=1, keepdim=True)
+        merged = merged * (lora.magnitude.float().view(-1, 1) / norm)
+    return merged.T if transposed else merged
 
 
 class ShardWriter:
@@ -227,10 +225,9 @@ def merge_stream(
     """Read base tensors one by one, merge, cast once, write shard by shard. Returns what was done."""
     from tqdm.auto import tqdm
 
-    deltas, replaced, adapter_config = load_lora(run)
+    deltas, replaced, _ = load_lora(run)
     quantized = quantized_weight_names(base, recipe) if merge_base == "dequantized" else set()
     transposed = conv1d_weight_names(base, recipe)
-    fan_in_fan_out = bool(adapter_config.get("fan_in_fan_out"))
     writer = ShardWriter(folder, max_bytes)
     counts = {"merged": 0, "dequantized": 0, "replaced": 0, "copied": 0}
     shards = base_shards(base)
@@ -248,7 +245,7 @@ def merge_stream(
                             tensor = nf4_roundtrip(tensor, recipe, transposed=name in transposed)
                             counts["dequantized"] += 1
                         lora = deltas.pop(name, None)
-                        out = merge_tensor(tensor, lora, fan_in_fan_out) if tensor.is_floating_point() else tensor
+                        out = merge_tensor(tensor, lora, name in transposed) if tensor.is_floating_point() else tensor
                         kind = "merged" if lora else "copied"
                     if out.is_floating_point():
                         if not torch.isfinite(out).all():

@@ -20,12 +20,14 @@ from qlora_pipe.runs import RunDir
 log = logging.getLogger(__name__)
 
 # Pass criteria. The reference computes in the run's compute dtype (bf16 by default) and a bf16/fp16
-# export rounds every merged weight once, so logits differ in the low bits and near-tied greedy
-# tokens can flip. Measured on the quickstart run: loss change 0.06%, top-1 agreement 97.9% for a
-# bf16 export (99.3% even for an fp32 export, whose only difference is the bf16 arithmetic of the
-# reference). A wrong merge (e.g. into the wrong base, or a missing delta) is far outside these.
-MIN_TOP1_AGREEMENT = 0.95
+# export rounds every merged weight once, so logits differ in the low bits. Measured on the
+# quickstart run: loss change 0.06%, mean logit difference 0.3% of the mean logit magnitude. Top-1
+# agreement is reported but not a criterion: on a flat distribution (a barely trained tiny model)
+# near-tied tokens flip under any rounding (97.9% on the quickstart, 99.3% even for an fp32 export,
+# whose only difference is the bf16 arithmetic of the reference). A wrong merge (into the wrong
+# base, a dropped delta) moves loss and logits far outside these bounds.
 MAX_RELATIVE_LOSS_CHANGE = 0.01
+MAX_RELATIVE_LOGIT_DIFF = 0.02
 
 
 @torch.no_grad()
@@ -58,16 +60,18 @@ def compare(reference, candidate, rows: list[dict[str, list[int]]]) -> dict[str,
         "trained_tokens_compared": total,
         "max_abs_logit_diff": max(d.max().item() for d in diffs),
         "mean_abs_logit_diff": sum(d.sum().item() for d in diffs) / sum(d.numel() for d in diffs),
+        "mean_abs_logit": sum(a.abs().sum().item() for a in ref_logits) / sum(a.numel() for a in ref_logits),
         "top1_agreement": agree / max(total, 1),
         "eval_loss_trained": ref_loss,
         "eval_loss_merged": new_loss,
     }
     relative = abs(new_loss - ref_loss) / max(abs(ref_loss), 1e-9)
     result["relative_loss_change"] = relative
-    result["passed"] = result["top1_agreement"] >= MIN_TOP1_AGREEMENT and relative <= MAX_RELATIVE_LOSS_CHANGE
+    result["relative_logit_diff"] = result["mean_abs_logit_diff"] / max(result["mean_abs_logit"], 1e-9)
+    result["passed"] = relative <= MAX_RELATIVE_LOSS_CHANGE and result["relative_logit_diff"] <= MAX_RELATIVE_LOGIT_DIFF
     result["criteria"] = {
-        "min_top1_agreement": MIN_TOP1_AGREEMENT,
         "max_relative_loss_change": MAX_RELATIVE_LOSS_CHANGE,
+        "max_relative_logit_diff": MAX_RELATIVE_LOGIT_DIFF,
     }
     return result
 
@@ -98,9 +102,10 @@ def fidelity_table(result: dict[str, Any]) -> str:
         f"({result['trained_tokens_compared']} answer tokens):",
         f"  eval loss   trained (4-bit + adapter) {result['eval_loss_trained']:.5f}   "
         f"merged {result['eval_loss_merged']:.5f}   (change {100 * result['relative_loss_change']:.3f}%)",
-        f"  top-1 agreement {100 * result['top1_agreement']:.2f}%   "
-        f"logit diff max {result['max_abs_logit_diff']:.4f}  mean {result['mean_abs_logit_diff']:.5f}",
-        f"  {'PASSED' if result['passed'] else 'FAILED'} (needs top-1 >= {100 * MIN_TOP1_AGREEMENT:.0f}% "
-        f"and loss change <= {100 * MAX_RELATIVE_LOSS_CHANGE:.0f}%)",
+        f"  logit diff max {result['max_abs_logit_diff']:.4f}  mean {result['mean_abs_logit_diff']:.5f} "
+        f"({100 * result['relative_logit_diff']:.2f}% of the mean logit)   "
+        f"top-1 agreement {100 * result['top1_agreement']:.2f}%",
+        f"  {'PASSED' if result['passed'] else 'FAILED'} (needs loss change <= {100 * MAX_RELATIVE_LOSS_CHANGE:.0f}% "
+        f"and mean logit diff <= {100 * MAX_RELATIVE_LOGIT_DIFF:.0f}% of the mean logit)",
     ]
     return "\n".join(lines)

@@ -58,7 +58,7 @@ def resolve_run(run_dir: str | Path | None, output_dir: str = "runs") -> RunDir:
     run = RunDir(Path(run_dir))
     if not run.root.is_dir():
         raise UserError(f"run directory not found: {run.root}")
-    if not run.is_finished():
+    if not run.summary.is_file():
         raise UserError(f"{run.root} is not a finished run (no summary.json); finish or resume training first")
     return run
 

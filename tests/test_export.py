@@ -1,0 +1,173 @@
+"""Export: merged weights equal dequant(NF4(W)) + scale*B@A, for several architectures; the result
+reloads with plain transformers, carries its tokenizer and configs, and passes verification."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from qlora_pipe.errors import UserError
+from qlora_pipe.merged_model import export_merged
+from qlora_pipe.quickstart_base import build_tokenizer
+from qlora_pipe.recipe import validate_recipe
+from qlora_pipe.training import run_training
+from tests.conftest import CORPUS, recipe_dict
+
+SMALL = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 2}
+ARCHITECTURES = {
+    "llama": {"model_type": "llama", "num_key_value_heads": 1, **SMALL},
+    "mistral": {"model_type": "mistral", "num_key_value_heads": 1, **SMALL},
+    "qwen2": {"model_type": "qwen2", "num_key_value_heads": 1, **SMALL},  # q/k/v biases
+    "gemma": {"model_type": "gemma", "num_key_value_heads": 1, "head_dim": 64, **SMALL},  # tied embeddings
+    "phi3": {"model_type": "phi3", "num_key_value_heads": 2, **SMALL},  # fused qkv_proj, gate_up_proj
+    "gpt2": {"model_type": "gpt2", "n_embd": 128, "n_layer": 2, "n_head": 2, "n_inner": 256},  # Conv1D
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tokenizer")
+    build_tokenizer(CORPUS.read_text(encoding="utf-8"), 512).save_pretrained(out)
+    return out
+
+
+def make_base(kind: str, tokenizer_dir: Path, out: Path) -> Path:
+    spec = dict(ARCHITECTURES[kind])
+    model_type = spec.pop("model_type")
+    ids = {"bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 3}  # the tokenizer's special tokens
+    config = AutoConfig.for_model(model_type, vocab_size=512, **ids, **spec)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # non-trivial biases, so a dropped bias would show
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(0, 0.02)
+    model.to(torch.bfloat16).save_pretrained(out)
+    for item in tokenizer_dir.iterdir():
+        shutil.copy(item, out / item.name)
+    return out
+
+
+def trained_run(kind: str, tokenizer_dir: Path, tmp_path: Path, **lora):
+    base = make_base(kind, tokenizer_dir, tmp_path / f"{kind}-base")
+    raw = recipe_dict(base, tmp_path / "runs", max_steps=3, learning_rate=2e-2, report_to=["none"])
+    raw["lora"].update({"target_modules": "all-linear", **lora})
+    raw["run_name"] = kind
+    recipe = validate_recipe(raw)
+    return recipe, run_training(recipe)
+
+
+def expected_weights(result, conv1d: bool) -> dict[str, torch.Tensor]:
+    """dequant(NF4(W)) from the model as loaded for training + scale * B @ A from the trained model, in fp32."""
+    expected = {}
+    for name, module in result.model.named_modules():
+        if hasattr(module, "get_delta_weight") and "default" in getattr(module, "lora_A", {}):
+            base = module.base_layer
+            weight = base.weight
+            if isinstance(base, bnb.nn.Linear4bit):
+                dense = bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float()
+            else:
+                dense = weight.float()
+            key = name.removeprefix("base_model.model.") + ".weight"
+            delta = module.scaling["default"] * (
+                module.lora_B["default"].weight.float() @ module.lora_A["default"].weight.float()
+            )
+            merged = dense + delta  # (out, in) as the 4-bit layer holds it
+            expected[key] = merged.T if conv1d else merged  # GPT-2 checkpoints store Conv1D weights (in, out)
+    return expected
+
+
+@pytest.mark.parametrize("kind", list(ARCHITECTURES))
+def test_merge_is_faithful_and_reloads_with_plain_transformers(kind, tokenizer_dir, tmp_path):
+    _, result = trained_run(kind, tokenizer_dir, tmp_path)
+    expected = expected_weights(result, conv1d=kind == "gpt2")
+    assert expected, "no LoRA layers found"
+
+    exact = export_merged(result.run_dir.root, tmp_path / "merged32", dtype="float32", verify=False)
+    with safe_open(str(exact.out / "model.safetensors"), framework="pt") as handle:
+        for key, value in expected.items():
+            torch.testing.assert_close(handle.get_tensor(key), value, atol=1e-5, rtol=1e-5)
+
+    exported = export_merged(result.run_dir.root)  # the defaults: bf16, verified
+    out = exported.out
+    assert out == result.run_dir.root / "merged" and exported.fidelity["passed"]
+    fidelity = json.loads((out / "fidelity.json").read_text())
+    assert fidelity["relative_loss_change"] <= 0.01 and fidelity["relative_logit_diff"] <= 0.02
+    config = json.loads((out / "config.json").read_text())
+    assert config["torch_dtype"] == "bfloat16" and "quantization_config" not in config
+    with safe_open(str(out / "model.safetensors"), framework="pt") as handle:
+        assert {handle.get_tensor(k).dtype for k in handle.keys()} == {torch.bfloat16}  # noqa: SIM118
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert tokenizer.chat_template == result.tokenizer.chat_template
+    generation = json.loads((out / "generation_config.json").read_text())
+    eos = generation["eos_token_id"]
+    assert tokenizer.eos_token_id in (eos if isinstance(eos, list) else [eos])
+
+    model = AutoModelForCausalLM.from_pretrained(out)  # plain transformers: no peft, no bitsandbytes
+    assert model.dtype == torch.bfloat16
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is a tort?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
+    generated = model.generate(**prompt, max_new_tokens=5, do_sample=False)
+    assert generated.shape[1] > prompt["input_ids"].shape[1]
+
+
+def test_rslora_dora_and_modules_to_save_are_merged(tokenizer_dir, tmp_path):
+    _, result = trained_run(
+        "llama", tokenizer_dir, tmp_path, use_rslora=True, use_dora=True, modules_to_save=["lm_head"]
+    )
+    exact = export_merged(result.run_dir.root, tmp_path / "merged32", dtype="float32", verify=False)
+    peft_model = result.model
+    with safe_open(str(exact.out / "model.safetensors"), framework="pt") as handle:
+        # DoRA: PEFT's own merge of the dequantized weight is the reference.
+        layer = peft_model.base_model.model.model.layers[0].self_attn.q_proj
+        dense = bnb.functional.dequantize_4bit(layer.base_layer.weight.data, layer.base_layer.weight.quant_state)
+        delta = layer.scaling["default"] * (
+            layer.lora_B["default"].weight.float() @ layer.lora_A["default"].weight.float()
+        )
+        combined = dense.float() + delta
+        norm = combined.norm(p=2, dim=1, keepdim=True)
+        magnitude = layer.lora_magnitude_vector["default"].weight.float().view(-1, 1)
+        torch.testing.assert_close(
+            handle.get_tensor("model.layers.0.self_attn.q_proj.weight"),
+            magnitude / norm * combined,
+            atol=1e-5,
+            rtol=1e-5,
+        )
+        trained_head = peft_model.base_model.model.lm_head.modules_to_save["default"].weight.float()
+        torch.testing.assert_close(handle.get_tensor("lm_head.weight"), trained_head)
+    assert json.loads(result.run_dir.adapter_config.read_text())["use_rslora"] is True
+    assert export_merged(result.run_dir.root).fidelity["passed"]
+
+
+def test_export_errors_leave_nothing_that_looks_complete(tokenizer_dir, tmp_path):
+    _, result = trained_run("llama", tokenizer_dir, tmp_path)
+    run = result.run_dir
+    weights = run.adapter_weights.read_bytes()
+    run.adapter_weights.write_bytes(weights[:100])
+    with pytest.raises(UserError, match="unreadable adapter"):
+        export_merged(run.root)
+    assert not (run.root / "merged").exists() and not (run.root / "merged.partial").exists()
+    run.adapter_weights.unlink()
+    with pytest.raises(UserError, match="no adapter"):
+        export_merged(run.root)
+    run.adapter_weights.write_bytes(weights)
+    shutil.rmtree(tmp_path / "llama-base")
+    with pytest.raises(UserError, match="base model not found"):
+        export_merged(run.root)
+    with pytest.raises(UserError, match="run directory not found"):
+        export_merged(tmp_path / "nope")
+    unfinished = tmp_path / "runs" / "unfinished"
+    unfinished.mkdir()
+    with pytest.raises(UserError, match="not a finished run"):
+        export_merged(unfinished)
