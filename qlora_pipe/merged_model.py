@@ -50,6 +50,32 @@ def write_configs(base: Path, folder: Path, dtype_name: str, tokenizer, untied: 
     (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
 
 
+def print_merged_answers(out: Path, recipe, dtype_name: str) -> None:
+    """A few answers from the merged model, loaded the way a user would: plain transformers."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qlora_pipe.preview import generate_answers
+
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=DTYPES[dtype_name])
+    system = _system_prompt(recipe)
+    prompts = recipe.training.preview_prompts
+    answers = generate_answers(model, tokenizer, prompts, system, recipe.training.preview_max_new_tokens)
+    print(f"\n=== answers from the merged model ({out}, plain transformers) ===")
+    for prompt, answer in zip(prompts, answers, strict=True):
+        print(f"\nQ: {prompt}\n  A: {answer!r}")
+    print()
+
+
+def _system_prompt(recipe) -> str | None:
+    """The system message the run trained with (from its preview record), if any."""
+    from qlora_pipe.sources import read_source
+
+    first = read_source(recipe.data.train_sources()[0])[:1]
+    messages = first[0].get("messages") if first else None
+    return messages[0]["content"] if messages and messages[0].get("role") == "system" else None
+
+
 def resolve_run(run_dir: str | Path | None, output_dir: str = "runs") -> RunDir:
     if run_dir is None:
         run = latest_finished_run(output_dir)
@@ -114,11 +140,16 @@ def export_merged(
         fidelity["merge_base"] = merge_base
         write_json_atomic(partial / FIDELITY, fidelity)
         print(fidelity_table(fidelity))
-        if not fidelity["passed"]:
+        if not fidelity["passed"] and merge_base == "original":
+            # The user asked for the 16-bit weights the adapter was not trained against: report, don't refuse.
+            log.warning("merge base 'original' differs from the trained model by the numbers above (expected)")
+        elif not fidelity["passed"]:
             raise UserError(
                 f"export: the merged model does not reproduce the trained model (see {partial / FIDELITY}); "
                 "it was left in that .partial folder"
             )
     shutil.rmtree(out, ignore_errors=True)
     partial.rename(out)  # only a complete (and, by default, verified) export gets the final name
+    if recipe.training.preview_prompts:
+        print_merged_answers(out, recipe, dtype_name)
     return ExportResult(out, info, fidelity)
