@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import platform
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -164,6 +165,17 @@ def merge_tensor(base: torch.Tensor, lora: LoraWeights | None, transposed: bool)
     return merged.T if transposed else merged
 
 
+def release_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps large freed blocks otherwise, and the
+    resident size would creep up to the model size over a long export)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name and platform.system() == "Linux":
+        ctypes.CDLL(name).malloc_trim(0)
+
+
 class ShardWriter:
     """Collects tensors until the shard is full, then writes it: one shard in memory at a time."""
 
@@ -189,6 +201,7 @@ class ShardWriter:
         save_file(self.pending, str(path), metadata={"format": "pt"})
         self.files.append((path, list(self.pending)))
         self.pending, self.pending_bytes = {}, 0
+        release_freed_memory()
 
     def finish(self) -> None:
         """Give the shards their final names, and write the index when there are several."""
@@ -245,7 +258,8 @@ def merge_stream(
                             tensor = nf4_roundtrip(tensor, recipe, transposed=name in transposed)
                             counts["dequantized"] += 1
                         lora = deltas.pop(name, None)
-                        out = merge_tensor(tensor, lora, name in transposed) if tensor.is_floating_point() else tensor
+                        # Untouched tensors (embeddings, norms, unadapted 16-bit layers) skip the fp32 round trip.
+                        out = merge_tensor(tensor, lora, name in transposed) if lora is not None else tensor
                         kind = "merged" if lora else "copied"
                     if out.is_floating_point():
                         if not torch.isfinite(out).all():

@@ -1,0 +1,126 @@
+"""Peak memory of our streaming export vs loading the base and calling PEFT's merge_and_unload.
+
+    python scripts/bench_export_memory.py [--hidden 2048 --layers 10]   (about 1.3 GB in bf16)
+
+Builds a Llama-shaped base with random weights and a random LoRA adapter (r=16 on every linear
+layer) in a temporary folder, lays out a finished run around them, then measures each side in
+its own process (peak RSS from the kernel): `qlora-pipe export --no-verify` (NF4-faithful,
+shard by shard) and the usual script (load bf16 base, PeftModel.from_pretrained,
+merge_and_unload, save_pretrained). Writes benchmarks/results/export-memory-<date>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+from datetime import date
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+PEFT_MERGE = """
+import sys, torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+base = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16)
+model = PeftModel.from_pretrained(base, sys.argv[2]).merge_and_unload()
+model.save_pretrained(sys.argv[3], max_shard_size="100MB")
+"""
+
+MEASURE = """
+import resource, subprocess, sys, time
+started = time.time()
+code = subprocess.call(sys.argv[1:])
+peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+print(f"{code} {peak} {time.time() - started:.1f}")
+"""
+
+
+def build(folder: Path, hidden: int, layers: int) -> tuple[Path, Path, int]:
+    import torch
+    import yaml
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    sys.path.insert(0, str(REPO))
+    from qlora_pipe.quickstart_base import build_tokenizer
+
+    base_dir, run_dir = folder / "base", folder / "runs" / "bench"
+    tokenizer = build_tokenizer((REPO / "data/legal-qa/corpus.txt").read_text(), 2048)
+    config = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=hidden,
+        intermediate_size=hidden * 11 // 4 // 64 * 64,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 128,
+        num_key_value_heads=hidden // 128,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    model.save_pretrained(base_dir, max_shard_size="200MB")
+    tokenizer.save_pretrained(base_dir)
+    lora = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False))
+    lora.save_pretrained(run_dir)
+    tokenizer.save_pretrained(run_dir)
+    recipe = {
+        "run_name": "bench",
+        "output_dir": str(folder / "runs"),
+        "model": {"name_or_path": str(base_dir)},
+        "data": {"train_path": str(REPO / "data/legal-qa/train.jsonl")},
+        "export": {"max_shard_size": "100MB"},
+    }
+    (run_dir / "recipe.resolved.yaml").write_text(yaml.safe_dump(recipe))
+    (run_dir / "summary.json").write_text("{}\n")
+    return base_dir, run_dir, size
+
+
+def measure(command: list[str]) -> tuple[int, float]:
+    out = subprocess.run([sys.executable, "-c", MEASURE, *command], capture_output=True, text=True, check=True)
+    code, peak, seconds = out.stdout.split()[-3:]
+    if int(code) != 0:
+        raise SystemExit(f"failed: {' '.join(command)}")
+    return int(peak), float(seconds)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--layers", type=int, default=10)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        base_dir, run_dir, size = build(folder, args.hidden, args.layers)
+        ours_peak, ours_s = measure(
+            [sys.executable, "-m", "qlora_pipe.cli", "export", str(run_dir), "--no-verify", "--out", str(folder / "m1")]
+        )
+        peft_peak, peft_s = measure([sys.executable, "-c", PEFT_MERGE, str(base_dir), str(run_dir), str(folder / "m2")])
+        idle_peak, _ = measure([sys.executable, "-c", "import torch, transformers, peft, bitsandbytes"])
+    result = {
+        "date": date.today().isoformat(),
+        "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPUs, no GPU",
+        "command": f"python scripts/bench_export_memory.py --hidden {args.hidden} --layers {args.layers}",
+        "model_bytes_bf16": size,
+        "ours_peak_rss_bytes": ours_peak,
+        "ours_seconds": ours_s,
+        "peft_merge_and_unload_peak_rss_bytes": peft_peak,
+        "peft_seconds": peft_s,
+        "libraries_only_peak_rss_bytes": idle_peak,
+    }
+    out = REPO / "benchmarks/results" / f"export-memory-{result['date']}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    gib = 2**30
+    print("| | peak RSS | time |\n|---|---|---|")
+    print(f"| model size (bf16) | {size / gib:.2f} GiB | |")
+    print(f"| importing the libraries only | {idle_peak / gib:.2f} GiB | |")
+    print(f"| qlora-pipe export (NF4-faithful, streaming) | {ours_peak / gib:.2f} GiB | {ours_s:.0f} s |")
+    print(f"| load + PEFT merge_and_unload + save | {peft_peak / gib:.2f} GiB | {peft_s:.0f} s |")
+    print(f"written: {out}")
+
+
+if __name__ == "__main__":
+    main()
