@@ -40,7 +40,7 @@ print(f"{code} {peak} {time.time() - started:.1f}")
 """
 
 
-def build(folder: Path, hidden: int, layers: int) -> tuple[Path, Path, int]:
+def build(folder: Path, hidden: int, layers: int, shard: str = "200MB") -> tuple[Path, Path, int]:
     import torch
     import yaml
     from peft import LoraConfig, get_peft_model
@@ -62,7 +62,7 @@ def build(folder: Path, hidden: int, layers: int) -> tuple[Path, Path, int]:
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).to(torch.bfloat16)
     size = sum(p.numel() * p.element_size() for p in model.parameters())
-    model.save_pretrained(base_dir, max_shard_size="200MB")
+    model.save_pretrained(base_dir, max_shard_size=shard)
     tokenizer.save_pretrained(base_dir)
     lora = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False))
     lora.save_pretrained(run_dir)
