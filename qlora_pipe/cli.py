@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--dtype", choices=["bfloat16", "float16"], help="dtype of the merged model")
     export.add_argument("--max-shard-size", help="largest safetensors shard, e.g. 5GB")
     export.add_argument("--no-verify", dest="verify", action="store_false", default=None, help="skip verification")
+    export.add_argument(
+        "--compare-original", action="store_true", help="also report the fidelity of a merge into the 16-bit weights"
+    )
 
     data = commands.add_parser("data", help="check, tokenize and preview the data (loads the tokenizer only)")
     _add_recipe_args(data)
@@ -95,7 +98,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from qlora_pipe.merged_model import export_merged
 
-    result = export_merged(args.run_dir, args.out, args.merge_base, args.dtype, args.max_shard_size, args.verify)
+    result = export_merged(
+        args.run_dir, args.out, args.merge_base, args.dtype, args.max_shard_size, args.verify, args.compare_original
+    )
     info = result.info
     print(
         f"exported: {result.out} ({info['merged']} merged, {info['dequantized']} dequantized from NF4, "

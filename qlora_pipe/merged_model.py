@@ -50,6 +50,21 @@ def write_configs(base: Path, folder: Path, dtype_name: str, tokenizer, untied: 
     (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
 
 
+def _original_fidelity(recipe, run: RunDir, base: Path, partial: Path, dtype_name: str, max_bytes: int) -> dict:
+    """The same verification for a merge into the original 16-bit weights (written aside, then removed)."""
+    from qlora_pipe.fidelity import verify_merged
+
+    aside = partial.with_name(partial.name + ".original")
+    shutil.rmtree(aside, ignore_errors=True)
+    aside.mkdir()
+    try:
+        merge_stream(recipe, run, base, aside, "original", DTYPES[dtype_name], max_bytes)
+        shutil.copy(partial / "config.json", aside / "config.json")
+        return verify_merged(recipe, run, aside, DTYPES[dtype_name])
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
 def print_merged_answers(out: Path, recipe, dtype_name: str) -> None:
     """A few answers from the merged model, loaded the way a user would: plain transformers."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -96,6 +111,7 @@ def export_merged(
     dtype: str | None = None,
     max_shard_size: str | None = None,
     verify: bool | None = None,
+    compare_original: bool = False,
 ) -> ExportResult:
     """Merge a finished run's adapter into its base and write (and by default verify) the result."""
     from transformers import AutoTokenizer
@@ -138,8 +154,13 @@ def export_merged(
 
         fidelity = verify_merged(recipe, run, partial, DTYPES[dtype_name])
         fidelity["merge_base"] = merge_base
+        if compare_original and merge_base == "dequantized":
+            fidelity["original_merge_base"] = _original_fidelity(recipe, run, base, partial, dtype_name, max_bytes)
         write_json_atomic(partial / FIDELITY, fidelity)
         print(fidelity_table(fidelity))
+        if "original_merge_base" in fidelity:
+            print("for comparison, merged into the original 16-bit weights:")
+            print(fidelity_table(fidelity["original_merge_base"]))
         if not fidelity["passed"] and merge_base == "original":
             # The user asked for the 16-bit weights the adapter was not trained against: report, don't refuse.
             log.warning("merge base 'original' differs from the trained model by the numbers above (expected)")

@@ -95,11 +95,15 @@ def test_merge_is_faithful_and_reloads_with_plain_transformers(kind, tokenizer_d
         for key, value in expected.items():
             torch.testing.assert_close(handle.get_tensor(key), value, atol=1e-5, rtol=1e-5)
 
-    exported = export_merged(result.run_dir.root)  # the defaults: bf16, verified
+    exported = export_merged(result.run_dir.root, compare_original=kind == "llama")  # defaults: bf16, verified
     out = exported.out
     assert out == result.run_dir.root / "merged" and exported.fidelity["passed"]
     fidelity = json.loads((out / "fidelity.json").read_text())
     assert fidelity["relative_loss_change"] <= 0.01 and fidelity["relative_logit_diff"] <= 0.02
+    if kind == "llama":  # the 16-bit merge base is further from the trained model than the NF4 one
+        original = fidelity["original_merge_base"]
+        assert original["mean_abs_logit_diff"] > 2 * fidelity["mean_abs_logit_diff"]
+        assert not list(out.parent.glob("*.original"))
     config = json.loads((out / "config.json").read_text())
     assert config["torch_dtype"] == "bfloat16" and "quantization_config" not in config
     with safe_open(str(out / "model.safetensors"), framework="pt") as handle:
