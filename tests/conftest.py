@@ -78,3 +78,18 @@ def make_recipe(tiny_model_dir, tmp_path):
         return validate_recipe(raw, "test-recipe")
 
     return factory
+
+
+@pytest.fixture(autouse=True)
+def _private_datasets_cache(tmp_path, monkeypatch):
+    """Keep datasets' own Arrow cache (csv/parquet/hub loading) inside the test's tmp_path."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-datasets")
+
+
+@pytest.fixture
+def tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
