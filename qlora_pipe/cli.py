@@ -53,6 +53,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--compare-original", action="store_true", help="also report the fidelity of a merge into the 16-bit weights"
     )
 
+    push = commands.add_parser("push", help="publish a run's adapter and/or merged model to the Hugging Face Hub")
+    push.add_argument("run_dir", help="run directory")
+    push.add_argument("--repo-id", required=True, help="user/name on the Hub")
+    push.add_argument("--what", choices=["adapter", "merged", "both"], default="adapter")
+    push.add_argument("--private", action="store_true", help="create the repository as private")
+    push.add_argument("--revision", help="branch to push to")
+    push.add_argument("--commit-message")
+    push.add_argument("--dry-run", action="store_true", help="list files, sizes and targets; upload nothing")
+
     data = commands.add_parser("data", help="check, tokenize and preview the data (loads the tokenizer only)")
     _add_recipe_args(data)
     data.add_argument("--preview", type=int, default=3, metavar="N", help="examples to show (default 3)")
@@ -109,6 +118,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_push(args: argparse.Namespace) -> int:
+    from qlora_pipe.hub import push_run
+
+    push_run(args.run_dir, args.repo_id, args.what, args.private, args.revision, args.commit_message, args.dry_run)
+    return 0
+
+
 def cmd_data(args: argparse.Namespace) -> int:
     from qlora_pipe.data import prepare_data
     from qlora_pipe.data_preview import preview_text
@@ -150,6 +166,7 @@ def cmd_build_quickstart_model(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "export": cmd_export,
+    "push": cmd_push,
     "data": cmd_data,
     "train": cmd_train,
     "validate": cmd_validate,
