@@ -186,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.debug else (logging.WARNING if quiet else logging.INFO),
         format="%(levelname)s %(name)s: %(message)s" if args.debug else "%(message)s",
     )
+    for noisy in ("httpx", "httpx2", "httpcore", "httpcore2"):  # one line per HTTP request is noise
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return COMMANDS[args.command](args)
     except Interrupted as exc:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +40,6 @@ MERGED_PATTERNS = (
     "chat_template.jinja",
     "fidelity.json",
 )
-RETRIES = 3
 LARGE_FOLDER_BYTES = 5 * 10**9
 
 
@@ -110,22 +108,6 @@ def preflight(api, repo_id: str) -> str:
     return user
 
 
-def _with_retries(action, description: str):
-    from huggingface_hub.errors import HfHubHTTPError
-
-    for attempt in range(1, RETRIES + 1):
-        try:
-            return action()
-        except (HfHubHTTPError, ConnectionError, TimeoutError) as exc:
-            status = getattr(getattr(exc, "response", None), "status_code", None)
-            transient = status is None or status >= 500 or status == 429
-            if not transient or attempt == RETRIES:
-                raise
-            log.warning("%s failed (%s); retrying (%d/%d)", description, status or type(exc).__name__, attempt, RETRIES)
-            time.sleep(2 ** (attempt - 1))
-    return None
-
-
 def push_run(
     run_dir: str | Path,
     repo_id: str,
@@ -164,9 +146,8 @@ def _upload(plans: list[PushPlan], private: bool, revision: str | None, message:
     for plan in plans:
         retry = f"qlora-pipe push {run.root} --repo-id {plans[0].repo_id} --what {plan.what}"
         try:
-            _with_retries(
-                lambda p=plan: api.create_repo(p.repo_id, private=private, exist_ok=True), f"creating {plan.repo_id}"
-            )
+            # huggingface_hub retries transient errors (5xx, 429, timeouts) itself, with backoff.
+            api.create_repo(plan.repo_id, private=private, exist_ok=True)
             if revision:
                 api.create_branch(plan.repo_id, branch=revision, exist_ok=True)
             total = sum(size for _, size in plan.files)
@@ -174,14 +155,11 @@ def _upload(plans: list[PushPlan], private: bool, revision: str | None, message:
                 # Many GB: huggingface_hub's resumable, multi-commit large-folder path.
                 api.upload_large_folder(repo_id=plan.repo_id, folder_path=str(plan.folder), repo_type="model")
             else:
-                _with_retries(
-                    lambda p=plan: api.upload_folder(
-                        repo_id=p.repo_id,
-                        folder_path=str(p.folder),
-                        revision=revision,
-                        commit_message=message or f"Upload {p.what} trained with qlora-pipe",
-                    ),
-                    f"uploading to {plan.repo_id}",
+                api.upload_folder(
+                    repo_id=plan.repo_id,
+                    folder_path=str(plan.folder),
+                    revision=revision,
+                    commit_message=message or f"Upload {plan.what} trained with qlora-pipe",
                 )
         except Exception as exc:
             raise UserError(

@@ -1,0 +1,115 @@
+"""Publishing against a loopback Hub: what arrives, the card, dry run, auth failures, retries, no token leaks."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import recipe_dict
+from tests.fake_hub import FakeHub
+
+REPO = Path(__file__).resolve().parents[1]
+WRITE, READ = "hf_writer_secret_123", "hf_reader_secret_456"
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_model_dir, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("hub-run")
+    raw = recipe_dict(tiny_model_dir, folder / "runs", max_steps=2, report_to=["none"])
+    (folder / "recipe.yaml").write_text(yaml.safe_dump(raw))
+    for command in (["train", str(folder / "recipe.yaml")], ["export", str(folder / "runs/test")]):
+        done = subprocess.run(
+            [sys.executable, "-m", "qlora_pipe.cli", *command], capture_output=True, text=True, cwd=REPO
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+    return folder / "runs" / "test"
+
+
+def push(run: Path, hub: FakeHub | None, token: str | None, *args: str, home: Path) -> subprocess.CompletedProcess:
+    env = {"PATH": "/usr/bin:/bin", "HF_HOME": str(home), "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_ETAG_TIMEOUT": "2"}
+    if hub:
+        env["HF_ENDPOINT"] = hub.url
+    if token:
+        env["HF_TOKEN"] = token
+    return subprocess.run(
+        [sys.executable, "-m", "qlora_pipe.cli", "push", str(run), *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=300,
+    )
+
+
+def test_push_adapter_and_merged_sends_exactly_the_right_files(finished_run, tmp_path):
+    with FakeHub() as hub:
+        result = push(finished_run, hub, WRITE, "--repo-id", "me/legal", "--what", "both", "--private", home=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert [c["repo"] for c in hub.commits] == ["me/legal", "me/legal-merged"]
+    adapter, merged = (set(c["files"]) for c in hub.commits)
+    assert adapter == {
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "chat_template.jinja",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "loss.png",
+    }
+    assert {"README.md", "config.json", "generation_config.json", "model.safetensors", "fidelity.json"} <= merged
+    assert not any(name.startswith(("checkpoint", "optimizer")) or name.endswith(".jsonl") for name in adapter | merged)
+    assert [repo["visibility"] for repo in hub.repos] == ["private", "private"]
+    sent = hub.commits[0]["files"]
+    assert sent["adapter_model.safetensors"] == (finished_run / "adapter_model.safetensors").read_bytes()
+    # The card: valid front matter through huggingface_hub's own parser, and the facts of the run.
+    from huggingface_hub import ModelCard
+
+    card = ModelCard(sent["README.md"].decode())
+    assert (
+        card.data.library_name == "peft" and "qlora" in card.data.tags and card.data.pipeline_tag == "text-generation"
+    )
+    assert "AutoPeftModelForCausalLM" in card.text and "vllm serve" in card.text and "eval loss" in card.text
+    merged_card = ModelCard(hub.commits[1]["files"]["README.md"].decode())
+    assert merged_card.data.library_name == "transformers" and "Fidelity" in merged_card.text
+    # The token never appears in output, in what was uploaded, or in the run directory.
+    assert WRITE not in result.stdout + result.stderr
+    assert all(WRITE.encode() not in data for c in hub.commits for data in c["files"].values())
+    assert all(WRITE.encode() not in body for _, _, _, body in hub.requests)
+    assert not any(WRITE.encode() in p.read_bytes() for p in finished_run.rglob("*") if p.is_file())
+
+
+def test_dry_run_lists_files_and_uploads_nothing(finished_run, tmp_path):
+    with FakeHub() as hub:
+        result = push(finished_run, hub, WRITE, "--repo-id", "me/legal", "--dry-run", home=tmp_path)
+    assert result.returncode == 0
+    assert "would upload adapter -> me/legal" in result.stdout and "adapter_model.safetensors" in result.stdout
+    assert hub.requests == []
+
+
+def test_missing_or_read_only_token_fails_before_any_upload(finished_run, tmp_path):
+    with FakeHub() as hub:
+        missing = push(finished_run, hub, None, "--repo-id", "me/legal", home=tmp_path)
+        read_only = push(finished_run, hub, READ, "--repo-id", "me/legal", home=tmp_path)
+        foreign = push(finished_run, hub, WRITE, "--repo-id", "someone-else/legal", home=tmp_path)
+    assert missing.returncode == 2 and "HF_TOKEN" in missing.stderr
+    assert read_only.returncode == 2 and "read-only" in read_only.stderr and READ not in read_only.stderr
+    assert foreign.returncode == 2 and "cannot write to the namespace 'someone-else'" in foreign.stderr
+    assert hub.commits == [] and hub.repos == []
+
+
+def test_server_errors_are_retried_by_the_library_then_reported_with_a_retry_command(finished_run, tmp_path):
+    with FakeHub() as hub:
+        hub.fail_commits = 1
+        recovered = push(finished_run, hub, WRITE, "--repo-id", "me/legal", home=tmp_path)
+        assert recovered.returncode == 0, recovered.stderr[-2000:]
+        assert len(hub.commits) == 1
+        hub.fail_commits = 1000
+        failed = push(finished_run, hub, WRITE, "--repo-id", "me/legal", home=tmp_path)
+    assert failed.returncode == 2
+    last = failed.stderr.strip().splitlines()[-1]
+    assert "local files are untouched" in last and f"qlora-pipe push {finished_run} --repo-id me/legal" in last
+    assert (finished_run / "adapter_model.safetensors").is_file()
