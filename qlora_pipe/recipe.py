@@ -196,6 +196,12 @@ class HubSection(Section):
     private: bool = Field(True, description="Create the Hub repository as private.")
     push_adapter_at_end: bool = Field(False, description="Push the adapter when training finishes.")
 
+    @model_validator(mode="after")
+    def _repo_for_push(self) -> HubSection:
+        if self.push_adapter_at_end and not self.repo_id:
+            raise ValueError("push_adapter_at_end needs repo_id")
+        return self
+
 
 class Recipe(Section):
     run_name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Name of the run directory.")

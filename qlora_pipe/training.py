@@ -335,7 +335,19 @@ def _train_and_save(recipe, run, trainable, tokenizer, data, started, checkpoint
     # summary.json is the completion marker: written after everything else, atomically.
     write_json_atomic(run.summary, summary)
     run.set_status("finished", finished=time.time())
+    if recipe.hub.push_adapter_at_end:
+        push_at_end(recipe, run)
     return summary
+
+
+def push_at_end(recipe: Recipe, run: RunDir) -> None:
+    """The recipe's hub section asked for it. A failed push never un-finishes the run: it says how to retry."""
+    from qlora_pipe.hub import push_run
+
+    try:
+        push_run(run.root, recipe.hub.repo_id, "adapter", private=recipe.hub.private)
+    except UserError as exc:
+        log.error("the run finished, but %s", exc)
 
 
 def print_preview(rows: list[dict[str, str]]) -> None:

@@ -113,3 +113,23 @@ def test_server_errors_are_retried_by_the_library_then_reported_with_a_retry_com
     last = failed.stderr.strip().splitlines()[-1]
     assert "local files are untouched" in last and f"qlora-pipe push {finished_run} --repo-id me/legal" in last
     assert (finished_run / "adapter_model.safetensors").is_file()
+
+
+def test_recipe_can_push_the_adapter_when_training_ends(tiny_model_dir, tmp_path):
+    raw = recipe_dict(tiny_model_dir, tmp_path / "runs", max_steps=1, report_to=["none"])
+    raw["hub"] = {"repo_id": "me/at-end", "push_adapter_at_end": True}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(raw))
+    with FakeHub() as hub:
+        env = {"PATH": "/usr/bin:/bin", "HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": hub.url, "HF_TOKEN": WRITE}
+        done = subprocess.run(
+            [sys.executable, "-m", "qlora_pipe.cli", "train", str(tmp_path / "recipe.yaml")],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            env=env,
+            timeout=300,
+        )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert [c["repo"] for c in hub.commits] == ["me/at-end"]
+    assert "adapter_model.safetensors" in hub.commits[0]["files"]
+    assert [r["visibility"] for r in hub.repos] == ["private"]  # hub.private defaults to true
