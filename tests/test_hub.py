@@ -133,3 +133,22 @@ def test_recipe_can_push_the_adapter_when_training_ends(tiny_model_dir, tmp_path
     assert [c["repo"] for c in hub.commits] == ["me/at-end"]
     assert "adapter_model.safetensors" in hub.commits[0]["files"]
     assert [r["visibility"] for r in hub.repos] == ["private"]  # hub.private defaults to true
+
+
+def test_push_to_a_branch_with_a_commit_message(finished_run, tmp_path):
+    with FakeHub() as hub:
+        result = push(
+            finished_run,
+            hub,
+            WRITE,
+            "--repo-id",
+            "me/legal",
+            "--revision",
+            "dev",
+            "--commit-message",
+            "v2",
+            home=tmp_path,
+        )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert any(method == "POST" and "/branch/dev" in path for method, path, _, _ in hub.requests)
+    assert [(c["revision"], c["summary"]) for c in hub.commits] == [("dev", "v2")]
