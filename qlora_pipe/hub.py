@@ -167,3 +167,27 @@ def _upload(plans: list[PushPlan], private: bool, revision: str | None, message:
                 f"untouched; to retry run: {retry}"
             ) from exc
         print(f"pushed {plan.what}: {api.endpoint}/{plan.repo_id}")
+
+
+class CheckpointPusher:
+    """Pushes each checkpoint's adapter as it is saved (hub.push_checkpoints). Checked before training
+    starts; a failed checkpoint push is logged and training goes on (the files stay local)."""
+
+    def __init__(self, repo_id: str, private: bool) -> None:
+        from huggingface_hub import HfApi
+
+        self.api, self.repo_id = HfApi(), repo_id
+        preflight(self.api, repo_id)
+        self.api.create_repo(repo_id, private=private, exist_ok=True)
+
+    def push(self, checkpoint: Path, step: int) -> None:
+        try:
+            self.api.upload_folder(
+                repo_id=self.repo_id,
+                folder_path=str(checkpoint),
+                allow_patterns=["adapter_model.safetensors", "adapter_config.json"],
+                commit_message=f"Adapter at step {step} (qlora-pipe checkpoint)",
+            )
+            log.info("pushed the step-%d adapter to %s", step, self.repo_id)
+        except Exception as exc:  # never lose a training run to a network hiccup
+            log.warning("could not push checkpoint %s (%s); it stays local", checkpoint, type(exc).__name__)

@@ -195,11 +195,12 @@ class HubSection(Section):
     repo_id: str | None = Field(None, description="Hub repository (user/name) to publish to.")
     private: bool = Field(True, description="Create the Hub repository as private.")
     push_adapter_at_end: bool = Field(False, description="Push the adapter when training finishes.")
+    push_checkpoints: bool = Field(False, description="Also push the adapter of every checkpoint as it is saved.")
 
     @model_validator(mode="after")
     def _repo_for_push(self) -> HubSection:
-        if self.push_adapter_at_end and not self.repo_id:
-            raise ValueError("push_adapter_at_end needs repo_id")
+        if (self.push_adapter_at_end or self.push_checkpoints) and not self.repo_id:
+            raise ValueError("pushing needs repo_id")
         return self
 
 

@@ -106,6 +106,17 @@ def sft_config(recipe: Recipe, run: RunDir, device: torch.device, batch: BatchCh
     )
 
 
+class PushCheckpoints(TrainerCallback):
+    """hub.push_checkpoints: hand each saved (and completed) checkpoint to the Hub pusher."""
+
+    def __init__(self, pusher) -> None:
+        self.pusher = pusher
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.pusher.push(Path(args.output_dir) / f"checkpoint-{state.global_step}", state.global_step)
+
+
 class MetricsRecorder(TrainerCallback):
     """Appends every log event (train and eval) to metrics.jsonl, one JSON object per line."""
 
@@ -263,6 +274,10 @@ def _train_and_save(recipe, run, trainable, tokenizer, data, started, checkpoint
     prompts = recipe.training.preview_prompts
     with graceful_stop() as stop:
         callbacks = (StopAtStepBoundary(stop), *callbacks)
+        if recipe.hub.push_checkpoints and is_main_process():
+            from qlora_pipe.hub import CheckpointPusher
+
+            callbacks = (*callbacks, PushCheckpoints(CheckpointPusher(recipe.hub.repo_id, recipe.hub.private)))
         trainer = build_trainer(recipe, run, model, tokenizer, data, callbacks, batch, resuming=checkpoint is not None)
         before = _answers_before(recipe, run, model, tokenizer, data, resuming=checkpoint is not None)
         if checkpoint is not None:
