@@ -8,14 +8,13 @@ is never resumed from: it is skipped with a warning naming the reason.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
 from pathlib import Path
 from typing import Any
 
-from qlora_pipe.runs import write_json_atomic
+from qlora_pipe.runs import file_sha256, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -23,17 +22,9 @@ MARKER = "checkpoint_complete.json"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
-def _digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_marker(checkpoint: Path, extra: dict[str, Any]) -> None:
     files = {
-        str(p.relative_to(checkpoint)): {"bytes": p.stat().st_size, "sha256": _digest(p)}
+        str(p.relative_to(checkpoint)): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
         for p in sorted(checkpoint.rglob("*"))
         if p.is_file() and p.name != MARKER and not p.name.startswith(".")
     }
@@ -59,7 +50,7 @@ def checkpoint_problem(checkpoint: Path) -> str | None:
             return f"missing file {name}"
         if path.stat().st_size != expected["bytes"]:
             return f"truncated file {name} ({path.stat().st_size} of {expected['bytes']} bytes)"
-        if _digest(path) != expected["sha256"]:
+        if file_sha256(path) != expected["sha256"]:
             return f"corrupt file {name} (checksum mismatch)"
     return None
 

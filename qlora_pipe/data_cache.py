@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qlora_pipe.recipe import DataSection
+from qlora_pipe.runs import file_sha256
 from qlora_pipe.sources import resolve_files
 
 if TYPE_CHECKING:
@@ -23,14 +24,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 2  # bump when the tokenized layout or the masking rules change
-
-
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def data_fingerprint(data: DataSection, tokenizer, seed: int) -> str | None:
@@ -52,7 +45,7 @@ def data_fingerprint(data: DataSection, tokenizer, seed: int) -> str | None:
                 return None
             continue
         for path in resolve_files(source.path):
-            parts["files"][str(path)] = _file_digest(path)
+            parts["files"][str(path)] = file_sha256(path)
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from transformers import AutoTokenizer
 
 from qlora_pipe.data import prepare_data, training_chat_template
 from qlora_pipe.errors import UserError
@@ -21,11 +20,6 @@ def conversation(question: str, answer: str) -> dict:
 def write_jsonl(path, rows) -> str:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return str(path)
-
-
-@pytest.fixture
-def tokenizer(tiny_model_dir):
-    return AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
 def test_bad_rows_are_dropped_and_counted_by_reason(tokenizer, tmp_path):

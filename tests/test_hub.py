@@ -115,6 +115,21 @@ def test_server_errors_are_retried_by_the_library_then_reported_with_a_retry_com
     assert (finished_run / "adapter_model.safetensors").is_file()
 
 
+def train_with_hub(tiny_model_dir, tmp_path, hub: FakeHub, hub_section: dict, **training):
+    raw = recipe_dict(tiny_model_dir, tmp_path / "runs", report_to=["none"], **training)
+    raw["hub"] = hub_section
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(raw))
+    env = {"PATH": "/usr/bin:/bin", "HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": hub.url, "HF_TOKEN": WRITE}
+    return subprocess.run(
+        [sys.executable, "-m", "qlora_pipe.cli", "train", str(tmp_path / "recipe.yaml")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=300,
+    )
+
+
 def test_recipe_can_push_the_adapter_when_training_ends(tiny_model_dir, tmp_path):
     raw = recipe_dict(tiny_model_dir, tmp_path / "runs", max_steps=1, report_to=["none"])
     raw["hub"] = {"repo_id": "me/at-end", "push_adapter_at_end": True}

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from transformers import AutoTokenizer
 
 from qlora_pipe.data import IGNORE, prepare_data
 from qlora_pipe.data_preview import DIM, GREEN, RESET, render_example
@@ -48,18 +47,6 @@ def trained_runs(input_ids, labels, tokenizer) -> list[str]:
 
 def untrained_text(input_ids, labels, tokenizer) -> str:
     return tokenizer.decode([t for t, label in zip(input_ids, labels, strict=True) if label == IGNORE])
-
-
-@pytest.fixture(autouse=True)
-def _private_datasets_cache(tmp_path, monkeypatch):
-    import datasets
-
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-datasets")
-
-
-@pytest.fixture
-def tokenizer(tiny_model_dir):
-    return AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
 def with_template(tokenizer, name: str):
