@@ -131,18 +131,9 @@ def train_with_hub(tiny_model_dir, tmp_path, hub: FakeHub, hub_section: dict, **
 
 
 def test_recipe_can_push_the_adapter_when_training_ends(tiny_model_dir, tmp_path):
-    raw = recipe_dict(tiny_model_dir, tmp_path / "runs", max_steps=1, report_to=["none"])
-    raw["hub"] = {"repo_id": "me/at-end", "push_adapter_at_end": True}
-    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(raw))
     with FakeHub() as hub:
-        env = {"PATH": "/usr/bin:/bin", "HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": hub.url, "HF_TOKEN": WRITE}
-        done = subprocess.run(
-            [sys.executable, "-m", "qlora_pipe.cli", "train", str(tmp_path / "recipe.yaml")],
-            capture_output=True,
-            text=True,
-            cwd=REPO,
-            env=env,
-            timeout=300,
+        done = train_with_hub(
+            tiny_model_dir, tmp_path, hub, {"repo_id": "me/at-end", "push_adapter_at_end": True}, max_steps=1
         )
     assert done.returncode == 0, done.stderr[-2000:]
     assert [c["repo"] for c in hub.commits] == ["me/at-end"]
@@ -170,18 +161,9 @@ def test_push_to_a_branch_with_a_commit_message(finished_run, tmp_path):
 
 
 def test_recipe_can_push_every_checkpoint(tiny_model_dir, tmp_path):
-    raw = recipe_dict(tiny_model_dir, tmp_path / "runs", max_steps=2, save_steps=1, report_to=["none"])
-    raw["hub"] = {"repo_id": "me/ckpts", "push_checkpoints": True}
-    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(raw))
     with FakeHub() as hub:
-        env = {"PATH": "/usr/bin:/bin", "HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": hub.url, "HF_TOKEN": WRITE}
-        done = subprocess.run(
-            [sys.executable, "-m", "qlora_pipe.cli", "train", str(tmp_path / "recipe.yaml")],
-            capture_output=True,
-            text=True,
-            cwd=REPO,
-            env=env,
-            timeout=300,
+        done = train_with_hub(
+            tiny_model_dir, tmp_path, hub, {"repo_id": "me/ckpts", "push_checkpoints": True}, max_steps=2, save_steps=1
         )
     assert done.returncode == 0, done.stderr[-2000:]
     assert [c["summary"] for c in hub.commits] == [f"Adapter at step {n} (qlora-pipe checkpoint)" for n in (1, 2)]
