@@ -9,6 +9,7 @@ what ``qlora-pipe data --preview`` shows is exactly what training sees.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 from dataclasses import dataclass
@@ -84,8 +85,6 @@ def collect(sources: list[SourceSection], data: DataSection, rng: random.Random,
 
 
 def example_key(example: dict[str, Any]) -> str:
-    import json
-
     return json.dumps(example, sort_keys=True)
 
 
