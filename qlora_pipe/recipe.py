@@ -100,7 +100,9 @@ class DataSection(Section):
     chat_template: str | None = Field(
         None, description="None: the tokenizer's own; or chatml, llama-3, mistral, or a .jinja file."
     )
-    max_length: int = Field(2048, ge=16, description="Longest tokenized example, in tokens.")
+    max_length: int | Literal["auto"] = Field(
+        2048, description="Longest tokenized example, in tokens; 'auto' plans it from the GPU memory (see plan)."
+    )
     overlength: Literal["drop", "truncate", "error"] = Field(
         "drop", description="What to do with rows longer than max_length (always counted)."
     )
@@ -124,6 +126,13 @@ class DataSection(Section):
         if sum(held_out) > 1:
             raise ValueError("give at most one of 'eval_path', 'eval_sources', 'eval_fraction'")
         return self
+
+    @field_validator("max_length")
+    @classmethod
+    def _long_enough(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 16:
+            raise ValueError("must be at least 16 tokens, or 'auto'")
+        return value
 
     def train_sources(self) -> list[SourceSection]:
         return self.sources or [SourceSection(path=self.train_path)]
@@ -158,6 +167,22 @@ class TrainingSection(Section):
     ] = Field("paged_adamw_8bit", description="Optimizer; paged ones fall back to non-paged without a GPU.")
     precision: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="Mixed-precision mode of training.")
     gradient_checkpointing: bool = Field(True, description="Recompute activations in backward (non-reentrant).")
+    padding_free: bool = Field(
+        False, description="Concatenate each micro batch without padding (needs flash_attention_2, or packing)."
+    )
+    liger_kernels: bool = Field(False, description="Liger Triton kernels: fused RMSNorm, RoPE, SwiGLU (needs a GPU).")
+    chunked_loss: bool = Field(
+        False, description="Fused linear cross-entropy in chunks: full-vocabulary logits never materialize (Liger)."
+    )
+    activation_offloading: bool = Field(
+        False, description="Move checkpointed activations to CPU memory during forward (TRL; needs a GPU)."
+    )
+    torch_compile: bool = Field(False, description="Compile the model with torch.compile (slow start, faster steps).")
+    memory_budget: str | None = Field(
+        None,
+        pattern=r"^\s*\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)\s*$",
+        description="GPU memory that 'auto' sizes plan for, e.g. 24GiB (default: the GPU's own).",
+    )
     logging_steps: int = Field(10, ge=1, description="Log train loss every N optimizer steps.")
     eval_steps: int | None = Field(None, ge=1, description="Evaluate every N steps (None: only at start/end).")
     save_steps: int = Field(200, ge=1, description="Write a checkpoint every N optimizer steps.")
