@@ -67,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--preview", type=int, default=3, metavar="N", help="examples to show (default 3)")
     data.add_argument("--color", choices=["auto", "always", "never"], default="auto", help="colour trained tokens")
 
+    plan = commands.add_parser("plan", help="predict peak GPU memory from the model's config.json (no weights)")
+    _add_recipe_args(plan)
+    plan.add_argument("--gpu-memory", metavar="SIZE", help="memory budget, e.g. 24GiB (default 24GiB)")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+
     validate = commands.add_parser("validate", help="check a recipe without loading anything")
     validate.add_argument("recipe", nargs="?", help="path to a recipe YAML file")
     validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -139,6 +144,12 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from qlora_pipe.plan_report import run_plan_command
+
+    return run_plan_command(args.recipe, args.overrides, args.gpu_memory, args.json)
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from qlora_pipe.recipe import explain, explain_markdown, load_recipe
 
@@ -169,6 +180,7 @@ COMMANDS = {
     "push": cmd_push,
     "data": cmd_data,
     "train": cmd_train,
+    "plan": cmd_plan,
     "validate": cmd_validate,
     "build-quickstart-model": cmd_build_quickstart_model,
 }
