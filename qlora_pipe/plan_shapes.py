@@ -1,0 +1,138 @@
+"""The shapes the memory planner needs, read from a model's config.json alone.
+
+The model is instantiated on PyTorch's meta device: every parameter gets its real shape and
+dtype but no storage, so a 14B model is enumerated in about a second without its weights. This
+works for every architecture transformers knows, with no per-family tables to drift.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qlora_pipe.errors import UserError
+
+BUNDLED = Path(__file__).parent / "model_configs"
+
+
+@dataclass(frozen=True)
+class Linear:
+    name: str  # qualified module name, e.g. model.layers.0.self_attn.q_proj
+    in_features: int
+    out_features: int
+    bias: bool
+
+
+@dataclass
+class ModelShape:
+    """Everything the planner knows about a model: dimensions, and which weights get quantized."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_positions: int | None
+    linears: list[Linear] = field(default_factory=list)  # the layers bitsandbytes quantizes (all but lm_head)
+    other_params: int = 0  # embeddings, lm_head, norms, biases: kept in 16-bit
+    lm_head_params: int = 0
+    tied_embeddings: bool = False
+
+    @property
+    def quantized_params(self) -> int:
+        return sum(lin.in_features * lin.out_features for lin in self.linears)
+
+    @property
+    def total_params(self) -> int:
+        return self.quantized_params + self.other_params
+
+
+def bundled_config_path(name: str) -> Path | None:
+    """The config shipped with qlora-pipe for a well-known Hub id (works offline)."""
+    path = BUNDLED / (name.replace("/", "__") + ".json")
+    return path if path.is_file() else None
+
+
+def read_config(name_or_path: str, revision: str | None = None) -> dict[str, Any]:
+    """config.json of a local model directory, a bundled well-known model, or the Hub (config only)."""
+    local = Path(name_or_path).expanduser()
+    if local.is_dir():
+        path = local / "config.json"
+        if not path.is_file():
+            raise UserError(f"model.name_or_path: {local} has no config.json")
+    elif local.suffix == ".json" and local.is_file():
+        path = local
+    elif (bundled := bundled_config_path(name_or_path)) is not None:
+        path = bundled
+    else:
+        path = _download_config(name_or_path, revision)
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"model.name_or_path: cannot read {path}: {exc}") from exc
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise UserError(f"model.name_or_path: {path} is not a transformers config (no model_type)")
+    return config
+
+
+def _download_config(repo_id: str, revision: str | None) -> Path:
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo_id, "config.json", revision=revision))
+    except Exception as exc:  # offline, gated, missing: all end the same way for the user
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(
+            f"model.name_or_path: cannot get config.json for {repo_id!r} ({reason}); "
+            "give a local model directory or a config.json path"
+        ) from exc
+
+
+def shape_from_config(config: dict[str, Any]) -> ModelShape:
+    """Instantiate the architecture on the meta device and list its parameters."""
+    import torch
+    from torch import nn
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = {k: v for k, v in config.items() if k != "quantization_config"}
+    try:
+        cfg = AutoConfig.for_model(**config)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(cfg)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"model config: cannot build model_type {config.get('model_type')!r}: {exc}") from exc
+    text = cfg.get_text_config()
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    output = model.get_output_embeddings()
+    linears, quantized_ids = [], set()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and module is not output:
+            linears.append(Linear(name, module.in_features, module.out_features, module.bias is not None))
+            quantized_ids.add(id(module.weight))
+    seen, other = set(), 0
+    for param in model.parameters():  # parameters() yields a tied weight once
+        if id(param) not in quantized_ids and id(param) not in seen:
+            seen.add(id(param))
+            other += param.numel()
+    tied = output is not None and output.weight is model.get_input_embeddings().weight
+    return ModelShape(
+        model_type=cfg.model_type,
+        vocab_size=text.vocab_size,
+        hidden_size=text.hidden_size,
+        intermediate_size=text.intermediate_size,
+        num_layers=text.num_hidden_layers,
+        num_heads=heads,
+        num_kv_heads=getattr(text, "num_key_value_heads", None) or heads,
+        head_dim=head_dim,
+        max_positions=getattr(text, "max_position_embeddings", None),
+        linears=linears,
+        other_params=other,
+        lm_head_params=0 if tied or output is None else output.weight.numel(),
+        tied_embeddings=tied,
+    )
