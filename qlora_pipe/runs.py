@@ -29,6 +29,7 @@ DATA_REPORT = "data_report.json"
 LOSS_CURVE = "loss.png"
 TENSORBOARD = "tensorboard"
 CHECKPOINTS = "checkpoints"
+EVAL_REPORT = "eval.json"
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,10 @@ class RunDir:
     @property
     def checkpoints(self) -> Path:
         return self.root / CHECKPOINTS
+
+    @property
+    def eval_report(self) -> Path:
+        return self.root / EVAL_REPORT
 
     def is_finished(self) -> bool:
         return self.summary.is_file() and self.adapter_weights.is_file()
