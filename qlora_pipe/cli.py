@@ -62,6 +62,26 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--commit-message")
     push.add_argument("--dry-run", action="store_true", help="list files, sizes and targets; upload nothing")
 
+    chat = commands.add_parser("chat", help="chat with a trained run or a merged model (tokens streamed)")
+    chat.add_argument("path", metavar="RUN_DIR|MERGED_DIR", help="finished run directory or merged model directory")
+    chat.add_argument("--prompt", help="answer this one message and exit (default: interactive)")
+    chat.add_argument("--system", help="system prompt (default: the one in the training data; '' for none)")
+    chat.add_argument("--max-new-tokens", type=int, metavar="N", help="longest answer in tokens")
+    chat.add_argument("--temperature", type=float, metavar="T", help="sample with this temperature")
+    chat.add_argument("--top-p", type=float, metavar="P", help="sample from the top-p nucleus")
+    chat.add_argument("--greedy", action="store_true", help="always pick the most likely token")
+
+    evaluate = commands.add_parser("eval", help="base vs tuned on held-out data: loss, exact match, F1, ROUGE-L")
+    evaluate.add_argument("run_dir", help="finished run directory")
+    evaluate.add_argument("--data", metavar="PATH", help="held-out file in any format the data stage reads")
+    evaluate.add_argument("--limit", type=int, metavar="N", help="evaluate the first N examples")
+    evaluate.add_argument("--batch-size", type=int, default=8, metavar="B", help="sequences per batch (default 8)")
+    evaluate.add_argument(
+        "--max-new-tokens", type=int, metavar="N", help="longest generated answer (default: longest reference + 16)"
+    )
+    evaluate.add_argument("--merged", action="store_true", help="tuned column from RUN_DIR/merged (after export)")
+    evaluate.add_argument("--examples", type=int, default=3, metavar="N", help="example answers to print (default 3)")
+
     data = commands.add_parser("data", help="check, tokenize and preview the data (loads the tokenizer only)")
     _add_recipe_args(data)
     data.add_argument("--preview", type=int, default=3, metavar="N", help="examples to show (default 3)")
@@ -130,6 +150,26 @@ def cmd_push(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_chat(args: argparse.Namespace) -> int:
+    from qlora_pipe.chat import run_chat
+
+    flags = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p}
+    return run_chat(args.path, args.prompt, args.system, {**flags, "greedy": args.greedy})
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from qlora_pipe.eval_metrics import eval_heading, eval_table
+    from qlora_pipe.evaluate import run_eval
+
+    result = run_eval(args.run_dir, args.data, args.limit, args.batch_size, args.max_new_tokens, args.merged)
+    print(f"\n{eval_heading(result)}\n\n{eval_table(result)}")
+    for row in result["answers"][: args.examples]:
+        print(f"\nQ: {row['question']}\n  reference: {row['reference']!r}")
+        print(f"  base:      {row['base']!r}\n  tuned:     {row['tuned']!r}")
+    print(f"\nwrote {result['path']} ({result['seconds']:.0f}s)")
+    return 0
+
+
 def cmd_data(args: argparse.Namespace) -> int:
     from qlora_pipe.data import prepare_data
     from qlora_pipe.data_preview import preview_text
@@ -178,6 +218,8 @@ def cmd_build_quickstart_model(args: argparse.Namespace) -> int:
 COMMANDS = {
     "export": cmd_export,
     "push": cmd_push,
+    "chat": cmd_chat,
+    "eval": cmd_eval,
     "data": cmd_data,
     "train": cmd_train,
     "plan": cmd_plan,

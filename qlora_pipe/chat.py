@@ -1,0 +1,195 @@
+"""`qlora-pipe chat`: talk to a trained run (4-bit base + adapter) or a merged model, tokens streamed.
+
+The model is prompted with the chat template it was trained with (saved with the run's tokenizer)
+and stops at the end-of-turn token it was trained to emit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from qlora_pipe.errors import UserError
+from qlora_pipe.generation import (
+    DEFAULT_MAX_NEW_TOKENS,
+    GenerationSettings,
+    chat_prompt_ids,
+    stop_token_ids,
+)
+from qlora_pipe.runs import RESOLVED_RECIPE, SUMMARY, RunDir
+
+log = logging.getLogger(__name__)
+
+EXPORT_INFO = "export_info.json"  # written by merged_model.export_merged
+
+
+@dataclass
+class ChatModel:
+    model: object
+    tokenizer: object
+    system: str | None  # the system prompt the run trained with, if known
+    source: str  # what was loaded, for the banner
+
+
+def _is_run_dir(path: Path) -> bool:
+    return (path / RESOLVED_RECIPE).is_file() or (path / SUMMARY).is_file() or (path / "status.json").is_file()
+
+
+def training_system_prompt(run: RunDir | None) -> str | None:
+    """The system message of the run's training data, or None when unknown (data moved, no run)."""
+    if run is None:
+        return None
+    from qlora_pipe.merged_model import _system_prompt
+    from qlora_pipe.recipe import load_recipe
+
+    try:
+        return _system_prompt(load_recipe(run.resolved_recipe))
+    except (UserError, OSError) as exc:
+        log.info("no training system prompt (%s)", exc)
+        return None
+
+
+def run_of_merged(merged: Path) -> RunDir | None:
+    """The run an exported model came from: export_info.json names it; export writes into RUN_DIR/merged."""
+    info_path = merged / EXPORT_INFO
+    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    for candidate in [Path(info["run"])] if info.get("run") else []:
+        if (candidate / RESOLVED_RECIPE).is_file():
+            return RunDir(candidate)
+    return RunDir(merged.parent) if (merged.parent / RESOLVED_RECIPE).is_file() else None
+
+
+def load_chat_model(path: str | Path) -> ChatModel:
+    """A finished run directory (adapter on its 4-bit base) or a model directory (a merged export)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qlora_pipe.model import training_device
+
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"chat: directory not found: {path}")
+    if _is_run_dir(path):
+        from qlora_pipe.merged_model import resolve_run
+        from qlora_pipe.model import load_trained_model
+        from qlora_pipe.recipe import load_recipe
+
+        run = resolve_run(path)
+        model = load_trained_model(load_recipe(run.resolved_recipe), run.root)
+        tokenizer = AutoTokenizer.from_pretrained(run.root)  # carries the training chat template
+        chat = ChatModel(model, tokenizer, training_system_prompt(run), f"{run.root} (4-bit base + adapter)")
+    elif (path / "config.json").is_file():
+        model = AutoModelForCausalLM.from_pretrained(path, dtype="auto", device_map={"": training_device()}).eval()
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        chat = ChatModel(model, tokenizer, training_system_prompt(run_of_merged(path)), f"{path} (merged model)")
+    else:
+        raise UserError(f"chat: {path} is neither a run directory ({RESOLVED_RECIPE}) nor a model (config.json)")
+    if not getattr(chat.tokenizer, "chat_template", None):
+        raise UserError(f"chat: the tokenizer in {path} has no chat template")
+    return chat
+
+
+def resolve_settings(
+    generation_config,
+    max_new_tokens: int | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    greedy: bool = False,
+) -> GenerationSettings:
+    """Flags over the model's generation_config.json; greedy unless it (or a flag) asks for sampling."""
+    config_max = getattr(generation_config, "max_new_tokens", None)
+    sample = bool(getattr(generation_config, "do_sample", False)) or temperature is not None or top_p is not None
+    settings = GenerationSettings(
+        max_new_tokens=max_new_tokens or config_max or DEFAULT_MAX_NEW_TOKENS,
+        do_sample=sample and not greedy,
+        temperature=temperature if temperature is not None else getattr(generation_config, "temperature", None),
+        top_p=top_p if top_p is not None else getattr(generation_config, "top_p", None),
+    )
+    if settings.do_sample and settings.temperature is not None and settings.temperature <= 0:
+        raise UserError(f"chat: --temperature must be > 0 (got {settings.temperature}); use --greedy instead")
+    if settings.max_new_tokens < 1:
+        raise UserError(f"chat: --max-new-tokens must be at least 1 (got {settings.max_new_tokens})")
+    return settings
+
+
+def stream_reply(chat: ChatModel, messages: list[dict[str, str]], settings: GenerationSettings) -> str:
+    """Generate one answer, printing tokens as they come; Ctrl-C stops this answer and keeps what was said."""
+    import torch
+    from transformers import TextStreamer
+
+    tokenizer = chat.tokenizer
+    ids = torch.tensor([chat_prompt_ids(tokenizer, messages)], device=chat.model.device)
+    pieces: list[str] = []
+
+    class Collector(TextStreamer):  # prints like TextStreamer and keeps the text for the conversation
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            pieces.append(text)
+            super().on_finalized_text(text, stream_end)
+
+    streamer = Collector(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    stops = stop_token_ids(tokenizer, chat.model.generation_config)
+    try:
+        with torch.no_grad():
+            chat.model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                streamer=streamer,
+                **settings.generate_kwargs(stops, tokenizer.pad_token_id),
+            )
+    except KeyboardInterrupt:
+        streamer.end()
+        print("[stopped]", flush=True)
+    return "".join(pieces).strip()
+
+
+def one_shot(chat: ChatModel, prompt: str, system: str | None, settings: GenerationSettings) -> str:
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    return stream_reply(chat, messages, settings)
+
+
+def chat_loop(
+    chat: ChatModel,
+    system: str | None,
+    settings: GenerationSettings,
+    read: Callable[[str], str] = input,
+) -> None:
+    """Multi-turn chat: /reset clears the conversation, /exit or Ctrl-D ends it."""
+    history: list[dict[str, str]] = []
+    print(f"chatting with {chat.source}; {settings.describe()}")
+    print(f"system prompt: {system!r}" if system else "no system prompt")
+    print("/reset clears the conversation, /exit or Ctrl-D quits, Ctrl-C stops an answer", flush=True)
+    while True:
+        try:
+            line = read("\nyou> ").strip()
+        except EOFError:
+            print()
+            return
+        except KeyboardInterrupt:  # at the prompt: a fresh line, like a shell
+            print("\n(Ctrl-D or /exit quits)")
+            continue
+        if line in ("/exit", "/quit"):
+            return
+        if line == "/reset":
+            history.clear()
+            print("(conversation cleared)")
+            continue
+        if not line:
+            continue
+        history.append({"role": "user", "content": line})
+        print("assistant> ", end="", flush=True)
+        system_turn = [{"role": "system", "content": system}] if system else []
+        history.append({"role": "assistant", "content": stream_reply(chat, system_turn + history, settings)})
+
+
+def run_chat(path: str, prompt: str | None, system: str | None, settings_flags: dict) -> int:
+    """The chat command: one answer for --prompt, else an interactive session."""
+    chat = load_chat_model(path)
+    settings = resolve_settings(chat.model.generation_config, **settings_flags)
+    system = chat.system if system is None else (system or None)  # --system "" drops the default
+    if prompt is not None:
+        one_shot(chat, prompt, system, settings)
+    else:
+        chat_loop(chat, system, settings)
+    return 0
