@@ -34,6 +34,7 @@ from qlora_pipe.recipe import Recipe
 from qlora_pipe.resume import check_resumable, resolve_checkpoint
 from qlora_pipe.runs import RunDir, write_json_atomic, write_text_atomic
 from qlora_pipe.signals import StopAtStepBoundary, graceful_stop
+from qlora_pipe.speed import check_speed_switches
 from qlora_pipe.trainer import TrainingAborted
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,9 @@ def sft_config(recipe: Recipe, run: RunDir, device: torch.device, batch: BatchCh
         report_to=[r for r in t.report_to if r not in ("tensorboard", "none")] or "none",
         metric_for_best_model="eval_loss" if evaluating else None,
         greater_is_better=False if evaluating else None,
-        max_length=recipe.data.max_length,
+        # data.py already dropped or truncated rows to data.max_length; TRL refuses a max_length it cannot
+        # enforce (padding-free without packing), so it gets None there.
+        max_length=None if t.padding_free and not recipe.data.packing else recipe.data.max_length,
         # data.py hands over input_ids and labels already masked per data.loss_on; TRL only packs and collates.
         assistant_only_loss=False,
         completion_only_loss=False,
@@ -103,6 +106,13 @@ def sft_config(recipe: Recipe, run: RunDir, device: torch.device, batch: BatchCh
         dataset_num_proc=recipe.data.num_proc,
         use_cpu=on_cpu,
         dataloader_num_workers=0,
+        # Speed and memory switches (checked by speed.check_speed_switches before anything loads).
+        padding_free=t.padding_free,
+        use_liger_kernel=t.liger_kernels,
+        activation_offloading=t.activation_offloading,
+        torch_compile=t.torch_compile,
+        # training.chunked_loss needs no argument: TRL 1.16's SFTTrainer always computes the loss with its
+        # chunked fused LM head (no full-vocabulary logits), and it rejects Liger's fused linear cross-entropy.
     )
 
 
@@ -200,6 +210,7 @@ def run_training(
     elif main:
         run.check_available(overwrite=overwrite)
     check_trackers(recipe)
+    check_speed_switches(recipe)
     set_seed(recipe.seed)
     tokenizer = load_tokenizer(recipe)
     data = prepare_data(recipe.data, tokenizer, recipe.seed)  # data errors surface before the model loads
