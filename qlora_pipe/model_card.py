@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from qlora_pipe.recipe import Recipe
-from qlora_pipe.runs import RunDir
+from qlora_pipe.runs import EVAL_REPORT, RunDir
 
 TAGS = ["qlora", "lora", "sft", "trl", "peft", "qlora-pipe"]
 
@@ -83,6 +83,17 @@ def _fmt(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
+def _eval_section(run: RunDir, merged: Path | None = None) -> str:
+    """The base-vs-tuned table of `qlora-pipe eval`, when it was run: the merged model's own, else the run's."""
+    from qlora_pipe.eval_metrics import eval_heading, eval_table
+
+    paths = ([merged / EVAL_REPORT] if merged else []) + [run.eval_report]
+    result = next((_json(p) for p in paths if p.is_file()), None)
+    if not result:
+        return ""
+    return f"## Evaluation\n\n{eval_heading(result)}.\n\n{eval_table(result, markdown=True)}\n\n"
+
+
 def _template_note() -> str:
     return (
         "## Chat template\n\nThe tokenizer in this repository carries the exact chat template used in training "
@@ -115,7 +126,7 @@ vllm serve {recipe.model.name_or_path} --enable-lora --lora-modules adapter={rep
     body = (
         f"# {repo_id.split('/')[-1]}\n\nA LoRA adapter for `{recipe.model.name_or_path}`, trained with "
         f"qlora-pipe (QLoRA: 4-bit base, LoRA adapters, supervised fine-tuning with TRL).\n\n"
-        f"{_training_section(run, recipe)}\n\n{usage}\n{_template_note()}\n"
+        f"{_training_section(run, recipe)}\n\n{_eval_section(run)}{usage}\n{_template_note()}\n"
     )
     return ModelCard.from_template(
         _metadata(recipe, "peft"), template_str="---\n{{ card_data }}\n---\n\n" + body
@@ -150,7 +161,8 @@ With vLLM: `vllm serve {repo_id}`
 """
     body = (
         f"# {repo_id.split('/')[-1]}\n\n`{recipe.model.name_or_path}` with a qlora-pipe LoRA adapter merged in.\n\n"
-        f"{_training_section(run, recipe)}\n\n{fidelity_text}\n{usage}\n{_template_note()}\n"
+        f"{_training_section(run, recipe)}\n\n{_eval_section(run, merged)}{fidelity_text}\n{usage}\n"
+        f"{_template_note()}\n"
     )
     metadata = _metadata(recipe, "transformers")
     return ModelCard.from_template(metadata, template_str="---\n{{ card_data }}\n---\n\n" + body).content
