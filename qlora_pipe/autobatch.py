@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from qlora_pipe.auto_sizes import memory_budget, micro_batch_start
 from qlora_pipe.errors import UserError
 from qlora_pipe.recipe import Recipe
 from qlora_pipe.runs import RunDir, write_json_atomic
@@ -69,7 +70,8 @@ def choose_batch(recipe: Recipe, run: RunDir, model) -> BatchChoice:
         log.info("micro batch: %d (chosen when the run started)", choice.micro_batch_size)
         return choice
     length = recipe.data.max_length
-    size = find_micro_batch(lambda n: try_micro_batch(model, n, length), t.auto_micro_batch_start)
+    start = micro_batch_start(recipe, memory_budget(recipe))
+    size = find_micro_batch(lambda n: try_micro_batch(model, n, length), start)
     effective = t.effective_batch_size or t.gradient_accumulation_steps
     choice = BatchChoice(size, max(1, math.ceil(effective / size)))
     log.info(

@@ -171,12 +171,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
+    from qlora_pipe.auto_sizes import memory_budget, resolve_max_length
     from qlora_pipe.data import prepare_data
     from qlora_pipe.data_preview import preview_text
     from qlora_pipe.model import load_tokenizer
     from qlora_pipe.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, overrides=args.overrides)
+    recipe = resolve_max_length(recipe, memory_budget(recipe))
     tokenizer = load_tokenizer(recipe)
     prepared = prepare_data(recipe.data, tokenizer, recipe.seed)
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())

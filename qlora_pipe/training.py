@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from qlora_pipe.auto_sizes import memory_budget, resolve_max_length
 from qlora_pipe.autobatch import BatchChoice, choose_batch
 from qlora_pipe.checkpoints import latest_valid_checkpoint, read_marker, step_of
 from qlora_pipe.data import PreparedData, prepare_data
@@ -200,6 +201,7 @@ def run_training(
 
     started = time.time()
     main = is_main_process()
+    recipe = resolve_max_length(recipe, memory_budget(recipe))
     if world_size() > 1 and recipe.training.micro_batch_size == "auto":
         raise UserError("training.micro_batch_size: 'auto' probes one device; with several processes give a number")
     run = RunDir(recipe.run_dir())
