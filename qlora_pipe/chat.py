@@ -154,8 +154,8 @@ def chat_loop(
     system: str | None,
     settings: GenerationSettings,
     read: Callable[[str], str] = input,
-) -> None:
-    """Multi-turn chat: /reset clears the conversation, /exit or Ctrl-D ends it."""
+) -> list[dict[str, str]]:
+    """Multi-turn chat: /reset clears the conversation, /exit or Ctrl-D ends it. Returns the last conversation."""
     history: list[dict[str, str]] = []
     print(f"chatting with {chat.source}; {settings.describe()}")
     print(f"system prompt: {system!r}" if system else "no system prompt")
@@ -165,12 +165,12 @@ def chat_loop(
             line = read("\nyou> ").strip()
         except EOFError:
             print()
-            return
+            return history
         except KeyboardInterrupt:  # at the prompt: a fresh line, like a shell
             print("\n(Ctrl-D or /exit quits)")
             continue
         if line in ("/exit", "/quit"):
-            return
+            return history
         if line == "/reset":
             history.clear()
             print("(conversation cleared)")
