@@ -1,0 +1,264 @@
+"""The memory planner: every term against hand-computed values and against real 4-bit models."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from qlora_pipe.cli import main
+from qlora_pipe.memory_measure import measure_weight_bytes
+from qlora_pipe.plan import (
+    PlanSettings,
+    layer_saved_bytes_per_token,
+    nf4_tensor_bytes,
+    optimizer_bytes_per_param,
+    plan_memory,
+)
+from qlora_pipe.plan_advice import advise, largest_micro_batch, longest_sequence, parse_size, recipe_plan
+from qlora_pipe.plan_shapes import read_config, shape_from_config
+from qlora_pipe.recipe import validate_recipe
+from tests.conftest import recipe_dict
+
+REPO = Path(__file__).resolve().parents[1]
+
+# (family, config overrides): tiny and medium shapes; hidden and intermediate sizes are multiples of 64.
+FAMILIES = {
+    "llama": (
+        "LlamaConfig",
+        dict(hidden_size=256, intermediate_size=768, num_attention_heads=4, num_key_value_heads=2),
+    ),
+    "qwen2": (
+        "Qwen2Config",
+        dict(hidden_size=192, intermediate_size=512, num_attention_heads=3, num_key_value_heads=1),
+    ),
+    "gemma": (
+        "GemmaConfig",
+        dict(hidden_size=128, intermediate_size=384, num_attention_heads=2, num_key_value_heads=1),
+    ),
+    "medium": (
+        "LlamaConfig",
+        dict(hidden_size=1024, intermediate_size=2816, num_attention_heads=8, num_key_value_heads=8),
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def family_dirs(tmp_path_factory) -> dict[str, Path]:
+    import transformers
+
+    out = {}
+    for name, (config_cls, dims) in FAMILIES.items():
+        layers = 4 if name == "medium" else 2
+        config = getattr(transformers, config_cls)(
+            vocab_size=640,
+            num_hidden_layers=layers,
+            max_position_embeddings=1024,
+            head_dim=dims["hidden_size"] // dims["num_attention_heads"],
+            **dims,
+        )
+        model_cls = getattr(transformers, config_cls.replace("Config", "ForCausalLM"))
+        torch.manual_seed(0)
+        folder = tmp_path_factory.mktemp(name)
+        model_cls(config).to(torch.bfloat16).save_pretrained(folder)
+        out[name] = folder
+    return out
+
+
+def _recipe(model_dir: Path, tmp_path: Path, lora: dict | None = None, **training):
+    raw = recipe_dict(model_dir, tmp_path / "runs", **{"precision": "bf16", **training})
+    raw["lora"].update(lora or {})
+    return validate_recipe(raw)
+
+
+def test_nf4_bytes_by_hand():
+    # 65,536 weights: 32,768 packed bytes; 1,024 blocks of 64.
+    assert nf4_tensor_bytes(65536, double_quant=False) == 32768 + 1024 * 4 + 64
+    # Double quant: uint8 absmax, 4 nested fp32 absmax, a 256-entry fp32 code book and an offset.
+    assert nf4_tensor_bytes(65536, double_quant=True) == 32768 + 1024 + (4 * 4 + 1024 + 4) + 64
+
+
+def test_optimizer_state_bytes_by_hand():
+    assert optimizer_bytes_per_param("adamw_torch", 2) == 4
+    assert optimizer_bytes_per_param("adamw_torch", 4) == 8
+    assert optimizer_bytes_per_param("paged_adamw_32bit", 2) == 8
+    assert optimizer_bytes_per_param("paged_adamw_8bit", 2) == pytest.approx(2 + 8 / 256)
+    assert optimizer_bytes_per_param("sgd", 4) == 0
+
+
+def test_terms_of_a_tiny_config_by_hand(family_dirs):
+    shape = shape_from_config(read_config(str(family_dirs["llama"])))
+    # Per layer: q, o 256x256; k, v 256x128; gate, up, down 256x768.
+    assert shape.quantized_params == 2 * (2 * 65536 + 2 * 32768 + 3 * 196608)
+    assert shape.other_params == 2 * 640 * 256 + 2 * 2 * 256 + 256  # embed, lm_head, 2 norms per layer, final
+    s = PlanSettings(micro_batch_size=2, max_length=100, lora_r=8, optimizer="adamw_torch", lora_dropout=0.0)
+    plan = plan_memory(shape, s)
+    lora = 2 * 8 * ((256 + 256) * 2 + (256 + 128) * 2 + (256 + 768) * 3)
+    assert plan.trainable_params == lora
+    assert plan.term("LoRA weights") == lora * 2  # bf16 adapter of a 4-bit model trained in bf16
+    assert plan.term("optimizer states") == lora * 4
+    assert plan.term("base weights, not quantized") == shape.other_params * 4
+    assert plan.term("activations kept") == 3 * 4 * 256 * 200  # fp32 inputs of 2 layers + final norm
+    # One layer's saved tensors per token: fp32 MLP (12 I) and norm inputs (8 H), attention q/out/k/v and
+    # lse, bf16 copies of the 7 LoRA inputs (2 x 2304), rank-8 intermediates; x2 with their gradients.
+    layer = 12 * 768 + 8 * 256 + 4 * (4 + 2) * 64 + 4 * 4 + 8 + 2 * 2304 + 4 * 8 * 7
+    assert plan.term("transient peak") == 2 * layer * 200  # larger than the logits (12 x 640 per token)
+    # At a 152k vocabulary the logits dominate, and the chunked loss removes them.
+    qwen = shape_from_config(read_config("Qwen/Qwen2.5-7B"))
+    full, chunked = plan_memory(qwen, s), plan_memory(qwen, replace(s, chunked_loss=True))
+    assert full.term("transient peak") == 12 * 152064 * 200
+    assert chunked.term("transient peak") < full.term("transient peak") / 2  # now one layer's backward
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_weight_terms_match_loaded_4bit_models(family_dirs, tmp_path, family, double_quant):
+    from qlora_pipe.model import add_lora, load_base_model
+
+    recipe = _recipe(family_dirs[family], tmp_path)
+    recipe = recipe.model_copy(
+        update={"quantization": recipe.quantization.model_copy(update={"double_quant": double_quant})}
+    )
+    plan = recipe_plan(recipe, None, micro_batch_size=1, max_length=64)
+    model = add_lora(load_base_model(recipe, torch.device("cpu")), recipe).model
+    measured = measure_weight_bytes(model)
+    predicted_4bit = plan.term("base weights, 4-bit")
+    assert abs(predicted_4bit - measured.quantized) <= 0.03 * measured.quantized
+    predicted_frozen = plan.term("base weights, not quantized")
+    assert abs(predicted_frozen - (measured.other - measured.trainable)) <= 0.03 * measured.other
+    assert plan.trainable_params == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _saved_bytes(model, ids) -> int:
+    """Bytes autograd keeps for backward in one forward pass (each storage once)."""
+    saved: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(input_ids=ids, labels=ids)
+    return sum(saved.values())
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("lora", [{"dropout": 0.0}, {"dropout": 0.1, "target_modules": ["q_proj", "v_proj"]}])
+def test_activation_terms_match_saved_tensors(family_dirs, tmp_path, family, lora):
+    from qlora_pipe.model import add_lora, load_base_model
+
+    batch, length = 2, 96
+    for checkpointing in (False, True):
+        recipe = _recipe(family_dirs[family], tmp_path, lora, gradient_checkpointing=checkpointing)
+        model = add_lora(load_base_model(recipe, torch.device("cpu")), recipe).model.train()
+        ids = torch.randint(0, 640, (batch, length))
+        measured = _saved_bytes(model, ids)
+        plan = recipe_plan(recipe, None, micro_batch_size=batch, max_length=length)
+        logits_saved = 6 * batch * length * 640  # bf16 logits and their fp32 upcast
+        if checkpointing:
+            predicted = plan.term("activations kept") + logits_saved
+        else:
+            layers = plan.shape.num_layers
+            predicted = layer_saved_bytes_per_token(plan.shape, plan.settings) * batch * length * layers + logits_saved
+        assert abs(predicted - measured) <= 0.10 * measured, (checkpointing, predicted, measured)
+
+
+def test_bundled_configs_have_the_published_sizes():
+    published = {
+        "meta-llama/Llama-3.1-8B": 8.03e9,
+        "Qwen/Qwen2.5-7B": 7.62e9,
+        "mistralai/Mistral-7B-v0.3": 7.25e9,
+        "google/gemma-2-9b": 9.24e9,
+        "Qwen/Qwen2.5-14B": 14.77e9,
+    }
+    for name, params in published.items():
+        shape = shape_from_config(read_config(name))
+        assert abs(shape.total_params - params) <= 0.005 * params, name
+
+
+def test_verdict_and_advice_are_consistent(family_dirs, tmp_path):
+    recipe = _recipe(family_dirs["llama"], tmp_path)
+    shape = shape_from_config(read_config(str(family_dirs["llama"])))
+    s = PlanSettings.from_recipe(recipe, 4, 256)
+    budget = plan_memory(shape, s).total + 1
+    assert plan_memory(shape, s, budget).fits and plan_memory(shape, s, budget - 2).fits is False
+    best = largest_micro_batch(shape, s, budget)
+    assert best == 4  # the plan's own batch fits with one byte to spare; one more does not
+    longest = longest_sequence(shape, s, budget)
+    assert plan_memory(shape, replace(s, max_length=longest)).total <= budget
+    assert plan_memory(shape, replace(s, max_length=longest + 64)).total > budget
+    # Without checkpointing at a tight budget, turning it back on is the biggest saving.
+    no_ckpt = replace(s, gradient_checkpointing=False, micro_batch_size=1, max_length=1024)
+    advice = advise(plan_memory(shape, no_ckpt, budget))
+    assert advice.best_switch == "training.gradient_checkpointing=true" and advice.best_saving > 0
+
+
+def test_parse_size():
+    assert parse_size("24GiB") == 24 * 2**30 and parse_size("80 GB") == 80 * 10**9
+    with pytest.raises(Exception, match="not a memory size"):
+        parse_size("lots")
+
+
+def test_plan_command_on_the_shipped_recipe(capsys):
+    assert main(["plan", str(REPO / "recipes/qa-legal.yaml"), "--gpu-memory", "24GiB"]) == 0
+    out = capsys.readouterr().out
+    assert "base weights, 4-bit" in out and "fits" in out and "longest sequence" in out
+    assert main(["plan", str(REPO / "recipes/qa-legal.yaml"), "--json", "--set", "data.max_length=8192"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["max_length"] == 8192 and report["total"] == sum(report["terms"].values())
+
+
+def test_missing_or_unreadable_config_is_one_line(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    empty = tmp_path / "empty-model"
+    empty.mkdir()
+    recipe.write_text(f"model: {{name_or_path: {empty}}}\ndata: {{train_path: x.jsonl}}\n")
+    assert main(["plan", str(recipe)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "has no config.json" in err
+    (empty / "config.json").write_text("{not json")
+    assert main(["plan", str(recipe)]) == 2
+    assert "cannot read" in capsys.readouterr().err
+    assert main(["plan", str(recipe), "--gpu-memory", "big"]) == 2
+
+
+def test_auto_sizes_start_from_the_plan(family_dirs, tmp_path):
+    from qlora_pipe.auto_sizes import micro_batch_start, resolve_max_length
+
+    recipe = _recipe(family_dirs["llama"], tmp_path, micro_batch_size="auto")
+    auto = recipe.model_copy(update={"data": recipe.data.model_copy(update={"max_length": "auto"})})
+    assert resolve_max_length(auto, None).data.max_length == 1024  # no budget: 2048 capped by the positions
+    budget = recipe_plan(recipe, None, micro_batch_size=1, max_length=512).total
+    resolved = resolve_max_length(auto, budget).data.max_length
+    assert resolved == longest_sequence(*_shape_settings(recipe, 1, 512), budget)
+    assert 64 <= resolved <= 512 + 64
+    start = micro_batch_start(recipe, budget)
+    assert start == largest_micro_batch(*_shape_settings(recipe, 1, 256), budget) and start >= 1
+
+
+def _shape_settings(recipe, batch, length):
+    plan = recipe_plan(recipe, None, micro_batch_size=batch, max_length=length)
+    return plan.shape, plan.settings
+
+
+def test_training_with_auto_sizes(tiny_model_dir, tmp_path):
+    import yaml
+
+    from qlora_pipe.auto_sizes import micro_batch_start
+    from qlora_pipe.training import run_training
+
+    raw = recipe_dict(tiny_model_dir, tmp_path / "runs", max_steps=1, micro_batch_size="auto")
+    raw["data"]["max_length"] = "auto"
+    raw["training"]["memory_budget"] = "600MiB"  # the planner's 0.5 GiB CUDA context + ~90 MiB
+    recipe = validate_recipe(raw)
+    planned = recipe_plan(recipe, parse_size("600MiB"), micro_batch_size=1)
+    result = run_training(recipe)
+    resolved = yaml.safe_load(result.run_dir.resolved_recipe.read_text())
+    assert resolved["data"]["max_length"] == planned.settings.max_length
+    with_length = validate_recipe({**raw, "data": {**raw["data"], "max_length": planned.settings.max_length}})
+    choice = json.loads((result.run_dir.root / "auto_batch.json").read_text())
+    assert choice["micro_batch_size"] == micro_batch_start(with_length, parse_size("600MiB"))  # CPU never OOMs
