@@ -262,3 +262,14 @@ def test_training_with_auto_sizes(tiny_model_dir, tmp_path):
     with_length = validate_recipe({**raw, "data": {**raw["data"], "max_length": planned.settings.max_length}})
     choice = json.loads((result.run_dir.root / "auto_batch.json").read_text())
     assert choice["micro_batch_size"] == micro_batch_start(with_length, parse_size("600MiB"))  # CPU never OOMs
+
+
+def test_readme_plan_table_is_current():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("plan_known_models", REPO / "scripts/plan_known_models.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.START + module.table() + module.END in (REPO / "README.md").read_text(), (
+        "README plan table is stale: run python scripts/plan_known_models.py --readme"
+    )

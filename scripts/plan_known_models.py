@@ -1,0 +1,69 @@
+"""Print (or write into README.md) the memory plan of well-known models at 2k and 8k tokens.
+
+    python scripts/plan_known_models.py            # markdown table on stdout
+    python scripts/plan_known_models.py --readme   # rewrite README.md between the plan-table markers
+
+Uses the bundled configs (qlora_pipe/model_configs/), so it works offline. The recipe is
+recipes/qa-legal.yaml with only the model and the sequence length changed.
+"""
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from qlora_pipe.plan import GiB  # noqa: E402
+from qlora_pipe.plan_advice import advise, parse_size, recipe_plan  # noqa: E402
+from qlora_pipe.recipe import load_recipe  # noqa: E402
+
+MODELS = [
+    "meta-llama/Llama-3.1-8B",
+    "Qwen/Qwen2.5-7B",
+    "mistralai/Mistral-7B-v0.3",
+    "google/gemma-2-9b",
+    "Qwen/Qwen2.5-14B",
+]
+BUDGET = "24GiB"
+START, END = "<!-- plan-table:start -->\n", "<!-- plan-table:end -->\n"
+
+
+def table() -> str:
+    budget = parse_size(BUDGET)
+    rows = [
+        "| model | params | weights (4-bit + fp32 rest) | peak at 2k tokens | peak at 8k tokens "
+        "| longest on 24 GiB | with chunked loss + offloading |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in MODELS:
+        recipe = load_recipe(ROOT / "recipes/qa-legal.yaml", [f"model.name_or_path={name}"])
+        plans = [recipe_plan(recipe, budget, micro_batch_size=1, max_length=n) for n in (2048, 8192)]
+        weights = plans[0].term("base weights, 4-bit") + plans[0].term("base weights, not quantized")
+        cells = [f"{p.total / GiB:.1f} GiB {'fits' if p.fits else 'no'}" for p in plans]
+        longest = advise(plans[0]).max_length
+        lean = load_recipe(
+            ROOT / "recipes/qa-legal.yaml",
+            [f"model.name_or_path={name}", "training.chunked_loss=true", "training.activation_offloading=true"],
+        )
+        longest_lean = advise(recipe_plan(lean, budget, micro_batch_size=1, max_length=2048)).max_length
+        rows.append(
+            f"| {name} | {plans[0].shape.total_params / 1e9:.2f}B | {weights / GiB:.1f} GiB | "
+            f"{cells[0]} | {cells[1]} | {longest:,} | {longest_lean:,} |"
+        )
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--readme", action="store_true", help="rewrite the table in README.md")
+    args = parser.parse_args()
+    text = table()
+    if args.readme:
+        readme = ROOT / "README.md"
+        pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
+        readme.write_text(pattern.sub(lambda _: START + text + END, readme.read_text()))
+        print(f"updated {readme}")
+    else:
+        print(text, end="")
