@@ -91,6 +91,16 @@ def load_chat_model(path: str | Path) -> ChatModel:
     return chat
 
 
+def check_generation_flags(max_new_tokens: int | None, temperature: float | None, top_p: float | None) -> None:
+    """Reject impossible settings before any model is loaded."""
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise UserError(f"chat: --max-new-tokens must be at least 1 (got {max_new_tokens})")
+    if temperature is not None and temperature <= 0:
+        raise UserError(f"chat: --temperature must be > 0 (got {temperature}); use --greedy for greedy decoding")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise UserError(f"chat: --top-p must be in (0, 1] (got {top_p})")
+
+
 def resolve_settings(
     generation_config,
     max_new_tokens: int | None = None,
@@ -99,19 +109,14 @@ def resolve_settings(
     greedy: bool = False,
 ) -> GenerationSettings:
     """Flags over the model's generation_config.json; greedy unless it (or a flag) asks for sampling."""
-    config_max = getattr(generation_config, "max_new_tokens", None)
+    check_generation_flags(max_new_tokens, temperature, top_p)
     sample = bool(getattr(generation_config, "do_sample", False)) or temperature is not None or top_p is not None
-    settings = GenerationSettings(
-        max_new_tokens=max_new_tokens or config_max or DEFAULT_MAX_NEW_TOKENS,
+    return GenerationSettings(
+        max_new_tokens=max_new_tokens or getattr(generation_config, "max_new_tokens", None) or DEFAULT_MAX_NEW_TOKENS,
         do_sample=sample and not greedy,
         temperature=temperature if temperature is not None else getattr(generation_config, "temperature", None),
         top_p=top_p if top_p is not None else getattr(generation_config, "top_p", None),
     )
-    if settings.do_sample and settings.temperature is not None and settings.temperature <= 0:
-        raise UserError(f"chat: --temperature must be > 0 (got {settings.temperature}); use --greedy instead")
-    if settings.max_new_tokens < 1:
-        raise UserError(f"chat: --max-new-tokens must be at least 1 (got {settings.max_new_tokens})")
-    return settings
 
 
 def stream_reply(chat: ChatModel, messages: list[dict[str, str]], settings: GenerationSettings) -> str:
@@ -185,6 +190,7 @@ def chat_loop(
 
 def run_chat(path: str, prompt: str | None, system: str | None, settings_flags: dict) -> int:
     """The chat command: one answer for --prompt, else an interactive session."""
+    check_generation_flags(settings_flags["max_new_tokens"], settings_flags["temperature"], settings_flags["top_p"])
     chat = load_chat_model(path)
     settings = resolve_settings(chat.model.generation_config, **settings_flags)
     system = chat.system if system is None else (system or None)  # --system "" drops the default

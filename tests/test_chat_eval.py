@@ -92,9 +92,13 @@ def test_chat_one_shot_is_greedy_deterministic_and_stops_at_end_of_turn(short_ru
     assert first.strip() == tokenizer.decode(new, skip_special_tokens=True).strip() == ANSWER
 
 
-def test_chat_with_the_merged_model_gives_the_same_answer(merged_dir, capsys):
+def test_chat_with_the_merged_model_gives_the_same_answer_and_can_sample(merged_dir, capsys):
     assert training_system_prompt(run_of_merged(merged_dir)) == SYSTEM  # found through export_info.json
     assert main(["chat", str(merged_dir), "--prompt", QUESTION, "--max-new-tokens", "24"]) == 0
+    assert capsys.readouterr().out.strip() == ANSWER
+    sampled = ["chat", str(merged_dir), "--prompt", QUESTION, "--temperature", "0.7", "--top-p", "0.9"]
+    assert main(sampled) == 0 and capsys.readouterr().out.strip()
+    assert main([*sampled, "--greedy", "--max-new-tokens", "24"]) == 0
     assert capsys.readouterr().out.strip() == ANSWER
 
 
@@ -215,6 +219,8 @@ def test_bad_input_is_one_line_and_exit_code_2(short_run, tmp_path, capsys):
         (["chat", str(unfinished), "--prompt", "hi"], "not a finished run"),
         (["eval", str(unfinished)], "not a finished run"),
         (["chat", str(tmp_path / "runs"), "--prompt", "hi"], "neither a run directory"),
+        (["chat", str(missing), "--temperature", "0"], "--temperature must be > 0"),  # before any loading
+        (["chat", str(short_run), "--top-p", "1.5"], "--top-p must be in (0, 1]"),
         (["eval", str(not_exported), "--merged"], "no merged model"),
         (["eval", str(short_run), "--data", str(tmp_path / "missing.jsonl")], "missing.jsonl"),
     ]
