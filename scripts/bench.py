@@ -1,0 +1,236 @@
+"""Every performance claim of qlora-pipe, measured side by side in one invocation.
+
+    python scripts/bench.py                      # CPU (default): < 10 minutes on 2 cores
+    python scripts/bench.py --gpu [--dry]        # the GPU check (scripts/bench_gpu.py; --dry: tiny, on CPU)
+    python scripts/bench.py --readme benchmarks/results/<date>-<machine>.json   # regenerate README section
+
+CPU mode builds a Llama-shaped model with random weights (hidden and intermediate multiples of 64,
+as bitsandbytes' CPU kernels need) and the quickstart tokenizer, then measures on the bundled data:
+
+1. our training path (run_training: PipeTrainer and its callbacks) vs a plain TRL + PEFT + bitsandbytes
+   script: supervised tokens/s and peak memory, alternating sides, medians of the repeats;
+2. QLoRA (4-bit NF4) vs 16-bit LoRA vs full fine-tuning: peak memory, trainable parameters, bytes saved per task;
+3. generation latency of the merged model vs the base (same architecture: no added latency) and the
+   unmerged adapter on the 16-bit base, interleaved;
+4. export: our streaming export vs load + merge_and_unload + save (scripts/bench_export_memory.py).
+
+Each measurement runs in its own process (scripts/bench_workers.py), so peak RSS belongs to one side.
+Writes benchmarks/results/<date>-<machine>.json, .md and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+RESULTS = REPO / "benchmarks/results"
+WORKERS = REPO / "scripts/bench_workers.py"
+
+
+def machine_name() -> str:
+    """A short file-name-safe machine label, e.g. cpu2 or h200."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name().split()[-1].lower().replace(" ", "-")
+    return f"cpu{os.cpu_count()}"
+
+
+def build_train_model(folder: Path, hidden: int, layers: int) -> tuple[Path, int]:
+    """A random-weight Llama with the quickstart tokenizer (vocab 2048), saved in bf16."""
+    import torch
+
+    from qlora_pipe.quickstart_base import BaseSpec, build_tokenizer, make_model
+
+    spec = BaseSpec(
+        hidden_size=hidden,
+        intermediate_size=hidden * 8 // 3 // 64 * 64,
+        num_layers=layers,
+        num_heads=hidden // 64,
+        num_kv_heads=max(1, hidden // 256),
+    )
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer((REPO / "data/legal-qa/corpus.txt").read_text(encoding="utf-8"), spec.vocab_size)
+    model = make_model(spec, len(tokenizer)).to(torch.bfloat16)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder, sum(p.numel() for p in model.parameters())
+
+
+def run_worker(kind: str, args: dict[str, Any]) -> dict[str, Any]:
+    """One measurement in a fresh process; its last line carries the JSON result."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    out = subprocess.run(
+        [sys.executable, str(WORKERS), kind, json.dumps(args)], capture_output=True, text=True, env=env, cwd=REPO
+    )
+    lines = [line for line in out.stdout.splitlines() if line.startswith("BENCH_RESULT ")]
+    if out.returncode != 0 or not lines:
+        raise SystemExit(f"bench worker {kind} failed:\n{out.stderr[-3000:]}")
+    return json.loads(lines[-1].removeprefix("BENCH_RESULT "))
+
+
+def tokens_per_second(run: dict[str, Any], clock: str = "train_seconds") -> float:
+    return run["supervised_tokens"] / run[clock]
+
+
+def compare_trainers(model: Path, tmp: Path, rows: int, repeats: int, max_length: int) -> dict[str, Any]:
+    """Ours vs plain TRL, alternating which goes first so drift on a shared machine hits both sides."""
+    runs: dict[str, list[dict[str, Any]]] = {"ours": [], "plain": []}
+    for i in range(repeats):
+        for kind in ("ours", "plain") if i % 2 == 0 else ("plain", "ours"):
+            out = tmp / f"{kind}-{i}"
+            runs[kind].append(
+                run_worker(kind, {"model": str(model), "out": str(out), "rows": rows, "max_length": max_length})
+            )
+            print(f"  {kind} #{i + 1}: {tokens_per_second(runs[kind][-1]):.1f} supervised tokens/s", flush=True)
+    speed = {kind: statistics.median(tokens_per_second(r) for r in rs) for kind, rs in runs.items()}
+    cpu = {kind: statistics.median(tokens_per_second(r, "train_cpu_seconds") for r in rs) for kind, rs in runs.items()}
+    peak = {kind: statistics.median(r["peak_memory_bytes"] for r in rs) for kind, rs in runs.items()}
+    return {
+        "repeats": repeats,
+        "rows": rows,
+        "steps": runs["ours"][0]["steps"],
+        "ours_tokens_per_second": speed["ours"],
+        "plain_tokens_per_second": speed["plain"],
+        "ratio_ours_over_plain": speed["ours"] / speed["plain"],
+        # Tokens per CPU-second: unaffected by other jobs on a shared machine taking cores away.
+        "ours_tokens_per_cpu_second": cpu["ours"],
+        "plain_tokens_per_cpu_second": cpu["plain"],
+        "cpu_time_ratio_ours_over_plain": cpu["ours"] / cpu["plain"],
+        "ours_peak_memory_bytes": peak["ours"],
+        "plain_peak_memory_bytes": peak["plain"],
+        "runs": runs,
+    }
+
+
+def compare_methods(model: Path, tmp: Path, rows: int, steps: int, max_length: int) -> dict[str, Any]:
+    """QLoRA vs 16-bit LoRA vs full fine-tuning: the same short run, each in its own process."""
+    common = {"model": str(model), "rows": rows, "max_length": max_length, "max_steps": steps}
+    qlora = run_worker("ours", {**common, "out": str(tmp / "m-qlora")})
+    lora = run_worker("ours", {**common, "out": str(tmp / "m-lora"), "quantized": False})
+    full = run_worker("full", {**common, "out": str(tmp / "m-full")})
+    methods = {"qlora_nf4": qlora, "lora_bf16": lora, "full_bf16": full}
+    for run in methods.values():
+        run["trainable_percent"] = 100 * run["trainable_params"] / run["total_params"]
+    return {"steps": steps, "methods": methods}
+
+
+def bench_export_and_latency(tmp: Path, hidden: int, layers: int, repeats: int) -> dict[str, Any]:
+    """Export (reusing bench_export_memory) then latency of base vs our merged output vs the unmerged adapter."""
+    import bench_export_memory as bem
+
+    base_dir, run_dir, size = bem.build(tmp / "export", hidden, layers)
+    merged = tmp / "export" / "merged-ours"
+    cli = [sys.executable, "-m", "qlora_pipe.cli", "export", str(run_dir), "--no-verify", "--out", str(merged)]
+    ours_peak, ours_s = bem.measure(cli)
+    peft_peak, peft_s = bem.measure(
+        [sys.executable, "-c", bem.PEFT_MERGE, str(base_dir), str(run_dir), str(tmp / "m2")]
+    )
+    idle_peak, _ = bem.measure([sys.executable, "-c", "import torch, transformers, peft, bitsandbytes"])
+    export = {
+        "hidden": hidden,
+        "layers": layers,
+        "model_bytes_bf16": size,
+        "ours_peak_rss_bytes": ours_peak,
+        "ours_seconds": ours_s,
+        "peft_merge_and_unload_peak_rss_bytes": peft_peak,
+        "peft_seconds": peft_s,
+        "libraries_only_peak_rss_bytes": idle_peak,
+    }
+    args = {"base": str(base_dir), "merged": str(merged), "adapter": str(run_dir)}
+    latency = run_worker("latency", {**args, "repeats": repeats, "prompt_tokens": 64, "new_tokens": 32})
+    return {"export": export, "latency": {"repeats": repeats, "prompt_tokens": 64, "new_tokens": 32, **latency}}
+
+
+def cpu_bench(args: argparse.Namespace) -> dict[str, Any]:
+    started = time.time()
+    with tempfile.TemporaryDirectory() as name:
+        tmp = Path(name)
+        model, params = build_train_model(tmp / "model", args.hidden, args.layers)
+        print(f"model: hidden {args.hidden}, {args.layers} layers, {params / 1e6:.1f}M parameters", flush=True)
+        print("1/4 ours vs plain TRL", flush=True)
+        trainers = compare_trainers(model, tmp, args.rows, args.repeats, args.max_length)
+        print("2/4 QLoRA vs LoRA vs full fine-tuning", flush=True)
+        methods = compare_methods(model, tmp, args.rows, args.method_steps, args.max_length)
+        print("3/4 + 4/4 export and latency", flush=True)
+        tail = bench_export_and_latency(tmp, args.export_hidden, args.export_layers, args.latency_repeats)
+    return {
+        "date": date.today().isoformat(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU",
+        "command": "python " + " ".join([Path(sys.argv[0]).as_posix().removeprefix(str(REPO) + "/"), *sys.argv[1:]]),
+        "versions": versions(),
+        "train_model": {
+            "hidden": args.hidden,
+            "layers": args.layers,
+            "parameters": params,
+            "max_length": args.max_length,
+        },
+        "trainers": trainers,
+        "methods": methods,
+        **tail,
+        "bench_seconds": round(time.time() - started, 1),
+    }
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    return {name: version(name) for name in ("torch", "transformers", "peft", "bitsandbytes", "trl")}
+
+
+def write_results(result: dict[str, Any]) -> Path:
+    from bench_report import markdown_table, plot
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = RESULTS / f"{result['date']}-{machine_name()}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(markdown_table(result))
+    plot(result, stem.with_suffix(".png"))
+    return stem.with_suffix(".json")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gpu", action="store_true", help="run the GPU check (scripts/bench_gpu.py)")
+    parser.add_argument("--dry", action="store_true", help="with --gpu: tiny shapes on CPU, seconds")
+    parser.add_argument("--readme", type=Path, help="rewrite README's performance section from this results file")
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--rows", type=int, default=32)
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--method-steps", type=int, default=3)
+    parser.add_argument("--export-hidden", type=int, default=1024)
+    parser.add_argument("--export-layers", type=int, default=8)
+    parser.add_argument("--latency-repeats", type=int, default=5)
+    args = parser.parse_args(argv)
+    if args.readme:
+        from bench_report import update_readme
+
+        update_readme(args.readme)
+        return 0
+    if args.gpu:
+        from bench_gpu import main as gpu_main
+
+        return gpu_main(["--dry"] if args.dry else [])
+    path = write_results(cpu_bench(args))
+    print(path.with_suffix(".md").read_text())
+    print(f"written: {path} (+ .md, .png)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""Turn a scripts/bench.py results file into a markdown table, a PNG chart and README's performance section.
+
+    python scripts/bench.py --readme benchmarks/results/<date>-<machine>.json
+
+Only measured numbers from the results file are written; nothing here is typed in by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+README = REPO / "README.md"
+START, END = "<!-- bench:start -->\n", "<!-- bench:end -->\n"
+GIB, MIB = 2**30, 2**20
+
+
+def _trainer_rows(r: dict[str, Any]) -> list[str]:
+    t = r["trainers"]
+    return [
+        "| training path | supervised tokens/s (median) | tokens per CPU-second | peak memory |",
+        "|---|---|---|---|",
+        f"| qlora-pipe (`run_training`, PipeTrainer + callbacks) | {t['ours_tokens_per_second']:.1f} "
+        f"| {t['ours_tokens_per_cpu_second']:.1f} | {t['ours_peak_memory_bytes'] / GIB:.2f} GiB |",
+        f"| plain TRL SFTTrainer + PEFT + bitsandbytes script | {t['plain_tokens_per_second']:.1f} "
+        f"| {t['plain_tokens_per_cpu_second']:.1f} | {t['plain_peak_memory_bytes'] / GIB:.2f} GiB |",
+        f"| **ratio ours / plain** | **{t['ratio_ours_over_plain']:.3f}** "
+        f"| **{t['cpu_time_ratio_ours_over_plain']:.3f}** | |",
+    ]
+
+
+def _method_rows(r: dict[str, Any]) -> list[str]:
+    names = {
+        "qlora_nf4": "QLoRA (4-bit NF4 base + LoRA)",
+        "lora_bf16": "LoRA on a bf16 base",
+        "full_bf16": "full fine-tuning (bf16)",
+    }
+    rows = ["| method | peak memory | trainable parameters | saved per task |", "|---|---|---|---|"]
+    for key, m in r["methods"]["methods"].items():
+        rows.append(
+            f"| {names[key]} | {m['peak_memory_bytes'] / GIB:.2f} GiB | {m['trainable_params']:,} "
+            f"({m['trainable_percent']:.2f}%) | {m['saved_bytes'] / MIB:.1f} MiB |"
+        )
+    return rows
+
+
+def _latency_rows(r: dict[str, Any]) -> list[str]:
+    lat = r["latency"]
+    rows = [
+        f"| model ({lat['prompt_tokens']}-token prompt, {lat['new_tokens']} new tokens, greedy) "
+        "| ms per token (median) |",
+        "|---|---|",
+    ]
+    labels = {
+        "base": "base model",
+        "merged": "merged model (qlora-pipe export)",
+        "adapter_unmerged": "base + unmerged adapter (PEFT)",
+    }
+    rows += [f"| {label} | {lat[key]['ms_per_token']:.1f} |" for key, label in labels.items()]
+    return rows
+
+
+def _export_rows(r: dict[str, Any]) -> list[str]:
+    e = r["export"]
+    return [
+        f"| export of a {e['model_bytes_bf16'] / GIB:.2f} GiB (bf16) model | peak RSS | time |",
+        "|---|---|---|",
+        f"| importing the libraries only | {e['libraries_only_peak_rss_bytes'] / GIB:.2f} GiB | |",
+        f"| qlora-pipe export (NF4-faithful, streaming) | {e['ours_peak_rss_bytes'] / GIB:.2f} GiB "
+        f"| {e['ours_seconds']:.0f} s |",
+        f"| load + PEFT merge_and_unload + save | {e['peft_merge_and_unload_peak_rss_bytes'] / GIB:.2f} GiB "
+        f"| {e['peft_seconds']:.0f} s |",
+    ]
+
+
+def markdown_table(r: dict[str, Any]) -> str:
+    """All four comparisons as markdown, headed by what was run, where and when."""
+    m = r["train_model"]
+    head = (
+        f"Measured {r['date']} on {r['machine']} with `{r['command']}` ({r['bench_seconds']:.0f} s). "
+        f"Training model: random-weight Llama, hidden {m['hidden']}, {m['layers']} layers, "
+        f"{m['parameters'] / 1e6:.1f}M parameters, bundled legal-qa rows (max length {m['max_length']}); "
+        f"{r['trainers']['repeats']} alternating repeats per side of {r['trainers']['steps']} steps, medians. "
+        f"Peak memory is the process's peak RSS on CPU (torch.cuda.max_memory_allocated on a GPU).\n"
+    )
+    parts = [head, *_trainer_rows(r), "", *_method_rows(r), "", *_latency_rows(r), "", *_export_rows(r)]
+    return "\n".join(parts) + "\n"
+
+
+def plot(r: dict[str, Any], path: Path) -> None:
+    """Four small bar charts, one per comparison."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+    t, methods, lat, e = r["trainers"], r["methods"]["methods"], r["latency"], r["export"]
+    bars = [
+        ("supervised tokens/s", ["ours", "plain TRL"], [t["ours_tokens_per_second"], t["plain_tokens_per_second"]]),
+        ("peak RSS (GiB)", ["QLoRA", "LoRA bf16", "full"], [m["peak_memory_bytes"] / GIB for m in methods.values()]),
+        (
+            "ms / generated token",
+            ["base", "merged", "unmerged"],
+            [lat[k]["ms_per_token"] for k in ("base", "merged", "adapter_unmerged")],
+        ),
+        (
+            "export peak RSS (GiB)",
+            ["ours", "merge_and_unload"],
+            [e["ours_peak_rss_bytes"] / GIB, e["peft_merge_and_unload_peak_rss_bytes"] / GIB],
+        ),
+    ]
+    for ax, (title, labels, values) in zip(axes, bars, strict=True):
+        ax.bar(labels, values, color=["#2a6f97", "#a9a9a9", "#c9a227"][: len(values)])
+        ax.set_title(title)
+        for i, value in enumerate(values):
+            ax.annotate(f"{value:.2f}" if value < 100 else f"{value:.0f}", (i, value), ha="center", va="bottom")
+    fig.suptitle(f"qlora-pipe benchmarks, {r['date']}, {r['machine']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def readme_section(r: dict[str, Any], results_file: Path) -> str:
+    rel = results_file.resolve().relative_to(REPO) if results_file.resolve().is_relative_to(REPO) else results_file
+    chart = Path(rel).with_suffix(".png")
+    return (
+        f"{markdown_table(r)}\n![benchmark chart]({chart.as_posix()})\n\n"
+        f"Raw numbers, every repeat and library versions: [`{Path(rel).as_posix()}`]({Path(rel).as_posix()}). "
+        "Regenerate this section with `python scripts/bench.py --readme RESULTS.json`.\n"
+    )
+
+
+def update_readme(results_file: Path) -> None:
+    """Rewrite README.md between the bench markers only (others edit other sections concurrently)."""
+    result = json.loads(Path(results_file).read_text())
+    text = README.read_text(encoding="utf-8")
+    if START not in text or END not in text:
+        raise SystemExit(f"README.md has no {START.strip()} ... {END.strip()} markers")
+    pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
+    README.write_text(pattern.sub(lambda _: START + readme_section(result, Path(results_file)) + END, text))
+    print(f"updated {README}")

@@ -1,0 +1,217 @@
+"""One measurement per process, for scripts/bench.py: each prints one JSON line as its last output.
+
+    python scripts/bench_workers.py ours|plain|full|latency JSON_ARGS
+
+A fresh process per measurement makes peak RSS (ru_maxrss only ever grows) belong to that side alone.
+``ours`` runs qlora_pipe.training.run_training, the code `qlora-pipe train` runs; ``plain`` is the
+usual TRL + PEFT + bitsandbytes script with the same model, rows and settings; ``full`` is the same
+script without PEFT (full fine-tuning); ``latency`` times greedy generation of base, merged and
+adapter-unmerged models, interleaved.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+TRAIN = REPO / "data/legal-qa/train.jsonl"
+
+
+# The settings both training sides share: qlora-pipe's defaults, except a short run.
+class TrainClock:
+    """Wall and CPU seconds of trainer.train() proper, the same callback on both sides.
+
+    CPU seconds stay meaningful when other jobs share the machine: wall time then measures them too.
+    """
+
+    def __new__(cls):
+        from transformers import TrainerCallback
+
+        class Clock(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+            def on_train_end(self, args, state, control, **kwargs):
+                self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+        return Clock()
+
+
+SETTINGS = {"micro_batch_size": 8, "learning_rate": 2e-4, "warmup_ratio": 0.03, "max_grad_norm": 0.3, "seed": 42}
+
+
+def ours(args: dict[str, Any]) -> dict[str, Any]:
+    """The real `qlora-pipe train` path (checks, data stage, 4-bit load, PipeTrainer with its callbacks)."""
+    from qlora_pipe.recipe import validate_recipe
+    from qlora_pipe.training import run_training
+
+    raw = {
+        "run_name": "ours",
+        "output_dir": args["out"],
+        "seed": SETTINGS["seed"],
+        "model": {"name_or_path": args["model"]},
+        "quantization": {"enabled": args.get("quantized", True)},
+        "data": {
+            "train_path": str(TRAIN),
+            "max_length": args["max_length"],
+            "max_train_samples": args["rows"],
+            "cache_dir": str(Path(args["out"]) / "data-cache"),
+        },
+        "training": {
+            "max_steps": args.get("max_steps", -1),
+            "micro_batch_size": SETTINGS["micro_batch_size"],
+            "gradient_accumulation_steps": 1,
+            "learning_rate": SETTINGS["learning_rate"],
+            "warmup_ratio": SETTINGS["warmup_ratio"],
+            "max_grad_norm": SETTINGS["max_grad_norm"],
+            "save_steps": 10_000,
+        },
+    }
+    clock = TrainClock()
+    summary = run_training(validate_recipe(raw, "bench"), overwrite=True, callbacks=(clock,)).summary
+    adapter = Path(args["out"]) / "ours" / "adapter_model.safetensors"
+    return {
+        "supervised_tokens": summary["supervised_tokens"],
+        "train_seconds": clock.wall,
+        "train_cpu_seconds": clock.cpu,
+        "steps": summary["steps"],
+        "peak_memory_bytes": summary["peak_memory_bytes"],
+        "trainable_params": summary["trainable_params"],
+        "total_params": summary["total_params"],
+        "saved_bytes": adapter.stat().st_size,
+    }
+
+
+def plain_trainer(args: dict[str, Any], peft: bool, clock):
+    """A TRL + PEFT + bitsandbytes script as the TRL docs write it; peft=False: full fine-tuning in bf16."""
+    import torch
+    from datasets import load_dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from trl import SFTConfig, SFTTrainer
+
+    gpu = torch.cuda.is_available()
+    tokenizer = AutoTokenizer.from_pretrained(args["model"])
+    rows = load_dataset("json", data_files=str(TRAIN), split="train").select(range(args["rows"]))
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        args["model"],
+        quantization_config=quant if peft else None,
+        dtype=torch.bfloat16,
+        device_map={"": 0 if gpu else "cpu"},
+    )
+    config = SFTConfig(
+        output_dir=str(Path(args["out"]) / "plain"),
+        seed=SETTINGS["seed"],
+        data_seed=SETTINGS["seed"],
+        max_steps=args.get("max_steps", -1),
+        num_train_epochs=1,
+        per_device_train_batch_size=SETTINGS["micro_batch_size"],
+        learning_rate=SETTINGS["learning_rate"],
+        lr_scheduler_type="cosine",
+        warmup_steps=SETTINGS["warmup_ratio"],
+        max_grad_norm=SETTINGS["max_grad_norm"],
+        optim="paged_adamw_8bit" if gpu else "adamw_8bit",
+        bf16=True,
+        gradient_checkpointing=True,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        assistant_only_loss=True,
+        max_length=args["max_length"],
+        save_strategy="no",
+        report_to="none",
+        use_cpu=not gpu,
+    )
+    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
+    trainer = SFTTrainer(
+        model=model,
+        args=config,
+        train_dataset=rows,
+        processing_class=tokenizer,
+        peft_config=lora if peft else None,
+        callbacks=[clock],
+    )
+    return trainer
+
+
+def plain(args: dict[str, Any], peft: bool = True) -> dict[str, Any]:
+    from qlora_pipe.progress import peak_memory_bytes
+
+    clock = TrainClock()
+    trainer = plain_trainer(args, peft, clock)
+    # Every row is seen once (one epoch): the loss-carrying tokens are the labels after the first position.
+    dataset = trainer.train_dataset
+    supervised = sum(sum(label != -100 for label in row[1:]) for row in dataset["labels"])
+    trainer.train()
+    model = trainer.model
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    saved = Path(args["out"]) / "saved"
+    if not peft:  # full fine-tuning must keep the whole model per task
+        model.save_pretrained(saved)
+    return {
+        "supervised_tokens": supervised,
+        "train_seconds": clock.wall,
+        "train_cpu_seconds": clock.cpu,
+        "steps": trainer.state.global_step,
+        "peak_memory_bytes": peak_memory_bytes(),
+        "trainable_params": trainable,
+        "total_params": sum(p.numel() for p in model.parameters()),
+        "saved_bytes": sum(f.stat().st_size for f in saved.glob("*.safetensors")) if not peft else None,
+    }
+
+
+def latency(args: dict[str, Any]) -> dict[str, Any]:
+    """Greedy decode time of base, merged and PEFT-unmerged models, interleaved, medians."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    def load(path: str):
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+
+    models = {
+        "base": load(args["base"]),
+        "merged": load(args["merged"]),
+        "adapter_unmerged": PeftModel.from_pretrained(load(args["base"]), args["adapter"]).eval(),
+    }
+    prompt = torch.randint(0, 2000, (1, args["prompt_tokens"]), generator=torch.Generator().manual_seed(0))
+    new = args["new_tokens"]
+    times: dict[str, list[float]] = {name: [] for name in models}
+    with torch.inference_mode():
+        for model in models.values():  # warm-up: first-call allocations are not latency
+            model.generate(prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+        for i in range(args["repeats"]):
+            order = list(models) if i % 2 == 0 else list(reversed(models))
+            for name in order:
+                started = time.perf_counter()
+                models[name].generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+                times[name].append(time.perf_counter() - started)
+    return {
+        name: {"median_seconds": statistics.median(t), "ms_per_token": 1000 * statistics.median(t) / new, "runs": t}
+        for name, t in times.items()
+    }
+
+
+WORKERS = {"ours": ours, "plain": plain, "full": lambda a: plain(a, peft=False), "latency": latency}
+
+if __name__ == "__main__":
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    logging.basicConfig(level=logging.WARNING)
+    result = WORKERS[sys.argv[1]](json.loads(sys.argv[2]))
+    print("BENCH_RESULT " + json.dumps(result))

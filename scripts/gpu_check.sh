@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The GPU check in one command (under 8 minutes on one GPU): a Llama-3.1-8B-shaped QLoRA model with random
+# weights, built in 4-bit on the GPU, capped to 24 GB, trained by our default recipe at 2k/4k/8k tokens,
+# then the longest sequence that fits. Result: benchmarks/results/gpu-<date>-<gpu>.json.
+#   bash scripts/gpu_check.sh            # on a machine with a CUDA GPU
+#   bash scripts/gpu_check.sh --dry      # rehearsal on CPU with tiny shapes (seconds)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false TQDM_MININTERVAL=10
+exec timeout 480 python scripts/bench_gpu.py "$@"

@@ -1,0 +1,54 @@
+"""The GPU check's dry mode runs here on CPU (tiny shapes, real 4-bit build, real trainer path) so it cannot rot."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "scripts"))
+
+
+def test_gpu_check_dry_run_measures_every_length_and_searches(tmp_path):
+    from bench_gpu import main
+
+    assert main(["--dry", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "gpu-dry.json").read_text())
+    assert result["dry"] is True and result["device"] == "cpu (dry run)"
+    assert [row["length"] for row in result["lengths"]] == [32, 64]
+    for row in result["lengths"]:
+        assert row["tokens_per_second"] > 0 and row["model_flops_per_step"] > 0
+        assert "planned_peak_bytes" in row and "mfu" in row  # null without a planner / a GPU
+    search = result["longest_sequence"]
+    assert search["longest_fitting_length"] == search["search_limit"] == 128  # nothing runs out of memory on CPU
+    assert result["trainable_params"] > 0
+    assert result["references"]["unsloth_llama3.1_8b_qlora_longest_context_24gb"]["tokens"] == 78475
+
+
+def test_four_bit_build_matches_the_config(tmp_path):
+    import bitsandbytes as bnb
+    import torch
+    from bench_gpu_model import build_4bit_llama, llama_config
+
+    config = llama_config(dry=True)
+    model = build_4bit_llama(config, torch.device("cpu"))
+    quantized = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(quantized) == 7 * config.num_hidden_layers  # q k v o gate up down; lm_head stays bf16
+    assert all(m.weight.quant_state is not None for m in quantized)
+    with torch.no_grad():
+        logits = model(torch.tensor([[1, 2, 3]])).logits
+    assert logits.shape == (1, 3, config.vocab_size) and torch.isfinite(logits).all()
+
+
+def test_readme_section_is_rewritten_only_between_the_markers(tmp_path, monkeypatch):
+    import bench_report
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\n\nkept\n{bench_report.START}old numbers\n{bench_report.END}after\n")
+    monkeypatch.setattr(bench_report, "README", readme)
+    monkeypatch.setattr(bench_report, "readme_section", lambda result, path: f"from {path.name}\n")
+    results = tmp_path / "r.json"
+    results.write_text("{}")
+    bench_report.update_readme(results)
+    assert readme.read_text() == f"# title\n\nkept\n{bench_report.START}from r.json\n{bench_report.END}after\n"
