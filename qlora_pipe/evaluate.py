@@ -147,6 +147,25 @@ def _free_memory() -> None:
         torch.cuda.empty_cache()  # the merged model is loaded next; give it the 4-bit model's memory
 
 
+def _report(run_root: Path, evalset: EvalSet, tuned_model: str, max_new_tokens: int, base: tuple, tuned: tuple) -> dict:
+    """eval.json: the settings, both columns of scores, and every answer side by side."""
+    (base_scores, base_answers), (tuned_scores, tuned_answers) = base, tuned
+    return {
+        "run": str(run_root),
+        "data": evalset.source,
+        "tuned_model": tuned_model,
+        "examples": len(evalset.rows),
+        "generated": len(evalset.prompts),
+        "max_new_tokens": max_new_tokens,
+        "base": base_scores,
+        "tuned": tuned_scores,
+        "answers": [
+            {"question": q, "reference": r, "base": b.text, "tuned": t.text}
+            for q, r, b, t in zip(evalset.questions, evalset.references, base_answers, tuned_answers, strict=True)
+        ],
+    }
+
+
 def run_eval(
     run_dir: str | Path,
     data: str | None = None,
@@ -183,21 +202,9 @@ def run_eval(
     tuned, tuned_answers = score_model(model, tokenizer, evalset, batch_size, max_new_tokens, "tuned")
     del model
     _free_memory()
-    result = {
-        "run": str(run.root),
-        "data": evalset.source,
-        "tuned_model": f"merged model ({merged_dir})" if merged else "4-bit base + adapter",
-        "examples": len(evalset.rows),
-        "generated": len(evalset.prompts),
-        "max_new_tokens": max_new_tokens,
-        "base": base,
-        "tuned": tuned,
-        "answers": [
-            {"question": q, "reference": r, "base": b.text, "tuned": t.text}
-            for q, r, b, t in zip(evalset.questions, evalset.references, base_answers, tuned_answers, strict=True)
-        ],
-        "seconds": round(time.time() - started, 1),
-    }
+    tuned_model = f"merged model ({merged_dir})" if merged else "4-bit base + adapter"
+    result = _report(run.root, evalset, tuned_model, max_new_tokens, (base, base_answers), (tuned, tuned_answers))
+    result["seconds"] = round(time.time() - started, 1)
     out = merged_dir / EVAL_REPORT if merged else run.eval_report
     write_json_atomic(out, result)
     result["path"] = str(out)
