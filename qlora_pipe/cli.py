@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--merged", action="store_true", help="tuned column from RUN_DIR/merged (after export)")
     evaluate.add_argument("--examples", type=int, default=3, metavar="N", help="example answers to print (default 3)")
+    evaluate.add_argument(
+        "--lm-eval", metavar="TASKS", help="also run lm-evaluation-harness tasks (comma-separated; needs lm-eval)"
+    )
 
     data = commands.add_parser("data", help="check, tokenize and preview the data (loads the tokenizer only)")
     _add_recipe_args(data)
@@ -108,6 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def close_process_group() -> None:
+    """End a torchrun launch cleanly: exiting with gloo's threads still running aborts the process."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from qlora_pipe.recipe import load_recipe
     from qlora_pipe.training import run_training
@@ -115,7 +126,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, overrides=args.overrides)
     if args.resume and args.overwrite:
         raise UserError("--resume and --overwrite contradict each other; choose one")
-    result = run_training(recipe, overwrite=args.overwrite, resume=args.resume)
+    try:
+        result = run_training(recipe, overwrite=args.overwrite, resume=args.resume)
+    finally:
+        close_process_group()
     s = result.summary
     if not s:  # not the first process of a multi-process launch
         return 0
@@ -161,8 +175,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from qlora_pipe.eval_metrics import eval_heading, eval_table
     from qlora_pipe.evaluate import run_eval
 
-    result = run_eval(args.run_dir, args.data, args.limit, args.batch_size, args.max_new_tokens, args.merged)
+    result = run_eval(
+        args.run_dir, args.data, args.limit, args.batch_size, args.max_new_tokens, args.merged, args.lm_eval
+    )
     print(f"\n{eval_heading(result)}\n\n{eval_table(result)}")
+    if "lm_eval" in result["base"]:
+        from qlora_pipe.lm_harness import lm_eval_table
+
+        print(f"\n{lm_eval_table(result['base']['lm_eval'], result['tuned']['lm_eval'])}")
     for row in result["answers"][: args.examples]:
         print(f"\nQ: {row['question']}\n  reference: {row['reference']!r}")
         print(f"  base:      {row['base']!r}\n  tuned:     {row['tuned']!r}")
