@@ -22,6 +22,7 @@ from qlora_pipe.data import IGNORE
 from qlora_pipe.errors import UserError
 from qlora_pipe.eval_metrics import score_answers
 from qlora_pipe.generation import Generation, generate_greedy
+from qlora_pipe.lm_harness import parse_tasks
 from qlora_pipe.recipe import Recipe
 from qlora_pipe.runs import EVAL_REPORT, write_json_atomic
 
@@ -39,6 +40,7 @@ class EvalSet:
     references: list[str] = field(default_factory=list)
     questions: list[str] = field(default_factory=list)
     longest_answer: int = 0
+    limit: int | None = None  # the user's --limit, also applied per lm-eval task
 
 
 def final_answer_span(labels: list[int]) -> tuple[int, int] | None:
@@ -91,7 +93,7 @@ def load_eval_set(recipe: Recipe, tokenizer, data_path: str | None, limit: int |
     if prepared.eval is None or len(prepared.eval) == 0:
         raise UserError(f"eval: no usable held-out rows in {data_path or 'the recipe held-out data'}")
     rows = [prepared.eval[i] for i in range(min(limit or len(prepared.eval), len(prepared.eval)))]
-    evalset = EvalSet(data_path or "the recipe's held-out set", rows)
+    evalset = EvalSet(data_path or "the recipe's held-out set", rows, limit=limit)
     markers = user_turn_markers(tokenizer)
     for row in rows:
         span = final_answer_span(row["labels"])
@@ -129,15 +131,19 @@ def answer_loss(model, rows: list[dict[str, list[int]]], batch_size: int, pad_id
 
 
 def score_model(
-    model, tokenizer, evalset: EvalSet, batch_size: int, max_new_tokens: int, name: str
-) -> tuple[dict[str, float], list[Generation]]:
-    """Loss on the references and scores of greedy answers, for one column of the table."""
-    metrics: dict[str, float] = answer_loss(model, evalset.rows, batch_size, tokenizer.pad_token_id)
+    model, tokenizer, evalset: EvalSet, batch_size: int, max_new_tokens: int, name: str, lm_tasks: list[str] | None
+) -> tuple[dict[str, Any], list[Generation]]:
+    """Loss on the references and scores of greedy answers (and lm-eval tasks), for one column of the table."""
+    metrics: dict[str, Any] = answer_loss(model, evalset.rows, batch_size, tokenizer.pad_token_id)
     answers = generate_greedy(model, tokenizer, evalset.prompts, max_new_tokens, batch_size, desc=f"answers ({name})")
     metrics.update(score_answers([a.text for a in answers], evalset.references))
     n = max(len(answers), 1)
     metrics["stopped_at_end_of_turn"] = sum(a.stopped for a in answers) / n
     metrics["mean_answer_tokens"] = sum(a.new_tokens for a in answers) / n
+    if lm_tasks:
+        from qlora_pipe.lm_harness import run_lm_eval
+
+        metrics["lm_eval"] = run_lm_eval(model, tokenizer, lm_tasks, batch_size, evalset.limit)
     return metrics, answers
 
 
@@ -173,6 +179,7 @@ def run_eval(
     batch_size: int = 8,
     max_new_tokens: int | None = None,
     merged: bool = False,
+    lm_eval_tasks: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate base and tuned models of a finished run; writes eval.json (RUN_DIR/merged/eval.json with merged)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -184,6 +191,7 @@ def run_eval(
     started = time.time()
     if batch_size < 1 or (limit is not None and limit < 1) or (max_new_tokens is not None and max_new_tokens < 1):
         raise UserError("eval: --batch-size, --limit and --max-new-tokens must be at least 1")
+    lm_tasks = parse_tasks(lm_eval_tasks) if lm_eval_tasks else None
     run = resolve_run(run_dir)
     merged_dir = run.root / "merged"
     if merged and not (merged_dir / "config.json").is_file():
@@ -194,12 +202,12 @@ def run_eval(
     max_new_tokens = max_new_tokens or evalset.longest_answer + EXTRA_NEW_TOKENS
     model = load_trained_model(recipe, run.root)
     with model.disable_adapter():
-        base, base_answers = score_model(model, tokenizer, evalset, batch_size, max_new_tokens, "base")
+        base, base_answers = score_model(model, tokenizer, evalset, batch_size, max_new_tokens, "base", lm_tasks)
     if merged:
         del model
         _free_memory()
         model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype="auto", device_map={"": training_device()})
-    tuned, tuned_answers = score_model(model, tokenizer, evalset, batch_size, max_new_tokens, "tuned")
+    tuned, tuned_answers = score_model(model, tokenizer, evalset, batch_size, max_new_tokens, "tuned", lm_tasks)
     del model
     _free_memory()
     tuned_model = f"merged model ({merged_dir})" if merged else "4-bit base + adapter"

@@ -7,6 +7,7 @@ so the tuned model stops early and deterministically while the untrained base ne
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import json
 import shutil
@@ -236,6 +237,8 @@ def test_bad_input_is_one_line_and_exit_code_2(short_run, tmp_path, capsys):
         (["eval", str(not_exported), "--merged"], "no merged model"),
         (["eval", str(short_run), "--data", str(tmp_path / "missing.jsonl")], "missing.jsonl"),
     ]
+    if importlib.util.find_spec("lm_eval") is None:  # optional: a clear hint, before any model loads
+        cases.append((["eval", str(short_run), "--lm-eval", "arc_easy"], "pip install 'lm-eval[hf]'"))
     for args, expected in cases:
         assert main(args) == 2, args
         err = capsys.readouterr().err.strip().splitlines()

@@ -42,7 +42,7 @@ def test_token_f1_counts_overlap_as_a_bag_of_words():
 
 
 def test_rouge_l_uses_the_longest_common_subsequence_in_order():
-    assert lcs_length("a b c d".split(), "a c d b".split()) == 3  # a c d
+    assert lcs_length(["a", "b", "c", "d"], ["a", "c", "d", "b"]) == 3  # a c d
     assert lcs_length([], ["a"]) == 0
     # "police killed gunman" vs "police kill gunman": LCS "police gunman" = 2, P = R = 2/3, F = 2/3
     assert rouge_l("police killed the gunman", "police kill the gunman") == pytest.approx(2 / 3)
@@ -66,3 +66,14 @@ def test_score_answers_averages_over_pairs_and_tables_both_columns():
     assert "exact match" in table and "33.3%" in table and "2.0000" in table
     markdown = eval_table({"base": column, "tuned": column}, markdown=True)
     assert markdown.startswith("| metric | base | tuned |") and "| ROUGE-L | 55.6% | 55.6% |" in markdown
+
+
+def test_lm_eval_table_and_task_names():
+    from qlora_pipe.errors import UserError
+    from qlora_pipe.lm_harness import lm_eval_table, parse_tasks
+
+    table = lm_eval_table({"arc_easy": {"acc,none": 0.25, "acc_norm,none": 0.3}}, {"arc_easy": {"acc,none": 0.5}})
+    assert "arc_easy acc,none" in table and "0.2500" in table and "0.5000" in table
+    assert table.splitlines()[-1].split()[-2:] == ["0.3000", "-"]  # a metric only the base reported
+    with pytest.raises(UserError, match="task names"):
+        parse_tasks(" , ")
