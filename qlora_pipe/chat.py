@@ -19,11 +19,10 @@ from qlora_pipe.generation import (
     chat_prompt_ids,
     stop_token_ids,
 )
-from qlora_pipe.runs import RESOLVED_RECIPE, SUMMARY, RunDir
+from qlora_pipe.merged_model import EXPORT_INFO, _system_prompt, resolve_run
+from qlora_pipe.runs import RESOLVED_RECIPE, STATUS, SUMMARY, RunDir
 
 log = logging.getLogger(__name__)
-
-EXPORT_INFO = "export_info.json"  # written by merged_model.export_merged
 
 
 @dataclass
@@ -35,14 +34,13 @@ class ChatModel:
 
 
 def _is_run_dir(path: Path) -> bool:
-    return (path / RESOLVED_RECIPE).is_file() or (path / SUMMARY).is_file() or (path / "status.json").is_file()
+    return (path / RESOLVED_RECIPE).is_file() or (path / SUMMARY).is_file() or (path / STATUS).is_file()
 
 
 def training_system_prompt(run: RunDir | None) -> str | None:
     """The system message of the run's training data, or None when unknown (data moved, no run)."""
     if run is None:
         return None
-    from qlora_pipe.merged_model import _system_prompt
     from qlora_pipe.recipe import load_recipe
 
     try:
@@ -56,10 +54,8 @@ def run_of_merged(merged: Path) -> RunDir | None:
     """The run an exported model came from: export_info.json names it; export writes into RUN_DIR/merged."""
     info_path = merged / EXPORT_INFO
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
-    for candidate in [Path(info["run"])] if info.get("run") else []:
-        if (candidate / RESOLVED_RECIPE).is_file():
-            return RunDir(candidate)
-    return RunDir(merged.parent) if (merged.parent / RESOLVED_RECIPE).is_file() else None
+    candidates = ([Path(info["run"])] if info.get("run") else []) + [merged.parent]
+    return next((RunDir(c) for c in candidates if (c / RESOLVED_RECIPE).is_file()), None)
 
 
 def load_chat_model(path: str | Path) -> ChatModel:
@@ -72,7 +68,6 @@ def load_chat_model(path: str | Path) -> ChatModel:
     if not path.is_dir():
         raise UserError(f"chat: directory not found: {path}")
     if _is_run_dir(path):
-        from qlora_pipe.merged_model import resolve_run
         from qlora_pipe.model import load_trained_model
         from qlora_pipe.recipe import load_recipe
 
