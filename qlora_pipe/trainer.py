@@ -57,7 +57,8 @@ class BadStepGuard(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         trainer = self.trainer
         grads = [p.grad for p in trainer.model.parameters() if p.requires_grad and p.grad is not None]
-        finite_grads = all(torch.isfinite(g).all() for g in grads)
+        # One fused norm per tensor and a single host sync: a non-finite value makes its norm non-finite.
+        finite_grads = not grads or bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
         if trainer.bad_loss_in_step or not finite_grads:
             what = "loss" if trainer.bad_loss_in_step else "gradient"
             for param in trainer.model.parameters():

@@ -95,7 +95,16 @@ def compare_trainers(model: Path, tmp: Path, rows: int, repeats: int, max_length
             runs[kind].append(
                 run_worker(kind, {"model": str(model), "out": str(out), "rows": rows, "max_length": max_length})
             )
-            print(f"  {kind} #{i + 1}: {tokens_per_second(runs[kind][-1]):.1f} supervised tokens/s", flush=True)
+            last = runs[kind][-1]
+            per_step = last["steady_seconds"] / last["steady_steps"]
+            print(f"  {kind} #{i + 1}: {tokens_per_second(last):.1f} tokens/s, {per_step:.3f} s/step", flush=True)
+    # Both sides see the same rows in the same order (same seed, same tokens: checked below), so the
+    # ratio of steady-state step times is the ratio of training-step throughput.
+    same_work = len({r["supervised_tokens"] for rs in runs.values() for r in rs}) == 1
+    step = {kind: statistics.median(r["steady_seconds"] / r["steady_steps"] for r in rs) for kind, rs in runs.items()}
+    step_cpu = {
+        kind: statistics.median(r["steady_cpu_seconds"] / r["steady_steps"] for r in rs) for kind, rs in runs.items()
+    }
     speed = {kind: statistics.median(tokens_per_second(r) for r in rs) for kind, rs in runs.items()}
     cpu = {kind: statistics.median(tokens_per_second(r, "train_cpu_seconds") for r in rs) for kind, rs in runs.items()}
     peak = {kind: statistics.median(r["peak_memory_bytes"] for r in rs) for kind, rs in runs.items()}
@@ -106,6 +115,11 @@ def compare_trainers(model: Path, tmp: Path, rows: int, repeats: int, max_length
         "ours_tokens_per_second": speed["ours"],
         "plain_tokens_per_second": speed["plain"],
         "ratio_ours_over_plain": speed["ours"] / speed["plain"],
+        "same_batches": same_work,
+        "ours_step_seconds": step["ours"],
+        "plain_step_seconds": step["plain"],
+        "steady_ratio_ours_over_plain": step["plain"] / step["ours"],
+        "steady_cpu_ratio_ours_over_plain": step_cpu["plain"] / step_cpu["ours"],
         # Tokens per CPU-second: unaffected by other jobs on a shared machine taking cores away.
         "ours_tokens_per_cpu_second": cpu["ours"],
         "plain_tokens_per_cpu_second": cpu["plain"],
@@ -209,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--readme", type=Path, help="rewrite README's performance section from this results file")
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--rows", type=int, default=32)
+    parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--method-steps", type=int, default=3)

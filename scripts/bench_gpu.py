@@ -61,13 +61,15 @@ def llama_parameters(config) -> int:
     return layers * per_layer + 2 * config.vocab_size * d + d
 
 
-def planned_bytes(recipe, config, length: int) -> int | None:
-    """The memory planner's predicted peak (written in parallel: absent or failing means null)."""
+def planned_bytes(recipe, config, length: int) -> dict[str, int] | None:
+    """The memory planner's prediction: ``allocated`` is what torch.cuda.max_memory_allocated should
+    report (no CUDA context, allocator slack or paged optimizer states); ``total`` is the whole peak."""
     try:
         from qlora_pipe.plan import plan_for_recipe
 
-        return int(plan_for_recipe(recipe, config=config.to_dict(), micro_batch_size=1, max_length=length).total)
-    except Exception as exc:  # the planner is optional here: record why it gave nothing
+        plan = plan_for_recipe(recipe, config=config.to_dict(), micro_batch_size=1, max_length=length)
+        return {"allocated": int(plan.allocated), "total": int(plan.total), "terms": dict(plan.terms)}
+    except Exception as exc:  # a planner failure must not lose the measurements: record why
         print(f"  planner: no prediction ({type(exc).__name__}: {exc})", flush=True)
         return None
 
@@ -184,7 +186,7 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             length=length,
             model_flops_per_step=flops,
             mfu=flops / result["step_seconds"] / peak_flops if peak_flops else None,
-            planned_peak_bytes=planned_bytes(default_recipe(tmp, length), config, length),
+            planned=planned_bytes(default_recipe(tmp, length), config, length),
         )
         rows.append(result)
         print(f"  {length}: {result['tokens_per_second']:.0f} tokens/s, peak {result['peak_memory_bytes']}", flush=True)

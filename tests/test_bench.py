@@ -19,7 +19,9 @@ def test_gpu_check_dry_run_measures_every_length_and_searches(tmp_path):
     assert [row["length"] for row in result["lengths"]] == [32, 64]
     for row in result["lengths"]:
         assert row["tokens_per_second"] > 0 and row["model_flops_per_step"] > 0
-        assert "planned_peak_bytes" in row and "mfu" in row  # null without a planner / a GPU
+        assert row["mfu"] is None  # no peak FLOPs without a GPU
+        planned = row["planned"]  # the planner's prediction sits beside each measurement
+        assert 0 < planned["allocated"] < planned["total"] and "transient peak" in planned["terms"]
     search = result["longest_sequence"]
     assert search["longest_fitting_length"] == search["search_limit"] == 128  # nothing runs out of memory on CPU
     assert result["trainable_params"] > 0
