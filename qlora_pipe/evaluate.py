@@ -86,7 +86,9 @@ def load_eval_set(recipe: Recipe, tokenizer, data_path: str | None, limit: int |
     if data_path is not None:
         if not any(ch in data_path for ch in "*?[") and not Path(data_path).expanduser().exists():
             raise UserError(f"eval: data file not found: {data_path}")
-        data = data.model_copy(update={"eval_path": data_path, "eval_sources": [], "eval_fraction": 0.0})
+        # The whole file (up to --limit): the recipe's max_eval_samples was about training's held-out set.
+        update = {"eval_path": data_path, "eval_sources": [], "eval_fraction": 0.0, "max_eval_samples": None}
+        data = data.model_copy(update=update)
     elif not data.has_eval():
         raise UserError("eval: the run's recipe has no held-out data (data.eval_path); pass --data PATH")
     prepared = prepare_data(data, tokenizer, recipe.seed)

@@ -209,10 +209,11 @@ def test_eval_of_the_merged_model_agrees_with_the_adapter(short_run, adapter_eva
 
 def test_eval_reads_other_data_formats_with_a_limit(short_run, tmp_path):
     alpaca = tmp_path / "alpaca.jsonl"
-    rows = [{"instruction": f"Is a {t} a legal term?", "input": "", "output": ANSWER} for t in TOPICS[:5]]
+    rows = [{"instruction": f"Is a {t} a legal term?", "input": "", "output": ANSWER} for t in TOPICS * 2]
     alpaca.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    result = run_eval(short_run, data=str(alpaca), limit=3, batch_size=2, max_new_tokens=4)
-    assert result["examples"] == result["generated"] == 3 and result["data"] == str(alpaca)
+    result = run_eval(short_run, data=str(alpaca), limit=20, batch_size=8, max_new_tokens=4)
+    # 20 of 24 rows: the recipe's max_eval_samples (16) is about its own held-out set, not this file
+    assert result["examples"] == result["generated"] == 20 and result["data"] == str(alpaca)
     assert result["answers"][0]["question"] == "Is a contract a legal term?"
     assert result["tuned"]["mean_answer_tokens"] <= 4
 
