@@ -12,7 +12,9 @@ sources are written beside each one. What is measured and how:
   ``torch.autograd.graph.saved_tensors_hooks`` on tiny Llama models under bf16 autocast. The
   residual stream is fp32 (the embeddings are fp32 after k-bit preparation and bitsandbytes
   casts each 4-bit layer's output back to its input dtype), so most saved tensors are fp32.
-- Backward working set, logits buffers and runtime overhead are estimates; scripts/gpu_check.sh
+- The loss: TRL's SFTTrainer computes it with a chunked fused LM head, so its buffers are tiles,
+  not vocabulary x tokens logits (``loss_bytes``).
+- Backward working set, loss buffers and runtime overhead are estimates; scripts/gpu_check.sh
   compares the whole prediction with ``torch.cuda.max_memory_allocated``.
 """
 
@@ -30,6 +32,7 @@ NESTED_BLOCKSIZE = 256  # double quantization: absmax values per nested block
 CUDA_CONTEXT = 512 * 2**20  # assumption: CUDA context and kernels outside the allocator
 FRAGMENTATION = 0.05  # assumption: caching-allocator slack on top of the allocated peak
 RUNTIME_TERM = "runtime overhead"
+TOKEN_TILE, VOCAB_TILE = 4096, 32768  # TRL's chunked log-prob tile
 # Terms that torch.cuda.max_memory_allocated does not see.
 UNALLOCATED = (RUNTIME_TERM, "optimizer states (paged)")
 
@@ -63,7 +66,6 @@ class PlanSettings:
     precision: str = "bf16"
     gradient_checkpointing: bool = True
     activation_offloading: bool = False
-    chunked_loss: bool = False
 
     @classmethod
     def from_recipe(cls, recipe: Recipe, micro_batch_size: int, max_length: int) -> PlanSettings:
@@ -83,7 +85,6 @@ class PlanSettings:
             precision=t.precision,
             gradient_checkpointing=t.gradient_checkpointing,
             activation_offloading=t.activation_offloading,
-            chunked_loss=t.chunked_loss,
         )
 
 
@@ -208,16 +209,24 @@ def activation_terms(shape: ModelShape, s: PlanSettings) -> list[tuple[str, int,
         if s.activation_offloading:
             kept, note = 2 * layer, "saved tensors offloaded to CPU; two layers in flight"
     backward = 2 * layer  # one layer's saved tensors plus their gradients while it runs backward
-    if s.chunked_loss:
-        logits, how = 12 * shape.hidden_size * tokens, "chunked loss"
-    else:
-        # bf16 logits + their fp32 upcast (saved by the loss) + fp32 and bf16 gradients in backward.
-        logits, how = 12 * shape.vocab_size * tokens, f"vocab {shape.vocab_size:,}"
-    peak_note = f"max of layer backward {_gib(backward)} and logits/loss {_gib(logits)} ({how})"
+    logits = loss_bytes(shape, tokens)
+    peak_note = f"max of layer backward {_gib(backward)} and chunked loss {_gib(logits)}"
     return [
         ("activations kept", kept, f"{tokens:,} tokens: {note}"),
         ("transient peak", max(backward, logits), peak_note),
     ]
+
+
+def loss_bytes(shape: ModelShape, tokens: int) -> int:
+    """TRL 1.16's fused LM head (always on in SFTTrainer): log-probs in [4096 tokens x 32768 vocab] tiles.
+
+    Its forward saves an fp32 copy of the final hidden states and its backward accumulates an fp32
+    gradient of them; each tile (bf16) and the bf16 copy of the lm_head slice it multiplies by are
+    transient. Full-vocabulary logits never exist (trl/kernels/chunked_logprob.py).
+    """
+    tile = min(tokens, TOKEN_TILE) * min(shape.vocab_size, VOCAB_TILE) * 2
+    head_slice = min(shape.vocab_size, VOCAB_TILE) * shape.hidden_size * 2
+    return 2 * 4 * shape.hidden_size * tokens + 2 * tile + head_slice
 
 
 def _gib(n: int) -> str:

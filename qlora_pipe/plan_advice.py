@@ -53,7 +53,6 @@ def longest_sequence(shape: ModelShape, s: PlanSettings, budget: int) -> int | N
 # Recipe changes that lower the peak, tried one at a time when a plan does not fit.
 SWITCHES: list[tuple[str, Callable[[PlanSettings], PlanSettings]]] = [
     ("training.gradient_checkpointing=true", lambda s: replace(s, gradient_checkpointing=True)),
-    ("training.chunked_loss=true", lambda s: replace(s, chunked_loss=True)),
     ("training.activation_offloading=true", lambda s: replace(s, activation_offloading=True)),
     ("training.optimizer=paged_adamw_8bit", lambda s: replace(s, optimizer="paged_adamw_8bit")),
     ("quantization.double_quant=true", lambda s: replace(s, double_quant=True)),

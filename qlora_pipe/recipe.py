@@ -171,9 +171,6 @@ class TrainingSection(Section):
         False, description="Concatenate each micro batch without padding (needs flash_attention_2, or packing)."
     )
     liger_kernels: bool = Field(False, description="Liger Triton kernels: fused RMSNorm, RoPE, SwiGLU (needs a GPU).")
-    chunked_loss: bool = Field(
-        False, description="Fused linear cross-entropy in chunks: full-vocabulary logits never materialize (Liger)."
-    )
     activation_offloading: bool = Field(
         False, description="Move checkpointed activations to CPU memory during forward (TRL; needs a GPU)."
     )

@@ -112,8 +112,8 @@ def sft_config(recipe: Recipe, run: RunDir, device: torch.device, batch: BatchCh
         use_liger_kernel=t.liger_kernels,
         activation_offloading=t.activation_offloading,
         torch_compile=t.torch_compile,
-        # training.chunked_loss needs no argument: TRL 1.16's SFTTrainer always computes the loss with its
-        # chunked fused LM head (no full-vocabulary logits), and it rejects Liger's fused linear cross-entropy.
+        # No chunked-loss switch: TRL 1.16's SFTTrainer always computes the loss with its chunked fused LM
+        # head (no full-vocabulary logits), and it rejects Liger's fused linear cross-entropy.
     )
 
 

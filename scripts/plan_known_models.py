@@ -17,6 +17,7 @@ sys.path.insert(0, str(ROOT))
 
 from qlora_pipe.plan import GiB  # noqa: E402
 from qlora_pipe.plan_advice import advise, parse_size, recipe_plan  # noqa: E402
+from qlora_pipe.plan_report import advice_text, plan_table  # noqa: E402
 from qlora_pipe.recipe import load_recipe  # noqa: E402
 
 MODELS = [
@@ -28,13 +29,27 @@ MODELS = [
 ]
 BUDGET = "24GiB"
 START, END = "<!-- plan-table:start -->\n", "<!-- plan-table:end -->\n"
+EXAMPLE_START, EXAMPLE_END = "<!-- plan-example:start -->\n", "<!-- plan-example:end -->\n"
+
+
+def example() -> str:
+    """What `qlora-pipe plan recipes/qa-legal.yaml` prints, as a README code block."""
+    recipe = load_recipe(ROOT / "recipes/qa-legal.yaml")
+    plan = recipe_plan(recipe, parse_size(BUDGET))
+    body = f"{plan_table(plan)}\n\n{advice_text(plan, advise(plan))}\n"
+    return f"```text\n$ qlora-pipe plan recipes/qa-legal.yaml\n{body}```\n"
+
+
+def replace_between(text: str, start: str, end: str, body: str) -> str:
+    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
+    return pattern.sub(lambda _: start + body + end, text)
 
 
 def table() -> str:
     budget = parse_size(BUDGET)
     rows = [
         "| model | params | weights (4-bit + fp32 rest) | peak at 2k tokens | peak at 8k tokens "
-        "| longest on 24 GiB | with chunked loss + offloading |",
+        "| longest on 24 GiB | with activation offloading |",
         "|---|---|---|---|---|---|---|",
     ]
     for name in MODELS:
@@ -45,7 +60,7 @@ def table() -> str:
         longest = advise(plans[0]).max_length
         lean = load_recipe(
             ROOT / "recipes/qa-legal.yaml",
-            [f"model.name_or_path={name}", "training.chunked_loss=true", "training.activation_offloading=true"],
+            [f"model.name_or_path={name}", "training.activation_offloading=true"],
         )
         longest_lean = advise(recipe_plan(lean, budget, micro_batch_size=1, max_length=2048)).max_length
         rows.append(
@@ -62,8 +77,8 @@ if __name__ == "__main__":
     text = table()
     if args.readme:
         readme = ROOT / "README.md"
-        pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
-        readme.write_text(pattern.sub(lambda _: START + text + END, readme.read_text()))
+        updated = replace_between(readme.read_text(), START, END, text)
+        readme.write_text(replace_between(updated, EXAMPLE_START, EXAMPLE_END, example()))
         print(f"updated {readme}")
     else:
         print(text, end="")

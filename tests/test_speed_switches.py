@@ -33,7 +33,7 @@ def test_defaults_leave_every_switch_off(make_recipe):
         False,
     )
     assert config.max_length == 256
-    assert config.loss_type == "nll"  # TRL 1.16: the chunked fused LM head, what training.chunked_loss asks for
+    assert config.loss_type == "nll"  # TRL 1.16: always the chunked fused LM head
 
 
 @pytest.mark.parametrize(
