@@ -6,12 +6,11 @@ sources are written beside each one. What is measured and how:
 - 4-bit weights: bytes per tensor from bitsandbytes' block sizes (blocksize 64; with double
   quantization the fp32 absmax becomes uint8 plus one fp32 per 256 blocks and a 256-entry code
   book). Checked to the byte against loaded tiny models (tests/test_plan.py).
-- The parts bitsandbytes leaves unquantized (embeddings, lm_head, norms, biases) are loaded in
-  the compute dtype, then PEFT's ``prepare_model_for_kbit_training`` casts them to fp32.
+- The parts bitsandbytes leaves unquantized (embeddings, lm_head, norms, biases) stay in the
+  compute dtype (model.prepare_frozen_base does not upcast them).
 - Activations: the tensors autograd saves for backward, counted with
   ``torch.autograd.graph.saved_tensors_hooks`` on tiny Llama models under bf16 autocast. The
-  residual stream is fp32 (the embeddings are fp32 after k-bit preparation and bitsandbytes
-  casts each 4-bit layer's output back to its input dtype), so most saved tensors are fp32.
+  residual stream is in the compute dtype; RMSNorm saves an fp32 copy of its input.
 - The loss: TRL's SFTTrainer computes it with a chunked fused LM head, so its buffers are tiles,
   not vocabulary x tokens logits (``loss_bytes``).
 - Backward working set, loss buffers and runtime overhead are estimates; scripts/gpu_check.sh
@@ -155,8 +154,11 @@ def weight_terms(shape: ModelShape, s: PlanSettings) -> list[tuple[str, int, str
         kind = "NF4 + double quant" if s.double_quant else "NF4"
         per_param = 8 * quantized / max(shape.quantized_params, 1)
         first = ("base weights, 4-bit", quantized, f"{shape.quantized_params:,} params, {kind}: {per_param:.3f} bit")
-        # k-bit preparation upcasts everything bitsandbytes left in 16-bit to fp32.
-        other = ("base weights, not quantized", shape.other_params * 4, "embeddings, lm_head, norms, biases in fp32")
+        other = (
+            "base weights, not quantized",
+            shape.other_params * s.compute_bytes,
+            f"embeddings, lm_head, norms, biases in {8 * s.compute_bytes}-bit",
+        )
     else:
         first = ("base weights, 16-bit", shape.quantized_params * s.compute_bytes, "linear layers (no quantization)")
         other = ("base weights, other", shape.other_params * s.compute_bytes, "embeddings, lm_head, norms, biases")
@@ -169,10 +171,10 @@ def trainable_terms(shape: ModelShape, s: PlanSettings) -> tuple[int, list[tuple
     lora_params += sum(lin.out_features for lin in adapted) if s.use_dora else 0
     # TRL casts the adapter of a 4-bit model to bf16 when training in bf16; otherwise PEFT keeps it in fp32.
     lora_bytes = 2 if s.quantized and s.precision == "bf16" else 4
-    full = _saved_module_params(shape, s.modules_to_save)  # fp32 after k-bit preparation
-    weights = lora_params * lora_bytes + full * 4
+    full = _saved_module_params(shape, s.modules_to_save)  # trained copies, in the compute dtype
+    weights = lora_params * lora_bytes + full * s.compute_bytes
     states = optimizer_bytes_per_param(s.optimizer, lora_bytes) * lora_params
-    states += optimizer_bytes_per_param(s.optimizer, 4) * full
+    states += optimizer_bytes_per_param(s.optimizer, s.compute_bytes) * full
     state_name = "optimizer states (paged)" if s.optimizer.startswith("paged_") else "optimizer states"
     return lora_params + full, [
         ("LoRA weights", weights, f"{lora_params:,} params, r={s.lora_r}, {len(adapted)} layers"),
@@ -186,8 +188,8 @@ def layer_saved_bytes_per_token(shape: ModelShape, s: PlanSettings) -> int:
     layer0 = [lin for lin in shape.linears if ".0." in lin.name]  # one decoder layer's linear layers
     per_layer = adapted_linears(ModelShape(**{**shape.__dict__, "linears": layer0}), s.target_modules)
     inputs = sum(lin.in_features for lin in per_layer)
-    h, i, d = shape.hidden_size, shape.intermediate_size, shape.head_dim
-    saved = 12 * i + 8 * h  # fp32: MLP gate, up and activation; the inputs of the two norms
+    h, i, d, rb = shape.hidden_size, shape.intermediate_size, shape.head_dim, s.compute_bytes
+    saved = 3 * rb * i + 8 * h  # MLP gate, up and activation; fp32 copies of the two norms' inputs
     saved += 4 * (shape.num_heads + shape.num_kv_heads) * d + 4 * shape.num_heads + 8  # attention q/out/k/v, lse
     saved += 2 * inputs + 4 * s.lora_r * len(per_layer)  # bf16 copies of LoRA inputs; rank-r intermediates
     if s.lora_dropout > 0:
@@ -198,20 +200,18 @@ def layer_saved_bytes_per_token(shape: ModelShape, s: PlanSettings) -> int:
 def activation_terms(shape: ModelShape, s: PlanSettings) -> list[tuple[str, int, str]]:
     tokens = s.micro_batch_size * s.max_length
     layer = layer_saved_bytes_per_token(shape, s) * tokens
-    residual = 4 * shape.hidden_size * tokens  # one fp32 hidden state
+    residual = s.compute_bytes * shape.hidden_size * tokens  # one hidden state
     if s.gradient_checkpointing:
-        kept = residual * (shape.num_layers + 1)
-        note = f"checkpointed inputs of {shape.num_layers} layers + final norm, fp32"
+        kept = residual * shape.num_layers + 4 * shape.hidden_size * tokens  # + the final norm's fp32 input
+        note = f"checkpointed inputs of {shape.num_layers} layers + the final norm's"
         if s.activation_offloading:
             kept, note = 2 * residual, "layer inputs offloaded to CPU; two in flight"
     else:
         kept, note = layer * shape.num_layers, f"every layer's saved tensors ({shape.num_layers} layers)"
         if s.activation_offloading:
             kept, note = 2 * layer, "saved tensors offloaded to CPU; two layers in flight"
-    # While a layer runs backward: with checkpointing its recomputed saved tensors plus gradients (1.43-1.44 x
-    # its saved bytes, measured with the profiler's memory timeline on CPU); without, only gradients (~0.5 x).
-    backward = layer * 3 // 2 if s.gradient_checkpointing else layer // 2
-    logits = loss_bytes(shape, tokens)
+    backward = layer_backward_bytes(layer, s)
+    logits = loss_bytes(shape, tokens, s.compute_bytes)
     peak_note = f"max of layer backward {_gib(backward)} and chunked loss {_gib(logits)}"
     return [
         ("activations kept", kept, f"{tokens:,} tokens: {note}"),
@@ -219,17 +219,22 @@ def activation_terms(shape: ModelShape, s: PlanSettings) -> list[tuple[str, int,
     ]
 
 
-def loss_bytes(shape: ModelShape, tokens: int) -> int:
+def layer_backward_bytes(layer_saved: int, s: PlanSettings) -> int:
+    """Memory one decoder layer adds while it runs backward: with checkpointing its recomputed saved
+    tensors plus gradients (1.50-1.64 x its saved bytes), without only the gradients (0.56-0.71 x);
+    measured with the profiler's memory timeline on CPU (tests/test_plan.py)."""
+    return layer_saved * 8 // 5 if s.gradient_checkpointing else layer_saved * 13 // 20
+
+
+def loss_bytes(shape: ModelShape, tokens: int, compute_bytes: int = 2) -> int:
     """TRL 1.16's fused LM head (always on in SFTTrainer): log-probs in [4096 tokens x 32768 vocab] tiles.
 
-    Its forward saves an fp32 copy of the final hidden states and its backward accumulates an fp32
-    gradient of them; the tile buffer (bf16, allocated at the full 32768 width whatever the vocabulary)
-    and the bf16 copy of the lm_head slice it multiplies by are transient. Full-vocabulary logits never
-    exist (trl/kernels/chunked_logprob.py).
+    Its forward saves a copy of the final hidden states (compute dtype) and its backward accumulates an
+    fp32 gradient of them; the tile buffer (compute dtype, allocated at the full 32768 width whatever
+    the vocabulary) is transient. Full-vocabulary logits never exist (trl/kernels/chunked_logprob.py).
     """
-    tile = min(tokens, TOKEN_TILE) * VOCAB_TILE * 2
-    head_slice = min(shape.vocab_size, VOCAB_TILE) * shape.hidden_size * 2
-    return 2 * 4 * shape.hidden_size * tokens + tile + head_slice
+    tile = min(tokens, TOKEN_TILE) * VOCAB_TILE * compute_bytes
+    return (compute_bytes + 4) * shape.hidden_size * tokens + tile
 
 
 def _gib(n: int) -> str:

@@ -48,7 +48,7 @@ def replace_between(text: str, start: str, end: str, body: str) -> str:
 def table() -> str:
     budget = parse_size(BUDGET)
     rows = [
-        "| model | params | weights (4-bit + fp32 rest) | peak at 2k tokens | peak at 8k tokens "
+        "| model | params | weights (4-bit + bf16 rest) | peak at 2k tokens | peak at 8k tokens "
         "| longest on 24 GiB | with activation offloading |",
         "|---|---|---|---|---|---|---|",
     ]
