@@ -8,7 +8,7 @@ CPU mode builds a Llama-shaped model with random weights (hidden and intermediat
 as bitsandbytes' CPU kernels need) and the quickstart tokenizer, then measures on the bundled data:
 
 1. our training path (run_training: PipeTrainer and its callbacks) vs a plain TRL + PEFT + bitsandbytes
-   script: supervised tokens/s and peak memory, alternating sides, medians of the repeats;
+   script: steady-state step time (fastest repeat; medians kept too), tokens/s and peak memory, alternating sides;
 2. QLoRA (4-bit NF4) vs 16-bit LoRA vs full fine-tuning: peak memory, trainable parameters, bytes saved per task;
 3. generation latency of the merged model vs the base (same architecture: no added latency) and the
    unmerged adapter on the 16-bit base, interleaved;
@@ -101,7 +101,11 @@ def compare_trainers(model: Path, tmp: Path, rows: int, repeats: int, max_length
     # Both sides see the same rows in the same order (same seed, same tokens: checked below), so the
     # ratio of steady-state step times is the ratio of training-step throughput.
     same_work = len({r["supervised_tokens"] for rs in runs.values() for r in rs}) == 1
-    step = {kind: statistics.median(r["steady_seconds"] / r["steady_steps"] for r in rs) for kind, rs in runs.items()}
+    # Other load on the machine only ever adds time, so each side's fastest repeat is its best estimate.
+    step = {kind: min(r["steady_seconds"] / r["steady_steps"] for r in rs) for kind, rs in runs.items()}
+    step_median = {
+        kind: statistics.median(r["steady_seconds"] / r["steady_steps"] for r in rs) for kind, rs in runs.items()
+    }
     step_cpu = {
         kind: statistics.median(r["steady_cpu_seconds"] / r["steady_steps"] for r in rs) for kind, rs in runs.items()
     }
@@ -119,6 +123,7 @@ def compare_trainers(model: Path, tmp: Path, rows: int, repeats: int, max_length
         "ours_step_seconds": step["ours"],
         "plain_step_seconds": step["plain"],
         "steady_ratio_ours_over_plain": step["plain"] / step["ours"],
+        "steady_median_ratio_ours_over_plain": step_median["plain"] / step_median["ours"],
         "steady_cpu_ratio_ours_over_plain": step_cpu["plain"] / step_cpu["ours"],
         # Tokens per CPU-second: unaffected by other jobs on a shared machine taking cores away.
         "ours_tokens_per_cpu_second": cpu["ours"],
@@ -225,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--max-length", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--method-steps", type=int, default=3)
     parser.add_argument("--export-hidden", type=int, default=1024)
     parser.add_argument("--export-layers", type=int, default=8)

@@ -94,7 +94,10 @@ def ours(args: dict[str, Any]) -> dict[str, Any]:
         },
     }
     clock = TrainClock()
-    summary = run_training(validate_recipe(raw, "bench"), overwrite=True, callbacks=(clock,)).summary
+    from qlora_pipe.memory_measure import measure_weight_bytes
+
+    result = run_training(validate_recipe(raw, "bench"), overwrite=True, callbacks=(clock,))
+    summary = result.summary
     adapter = Path(args["out"]) / "ours" / "adapter_model.safetensors"
     return {
         "supervised_tokens": summary["supervised_tokens"],
@@ -106,6 +109,8 @@ def ours(args: dict[str, Any]) -> dict[str, Any]:
         "trainable_params": summary["trainable_params"],
         "total_params": summary["total_params"],
         "saved_bytes": adapter.stat().st_size,
+        # Model tensors (4-bit data with its quantization constants), the same count on every side.
+        "weights_bytes": measure_weight_bytes(result.model).total,
     }
 
 
@@ -166,6 +171,7 @@ def plain_trainer(args: dict[str, Any], peft: bool, clock):
 
 
 def plain(args: dict[str, Any], peft: bool = True) -> dict[str, Any]:
+    from qlora_pipe.memory_measure import measure_weight_bytes
     from qlora_pipe.progress import peak_memory_bytes
 
     clock = TrainClock()
@@ -189,6 +195,7 @@ def plain(args: dict[str, Any], peft: bool = True) -> dict[str, Any]:
         "trainable_params": trainable,
         "total_params": sum(p.numel() for p in model.parameters()),
         "saved_bytes": sum(f.stat().st_size for f in saved.glob("*.safetensors")) if not peft else None,
+        "weights_bytes": measure_weight_bytes(model).total,
     }
 
 
