@@ -12,7 +12,6 @@ import io
 import json
 import shutil
 import signal
-import threading
 from pathlib import Path
 
 import pytest
@@ -135,27 +134,28 @@ def _typed(lines: list[str]):
     return read
 
 
-def test_chat_loop_history_reset_and_ctrl_c_stops_only_the_answer(chat_model, capsys):
+def test_chat_loop_history_reset_and_ctrl_c_stops_only_the_answer(chat_model, capsys, monkeypatch):
     typed = _typed([QUESTION, "Is a bond a legal term? (4)", "/reset", "Is a deed a legal term? (3)"])
     history = chat_loop(chat_model, SYSTEM, GenerationSettings(max_new_tokens=24), typed)
     assert history == [{"role": "user", "content": "Is a deed a legal term? (3)"}, _reply(ANSWER)]
     assert "(conversation cleared)" in capsys.readouterr().out
 
-    # A real SIGINT half a second into an answer of the base model, which never stops by itself.
-    ctrl_c = threading.Timer(0.5, signal.pthread_kill, (threading.get_ident(), signal.SIGINT))
+    # A real SIGINT, raised while the base model (which never stops by itself) streams its fifth piece.
+    from transformers import TextStreamer
+
+    printed = TextStreamer.on_finalized_text
+    calls = []
+
+    def print_then_interrupt(self, text: str, stream_end: bool = False) -> None:
+        calls.append(text)
+        printed(self, text, stream_end)
+        if len(calls) == 5:
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(TextStreamer, "on_finalized_text", print_then_interrupt)
     lines = iter(["Tell me everything.", "/exit"])
-
-    def read_then_interrupt(prompt: str) -> str:
-        line = next(lines)
-        if line != "/exit":
-            ctrl_c.start()
-        return line
-
-    try:
-        with chat_model.model.disable_adapter():
-            history = chat_loop(chat_model, None, GenerationSettings(max_new_tokens=1500), read_then_interrupt)
-    finally:
-        ctrl_c.cancel()  # never let a stray SIGINT reach the rest of the session
+    with chat_model.model.disable_adapter():
+        history = chat_loop(chat_model, None, GenerationSettings(max_new_tokens=1500), lambda prompt: next(lines))
     assert "[stopped]" in capsys.readouterr().out
     assert len(history) == 2 and history[1]["content"]  # the partial answer is kept; the session went on
     assert len(chat_model.tokenizer(history[1]["content"])["input_ids"]) < 1500
