@@ -31,6 +31,7 @@ class ChatModel:
     tokenizer: object
     system: str | None  # the system prompt the run trained with, if known
     source: str  # what was loaded, for the banner
+    defaults: object = None  # generation defaults: the recipe's generation section, or generation_config.json
 
 
 def _is_run_dir(path: Path) -> bool:
@@ -72,13 +73,17 @@ def load_chat_model(path: str | Path) -> ChatModel:
         from qlora_pipe.recipe import load_recipe
 
         run = resolve_run(path)
-        model = load_trained_model(load_recipe(run.resolved_recipe), run.root)
+        recipe = load_recipe(run.resolved_recipe)
+        model = load_trained_model(recipe, run.root)
         tokenizer = AutoTokenizer.from_pretrained(run.root)  # carries the training chat template
-        chat = ChatModel(model, tokenizer, training_system_prompt(run), f"{run.root} (4-bit base + adapter)")
+        source = f"{run.root} (4-bit base + adapter)"
+        chat = ChatModel(model, tokenizer, training_system_prompt(run), source, recipe.generation)
     elif (path / "config.json").is_file():
         model = AutoModelForCausalLM.from_pretrained(path, dtype="auto", device_map={"": training_device()}).eval()
         tokenizer = AutoTokenizer.from_pretrained(path)
-        chat = ChatModel(model, tokenizer, training_system_prompt(run_of_merged(path)), f"{path} (merged model)")
+        # export wrote the recipe's generation section into generation_config.json
+        system = training_system_prompt(run_of_merged(path))
+        chat = ChatModel(model, tokenizer, system, f"{path} (merged model)", model.generation_config)
     else:
         raise UserError(f"chat: {path} is neither a run directory ({RESOLVED_RECIPE}) nor a model (config.json)")
     if not getattr(chat.tokenizer, "chat_template", None):
@@ -103,7 +108,8 @@ def resolve_settings(
     top_p: float | None = None,
     greedy: bool = False,
 ) -> GenerationSettings:
-    """Flags over the model's generation_config.json; greedy unless it (or a flag) asks for sampling."""
+    """Flags over the defaults (the recipe's generation section or a generation_config.json, which use the
+    same names); greedy unless the defaults or a flag ask for sampling."""
     check_generation_flags(max_new_tokens, temperature, top_p)
     sample = bool(getattr(generation_config, "do_sample", False)) or temperature is not None or top_p is not None
     return GenerationSettings(
@@ -187,7 +193,7 @@ def run_chat(path: str, prompt: str | None, system: str | None, settings_flags: 
     """The chat command: one answer for --prompt, else an interactive session."""
     check_generation_flags(settings_flags["max_new_tokens"], settings_flags["temperature"], settings_flags["top_p"])
     chat = load_chat_model(path)
-    settings = resolve_settings(chat.model.generation_config, **settings_flags)
+    settings = resolve_settings(chat.defaults or chat.model.generation_config, **settings_flags)
     system = chat.system if system is None else (system or None)  # --system "" drops the default
     if prompt is not None:
         one_shot(chat, prompt, system, settings)

@@ -28,7 +28,20 @@ class ExportResult:
     fidelity: dict[str, Any] | None
 
 
-def write_configs(base: Path, folder: Path, dtype_name: str, tokenizer, untied: list[str]) -> None:
+def generation_defaults(recipe) -> dict:
+    """The recipe's generation section as generation_config.json keys, so serving decodes as chat does."""
+    g = recipe.generation
+    out = {"max_new_tokens": g.max_new_tokens, "do_sample": g.do_sample}
+    if g.do_sample:  # sampling parameters with greedy decoding only earn "ignored" warnings
+        out.update(temperature=g.temperature, top_p=g.top_p)
+    else:
+        out.update(temperature=None, top_p=None, top_k=None)
+    return out
+
+
+def write_configs(
+    base: Path, folder: Path, dtype_name: str, tokenizer, untied: list[str], sampling: dict | None = None
+) -> None:
     """config.json in the export dtype without quantization; generation config stopping at end of turn."""
     config = json.loads((base / "config.json").read_text())
     config.pop("quantization_config", None)
@@ -47,6 +60,11 @@ def write_configs(base: Path, folder: Path, dtype_name: str, tokenizer, untied: 
     generation["eos_token_id"] = eos_ids[0] if len(eos_ids) == 1 else eos_ids
     generation["pad_token_id"] = tokenizer.pad_token_id
     generation.setdefault("bos_token_id", config.get("bos_token_id"))
+    for key, value in (sampling or {}).items():  # None: drop the base's value (greedy needs no temperature)
+        if value is None:
+            generation.pop(key, None)
+        else:
+            generation[key] = value
     (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
 
 
@@ -137,7 +155,7 @@ def export_merged(
         raise
     tokenizer = AutoTokenizer.from_pretrained(run.root)  # with the chat template used in training
     tokenizer.save_pretrained(partial)
-    write_configs(base, partial, dtype_name, tokenizer, merged["untied"])
+    write_configs(base, partial, dtype_name, tokenizer, merged["untied"], generation_defaults(recipe))
     info = {
         "run": str(run.root),
         "base_model": recipe.model.name_or_path,

@@ -213,6 +213,13 @@ class ExportSection(Section):
     verify: bool = Field(True, description="Check the merged model against the trained model.")
 
 
+class GenerationSection(Section):
+    max_new_tokens: int = Field(256, ge=1, description="Longest answer of `qlora-pipe chat` and the merged model.")
+    do_sample: bool = Field(False, description="Sample instead of greedy decoding (chat; merged generation_config).")
+    temperature: float = Field(0.7, gt=0, description="Sampling temperature (with do_sample).")
+    top_p: float = Field(0.9, gt=0, le=1, description="Nucleus sampling threshold (with do_sample).")
+
+
 class HubSection(Section):
     repo_id: str | None = Field(None, description="Hub repository (user/name) to publish to.")
     private: bool = Field(True, description="Create the Hub repository as private.")
@@ -236,6 +243,7 @@ class Recipe(Section):
     data: DataSection
     training: TrainingSection = Field(default_factory=TrainingSection)
     export: ExportSection = Field(default_factory=ExportSection)
+    generation: GenerationSection = Field(default_factory=GenerationSection)
     hub: HubSection = Field(default_factory=HubSection)
 
     # Where the recipe was read from, for error messages. Relative paths inside a recipe are

@@ -245,3 +245,30 @@ def test_bad_input_is_one_line_and_exit_code_2(short_run, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].startswith("error: ") and expected in err[-1], (args, err)
     assert main(["eval", str(missing)]) == 2 and capsys.readouterr().err.count("\n") == 1
+
+
+def test_generation_settings_come_from_the_recipe(short_run, merged_dir, tmp_path, capsys):
+    import shutil
+
+    import yaml
+
+    from qlora_pipe.runs import RunDir
+
+    # The export writes the recipe's generation section into the merged model's generation_config.json.
+    generation = json.loads((merged_dir / "generation_config.json").read_text())
+    assert generation["max_new_tokens"] == 256 and generation["do_sample"] is False
+    assert "temperature" not in generation and "top_p" not in generation  # greedy: no sampling leftovers
+
+    # A run whose recipe asks for 3 new tokens answers with 3 tokens when no flag overrides it.
+    copy = tmp_path / "run"
+    shutil.copytree(short_run, copy, ignore=shutil.ignore_patterns("checkpoints", "merged", "tensorboard"))
+    resolved = RunDir(copy).resolved_recipe
+    recipe = yaml.safe_load(resolved.read_text())
+    recipe["generation"] = {"max_new_tokens": 3}
+    resolved.write_text(yaml.safe_dump(recipe))
+    assert main(["chat", str(copy), "--prompt", QUESTION]) == 0
+    answer = capsys.readouterr().out.strip()
+    tokenizer = load_chat_model(copy).tokenizer
+    assert len(tokenizer(answer, add_special_tokens=False)["input_ids"]) <= 3 and ANSWER.startswith(answer)
+    assert main(["chat", str(copy), "--prompt", QUESTION, "--max-new-tokens", "24"]) == 0  # the flag wins
+    assert capsys.readouterr().out.strip() == ANSWER
