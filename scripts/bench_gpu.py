@@ -34,8 +34,9 @@ from bench_gpu_model import REFERENCES, build_4bit_llama, llama_config, peak_bf1
 CAP_BYTES = 24 * 10**9
 
 
-def default_recipe(tmp: Path, max_length: int):
-    """qlora-pipe's defaults (r 16 on all linear layers, paged 8-bit AdamW, bf16, checkpointing, batch 1)."""
+def default_recipe(tmp: Path, max_length: int, **switches: Any):
+    """qlora-pipe's defaults (r 16 on all linear layers, paged 8-bit AdamW, bf16, checkpointing, batch 1),
+    with optional training switches (e.g. activation_offloading=True)."""
     from qlora_pipe.recipe import validate_recipe
 
     raw = {
@@ -48,6 +49,7 @@ def default_recipe(tmp: Path, max_length: int):
             "gradient_accumulation_steps": 1,
             "report_to": ["none"],
             "save_steps": 10**6,
+            **switches,
         },
     }
     return validate_recipe(raw, "gpu-check")
@@ -108,14 +110,14 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def train_steps(model, tokenizer, tmp: Path, length: int, steps: int, vocab: int) -> dict[str, Any]:
+def train_steps(model, tokenizer, tmp: Path, length: int, steps: int, vocab: int, **switches) -> dict[str, Any]:
     """``steps`` optimizer steps at this length through build_trainer; raises torch.OutOfMemoryError."""
     from qlora_pipe.autobatch import BatchChoice
     from qlora_pipe.data import PreparedData
     from qlora_pipe.runs import RunDir
     from qlora_pipe.training import build_trainer
 
-    recipe = default_recipe(tmp, length)
+    recipe = default_recipe(tmp, length, **switches)
     recipe.training.max_steps = steps
     run = RunDir(recipe.run_dir())
     run.root.mkdir(parents=True, exist_ok=True)
@@ -163,6 +165,37 @@ def longest_fitting(model, tokenizer, tmp: Path, start: int, limit: int, granula
     return {"longest_fitting_length": good, "first_failing_length": bad, "search_limit": limit, "tried": tried}
 
 
+# Recipe switches measured at the first length, one at a time; Liger patches the model in place, so it is last.
+SWITCHES = [{"activation_offloading": True}, {"torch_compile": True}, {"liger_kernels": True}]
+
+
+def measure_switches(model, tokenizer, tmp: Path, args: argparse.Namespace, config) -> list[dict[str, Any]]:
+    """Each speed/memory switch beside the default at one length, or why it was not run here."""
+    from qlora_pipe.errors import UserError
+    from qlora_pipe.speed import check_speed_switches
+
+    length, rows = args.lengths[0], []
+    for switch in SWITCHES:
+        name = next(iter(switch))
+        row: dict[str, Any] = {"switch": f"training.{name}", "length": length}
+        try:
+            check_speed_switches(default_recipe(tmp, length, **switch))
+            if args.dry and name == "torch_compile":
+                raise UserError("compiling takes minutes on CPU; measured on GPU runs only")
+            row.update(train_steps(model, tokenizer, tmp, length, args.steps, config.vocab_size, **switch))
+            row["planned"] = planned_bytes(default_recipe(tmp, length, **switch), config, length)
+        except UserError as exc:
+            row["skipped"] = str(exc)
+        except torch.OutOfMemoryError:
+            gc.collect()
+            torch.cuda.empty_cache()
+            row["skipped"] = "out of memory"
+        rows.append(row)
+        outcome = row.get("skipped") or f"{row['tokens_per_second']:.0f} tokens/s, peak {row['peak_memory_bytes']}"
+        print(f"  {name}: {outcome}", flush=True)
+    return rows
+
+
 def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     from qlora_pipe.model import add_lora
     from qlora_pipe.quickstart_base import build_tokenizer
@@ -199,6 +232,7 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         "peak_bf16_flops": peak_flops,
         "lengths": rows,
         "longest_sequence": search,
+        "switches": measure_switches(trainable.model, tokenizer, tmp, args, config),
     }
 
 

@@ -25,6 +25,10 @@ def test_gpu_check_dry_run_measures_every_length_and_searches(tmp_path):
     search = result["longest_sequence"]
     assert search["longest_fitting_length"] == search["search_limit"] == 128  # nothing runs out of memory on CPU
     assert result["trainable_params"] > 0
+    # Every switch has a measurement or the reason it was not run (the GPU-only ones, on CPU).
+    switches = {row["switch"]: row for row in result["switches"]}
+    assert set(switches) == {"training.activation_offloading", "training.torch_compile", "training.liger_kernels"}
+    assert "needs a CUDA GPU" in switches["training.activation_offloading"]["skipped"]
     assert result["references"]["unsloth_llama3.1_8b_qlora_longest_context_24gb"]["tokens"] == 78475
 
 
