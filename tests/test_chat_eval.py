@@ -140,19 +140,19 @@ def test_chat_loop_history_reset_and_ctrl_c_stops_only_the_answer(chat_model, ca
     assert history == [{"role": "user", "content": "Is a deed a legal term? (3)"}, _reply(ANSWER)]
     assert "(conversation cleared)" in capsys.readouterr().out
 
-    # A real SIGINT, raised while the base model (which never stops by itself) streams its fifth piece.
+    # A real SIGINT, raised as the base model (which never stops by itself) hands the streamer its fifth token.
     from transformers import TextStreamer
 
-    printed = TextStreamer.on_finalized_text
+    streamed = TextStreamer.put
     calls = []
 
-    def print_then_interrupt(self, text: str, stream_end: bool = False) -> None:
-        calls.append(text)
-        printed(self, text, stream_end)
+    def put_then_interrupt(self, value) -> None:
+        calls.append(value)
+        streamed(self, value)
         if len(calls) == 5:
             signal.raise_signal(signal.SIGINT)
 
-    monkeypatch.setattr(TextStreamer, "on_finalized_text", print_then_interrupt)
+    monkeypatch.setattr(TextStreamer, "put", put_then_interrupt)
     lines = iter(["Tell me everything.", "/exit"])
     with chat_model.model.disable_adapter():
         history = chat_loop(chat_model, None, GenerationSettings(max_new_tokens=1500), lambda prompt: next(lines))
