@@ -154,8 +154,13 @@ def test_chat_loop_history_reset_and_ctrl_c_stops_only_the_answer(chat_model, ca
 
     monkeypatch.setattr(TextStreamer, "put", put_then_interrupt)
     lines = iter(["Tell me everything.", "/exit"])
-    with chat_model.model.disable_adapter():
-        history = chat_loop(chat_model, None, GenerationSettings(max_new_tokens=1500), lambda prompt: next(lines))
+    # Python's own Ctrl-C handler, as in a terminal: a shell that starts the tests in the background ignores SIGINT.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with chat_model.model.disable_adapter():
+            history = chat_loop(chat_model, None, GenerationSettings(max_new_tokens=1500), lambda prompt: next(lines))
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert "[stopped]" in capsys.readouterr().out
     assert len(history) == 2 and history[1]["content"]  # the partial answer is kept; the session went on
     assert len(chat_model.tokenizer(history[1]["content"])["input_ids"]) < 1500
