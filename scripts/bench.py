@@ -153,22 +153,8 @@ def bench_export_and_latency(tmp: Path, hidden: int, layers: int, repeats: int) 
 
     base_dir, run_dir, size = bem.build(tmp / "export", hidden, layers)
     merged = tmp / "export" / "merged-ours"
-    cli = [sys.executable, "-m", "qlora_pipe.cli", "export", str(run_dir), "--no-verify", "--out", str(merged)]
-    ours_peak, ours_s = bem.measure(cli)
-    peft_peak, peft_s = bem.measure(
-        [sys.executable, "-c", bem.PEFT_MERGE, str(base_dir), str(run_dir), str(tmp / "m2")]
-    )
-    idle_peak, _ = bem.measure([sys.executable, "-c", "import torch, transformers, peft, bitsandbytes"])
-    export = {
-        "hidden": hidden,
-        "layers": layers,
-        "model_bytes_bf16": size,
-        "ours_peak_rss_bytes": ours_peak,
-        "ours_seconds": ours_s,
-        "peft_merge_and_unload_peak_rss_bytes": peft_peak,
-        "peft_seconds": peft_s,
-        "libraries_only_peak_rss_bytes": idle_peak,
-    }
+    measured = bem.compare(base_dir, run_dir, tmp, merged)
+    export = {"hidden": hidden, "layers": layers, "model_bytes_bf16": size, **measured}
     args = {"base": str(base_dir), "merged": str(merged), "adapter": str(run_dir)}
     latency = run_worker("latency", {**args, "repeats": repeats, "prompt_tokens": 64, "new_tokens": 32})
     return {"export": export, "latency": {"repeats": repeats, "prompt_tokens": 64, "new_tokens": 32, **latency}}

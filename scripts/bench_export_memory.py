@@ -87,6 +87,21 @@ def measure(command: list[str]) -> tuple[int, float]:
     return int(peak), float(seconds)
 
 
+def compare(base_dir: Path, run_dir: Path, folder: Path, ours_out: Path) -> dict[str, float]:
+    """Our streaming export vs load + merge_and_unload + save, and the libraries' own footprint."""
+    cli = [sys.executable, "-m", "qlora_pipe.cli", "export", str(run_dir), "--no-verify", "--out", str(ours_out)]
+    ours_peak, ours_s = measure(cli)
+    peft_peak, peft_s = measure([sys.executable, "-c", PEFT_MERGE, str(base_dir), str(run_dir), str(folder / "m2")])
+    idle_peak, _ = measure([sys.executable, "-c", "import torch, transformers, peft, bitsandbytes"])
+    return {
+        "ours_peak_rss_bytes": ours_peak,
+        "ours_seconds": ours_s,
+        "peft_merge_and_unload_peak_rss_bytes": peft_peak,
+        "peft_seconds": peft_s,
+        "libraries_only_peak_rss_bytes": idle_peak,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden", type=int, default=2048)
@@ -95,22 +110,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         base_dir, run_dir, size = build(folder, args.hidden, args.layers)
-        ours_peak, ours_s = measure(
-            [sys.executable, "-m", "qlora_pipe.cli", "export", str(run_dir), "--no-verify", "--out", str(folder / "m1")]
-        )
-        peft_peak, peft_s = measure([sys.executable, "-c", PEFT_MERGE, str(base_dir), str(run_dir), str(folder / "m2")])
-        idle_peak, _ = measure([sys.executable, "-c", "import torch, transformers, peft, bitsandbytes"])
+        measured = compare(base_dir, run_dir, folder, folder / "m1")
     result = {
         "date": date.today().isoformat(),
         "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPUs, no GPU",
         "command": f"python scripts/bench_export_memory.py --hidden {args.hidden} --layers {args.layers}",
         "model_bytes_bf16": size,
-        "ours_peak_rss_bytes": ours_peak,
-        "ours_seconds": ours_s,
-        "peft_merge_and_unload_peak_rss_bytes": peft_peak,
-        "peft_seconds": peft_s,
-        "libraries_only_peak_rss_bytes": idle_peak,
+        **measured,
     }
+    ours_peak, ours_s = measured["ours_peak_rss_bytes"], measured["ours_seconds"]
+    peft_peak, peft_s = measured["peft_merge_and_unload_peak_rss_bytes"], measured["peft_seconds"]
+    idle_peak = measured["libraries_only_peak_rss_bytes"]
     out = REPO / "benchmarks/results" / f"export-memory-{result['date']}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     gib = 2**30
