@@ -213,7 +213,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from qlora_pipe.recipe import explain, explain_markdown, load_recipe
+    from qlora_pipe.recipe import load_recipe
+    from qlora_pipe.recipe_reference import explain, explain_markdown
 
     if args.explain:
         print(explain_markdown() if args.markdown else explain(), end="\n" if not args.markdown else "")

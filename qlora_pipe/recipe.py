@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -341,12 +341,12 @@ def describe_validation_error(exc: ValidationError) -> str:
     return messages[0] + extra
 
 
-def _section_type(annotation: Any) -> type[BaseModel] | None:
+def section_type(annotation: Any) -> type[BaseModel] | None:
     """The recipe section class behind an annotation: X, list[X] or X | None."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
     for arg in get_args(annotation):
-        found = _section_type(arg)
+        found = section_type(arg)
         if found is not None:
             return found
     return None
@@ -359,7 +359,7 @@ def _unknown_key_message(loc: list[str]) -> str:
         if part.isdigit():  # an index into a list of sections
             continue
         field = section.model_fields.get(part)
-        inner = _section_type(field.annotation) if field else None
+        inner = section_type(field.annotation) if field else None
         if inner is None:
             break
         section = inner
@@ -367,36 +367,3 @@ def _unknown_key_message(loc: list[str]) -> str:
     close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.6)
     hint = f"did you mean '{'.'.join([*loc[:-1], close[0]])}'?" if close else f"valid keys: {', '.join(valid)}"
     return f"{dotted}: unknown key ({hint})"
-
-
-def iter_fields(model: type[BaseModel] = Recipe, prefix: str = ""):
-    """(dotted name, field) for every leaf field of the recipe; list sections appear as ``name[].key``."""
-    for name, field in model.model_fields.items():
-        if name == "source":
-            continue
-        inner = _section_type(field.annotation)
-        if inner is not None:
-            suffix = "[]." if get_origin(field.annotation) is list else "."
-            if suffix == "[].":
-                yield f"{prefix}{name}", field
-            yield from iter_fields(inner, f"{prefix}{name}{suffix}")
-        else:
-            yield f"{prefix}{name}", field
-
-
-def explain() -> str:
-    """Every recipe field with its default and one-line description."""
-    lines = []
-    for dotted, field in iter_fields():
-        default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
-        lines.append(f"{dotted} = {default}\n    {field.description}")
-    return "\n".join(lines)
-
-
-def explain_markdown() -> str:
-    """The recipe reference as a markdown table (the README embeds it)."""
-    rows = ["| key | default | meaning |", "|---|---|---|"]
-    for dotted, field in iter_fields():
-        default = "*required*" if field.is_required() else f"`{field.get_default(call_default_factory=True)!r}`"
-        rows.append(f"| `{dotted}` | {default} | {field.description} |")
-    return "\n".join(rows) + "\n"
