@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from qlora_pipe.plan_shapes import ModelShape
+from qlora_pipe.plan_shapes import Linear, ModelShape
 from qlora_pipe.recipe import Recipe
 
 GiB = 2**30
@@ -117,11 +117,11 @@ class MemoryPlan:
         return None if self.budget is None else self.budget - self.total
 
 
-def adapted_linears(shape: ModelShape, targets: list[str] | str) -> list:
+def adapted_linears(linears: list[Linear], targets: list[str] | str) -> list[Linear]:
     """The linear layers LoRA wraps: all of them for 'all-linear', else those whose name ends a target."""
     if targets == "all-linear":
-        return list(shape.linears)
-    return [lin for lin in shape.linears if any(lin.name == t or lin.name.endswith("." + t) for t in targets)]
+        return list(linears)
+    return [lin for lin in linears if any(lin.name == t or lin.name.endswith("." + t) for t in targets)]
 
 
 def _saved_module_params(shape: ModelShape, names: list[str]) -> int:
@@ -132,7 +132,7 @@ def _saved_module_params(shape: ModelShape, names: list[str]) -> int:
         if name in ("lm_head", "embed_tokens"):
             total += embed
         else:
-            total += sum(lin.in_features * lin.out_features for lin in adapted_linears(shape, [name]))
+            total += sum(lin.in_features * lin.out_features for lin in adapted_linears(shape.linears, [name]))
     return total
 
 
@@ -166,7 +166,7 @@ def weight_terms(shape: ModelShape, s: PlanSettings) -> list[tuple[str, int, str
 
 
 def trainable_terms(shape: ModelShape, s: PlanSettings) -> tuple[int, list[tuple[str, int, str]]]:
-    adapted = adapted_linears(shape, s.target_modules)
+    adapted = adapted_linears(shape.linears, s.target_modules)
     lora_params = sum(s.lora_r * (lin.in_features + lin.out_features) for lin in adapted)
     lora_params += sum(lin.out_features for lin in adapted) if s.use_dora else 0
     # TRL casts the adapter of a 4-bit model to bf16 when training in bf16; otherwise PEFT keeps it in fp32.
@@ -186,7 +186,7 @@ def trainable_terms(shape: ModelShape, s: PlanSettings) -> tuple[int, list[tuple
 def layer_saved_bytes_per_token(shape: ModelShape, s: PlanSettings) -> int:
     """Bytes autograd saves for backward in one decoder layer, per token (counted on tiny models)."""
     layer0 = [lin for lin in shape.linears if ".0." in lin.name]  # one decoder layer's linear layers
-    per_layer = adapted_linears(ModelShape(**{**shape.__dict__, "linears": layer0}), s.target_modules)
+    per_layer = adapted_linears(layer0, s.target_modules)
     inputs = sum(lin.in_features for lin in per_layer)
     h, i, d, rb = shape.hidden_size, shape.intermediate_size, shape.head_dim, s.compute_bytes
     saved = 3 * rb * i + 8 * h  # MLP gate, up and activation; fp32 copies of the two norms' inputs
@@ -251,10 +251,3 @@ def plan_memory(shape: ModelShape, s: PlanSettings, budget: int | None = None) -
     terms = [(name, b) for name, b, _ in rows]
     notes = {name: note for name, _, note in rows}
     return MemoryPlan(terms, notes, s, shape, trainable, budget)
-
-
-def plan_for_recipe(recipe: Recipe, config: dict | None = None, micro_batch_size: int | None = None, max_length=None):
-    """The plan of a recipe at its sizes (or the given ones); see plan_advice.plan_for_recipe."""
-    from qlora_pipe.plan_advice import plan_for_recipe as for_recipe
-
-    return for_recipe(recipe, config, micro_batch_size, max_length)

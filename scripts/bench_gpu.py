@@ -55,19 +55,11 @@ def default_recipe(tmp: Path, max_length: int, **switches: Any):
     return validate_recipe(raw, "gpu-check")
 
 
-def llama_parameters(config) -> int:
-    """Parameter count of a Llama config (8,030,261,248 for Llama-3.1-8B)."""
-    d, f, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
-    kv = config.num_key_value_heads * (d // config.num_attention_heads)
-    per_layer = 2 * d * d + 2 * d * kv + 3 * d * f + 2 * d
-    return layers * per_layer + 2 * config.vocab_size * d + d
-
-
 def planned_bytes(recipe, config, length: int) -> dict[str, int] | None:
     """The memory planner's prediction: ``allocated`` is what torch.cuda.max_memory_allocated should
     report (no CUDA context, allocator slack or paged optimizer states); ``total`` is the whole peak."""
     try:
-        from qlora_pipe.plan import plan_for_recipe
+        from qlora_pipe.plan_advice import plan_for_recipe
 
         plan = plan_for_recipe(recipe, config=config.to_dict(), micro_batch_size=1, max_length=length)
         return {"allocated": int(plan.allocated), "total": int(plan.total), "terms": dict(plan.terms)}
@@ -198,6 +190,7 @@ def measure_switches(model, tokenizer, tmp: Path, args: argparse.Namespace, conf
 
 def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     from qlora_pipe.model import add_lora
+    from qlora_pipe.plan_shapes import shape_from_config
     from qlora_pipe.quickstart_base import build_tokenizer
 
     config = llama_config(dry=args.dry)
@@ -208,7 +201,8 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     tokenizer = build_tokenizer((REPO / "data/legal-qa/corpus.txt").read_text(encoding="utf-8"), 512)
     recipe = default_recipe(tmp, max(args.lengths))
     trainable = add_lora(base, recipe)
-    params = llama_parameters(config)  # from the shapes: packed 4-bit tensors count two weights per element
+    # From the config's shapes (the planner's meta-device count): packed 4-bit tensors hide their weight count.
+    params = shape_from_config(config.to_dict()).total_params
     peak_flops = peak_bf16_flops()
     rows = []
     for length in args.lengths:
