@@ -19,6 +19,7 @@ from qlora_pipe.generation import (
     chat_prompt_ids,
     stop_token_ids,
 )
+from qlora_pipe.hardware import load_dtype_for
 from qlora_pipe.merged_model import EXPORT_INFO, _system_prompt, resolve_run
 from qlora_pipe.runs import RESOLVED_RECIPE, STATUS, SUMMARY, RunDir
 
@@ -79,7 +80,8 @@ def load_chat_model(path: str | Path) -> ChatModel:
         source = f"{run.root} (4-bit base + adapter)"
         chat = ChatModel(model, tokenizer, training_system_prompt(run), source, recipe.generation)
     elif (path / "config.json").is_file():
-        model = AutoModelForCausalLM.from_pretrained(path, dtype="auto", device_map={"": training_device()}).eval()
+        dtype = load_dtype_for(path)  # fp32 on a CPU that emulates bf16
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": training_device()}).eval()
         tokenizer = AutoTokenizer.from_pretrained(path)
         # export wrote the recipe's generation section into generation_config.json
         system = training_system_prompt(run_of_merged(path))

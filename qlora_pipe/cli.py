@@ -251,6 +251,22 @@ COMMANDS = {
 }
 
 
+# Commands that compute on the CPU when there is no GPU: their OpenMP threads are set up before torch loads.
+COMPUTING = ("train", "export", "eval", "chat", "build-quickstart-model")
+
+
+def set_up_cpu(command: str) -> None:
+    """Passive OpenMP waiting when other work shares the CPUs (must precede torch's import); threads from
+    the CPUs this process may use. Training applies its own setting (training.cpu_threads) again."""
+    from qlora_pipe.hardware import apply_cpu_threads, set_passive_wait_if_busy
+
+    if command not in COMPUTING:
+        return
+    passive = set_passive_wait_if_busy()
+    choice = apply_cpu_threads()
+    logging.getLogger(__name__).debug("CPU threads %d (%s), passive wait %s", choice.threads, choice.reason, passive)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not args.debug:
@@ -266,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "httpx2", "httpcore", "httpcore2"):  # one line per HTTP request is noise
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
+        set_up_cpu(args.command)
         return COMMANDS[args.command](args)
     except Interrupted as exc:
         print(str(exc), file=sys.stderr)

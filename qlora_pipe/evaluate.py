@@ -22,6 +22,7 @@ from qlora_pipe.data import IGNORE
 from qlora_pipe.errors import UserError
 from qlora_pipe.eval_metrics import score_answers
 from qlora_pipe.generation import Generation, generate_greedy
+from qlora_pipe.hardware import load_dtype_for
 from qlora_pipe.lm_harness import parse_tasks
 from qlora_pipe.recipe import Recipe
 from qlora_pipe.runs import EVAL_REPORT, write_json_atomic
@@ -208,7 +209,8 @@ def run_eval(
     if merged:
         del model
         _free_memory()
-        model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype="auto", device_map={"": training_device()})
+        dtype = load_dtype_for(merged_dir)  # fp32 on a CPU that emulates bf16
+        model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=dtype, device_map={"": training_device()})
     tuned, tuned_answers = score_model(model, tokenizer, evalset, batch_size, max_new_tokens, "tuned", lm_tasks)
     del model
     _free_memory()

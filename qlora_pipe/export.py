@@ -23,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from qlora_pipe.errors import UserError
+from qlora_pipe.hardware import with_resolved_precision
 from qlora_pipe.recipe import Recipe
 from qlora_pipe.runs import RunDir
 
@@ -136,7 +137,7 @@ def nf4_roundtrip(weight: torch.Tensor, recipe: Recipe, transposed: bool) -> tor
     """dequant(quant(W)) exactly as the training load produced it (same class, same settings), in fp32."""
     import bitsandbytes as bnb
 
-    q = recipe.quantization
+    q = with_resolved_precision(recipe).quantization
     value = weight.to(DTYPES[q.compute_dtype])
     value = value.T.contiguous() if transposed else value
     param = bnb.nn.Params4bit(

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from qlora_pipe.hardware import dtype_for_inference
 from qlora_pipe.recipe import Recipe
 from qlora_pipe.runs import RunDir
 
@@ -89,6 +90,8 @@ def verify_merged(recipe: Recipe, run: RunDir, merged_dir: Path, dtype: torch.dt
     source = data.eval if data.eval is not None else data.train
     rows = [source[i] for i in range(min(limit, len(source)))]
     trained = load_trained_model(recipe, run.root)
+    # Where this CPU emulates 16-bit matmuls the merged weights are read into fp32 (exact) and run there.
+    dtype = getattr(torch, dtype_for_inference(str(dtype).removeprefix("torch.")))
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=dtype, device_map={"": training_device()}).eval()
     result = compare(trained, merged, rows)
     result["split"] = "eval" if data.eval is not None else "train"

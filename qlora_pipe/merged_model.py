@@ -12,6 +12,7 @@ from typing import Any
 
 from qlora_pipe.errors import UserError
 from qlora_pipe.export import DTYPES, base_checkpoint_dir, merge_stream, parse_size
+from qlora_pipe.hardware import dtype_for_inference
 from qlora_pipe.recipe import load_recipe
 from qlora_pipe.runs import RunDir, latest_finished_run, write_json_atomic
 
@@ -90,7 +91,7 @@ def print_merged_answers(out: Path, recipe, dtype_name: str) -> None:
     from qlora_pipe.preview import generate_answers
 
     tokenizer = AutoTokenizer.from_pretrained(out)
-    model = AutoModelForCausalLM.from_pretrained(out, dtype=DTYPES[dtype_name])
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=DTYPES[dtype_for_inference(dtype_name)])
     system = _system_prompt(recipe)
     prompts = recipe.training.preview_prompts
     answers = generate_answers(model, tokenizer, prompts, system, recipe.training.preview_max_new_tokens)

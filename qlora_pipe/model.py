@@ -15,6 +15,7 @@ from torch import nn
 
 from qlora_pipe.dist import local_rank, sharded_launch
 from qlora_pipe.errors import UserError
+from qlora_pipe.hardware import with_resolved_precision
 from qlora_pipe.recipe import Recipe
 from qlora_pipe.templates import select_chat_template
 
@@ -91,7 +92,7 @@ def quantization_config(recipe: Recipe):
     """The BitsAndBytesConfig for the recipe, or None for plain 16-bit LoRA."""
     from transformers import BitsAndBytesConfig
 
-    q = recipe.quantization
+    q = with_resolved_precision(recipe).quantization
     if not q.enabled:
         return None
     return BitsAndBytesConfig(
@@ -111,7 +112,7 @@ def load_base_model(recipe: Recipe, device: torch.device | None = None) -> nn.Mo
     check_sharded_quantization(recipe)
     device = device or training_device()
     name = recipe.model.name_or_path
-    dtype = DTYPES[recipe.quantization.compute_dtype]
+    dtype = DTYPES[with_resolved_precision(recipe).quantization.compute_dtype]
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(Path(name).expanduser()) if _looks_local(name) else name,
@@ -131,7 +132,7 @@ def load_base_model(recipe: Recipe, device: torch.device | None = None) -> nn.Mo
 
 def check_sharded_quantization(recipe: Recipe) -> None:
     """FSDP and ZeRO-3 can only shard 4-bit weights stored in the same float dtype as the rest of the model."""
-    q = recipe.quantization
+    q = with_resolved_precision(recipe).quantization
     launch = sharded_launch()
     if launch and q.enabled and q.quant_storage != q.compute_dtype:
         raise UserError(

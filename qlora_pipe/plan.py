@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from qlora_pipe.hardware import planning_hardware, with_resolved_precision
 from qlora_pipe.plan_shapes import Linear, ModelShape
 from qlora_pipe.recipe import Recipe
 
@@ -68,6 +69,8 @@ class PlanSettings:
 
     @classmethod
     def from_recipe(cls, recipe: Recipe, micro_batch_size: int, max_length: int) -> PlanSettings:
+        # A recipe with precision auto is planned for the GPU it will run on (see planning_hardware).
+        recipe = with_resolved_precision(recipe, planning_hardware())
         q, lora, t = recipe.quantization, recipe.lora, recipe.training
         return cls(
             micro_batch_size=micro_batch_size,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from qlora_pipe.hardware import PrecisionChoice, planning_hardware, resolve_recipe_precision
 from qlora_pipe.plan import GiB, MemoryPlan
 from qlora_pipe.plan_advice import Advice, advise, parse_size, recipe_plan
 from qlora_pipe.recipe import load_recipe
@@ -16,14 +17,16 @@ def gib(n: int | None) -> str:
     return "-" if n is None else f"{n / GiB:.2f} GiB"
 
 
-def plan_table(plan: MemoryPlan) -> str:
+def plan_table(plan: MemoryPlan, precision: PrecisionChoice | None = None) -> str:
     s = plan.settings
     width = max(len(name) for name, _ in plan.terms) + 2
     lines = [
         f"model: {plan.shape.model_type}, {plan.shape.total_params / 1e9:.2f}B params; "
         f"micro batch {s.micro_batch_size} x {s.max_length} tokens; trainable {plan.trainable_params:,}",
-        "",
     ]
+    if precision is not None:
+        lines.append(f"precision: {precision.precision}, compute {precision.compute_dtype} ({precision.reason})")
+    lines.append("")
     for name, size in plan.terms:
         lines.append(f"  {name:<{width}} {gib(size):>11}   {plan.notes.get(name, '')}")
     lines.append(f"  {'total (predicted peak)':<{width}} {gib(plan.total):>11}")
@@ -45,8 +48,9 @@ def advice_text(plan: MemoryPlan, advice: Advice) -> str:
     return "\n".join(lines)
 
 
-def plan_json(plan: MemoryPlan, advice: Advice) -> dict[str, Any]:
+def plan_json(plan: MemoryPlan, advice: Advice, precision: PrecisionChoice | None = None) -> dict[str, Any]:
     return {
+        "precision": precision.as_dict() if precision else None,
         "model_type": plan.shape.model_type,
         "params": plan.shape.total_params,
         "trainable_params": plan.trainable_params,
@@ -64,7 +68,7 @@ def plan_json(plan: MemoryPlan, advice: Advice) -> dict[str, Any]:
 
 
 def run_plan_command(recipe_path: str, overrides: list[str], gpu_memory: str | None, as_json: bool) -> int:
-    recipe = load_recipe(recipe_path, overrides=overrides)
+    recipe, precision = resolve_recipe_precision(load_recipe(recipe_path, overrides=overrides), planning_hardware())
     if gpu_memory:
         budget = parse_size(gpu_memory)
     else:
@@ -72,9 +76,9 @@ def run_plan_command(recipe_path: str, overrides: list[str], gpu_memory: str | N
     plan = recipe_plan(recipe, budget)
     advice = advise(plan)
     if as_json:
-        print(json.dumps(plan_json(plan, advice), indent=2))
+        print(json.dumps(plan_json(plan, advice, precision), indent=2))
     else:
-        print(plan_table(plan))
+        print(plan_table(plan, precision))
         print()
         print(advice_text(plan, advice))
     return 0

@@ -20,8 +20,9 @@ def peak_memory_bytes() -> int:
 class RunProgress(TrainerCallback):
     """Replaces the trainer's bar (and its printed log dicts) with one line that says what matters."""
 
-    def __init__(self, trainer) -> None:
+    def __init__(self, trainer, label: str = "") -> None:
         self.trainer = trainer
+        self.label = label  # how the run computes, e.g. "fp32, 2 threads"
         self.bar = None
         self.started = 0.0
         self.tokens_at_start = 0
@@ -29,7 +30,12 @@ class RunProgress(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
-            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="training", unit="step")
+            self.bar = tqdm(
+                total=state.max_steps,
+                initial=state.global_step,
+                desc=f"training ({self.label})" if self.label else "training",
+                unit="step",
+            )
             self.started = time.time()
             self.tokens_at_start = self.trainer.supervised_tokens
 

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from qlora_pipe.errors import UserError
 
-Dtype = Literal["bfloat16", "float16", "float32"]
+ComputeDtype = Literal["auto", "bfloat16", "float16", "float32"]
 
 
 class Section(BaseModel):
@@ -37,7 +37,10 @@ class QuantizationSection(Section):
     enabled: bool = Field(True, description="Load the base in 4-bit (QLoRA); false gives plain 16-bit LoRA.")
     quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type of the frozen base weights.")
     double_quant: bool = Field(True, description="Quantize the quantization constants too (saves ~0.37 bit/param).")
-    compute_dtype: Dtype = Field("bfloat16", description="Dtype the 4-bit weights are dequantized to for matmuls.")
+    compute_dtype: ComputeDtype = Field(
+        "auto",
+        description="Dtype the 4-bit weights are dequantized to for matmuls; 'auto' follows training.precision.",
+    )
     quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = Field(
         "uint8", description="Storage dtype of packed 4-bit weights (bfloat16 for FSDP sharding)."
     )
@@ -165,7 +168,16 @@ class TrainingSection(Section):
     optimizer: Literal[
         "paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw_torch", "adamw_torch_fused", "sgd"
     ] = Field("paged_adamw_8bit", description="Optimizer; paged ones fall back to non-paged without a GPU.")
-    precision: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="Mixed-precision mode of training.")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto",
+        description="Mixed-precision mode; 'auto': bf16 where native (GPU 8.0+, CPU AVX512-BF16/AMX), "
+        "fp16 on older GPUs, fp32 on other CPUs.",
+    )
+    cpu_threads: int | Literal["auto"] = Field(
+        "auto",
+        description="Torch threads of a CPU run; 'auto': the CPUs free to the process "
+        "(affinity, cgroup quota). QLORA_PIPE_CPU_THREADS overrides.",
+    )
     gradient_checkpointing: bool = Field(True, description="Recompute activations in backward (non-reentrant).")
     padding_free: bool = Field(
         False, description="Concatenate each micro batch without padding (needs flash_attention_2, or packing)."
@@ -196,7 +208,7 @@ class TrainingSection(Section):
     )
     preview_max_new_tokens: int = Field(64, ge=1, description="Tokens generated per preview answer.")
 
-    @field_validator("micro_batch_size")
+    @field_validator("micro_batch_size", "cpu_threads")
     @classmethod
     def _positive(cls, value: int | str) -> int | str:
         if isinstance(value, int) and value < 1:

@@ -92,6 +92,22 @@ class BadStepGuard(TrainerCallback):
         return control
 
 
+def keep_adapter_fp32_unless_bf16(model, bf16: bool) -> None:
+    """Undo TRL's bf16 cast of a QLoRA adapter when the run does not train in bf16.
+
+    TRL 1.16's SFTTrainer casts the trainable weights of every quantized model to bf16, whatever the
+    precision. In an fp32 run on a CPU without native bf16 that makes every LoRA matmul an emulated
+    bf16 one (about 30x slower); in an fp16 run the loss scaler needs fp32 master weights. So the
+    adapter stays fp32 unless the run trains in bf16. The optimizer does not exist yet (it is created
+    in train()), so nothing else holds the old tensors. Remove when TRL casts only for bf16 runs.
+    """
+    if bf16:
+        return
+    for param in model.parameters():
+        if param.requires_grad and param.dtype == torch.bfloat16:
+            param.data = param.data.float()
+
+
 class PipeTrainer(SFTTrainer):
     def __init__(self, *args: Any, max_bad_steps: int = 5, keep_checkpoints: int = 2, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -104,7 +120,8 @@ class PipeTrainer(SFTTrainer):
         self.bad_loss_in_step = False
         self.aborted: str | None = None
         self.add_callback(BadStepGuard(self))
-        # TRL trains QLoRA adapters in bf16; remember the dtypes so a resumed run keeps them.
+        keep_adapter_fp32_unless_bf16(self.model, self.args.bf16)
+        # Remember the adapter dtypes so a resumed run keeps them.
         self.adapter_dtypes = {n: p.dtype for n, p in self.model.named_parameters() if p.requires_grad}
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):

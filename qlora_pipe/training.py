@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import platform
 import shutil
 import sys
 import time
@@ -27,6 +26,16 @@ from qlora_pipe.checkpoints import latest_valid_checkpoint, read_marker, step_of
 from qlora_pipe.data import PreparedData, prepare_data
 from qlora_pipe.dist import is_main_process, world_size
 from qlora_pipe.errors import Interrupted, UserError
+from qlora_pipe.hardware import (
+    PrecisionChoice,
+    ThreadChoice,
+    apply_cpu_threads,
+    cpu_flags,
+    detect_hardware,
+    isa_summary,
+    resolve_recipe_precision,
+    with_resolved_precision,
+)
 from qlora_pipe.model import load_tokenizer, load_trainable_model, training_device
 from qlora_pipe.plots import plot_losses
 from qlora_pipe.preview import generate_answers
@@ -55,7 +64,7 @@ def sft_config(recipe: Recipe, run: RunDir, device: torch.device, batch: BatchCh
     """The one place where recipe names become TRL/transformers argument names."""
     from trl import SFTConfig
 
-    t = recipe.training
+    t = with_resolved_precision(recipe, detect_hardware(device.type)).training
     on_cpu = device.type == "cpu"
     optimizer = t.optimizer
     if on_cpu and optimizer.startswith("paged_"):
@@ -150,7 +159,15 @@ def check_trackers(recipe: Recipe) -> None:
 
 
 def build_trainer(
-    recipe: Recipe, run: RunDir, model, tokenizer, data: PreparedData, callbacks=(), batch=None, resuming=False
+    recipe: Recipe,
+    run: RunDir,
+    model,
+    tokenizer,
+    data: PreparedData,
+    callbacks=(),
+    batch=None,
+    resuming=False,
+    label: str = "",
 ):
     from transformers.integrations import TensorBoardCallback
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -170,7 +187,7 @@ def build_trainer(
     )
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
-    trainer.add_callback(RunProgress(trainer))
+    trainer.add_callback(RunProgress(trainer, label))
     if "tensorboard" in recipe.training.report_to:
         tensorboard = TensorBoardCallback()
         tensorboard.logging_dir = str(run.tensorboard)
@@ -201,6 +218,7 @@ def run_training(
 
     started = time.time()
     main = is_main_process()
+    recipe, compute = resolve_compute(recipe)
     recipe = resolve_max_length(recipe, memory_budget(recipe))
     if world_size() > 1 and recipe.training.micro_batch_size == "auto":
         raise UserError("training.micro_batch_size: 'auto' probes one device; with several processes give a number")
@@ -232,7 +250,9 @@ def run_training(
         write_json_atomic(run.data_report, [r.as_dict() for r in data.reports])
     batch = choose_batch(recipe, run, trainable.model)
     try:
-        summary = _train_and_save(recipe, run, trainable, tokenizer, data, started, checkpoint, callbacks, batch)
+        summary = _train_and_save(
+            recipe, run, trainable, tokenizer, data, started, checkpoint, callbacks, batch, compute
+        )
     except Interrupted as exc:
         if main:
             run.set_status("interrupted", step=exc.step, signal=exc.signal_name)
@@ -242,6 +262,46 @@ def run_training(
             run.set_status("failed", error=f"{type(exc).__name__}: {exc}")
         raise
     return TrainResult(run, summary, trainable.model, tokenizer)
+
+
+@dataclass(frozen=True)
+class Compute:
+    """How this run computes: the dtypes (resolved from auto) and, on CPU, the threads."""
+
+    precision: PrecisionChoice
+    threads: ThreadChoice | None
+
+    def label(self) -> str:
+        """A few words for the progress line, e.g. 'fp32, 2 threads'."""
+        return self.precision.precision + (f", {self.threads.threads} threads" if self.threads else "")
+
+    def as_dict(self) -> dict[str, Any]:
+        threads = (
+            {"cpu_threads": self.threads.threads, "cpu_threads_reason": self.threads.reason} if self.threads else {}
+        )
+        return {**self.precision.as_dict(), **threads}
+
+
+def resolve_compute(recipe: Recipe) -> tuple[Recipe, Compute]:
+    """precision/compute_dtype auto -> the dtype the hardware runs natively; CPU threads. Logged once."""
+    hardware = detect_hardware(training_device().type)
+    recipe, precision = resolve_recipe_precision(recipe, hardware)
+    threads = apply_cpu_threads(recipe.training.cpu_threads) if hardware.kind == "cpu" else None
+    if is_main_process():
+        log.info("precision: %s, compute dtype %s (%s)", precision.precision, precision.compute_dtype, precision.reason)
+        if precision.notice:
+            log.warning("notice: %s", precision.notice)
+        if threads:
+            log.info("CPU threads: %d (%s)", threads.threads, threads.reason)
+    return recipe, Compute(precision, threads)
+
+
+def device_description(device: torch.device) -> dict[str, str]:
+    """The device numbers came from: GPU name, or CPU model and the vector extensions that decide its speed."""
+    if device.type == "cuda":
+        return {"device": torch.cuda.get_device_name()}
+    hardware = detect_hardware("cpu")
+    return {"device": hardware.name, "cpu_isa": isa_summary(cpu_flags()), "cpu_bf16": hardware.detail}
 
 
 def check_trainable_count(checkpoint: Path, trainable_params: int) -> None:
@@ -281,7 +341,9 @@ def eval_loss_before(run: RunDir) -> float | None:
     return next((r["eval_loss"] for r in rows if r.get("step") == 0 and "eval_loss" in r), None)
 
 
-def _train_and_save(recipe, run, trainable, tokenizer, data, started, checkpoint, callbacks, batch) -> dict[str, Any]:
+def _train_and_save(
+    recipe, run, trainable, tokenizer, data, started, checkpoint, callbacks, batch, compute: Compute
+) -> dict[str, Any]:
     device = training_device()
     model = trainable.model
     prompts = recipe.training.preview_prompts
@@ -291,7 +353,9 @@ def _train_and_save(recipe, run, trainable, tokenizer, data, started, checkpoint
             from qlora_pipe.hub import CheckpointPusher
 
             callbacks = (*callbacks, PushCheckpoints(CheckpointPusher(recipe.hub.repo_id, recipe.hub.private)))
-        trainer = build_trainer(recipe, run, model, tokenizer, data, callbacks, batch, resuming=checkpoint is not None)
+        trainer = build_trainer(
+            recipe, run, model, tokenizer, data, callbacks, batch, checkpoint is not None, compute.label()
+        )
         before = _answers_before(recipe, run, model, tokenizer, data, resuming=checkpoint is not None)
         if checkpoint is not None:
             marker = read_marker(checkpoint)
@@ -354,7 +418,8 @@ def _train_and_save(recipe, run, trainable, tokenizer, data, started, checkpoint
         "supervised_tokens_per_second": round(supervised_tokens / max(train_seconds, 1e-9), 2),
         "peak_memory_bytes": peak_memory_bytes(),
         "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process peak RSS",
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        **device_description(device),
+        "compute": compute.as_dict(),
         "trainable_params": trainable.trainable_params,
         "total_params": trainable.total_params,
         "python": sys.version.split()[0],

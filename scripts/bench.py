@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -38,6 +37,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 RESULTS = REPO / "benchmarks/results"
 WORKERS = REPO / "scripts/bench_workers.py"
+
+from qlora_pipe.hardware import machine_description  # noqa: E402
 
 
 def machine_name() -> str:
@@ -174,7 +175,7 @@ def cpu_bench(args: argparse.Namespace) -> dict[str, Any]:
         tail = bench_export_and_latency(tmp, args.export_hidden, args.export_layers, args.latency_repeats)
     return {
         "date": date.today().isoformat(),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU",
+        "machine": machine_description(),
         "command": "python " + " ".join([Path(sys.argv[0]).as_posix().removeprefix(str(REPO) + "/"), *sys.argv[1:]]),
         "versions": versions(),
         "train_model": {

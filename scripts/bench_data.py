@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qlora_pipe.data import prepare_data
+from qlora_pipe.hardware import machine_description
 from qlora_pipe.quickstart_base import build_tokenizer
 from qlora_pipe.recipe import DataSection
 
@@ -74,7 +74,7 @@ def main() -> None:
     assert not hit1 and hit2
     result = {
         "date": date.today().isoformat(),
-        "machine": f"{platform.machine()} {platform.processor() or ''} cpus={__import__('os').cpu_count()}".strip(),
+        "machine": machine_description(),
         "command": f"python scripts/bench_data.py --rows {args.rows}"
         + (f" --num-proc {args.num_proc}" if args.num_proc else ""),
         "rows": args.rows,

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import tempfile
@@ -21,6 +20,9 @@ from datetime import date
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from qlora_pipe.hardware import machine_description  # noqa: E402
 
 PEFT_MERGE = """
 import sys, torch
@@ -113,7 +115,7 @@ def main() -> None:
         measured = compare(base_dir, run_dir, folder, folder / "m1")
     result = {
         "date": date.today().isoformat(),
-        "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPUs, no GPU",
+        "machine": machine_description(),
         "command": f"python scripts/bench_export_memory.py --hidden {args.hidden} --layers {args.layers}",
         "model_bytes_bf16": size,
         **measured,

@@ -15,6 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from qlora_pipe.hardware import ASSUMED_GPU, resolve_recipe_precision  # noqa: E402
 from qlora_pipe.plan import GiB  # noqa: E402
 from qlora_pipe.plan_advice import advise, parse_size, recipe_plan  # noqa: E402
 from qlora_pipe.plan_report import advice_text, plan_table  # noqa: E402
@@ -34,9 +35,10 @@ EXAMPLE_START, EXAMPLE_END = "<!-- plan-example:start -->\n", "<!-- plan-example
 
 def example() -> str:
     """What `qlora-pipe plan recipes/qa-legal.yaml` prints, as a README code block."""
-    recipe = load_recipe(ROOT / "recipes/qa-legal.yaml")
+    # The machine-independent output: what the command prints where there is no GPU.
+    recipe, precision = resolve_recipe_precision(load_recipe(ROOT / "recipes/qa-legal.yaml"), ASSUMED_GPU)
     plan = recipe_plan(recipe, parse_size(BUDGET))
-    body = f"{plan_table(plan)}\n\n{advice_text(plan, advise(plan))}\n"
+    body = f"{plan_table(plan, precision)}\n\n{advice_text(plan, advise(plan))}\n"
     return f"```text\n$ qlora-pipe plan recipes/qa-legal.yaml\n{body}```\n"
 
 

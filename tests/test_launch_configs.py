@@ -25,7 +25,7 @@ def test_shipped_configs_load(name, kind):
 @pytest.mark.parametrize("variable", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
 def test_sharded_launch_needs_matching_quant_storage(make_recipe, monkeypatch, variable):
     monkeypatch.setenv(variable, "true")
-    recipe = make_recipe()
+    recipe = make_recipe(quantization={"compute_dtype": "bfloat16"})
     with pytest.raises(UserError, match=r"quant_storage = compute_dtype \(bfloat16\), got uint8"):
         check_sharded_quantization(recipe)
     recipe.quantization.quant_storage = "bfloat16"
