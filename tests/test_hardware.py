@@ -165,3 +165,10 @@ def test_fp32_run_trains_like_bf16(make_recipe, monkeypatch):
     for x, y in zip(a, b, strict=True):
         assert abs(x - y) / x < 0.005, (a, b)
     assert a[-1] < a[0] and b[-1] < b[0]  # both learn
+
+    # Resumed where bf16 is native, auto would switch the run to bf16: refused, with the difference named.
+    amx_cpu = {"model name": "an AMX CPU", "flags": " ".join(sorted(SAPPHIRE_RAPIDS))}
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)  # set when the suite runs as on an AVX2 CPU
+    monkeypatch.setattr("qlora_pipe.hardware.cpu_info", lambda: amx_cpu)
+    with pytest.raises(UserError, match=r"training.precision: 'fp32' -> 'bf16'"):
+        run_training(fp32_recipe, resume=True)

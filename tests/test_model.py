@@ -73,7 +73,7 @@ def test_rslora_and_dora_are_passed_to_peft(make_recipe):
 
 
 def test_quantization_disabled_gives_16bit_lora(make_recipe):
-    recipe = make_recipe(quantization={"enabled": False})
+    recipe = make_recipe(quantization={"enabled": False, "compute_dtype": "bfloat16"})
     _, trainable = load_trainable_model(recipe)
     base = trainable.model.base_model.model
     q_proj = base.model.layers[0].self_attn.q_proj.base_layer

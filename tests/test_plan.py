@@ -310,17 +310,22 @@ def test_training_with_auto_sizes(tiny_model_dir, tmp_path):
     import yaml
 
     from qlora_pipe.auto_sizes import micro_batch_start
+    from qlora_pipe.hardware import detect_hardware, resolve_recipe_precision
     from qlora_pipe.training import run_training
 
     raw = recipe_dict(tiny_model_dir, tmp_path / "runs", max_steps=1, micro_batch_size="auto")
     raw["data"]["max_length"] = "auto"
     raw["training"]["memory_budget"] = "600MiB"  # the planner's 0.5 GiB CUDA context + ~90 MiB
     recipe = validate_recipe(raw)
-    planned = recipe_plan(recipe, parse_size("600MiB"), micro_batch_size=1)
+    # The run plans with the dtype it resolves here (bf16 on a CPU with native bf16, else fp32).
+    resolved_dtypes, _ = resolve_recipe_precision(recipe, detect_hardware("cpu"))
+    planned = recipe_plan(resolved_dtypes, parse_size("600MiB"), micro_batch_size=1)
     result = run_training(recipe)
     resolved = yaml.safe_load(result.run_dir.resolved_recipe.read_text())
     assert resolved["data"]["max_length"] == planned.settings.max_length
-    with_length = validate_recipe({**raw, "data": {**raw["data"], "max_length": planned.settings.max_length}})
+    with_length = resolved_dtypes.model_copy(
+        update={"data": resolved_dtypes.data.model_copy(update={"max_length": planned.settings.max_length})}
+    )
     choice = json.loads((result.run_dir.root / "auto_batch.json").read_text())
     assert choice["micro_batch_size"] == micro_batch_start(with_length, parse_size("600MiB"))  # CPU never OOMs
 
