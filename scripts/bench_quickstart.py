@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO))
 
 from qlora_pipe.hardware import cpu_hardware, machine_description  # noqa: E402
 
-AVX2_ONLY = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+AVX2_ONLY = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 
 
 def timed(command: list[str], env: dict[str, str], cwd: Path, log: Path) -> float:
