@@ -26,7 +26,6 @@ RTOL = 1e-4
 def merged_weight_stats(folder: Path) -> dict[str, list[float]]:
     """Per tensor of the merged model: sum of absolute values and of squares in fp64 (a checksum with a
     tolerance; a plain sum cancels out and is no checksum)."""
-    import torch
     from safetensors import safe_open
 
     stats = {}
@@ -71,7 +70,8 @@ def first_divergence(expected: dict, got: dict) -> str | None:
         if not close(expected[key], got[key]):
             return f"{key}: golden {expected[key]!r}, got {got[key]!r}"
     if set(expected["merged_weights"]) != set(got["merged_weights"]):
-        return "merged model tensors differ: " + ", ".join(sorted(set(expected["merged_weights"]) ^ set(got["merged_weights"])))
+        changed = sorted(set(expected["merged_weights"]) ^ set(got["merged_weights"]))
+        return "merged model tensors differ: " + ", ".join(changed)
     for name, want in expected["merged_weights"].items():
         have = got["merged_weights"][name]
         if not all(close(w, h) for w, h in zip(want, have, strict=True)):
