@@ -10,6 +10,7 @@ import contextlib
 import importlib.util
 import io
 import json
+import os
 import shutil
 import signal
 from pathlib import Path
@@ -47,10 +48,15 @@ def _one_torch_thread():
     threads spin-wait for each other and this module ran 13x slower (measured: 204 s vs 15 s)."""
     import torch
 
-    before = torch.get_num_threads()
+    before, setting = torch.get_num_threads(), os.environ.get("QLORA_PIPE_CPU_THREADS")
     torch.set_num_threads(1)
+    os.environ["QLORA_PIPE_CPU_THREADS"] = "1"  # the commands called below set threads from it
     yield
     torch.set_num_threads(before)
+    if setting is None:
+        os.environ.pop("QLORA_PIPE_CPU_THREADS")
+    else:
+        os.environ["QLORA_PIPE_CPU_THREADS"] = setting
 
 
 @pytest.fixture(scope="module")
