@@ -25,7 +25,7 @@ def train(
 
     ``resume``: True (latest complete checkpoint) or a checkpoint path. ``callbacks``: extra
     transformers ``TrainerCallback`` objects."""
-    from qlora_pipe.training import run_training
+    from qlora_pipe.training.stage import run_training
 
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides=overrides)

@@ -8,7 +8,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from qlora_pipe.errors import Interrupted, UserError
+from qlora_pipe.errors import Interrupted, RunStopped, UserError
 
 USER_ERROR_EXIT = 2
 
@@ -111,17 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def close_process_group() -> None:
-    """End a torchrun launch cleanly: exiting with gloo's threads still running aborts the process."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def cmd_train(args: argparse.Namespace) -> int:
+    from qlora_pipe.dist import close_process_group
     from qlora_pipe.recipe import load_recipe
-    from qlora_pipe.training import run_training
+    from qlora_pipe.training.stage import run_training
 
     recipe = load_recipe(args.recipe, overrides=args.overrides)
     if args.resume and args.overwrite:
@@ -144,7 +137,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from qlora_pipe.merged_model import export_merged
+    from qlora_pipe.export.command import export_merged
 
     result = export_merged(
         args.run_dir, args.out, args.merge_base, args.dtype, args.max_shard_size, args.verify, args.compare_original
@@ -158,29 +151,29 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from qlora_pipe.hub import push_run
+    from qlora_pipe.publish.hub import push_run
 
     push_run(args.run_dir, args.repo_id, args.what, args.private, args.revision, args.commit_message, args.dry_run)
     return 0
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from qlora_pipe.chat import run_chat
+    from qlora_pipe.evaluate.chat import run_chat
 
     flags = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p}
     return run_chat(args.path, args.prompt, args.system, {**flags, "greedy": args.greedy})
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from qlora_pipe.eval_metrics import eval_heading, eval_table
-    from qlora_pipe.evaluate import run_eval
+    from qlora_pipe.evaluate.evaluation import run_eval
+    from qlora_pipe.evaluate.metrics import eval_heading, eval_table
 
     result = run_eval(
         args.run_dir, args.data, args.limit, args.batch_size, args.max_new_tokens, args.merged, args.lm_eval
     )
     print(f"\n{eval_heading(result)}\n\n{eval_table(result)}")
     if "lm_eval" in result["base"]:
-        from qlora_pipe.lm_harness import lm_eval_table
+        from qlora_pipe.evaluate.lm_harness import lm_eval_table
 
         print(f"\n{lm_eval_table(result['base']['lm_eval'], result['tuned']['lm_eval'])}")
     for row in result["answers"][: args.examples]:
@@ -191,10 +184,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from qlora_pipe.auto_sizes import memory_budget, resolve_max_length
-    from qlora_pipe.data import prepare_data
-    from qlora_pipe.data_preview import preview_text
+    from qlora_pipe.data.prepare import prepare_data
+    from qlora_pipe.data.preview import preview_text
     from qlora_pipe.model import load_tokenizer
+    from qlora_pipe.plan.auto_sizes import memory_budget, resolve_max_length
     from qlora_pipe.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, overrides=args.overrides)
@@ -207,14 +200,14 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from qlora_pipe.plan_report import run_plan_command
+    from qlora_pipe.plan.report import run_plan_command
 
     return run_plan_command(args.recipe, args.overrides, args.gpu_memory, args.json)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from qlora_pipe.recipe import load_recipe
-    from qlora_pipe.recipe_reference import explain, explain_markdown
+    from qlora_pipe.recipe.reference import explain, explain_markdown
 
     if args.explain:
         print(explain_markdown() if args.markdown else explain(), end="\n" if not args.markdown else "")
@@ -230,7 +223,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_build_quickstart_model(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from qlora_pipe.quickstart_base import BaseSpec, build_quickstart_base
+    from qlora_pipe.quickstart.builder import BaseSpec, build_quickstart_base
 
     spec = BaseSpec() if args.steps is None else replace(BaseSpec(), steps=args.steps)
     out = build_quickstart_base(Path(args.out), Path(args.corpus), spec, force=args.force)
@@ -258,7 +251,7 @@ COMPUTING = ("train", "export", "eval", "chat", "build-quickstart-model")
 def set_up_cpu(command: str) -> None:
     """Passive OpenMP waiting when other work shares the CPUs (must precede torch's import); threads from
     the CPUs this process may use. Training applies its own setting (training.cpu_threads) again."""
-    from qlora_pipe.hardware import apply_cpu_threads, set_passive_wait_if_busy
+    from qlora_pipe.cpu_threads import apply_cpu_threads, set_passive_wait_if_busy
 
     if command not in COMPUTING:
         return
@@ -287,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as exc:
         print(str(exc), file=sys.stderr)
         return 143 if exc.signal_name == "SIGTERM" else 130
-    except UserError as exc:
+    except (UserError, RunStopped) as exc:
         if args.debug:
             raise
         message = " ".join(str(exc).split())  # one line, even when a library's text had several

@@ -30,3 +30,11 @@ def sharded_launch() -> str | None:
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
         return "deepspeed"
     return None
+
+
+def close_process_group() -> None:
+    """End a torchrun launch cleanly: exiting with gloo's threads still running aborts the process."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -13,11 +13,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from qlora_pipe.compat.bitsandbytes import keep_plain_nf4_on_cpu
+from qlora_pipe.data.chat_templates import select_chat_template
 from qlora_pipe.dist import local_rank, sharded_launch
 from qlora_pipe.errors import UserError
 from qlora_pipe.hardware import with_resolved_precision
 from qlora_pipe.recipe import Recipe
-from qlora_pipe.templates import select_chat_template
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +127,7 @@ def load_base_model(recipe: Recipe, device: torch.device | None = None) -> nn.Mo
         )
     except OSError as exc:
         raise UserError(f"model.name_or_path: cannot load {name!r}: {exc}") from exc
-    keep_plain_nf4_on_cpu(model)
+    keep_plain_nf4_on_cpu(model)  # compat/bitsandbytes.py: the CPU fast path rewrites NF4 weights
     return model
 
 
@@ -139,23 +140,6 @@ def check_sharded_quantization(recipe: Recipe) -> None:
             f"quantization.quant_storage: {launch} with 4-bit weights needs quant_storage = compute_dtype "
             f"({q.compute_dtype}), got {q.quant_storage}"
         )
-
-
-def keep_plain_nf4_on_cpu(model: nn.Module) -> None:
-    """Turn off bitsandbytes' CPU inference fast path on our 4-bit layers.
-
-    In eval mode without grad (evaluation, generation) bitsandbytes 0.50 repacks a CPU layer's
-    weight in place for its AVX512-BF16 kernel, converting the absmax constants to bf16 and
-    undoing double quantization. The inverse on save is lossy, so the base the adapter trains
-    against would silently change after the first evaluation (verified: the training loss of
-    the same batch moves by ~1e-4). GPU runs never take this path. Remove this guard once
-    bitsandbytes' CPU packing is lossless or opt-in.
-    """
-    import bitsandbytes as bnb
-
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            module.support_avx512bf16_for_cpu = False
 
 
 def linear_module_names(model: nn.Module) -> list[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from qlora_pipe.errors import UserError
+
+log = logging.getLogger(__name__)
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -30,6 +33,8 @@ LOSS_CURVE = "loss.png"
 TENSORBOARD = "tensorboard"
 CHECKPOINTS = "checkpoints"
 EVAL_REPORT = "eval.json"
+SYSTEM_PROMPT = "system_prompt.json"  # the system message the training data used (chat, eval, export)
+EXPORT_INFO = "export_info.json"  # written into a merged folder: which run it came from
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,10 @@ class RunDir:
     @property
     def data_report(self) -> Path:
         return self.root / DATA_REPORT
+
+    @property
+    def system_prompt(self) -> Path:
+        return self.root / SYSTEM_PROMPT
 
     @property
     def loss_curve(self) -> Path:
@@ -143,3 +152,31 @@ def latest_finished_run(output_dir: str | Path = "runs") -> RunDir:
     if not finished:
         raise UserError(f"no finished run under {root}/ (a run is finished when it has {SUMMARY})")
     return max(finished, key=lambda r: r.summary.stat().st_mtime)
+
+
+def resolve_run(run_dir: str | Path | None, output_dir: str = "runs") -> RunDir:
+    if run_dir is None:
+        run = latest_finished_run(output_dir)
+        log.info("using the most recently finished run: %s", run.root)
+        return run
+    run = RunDir(Path(run_dir))
+    if not run.root.is_dir():
+        raise UserError(f"run directory not found: {run.root}")
+    if not run.summary.is_file():
+        raise UserError(f"{run.root} is not a finished run (no summary.json); finish or resume training first")
+    return run
+
+
+def run_of_merged(merged: Path) -> RunDir | None:
+    """The run an exported model came from: export_info.json names it; export writes into RUN_DIR/merged."""
+    info_path = merged / EXPORT_INFO
+    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    candidates = ([Path(info["run"])] if info.get("run") else []) + [merged.parent]
+    return next((RunDir(c) for c in candidates if (c / RESOLVED_RECIPE).is_file()), None)
+
+
+def training_system_prompt(run: RunDir | None) -> str | None:
+    """The system message the run's training data used, as recorded at training time (None if none)."""
+    if run is None or not run.system_prompt.is_file():
+        return None
+    return json.loads(run.system_prompt.read_text()).get("system_prompt")

@@ -54,7 +54,7 @@ def build_train_model(folder: Path, hidden: int, layers: int) -> tuple[Path, int
     """A random-weight Llama with the quickstart tokenizer (vocab 2048), saved in bf16."""
     import torch
 
-    from qlora_pipe.quickstart_base import BaseSpec, build_tokenizer, make_model
+    from qlora_pipe.quickstart.builder import BaseSpec, build_tokenizer, make_model
 
     spec = BaseSpec(
         hidden_size=hidden,

@@ -20,9 +20,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qlora_pipe.data import prepare_data
+from qlora_pipe.data.prepare import prepare_data
 from qlora_pipe.hardware import machine_description
-from qlora_pipe.quickstart_base import build_tokenizer
+from qlora_pipe.quickstart.builder import build_tokenizer
 from qlora_pipe.recipe import DataSection
 
 REPO = Path(__file__).resolve().parents[1]

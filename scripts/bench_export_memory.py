@@ -49,7 +49,7 @@ def build(folder: Path, hidden: int, layers: int, shard: str = "200MB") -> tuple
     from transformers import LlamaConfig, LlamaForCausalLM
 
     sys.path.insert(0, str(REPO))
-    from qlora_pipe.quickstart_base import build_tokenizer
+    from qlora_pipe.quickstart.builder import build_tokenizer
 
     base_dir, run_dir = folder / "base", folder / "runs" / "bench"
     tokenizer = build_tokenizer((REPO / "data/legal-qa/corpus.txt").read_text(), 2048)

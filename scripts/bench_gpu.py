@@ -59,7 +59,7 @@ def planned_bytes(recipe, config, length: int) -> dict[str, int] | None:
     """The memory planner's prediction: ``allocated`` is what torch.cuda.max_memory_allocated should
     report (no CUDA context, allocator slack or paged optimizer states); ``total`` is the whole peak."""
     try:
-        from qlora_pipe.plan_advice import plan_for_recipe
+        from qlora_pipe.plan.advice import plan_for_recipe
 
         plan = plan_for_recipe(recipe, config=config.to_dict(), micro_batch_size=1, max_length=length)
         return {"allocated": int(plan.allocated), "total": int(plan.total), "terms": dict(plan.terms)}
@@ -104,10 +104,10 @@ def sync() -> None:
 
 def train_steps(model, tokenizer, tmp: Path, length: int, steps: int, vocab: int, **switches) -> dict[str, Any]:
     """``steps`` optimizer steps at this length through build_trainer; raises torch.OutOfMemoryError."""
-    from qlora_pipe.autobatch import BatchChoice
-    from qlora_pipe.data import PreparedData
+    from qlora_pipe.data.prepared import PreparedData
     from qlora_pipe.runs import RunDir
-    from qlora_pipe.training import build_trainer
+    from qlora_pipe.training.micro_batch import BatchChoice
+    from qlora_pipe.training.stage import build_trainer
 
     recipe = default_recipe(tmp, length, **switches)
     recipe.training.max_steps = steps
@@ -164,7 +164,7 @@ SWITCHES = [{"activation_offloading": True}, {"torch_compile": True}, {"liger_ke
 def measure_switches(model, tokenizer, tmp: Path, args: argparse.Namespace, config) -> list[dict[str, Any]]:
     """Each speed/memory switch beside the default at one length, or why it was not run here."""
     from qlora_pipe.errors import UserError
-    from qlora_pipe.speed import check_speed_switches
+    from qlora_pipe.training.speed_switches import check_speed_switches
 
     length, rows = args.lengths[0], []
     for switch in SWITCHES:
@@ -190,8 +190,8 @@ def measure_switches(model, tokenizer, tmp: Path, args: argparse.Namespace, conf
 
 def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     from qlora_pipe.model import add_lora
-    from qlora_pipe.plan_shapes import shape_from_config
-    from qlora_pipe.quickstart_base import build_tokenizer
+    from qlora_pipe.plan.shapes import shape_from_config
+    from qlora_pipe.quickstart.builder import build_tokenizer
 
     config = llama_config(dry=args.dry)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

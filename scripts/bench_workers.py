@@ -3,7 +3,7 @@
     python scripts/bench_workers.py ours|plain|full|latency JSON_ARGS
 
 A fresh process per measurement makes peak RSS (ru_maxrss only ever grows) belong to that side alone.
-``ours`` runs qlora_pipe.training.run_training, the code `qlora-pipe train` runs; ``plain`` is the
+``ours`` runs qlora_pipe.training.stage.run_training, the code `qlora-pipe train` runs; ``plain`` is the
 usual TRL + PEFT + bitsandbytes script with the same model, rows and settings; ``full`` is the same
 script without PEFT (full fine-tuning); ``latency`` times greedy generation of base, merged and
 adapter-unmerged models, interleaved.
@@ -69,7 +69,7 @@ SETTINGS = {"micro_batch_size": 8, "learning_rate": 2e-4, "warmup_ratio": 0.03, 
 def ours(args: dict[str, Any]) -> dict[str, Any]:
     """The real `qlora-pipe train` path (checks, data stage, 4-bit load, PipeTrainer with its callbacks)."""
     from qlora_pipe.recipe import validate_recipe
-    from qlora_pipe.training import run_training
+    from qlora_pipe.training.stage import run_training
 
     raw = {
         "run_name": "ours",
@@ -94,7 +94,7 @@ def ours(args: dict[str, Any]) -> dict[str, Any]:
         },
     }
     clock = TrainClock()
-    from qlora_pipe.memory_measure import measure_weight_bytes
+    from qlora_pipe.plan.measure import measure_weight_bytes
 
     result = run_training(validate_recipe(raw, "bench"), overwrite=True, callbacks=(clock,))
     summary = result.summary
@@ -171,8 +171,8 @@ def plain_trainer(args: dict[str, Any], peft: bool, clock):
 
 
 def plain(args: dict[str, Any], peft: bool = True) -> dict[str, Any]:
-    from qlora_pipe.memory_measure import measure_weight_bytes
-    from qlora_pipe.progress import peak_memory_bytes
+    from qlora_pipe.plan.measure import measure_weight_bytes
+    from qlora_pipe.training.progress import peak_memory_bytes
 
     clock = TrainClock()
     trainer = plain_trainer(args, peft, clock)

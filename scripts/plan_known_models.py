@@ -3,7 +3,7 @@
     python scripts/plan_known_models.py            # markdown table on stdout
     python scripts/plan_known_models.py --readme   # rewrite README.md between the plan-table markers
 
-Uses the bundled configs (qlora_pipe/model_configs/), so it works offline. The recipe is
+Uses the bundled configs (qlora_pipe/plan/model_configs/), so it works offline. The recipe is
 recipes/qa-legal.yaml with only the model and the sequence length changed.
 """
 
@@ -16,9 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from qlora_pipe.hardware import ASSUMED_GPU, resolve_recipe_precision  # noqa: E402
-from qlora_pipe.plan import GiB  # noqa: E402
-from qlora_pipe.plan_advice import advise, parse_size, recipe_plan  # noqa: E402
-from qlora_pipe.plan_report import advice_text, plan_table  # noqa: E402
+from qlora_pipe.plan.advice import advise, parse_size, recipe_plan  # noqa: E402
+from qlora_pipe.plan.report import advice_text, plan_table  # noqa: E402
+from qlora_pipe.plan.terms import GiB  # noqa: E402
 from qlora_pipe.recipe import load_recipe  # noqa: E402
 
 MODELS = [

@@ -6,7 +6,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qlora_pipe.recipe_reference import explain_markdown
+from qlora_pipe.recipe.reference import explain_markdown
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 START, END = "<!-- recipe-reference:start -->\n", "<!-- recipe-reference:end -->\n"

@@ -21,7 +21,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     """Random-weight tiny Llama (hidden 128, 2 layers) with the quickstart tokenizer and chat template."""
     import torch
 
-    from qlora_pipe.quickstart_base import BaseSpec, build_tokenizer, make_model
+    from qlora_pipe.quickstart.builder import BaseSpec, build_tokenizer, make_model
 
     out = tmp_path_factory.mktemp("tiny-llama")
     torch.manual_seed(0)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import csv
 import json
 
-from qlora_pipe.data import IGNORE, prepare_data
+from qlora_pipe.data.prepare import prepare_data
+from qlora_pipe.data.prepared import IGNORE
 from qlora_pipe.recipe import DataSection
 
 QA = [("What is a tort?", "A civil wrong."), ("What is a lien?", "A claim on property."), ("Define bail.", "Security.")]

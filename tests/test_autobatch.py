@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from qlora_pipe import autobatch
-from qlora_pipe.autobatch import find_micro_batch
 from qlora_pipe.errors import UserError
-from qlora_pipe.training import run_training
+from qlora_pipe.training import micro_batch as autobatch
+from qlora_pipe.training.micro_batch import find_micro_batch
+from qlora_pipe.training.stage import run_training
 from tests.test_resume import CrashAtStep, SimulatedCrash
 
 

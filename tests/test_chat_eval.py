@@ -17,14 +17,14 @@ from pathlib import Path
 
 import pytest
 
-from qlora_pipe.chat import chat_loop, load_chat_model, run_of_merged, training_system_prompt
 from qlora_pipe.cli import main
-from qlora_pipe.evaluate import run_eval
-from qlora_pipe.fidelity import MAX_RELATIVE_LOSS_CHANGE
+from qlora_pipe.evaluate.chat import chat_loop, load_chat_model
+from qlora_pipe.evaluate.evaluation import run_eval
+from qlora_pipe.export.fidelity import MAX_RELATIVE_LOSS_CHANGE
 from qlora_pipe.generation import GenerationSettings, chat_prompt_ids, generate_greedy
-from qlora_pipe.model_card import adapter_card, merged_card
+from qlora_pipe.publish.model_card import adapter_card, merged_card
 from qlora_pipe.recipe import load_recipe, validate_recipe
-from qlora_pipe.runs import RunDir
+from qlora_pipe.runs import RunDir, run_of_merged, training_system_prompt
 from tests.conftest import recipe_dict
 
 SYSTEM = "You answer in one short sentence."
@@ -61,7 +61,7 @@ def _one_torch_thread():
 
 @pytest.fixture(scope="module")
 def short_run(tiny_model_dir, tmp_path_factory) -> Path:
-    from qlora_pipe.training import run_training
+    from qlora_pipe.training.stage import run_training
 
     root = tmp_path_factory.mktemp("chat-eval")
     train, held_out = root / "train.jsonl", root / "eval.jsonl"
@@ -87,7 +87,7 @@ def adapter_eval(short_run) -> tuple[int, str, dict]:
 
 @pytest.fixture(scope="module")
 def merged_dir(short_run) -> Path:
-    from qlora_pipe.merged_model import export_merged
+    from qlora_pipe.export.command import export_merged
 
     with contextlib.redirect_stdout(io.StringIO()):
         return export_merged(short_run).out

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from qlora_pipe.data import prepare_data, training_chat_template
+from qlora_pipe.data.prepare import prepare_data, training_chat_template
 from qlora_pipe.errors import UserError
 from qlora_pipe.recipe import DataSection
 

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from qlora_pipe.data import IGNORE
+from qlora_pipe.data.prepared import IGNORE
 from qlora_pipe.errors import UserError
 from qlora_pipe.recipe import SourceSection
 from tests.data_helpers import (

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from qlora_pipe.eval_metrics import (
+from qlora_pipe.evaluate.metrics import (
     eval_table,
     exact_match,
     lcs_length,
@@ -70,7 +70,7 @@ def test_score_answers_averages_over_pairs_and_tables_both_columns():
 
 def test_lm_eval_table_and_task_names():
     from qlora_pipe.errors import UserError
-    from qlora_pipe.lm_harness import lm_eval_table, parse_tasks
+    from qlora_pipe.evaluate.lm_harness import lm_eval_table, parse_tasks
 
     table = lm_eval_table({"arc_easy": {"acc,none": 0.25, "acc_norm,none": 0.3}}, {"arc_easy": {"acc,none": 0.5}})
     assert "arc_easy acc,none" in table and "0.2500" in table and "0.5000" in table

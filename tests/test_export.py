@@ -14,10 +14,10 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from qlora_pipe.errors import UserError
-from qlora_pipe.merged_model import export_merged
-from qlora_pipe.quickstart_base import build_tokenizer
+from qlora_pipe.export.command import export_merged
+from qlora_pipe.quickstart.builder import build_tokenizer
 from qlora_pipe.recipe import validate_recipe
-from qlora_pipe.training import run_training
+from qlora_pipe.training.stage import run_training
 from tests.conftest import CORPUS, recipe_dict
 
 SMALL = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 2}

@@ -38,8 +38,8 @@ def merged_weight_stats(folder: Path) -> dict[str, list[float]]:
 
 
 def golden_numbers(make_recipe) -> dict:
-    from qlora_pipe.merged_model import export_merged
-    from qlora_pipe.training import run_training
+    from qlora_pipe.export.command import export_merged
+    from qlora_pipe.training.stage import run_training
 
     recipe = make_recipe(precision="fp32", quantization={"compute_dtype": "float32"}, max_steps=8)
     result = run_training(recipe)
@@ -85,7 +85,7 @@ def test_tiny_fp32_run_matches_the_golden_numbers(make_recipe):
         from importlib.metadata import version
 
         from qlora_pipe.hardware import machine_description
-        from qlora_pipe.training import LIBRARIES
+        from qlora_pipe.training.stage import LIBRARIES
 
         got["written_on"] = machine_description()
         got["versions"] = {name: version(name) for name in LIBRARIES}

@@ -9,11 +9,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from qlora_pipe.cpu_threads import cgroup_cpu_limit, choose_cpu_threads
 from qlora_pipe.errors import UserError
 from qlora_pipe.hardware import (
     Hardware,
-    cgroup_cpu_limit,
-    choose_cpu_threads,
     cpu_hardware,
     cpu_info,
     cuda_hardware,
@@ -99,10 +98,10 @@ def test_threads_from_environment_recipe_and_available_cpus(monkeypatch):
     with pytest.raises(UserError, match="QLORA_PIPE_CPU_THREADS='two'"):
         choose_cpu_threads("auto", {"QLORA_PIPE_CPU_THREADS": "two"})
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
-    monkeypatch.setattr("qlora_pipe.hardware.cgroup_cpu_limit", lambda: None)
+    monkeypatch.setattr("qlora_pipe.cpu_threads.cgroup_cpu_limit", lambda: None)
     assert choose_cpu_threads("auto", {}).threads == 4
     assert choose_cpu_threads("auto", {"LOCAL_WORLD_SIZE": "2"}).threads == 2
-    monkeypatch.setattr("qlora_pipe.hardware.cgroup_cpu_limit", lambda: 1.5)
+    monkeypatch.setattr("qlora_pipe.cpu_threads.cgroup_cpu_limit", lambda: 1.5)
     choice = choose_cpu_threads("auto", {})
     assert choice.threads == 2 and "cgroup quota of 1.5 CPUs" in choice.reason
 
@@ -137,7 +136,7 @@ def test_fp32_run_trains_like_bf16(make_recipe, monkeypatch):
     """A real fp32 run (auto on a CPU that reports AVX2 only) against an explicit bf16 run of the same
     recipe: the same data and steps, and losses within 0.5% of each other at every logged step (measured
     on an AMX Xeon: at most 0.009%; bf16 rounds every matmul, so the curves are close, not equal)."""
-    from qlora_pipe.training import run_training
+    from qlora_pipe.training.stage import run_training
 
     avx2_cpu = {"model name": "an AVX2-only CPU", "flags": " ".join(sorted(AVX2))}
     monkeypatch.setattr("qlora_pipe.hardware.cpu_info", lambda: avx2_cpu)

@@ -13,12 +13,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from qlora_pipe.data import IGNORE, prepare_data
-from qlora_pipe.data_preview import DIM, GREEN, RESET, render_example
+from qlora_pipe.data.chat_templates import select_chat_template
+from qlora_pipe.data.prepare import prepare_data
+from qlora_pipe.data.prepared import IGNORE
+from qlora_pipe.data.preview import DIM, GREEN, RESET, render_example
 from qlora_pipe.errors import UserError
 from qlora_pipe.model import ensure_distinct_pad, load_tokenizer
 from qlora_pipe.recipe import DataSection, SourceSection, validate_recipe
-from qlora_pipe.templates import select_chat_template
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import torch
 
-from qlora_pipe.data import IGNORE, prepare_data
+from qlora_pipe.data.prepare import prepare_data
+from qlora_pipe.data.prepared import IGNORE
 from qlora_pipe.model import load_tokenizer, load_trainable_model
 from qlora_pipe.runs import RunDir
-from qlora_pipe.training import build_trainer
+from qlora_pipe.training.stage import build_trainer
 
 
 def test_packed_batches_keep_rows_apart(make_recipe, tmp_path):
@@ -43,7 +44,7 @@ def test_packed_batches_keep_rows_apart(make_recipe, tmp_path):
 
 
 def test_training_with_packing_runs_and_learns(make_recipe):
-    from qlora_pipe.training import run_training
+    from qlora_pipe.training.stage import run_training
 
     recipe = make_recipe(max_steps=6, micro_batch_size=2)
     recipe.data.packing = True

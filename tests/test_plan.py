@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from qlora_pipe.cli import main
-from qlora_pipe.memory_measure import measure_weight_bytes
-from qlora_pipe.plan import (
+from qlora_pipe.plan.advice import advise, largest_micro_batch, longest_sequence, parse_size, recipe_plan
+from qlora_pipe.plan.measure import measure_weight_bytes
+from qlora_pipe.plan.shapes import read_config, shape_from_config
+from qlora_pipe.plan.terms import (
     PlanSettings,
     layer_backward_bytes,
     layer_saved_bytes_per_token,
@@ -20,8 +22,6 @@ from qlora_pipe.plan import (
     optimizer_bytes_per_param,
     plan_memory,
 )
-from qlora_pipe.plan_advice import advise, largest_micro_batch, longest_sequence, parse_size, recipe_plan
-from qlora_pipe.plan_shapes import read_config, shape_from_config
 from qlora_pipe.recipe import validate_recipe
 from tests.conftest import recipe_dict
 
@@ -288,7 +288,7 @@ def test_missing_or_unreadable_config_is_one_line(tmp_path, capsys):
 
 
 def test_auto_sizes_start_from_the_plan(family_dirs, tmp_path):
-    from qlora_pipe.auto_sizes import micro_batch_start, resolve_max_length
+    from qlora_pipe.plan.auto_sizes import micro_batch_start, resolve_max_length
 
     recipe = _recipe(family_dirs["llama"], tmp_path, micro_batch_size="auto")
     auto = recipe.model_copy(update={"data": recipe.data.model_copy(update={"max_length": "auto"})})
@@ -309,9 +309,9 @@ def _shape_settings(recipe, batch, length):
 def test_training_with_auto_sizes(tiny_model_dir, tmp_path):
     import yaml
 
-    from qlora_pipe.auto_sizes import micro_batch_start
     from qlora_pipe.hardware import detect_hardware, resolve_recipe_precision
-    from qlora_pipe.training import run_training
+    from qlora_pipe.plan.auto_sizes import micro_batch_start
+    from qlora_pipe.training.stage import run_training
 
     raw = recipe_dict(tiny_model_dir, tmp_path / "runs", max_steps=1, micro_batch_size="auto")
     raw["data"]["max_length"] = "auto"

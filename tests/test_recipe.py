@@ -11,7 +11,7 @@ import yaml
 
 from qlora_pipe.errors import UserError
 from qlora_pipe.recipe import Recipe, load_recipe
-from qlora_pipe.recipe_reference import explain
+from qlora_pipe.recipe.reference import explain
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
@@ -124,7 +124,7 @@ def test_explain_describes_every_field():
 
 
 def test_readme_recipe_reference_is_current():
-    from qlora_pipe.recipe_reference import explain_markdown
+    from qlora_pipe.recipe.reference import explain_markdown
 
     assert explain_markdown() in (REPO / "README.md").read_text()
 

@@ -17,12 +17,11 @@ import yaml
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from qlora_pipe.checkpoints import MARKER, checkpoint_problem, latest_valid_checkpoint
-from qlora_pipe.errors import UserError
-from qlora_pipe.resume import resolve_checkpoint
+from qlora_pipe.errors import CheckpointWriteError, TrainingAborted, UserError
 from qlora_pipe.runs import RunDir
-from qlora_pipe.trainer import CheckpointWriteError, TrainingAborted
-from qlora_pipe.training import run_training
+from qlora_pipe.training.checkpoints import MARKER, checkpoint_problem, latest_valid_checkpoint
+from qlora_pipe.training.resume import resolve_checkpoint
+from qlora_pipe.training.stage import run_training
 from tests.conftest import recipe_dict
 
 REPO = Path(__file__).resolve().parents[1]

@@ -141,7 +141,7 @@ def test_conversation_formats_become_the_same_messages(tokenizer, tmp_path, capl
     source = SourceSection(
         path=write_jsonl(tmp_path / "f.jsonl", [row]), format=fmt if declared == "explicit" else "auto"
     )
-    with caplog.at_level("INFO", logger="qlora_pipe.sources"):
+    with caplog.at_level("INFO", logger="qlora_pipe.data.sources"):
         prepared = prepare(tmp_path, tokenizer, sources=[source])
     expected = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
     assert prepared.train["input_ids"] == [expected]

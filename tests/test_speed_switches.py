@@ -10,13 +10,13 @@ import torch
 import yaml
 from conftest import recipe_dict
 
-from qlora_pipe.autobatch import BatchChoice
 from qlora_pipe.cli import main
 from qlora_pipe.errors import UserError
 from qlora_pipe.recipe import validate_recipe
 from qlora_pipe.runs import RunDir
-from qlora_pipe.speed import check_speed_switches
-from qlora_pipe.training import run_training, sft_config
+from qlora_pipe.training.micro_batch import BatchChoice
+from qlora_pipe.training.speed_switches import check_speed_switches
+from qlora_pipe.training.stage import run_training, sft_config
 
 
 def built_config(recipe):
@@ -107,7 +107,7 @@ def test_padding_free_with_packing_is_accepted(make_recipe):
     [("liger_kernels", "liger_kernel"), ("attn_implementation", "flash_attn")],
 )
 def test_missing_package_names_what_to_install(tiny_model_dir, tmp_path, monkeypatch, key, module):
-    import qlora_pipe.speed as speed
+    import qlora_pipe.training.speed_switches as speed
 
     monkeypatch.setattr(speed, "_installed", lambda name: name != module)
     raw = recipe_dict(tiny_model_dir, tmp_path / "runs")

@@ -14,7 +14,7 @@ from transformers import AutoTokenizer
 
 from qlora_pipe.recipe import Recipe
 from qlora_pipe.runs import RunDir
-from qlora_pipe.training import run_training
+from qlora_pipe.training.stage import run_training
 from tests.conftest import recipe_dict
 
 REPO = Path(__file__).resolve().parents[1]

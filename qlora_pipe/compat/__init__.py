@@ -1,0 +1,11 @@
+"""Every place qlora-pipe overrides or reaches into a library's internals, one module per library.
+
+Each module names the versions it was verified with, why each reach is needed, when it can go, and
+the test that fails first when a new version breaks it. Upgrading a library starts here (and with
+``tests/test_golden.py``, which pins what training computes).
+
+    transformers.py   Trainer: checkpoint load/save hooks, the skippable LR scheduler, default
+                      callbacks, TensorBoard's log folder, the modules loaded unquantized
+    trl.py            SFTTrainer's bf16 cast of QLoRA adapters
+    bitsandbytes.py   the CPU inference fast path; quantizing one tensor as loading does
+"""

@@ -1,0 +1,113 @@
+"""Reaches into transformers. Verified with transformers 5.24.0 (5.x allowed by pyproject) under TRL 1.16.0.
+
+TrainerInternals (a mixin before SFTTrainer)
+    _load_from_checkpoint: PEFT's load_adapter upcasts the reloaded adapter to fp32; the mixin puts it
+        back in its training dtype before the optimizer state is restored, so a resumed run computes
+        exactly as the original. There is no public hook between the weights and the optimizer load.
+        Caught by: tests/test_resume.py::test_crash_and_resume_reproduce_the_uninterrupted_run.
+    _save_checkpoint: a write that fails (a full disk) removes the partial folder and says which
+        checkpoint is still good. The completion marker itself is written by a public ``on_save``
+        callback (train/trainer.py). Caught by: tests/test_resume.py::
+        test_a_failed_save_is_a_clear_error_and_the_previous_checkpoint_stays.
+    create_scheduler: wraps the LR scheduler so that an update skipped for a non-finite loss or
+        gradient is not a scheduler step (Trainer steps the scheduler unconditionally). Caught by:
+        tests/test_resume.py::test_a_non_finite_step_is_skipped_without_optimizer_or_scheduler_step.
+replace_progress_callbacks
+    Trainer always adds its own progress bar and log printer; qlora-pipe shows one line instead.
+tensorboard_callback
+    TensorBoardCallback takes its folder from TrainingArguments.logging_dir, which transformers 5 no
+    longer sets; the callback's ``logging_dir`` attribute puts the events in the run directory.
+    Caught by: tests/test_train.py::test_training_lowers_loss_and_writes_a_complete_run (tensorboard/).
+modules_kept_unquantized
+    Which modules a 4-bit load leaves in 16-bit (lm_head, tied or output embeddings), from the
+    quantizer's own helper, so the export quantizes exactly the weights training quantized.
+    Caught by: tests/test_export.py (GPT-2 and Llama bases, tied and untied).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from qlora_pipe.errors import CheckpointWriteError
+
+VERIFIED = {"transformers": "5.24.0", "trl": "1.16.0"}
+
+
+class SkippableScheduler:
+    """Delegates to the real LR scheduler, except that a skipped update is not a scheduler step."""
+
+    def __init__(self, inner: Any, trainer: Any) -> None:
+        self.inner = inner
+        self.trainer = trainer
+
+    def step(self, *args: Any, **kwargs: Any) -> None:
+        if not self.trainer.skip_this_step:
+            self.inner.step(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+class TrainerInternals:
+    """Overrides of Trainer's private checkpoint hooks and its scheduler factory (see the module docstring).
+
+    The trainer using it provides ``adapter_dtypes`` (parameter name -> training dtype) and
+    ``skip_this_step`` (set by the bad-step guard before the optimizer step).
+    """
+
+    adapter_dtypes: dict[str, Any]
+    skip_this_step: bool
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        for name, param in (model or self.model).named_parameters():
+            dtype = self.adapter_dtypes.get(name)
+            if dtype is not None and param.dtype != dtype:
+                param.data = param.data.to(dtype)
+
+    def _save_checkpoint(self, model, trial):
+        checkpoint = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+        try:
+            super()._save_checkpoint(model, trial)
+        except OSError as exc:
+            shutil.rmtree(checkpoint, ignore_errors=True)
+            raise checkpoint_write_error(checkpoint, exc) from exc
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        if not isinstance(scheduler, SkippableScheduler):
+            self.lr_scheduler = SkippableScheduler(scheduler, self)
+        return self.lr_scheduler
+
+
+def checkpoint_write_error(checkpoint: Path, exc: OSError) -> CheckpointWriteError:
+    from qlora_pipe.training.checkpoints import latest_valid_checkpoint
+
+    previous = latest_valid_checkpoint(checkpoint.parent)
+    kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+    return CheckpointWriteError(f"could not write checkpoint {checkpoint}: {exc}; {kept}")
+
+
+def replace_progress_callbacks(trainer: Any, progress: Any) -> None:
+    """Trainer's own tqdm bar and printed log dicts out, our one-line progress in."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(progress)
+
+
+def tensorboard_callback(logging_dir: Path) -> Any:
+    from transformers.integrations import TensorBoardCallback
+
+    callback = TensorBoardCallback()
+    callback.logging_dir = str(logging_dir)
+    return callback
+
+
+def modules_kept_unquantized(skeleton: Any) -> set[str]:
+    from transformers.quantizers.base import get_keys_to_not_convert
+
+    return set(get_keys_to_not_convert(skeleton))

@@ -1,0 +1,198 @@
+"""Rows -> validated, templated, tokenized, masked SFT dataset (+ report).
+
+Gets a tokenizer; never loads a model. Every row is checked and either kept or counted under
+the reason it was dropped. Conversations are rendered with the chat template and masked with
+TRL's assistant-mask machinery ({% generation %} markers), so the end-of-turn token is always
+trained. The trainer receives ``input_ids`` and ``labels`` (-100 where no loss) ready made, so
+what ``qlora-pipe data --preview`` shows is exactly what training sees.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from typing import Any
+
+from qlora_pipe.data.cache import data_fingerprint, load_cached, save_cached
+from qlora_pipe.data.chat_templates import require_chat_template
+from qlora_pipe.data.prepared import IGNORE, PreparedData
+from qlora_pipe.data.report import SplitReport
+from qlora_pipe.data.sources import detect_format, draw, read_source, rename_columns, to_example
+from qlora_pipe.dist import is_main_process
+from qlora_pipe.errors import UserError
+from qlora_pipe.recipe import DataSection, SourceSection
+
+log = logging.getLogger(__name__)
+
+
+def training_chat_template(tokenizer) -> str:
+    """The template to mask with: the tokenizer's own if it has {% generation %} markers, else TRL's
+    training variant of a known family. Refuses templates that would not train the end-of-turn token."""
+    from trl.chat_template_utils import (
+        get_training_chat_template,
+        has_generation_markers,
+        is_chat_template_stop_token_trained,
+    )
+
+    template = tokenizer.chat_template
+    if not has_generation_markers(template):
+        try:
+            template = get_training_chat_template(tokenizer) or template
+        except ValueError as exc:
+            raise UserError(
+                "data.loss_on: the chat template has no {% generation %} markers and is not a family TRL "
+                "knows; add the markers, choose data.chat_template, or set data.loss_on: all"
+            ) from exc
+    if not is_chat_template_stop_token_trained(tokenizer, chat_template=template):
+        raise UserError(
+            "data.loss_on: the chat template leaves the end-of-turn token outside the loss mask, so the "
+            "model would never learn to stop; put it inside {% generation %}...{% endgeneration %}"
+        )
+    return template
+
+
+def collect(sources: list[SourceSection], data: DataSection, rng: random.Random, report: SplitReport) -> list:
+    """Read, normalize, check and mix the rows of several sources."""
+    examples: list[dict[str, Any]] = []
+    for source in sources:
+        rows = rename_columns(read_source(source), source.columns)
+        fmt = source.format if source.format != "auto" else detect_format(rows, source.label())
+        kept = []
+        for index, row in enumerate(rows):
+            example = to_example(row, fmt)
+            if isinstance(example, str):
+                if data.on_bad_row == "error":
+                    raise UserError(f"{source.label()}: row {index + 1}: {example}")
+                report.dropped[example] += 1
+                continue
+            kept.append(example)
+        report.rows_read += len(rows)
+        examples.extend(draw(kept, source, rng))
+    return examples
+
+
+def example_key(example: dict[str, Any]) -> str:
+    return json.dumps(example, sort_keys=True)
+
+
+def encode(example: dict[str, Any], tokenizer, template: str | None, data: DataSection) -> dict[str, Any]:
+    """input_ids and labels of one example, with its length and a drop reason ('' when kept)."""
+    if example.get("messages"):
+        messages = example["messages"]
+        if data.loss_on == "all":
+            ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+            mask = [1] * len(ids)
+        else:
+            out = tokenizer.apply_chat_template(
+                messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, chat_template=template
+            )
+            ids, mask = out["input_ids"], out["assistant_masks"]
+            if data.loss_on == "completion":
+                mask = last_run_only(mask)
+    else:
+        ids = tokenizer(example["text"])["input_ids"] + [tokenizer.eos_token_id]
+        mask = [1] * len(ids)
+    reason, truncated = "", False
+    if len(ids) > data.max_length:
+        if data.overlength == "truncate":
+            ids, mask, truncated = ids[: data.max_length], mask[: data.max_length], True
+        else:
+            reason = f"longer than max_length {data.max_length}"
+    if not reason and not any(mask):
+        reason = "no trained tokens"
+    labels = [t if m else IGNORE for t, m in zip(ids, mask, strict=True)]
+    return {
+        "input_ids": ids,
+        "labels": labels,
+        "n_tokens": len(ids),
+        "n_trained": sum(mask),
+        "reason": reason,
+        "truncated": truncated,
+    }
+
+
+def last_run_only(mask: list[int]) -> list[int]:
+    """Keep only the last contiguous run of ones: the final assistant answer."""
+    out = [0] * len(mask)
+    end = max((i for i, m in enumerate(mask) if m), default=-1)
+    i = end
+    while i >= 0 and mask[i]:
+        out[i] = 1
+        i -= 1
+    return out
+
+
+def tokenize_split(examples: list[dict], tokenizer, template: str | None, data: DataSection, report: SplitReport):
+    from datasets import Dataset
+
+    # Every row carries both keys, so conversation and text sources can be mixed in one table.
+    dataset = Dataset.from_list([{"messages": e.get("messages"), "text": e.get("text")} for e in examples])
+    dataset = dataset.map(
+        encode,
+        fn_kwargs={"tokenizer": tokenizer, "template": template, "data": data},
+        remove_columns=dataset.column_names,
+        num_proc=data.num_proc,
+        desc=f"Tokenizing {report.name}",
+    )
+    reasons = dataset["reason"]
+    if data.overlength == "error":
+        too_long = [i for i, r in enumerate(reasons) if r.startswith("longer")]
+        if too_long:
+            raise UserError(
+                f"{report.name}: {len(too_long)} rows exceed data.max_length {data.max_length} "
+                f"(first: row {too_long[0] + 1}); set data.overlength: drop or truncate"
+            )
+    for reason in reasons:
+        if reason:
+            report.dropped[reason] += 1
+    keep = [i for i, r in enumerate(reasons) if not r]
+    dataset = dataset.select(keep)
+    report.add_lengths(dataset["n_tokens"], dataset["n_trained"])
+    report.truncated = sum(dataset["truncated"])
+    return dataset.remove_columns(["n_tokens", "n_trained", "reason", "truncated"])
+
+
+def prepare_data(data: DataSection, tokenizer, seed: int = 42) -> PreparedData:
+    """The data stage: sources read, checked, split, deduplicated, tokenized, masked and reported."""
+    fingerprint = data_fingerprint(data, tokenizer, seed)
+    cached = load_cached(data, fingerprint)
+    if cached is not None:
+        for report in cached.reports:
+            log.info("data: %s", report.line())
+        return cached
+    rng = random.Random(seed)
+    train_report, eval_report = SplitReport("train"), SplitReport("eval")
+    train = collect(data.train_sources(), data, rng, train_report)[: data.max_train_samples]
+    held_out = collect(data.held_out_sources(), data, rng, eval_report) if data.held_out_sources() else []
+    if data.eval_fraction > 0:
+        rng.shuffle(train)
+        cut = max(1, round(len(train) * data.eval_fraction))
+        held_out, train = train[:cut], train[cut:]
+        eval_report.rows_read = len(held_out)
+    held_out = held_out[: data.max_eval_samples]
+    eval_keys = {example_key(e) for e in held_out}
+    before = len(train)
+    train = [e for e in train if example_key(e) not in eval_keys]
+    if before - len(train):
+        train_report.dropped["duplicate of an eval row"] += before - len(train)
+
+    if not train:
+        raise UserError(f"training data: no usable rows after checks ({train_report.line()})")
+    template = None
+    if any("messages" in e for e in [*train, *held_out]):
+        require_chat_template(tokenizer, getattr(tokenizer, "name_or_path", "the model"))
+        template = training_chat_template(tokenizer) if data.loss_on != "all" else None
+    train_ds = tokenize_split(train, tokenizer, template, data, train_report)
+    if len(train_ds) == 0:
+        raise UserError(f"training data: no usable rows after tokenization ({train_report.line()})")
+    eval_ds = tokenize_split(held_out, tokenizer, template, data, eval_report) if held_out else None
+    reports = [train_report] + ([eval_report] if eval_ds is not None else [])
+    first = train[0].get("messages") or [{}]
+    system = first[0]["content"] if first[0].get("role") == "system" else None
+    prepared = PreparedData(train_ds, eval_ds, reports, system, fingerprint)
+    for report in reports:
+        log.info("data: %s", report.line())
+    if is_main_process():  # one writer for the shared cache
+        save_cached(data, prepared)
+    return prepared

@@ -1,0 +1,35 @@
+"""Show examples exactly as training sees them: trained tokens apart from masked ones."""
+
+from __future__ import annotations
+
+from itertools import groupby
+
+from qlora_pipe.data.prepared import IGNORE, PreparedData
+
+GREEN, DIM, RESET = "\x1b[32m", "\x1b[2m", "\x1b[0m"
+OPEN, CLOSE = "[[", "]]"
+
+
+def render_example(input_ids: list[int], labels: list[int], tokenizer, color: bool) -> str:
+    """The decoded example; trained spans in green (terminal) or between [[ and ]] (otherwise)."""
+    pieces = []
+    for trained, run in groupby(zip(input_ids, labels, strict=True), key=lambda pair: pair[1] != IGNORE):
+        text = tokenizer.decode([token for token, _ in run])
+        if color:
+            pieces.append(f"{GREEN}{text}{RESET}" if trained else f"{DIM}{text}{RESET}")
+        else:
+            pieces.append(f"{OPEN}{text}{CLOSE}" if trained else text)
+    return "".join(pieces)
+
+
+def preview_text(prepared: PreparedData, tokenizer, count: int, color: bool) -> str:
+    legend = "trained tokens in green, masked dimmed" if color else f"trained tokens between {OPEN} and {CLOSE}"
+    lines = [f"data report{' (from cache)' if prepared.cache_hit else ''}:"]
+    lines += [f"  {report.line()}" for report in prepared.reports]
+    shown = min(count, len(prepared.train))
+    lines.append(f"\n{shown} training example(s) as the model sees them ({legend}):")
+    for index in range(shown):
+        row = prepared.train[index]
+        lines.append(f"\n--- example {index + 1} ({len(row['input_ids'])} tokens) ---")
+        lines.append(render_example(row["input_ids"], row["labels"], tokenizer, color))
+    return "\n".join(lines)

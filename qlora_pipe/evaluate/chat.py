@@ -1,0 +1,181 @@
+"""`qlora-pipe chat`: talk to a trained run (4-bit base + adapter) or a merged model, tokens streamed.
+
+The model is prompted with the chat template it was trained with (saved with the run's tokenizer)
+and stops at the end-of-turn token it was trained to emit.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from qlora_pipe.errors import UserError
+from qlora_pipe.generation import (
+    DEFAULT_MAX_NEW_TOKENS,
+    GenerationSettings,
+    chat_prompt_ids,
+    stop_token_ids,
+)
+from qlora_pipe.hardware import load_dtype_for
+from qlora_pipe.runs import RESOLVED_RECIPE, STATUS, SUMMARY, resolve_run, run_of_merged, training_system_prompt
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ChatModel:
+    model: object
+    tokenizer: object
+    system: str | None  # the system prompt the run trained with, if known
+    source: str  # what was loaded, for the banner
+    defaults: object = None  # generation defaults: the recipe's generation section, or generation_config.json
+
+
+def _is_run_dir(path: Path) -> bool:
+    return (path / RESOLVED_RECIPE).is_file() or (path / SUMMARY).is_file() or (path / STATUS).is_file()
+
+
+def load_chat_model(path: str | Path) -> ChatModel:
+    """A finished run directory (adapter on its 4-bit base) or a model directory (a merged export)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qlora_pipe.model import training_device
+
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"chat: directory not found: {path}")
+    if _is_run_dir(path):
+        from qlora_pipe.model import load_trained_model
+        from qlora_pipe.recipe import load_recipe
+
+        run = resolve_run(path)
+        recipe = load_recipe(run.resolved_recipe)
+        model = load_trained_model(recipe, run.root)
+        tokenizer = AutoTokenizer.from_pretrained(run.root)  # carries the training chat template
+        source = f"{run.root} (4-bit base + adapter)"
+        chat = ChatModel(model, tokenizer, training_system_prompt(run), source, recipe.generation)
+    elif (path / "config.json").is_file():
+        dtype = load_dtype_for(path)  # fp32 on a CPU that emulates bf16
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": training_device()}).eval()
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        # export wrote the recipe's generation section into generation_config.json
+        system = training_system_prompt(run_of_merged(path))
+        chat = ChatModel(model, tokenizer, system, f"{path} (merged model)", model.generation_config)
+    else:
+        raise UserError(f"chat: {path} is neither a run directory ({RESOLVED_RECIPE}) nor a model (config.json)")
+    if not getattr(chat.tokenizer, "chat_template", None):
+        raise UserError(f"chat: the tokenizer in {path} has no chat template")
+    return chat
+
+
+def check_generation_flags(max_new_tokens: int | None, temperature: float | None, top_p: float | None) -> None:
+    """Reject impossible settings before any model is loaded."""
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise UserError(f"chat: --max-new-tokens must be at least 1 (got {max_new_tokens})")
+    if temperature is not None and temperature <= 0:
+        raise UserError(f"chat: --temperature must be > 0 (got {temperature}); use --greedy for greedy decoding")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise UserError(f"chat: --top-p must be in (0, 1] (got {top_p})")
+
+
+def resolve_settings(
+    generation_config,
+    max_new_tokens: int | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    greedy: bool = False,
+) -> GenerationSettings:
+    """Flags over the defaults (the recipe's generation section or a generation_config.json, which use the
+    same names); greedy unless the defaults or a flag ask for sampling."""
+    check_generation_flags(max_new_tokens, temperature, top_p)
+    sample = bool(getattr(generation_config, "do_sample", False)) or temperature is not None or top_p is not None
+    return GenerationSettings(
+        max_new_tokens=max_new_tokens or getattr(generation_config, "max_new_tokens", None) or DEFAULT_MAX_NEW_TOKENS,
+        do_sample=sample and not greedy,
+        temperature=temperature if temperature is not None else getattr(generation_config, "temperature", None),
+        top_p=top_p if top_p is not None else getattr(generation_config, "top_p", None),
+    )
+
+
+def stream_reply(chat: ChatModel, messages: list[dict[str, str]], settings: GenerationSettings) -> str:
+    """Generate one answer, printing tokens as they come; Ctrl-C stops this answer and keeps what was said."""
+    import torch
+    from transformers import TextStreamer
+
+    tokenizer = chat.tokenizer
+    ids = torch.tensor([chat_prompt_ids(tokenizer, messages)], device=chat.model.device)
+    pieces: list[str] = []
+
+    class Collector(TextStreamer):  # prints like TextStreamer and keeps the text for the conversation
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            pieces.append(text)
+            super().on_finalized_text(text, stream_end)
+
+    streamer = Collector(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    stops = stop_token_ids(tokenizer, chat.model.generation_config)
+    try:
+        with torch.no_grad():
+            chat.model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                streamer=streamer,
+                **settings.generate_kwargs(stops, tokenizer.pad_token_id),
+            )
+    except KeyboardInterrupt:
+        streamer.end()
+        print("[stopped]", flush=True)
+    return "".join(pieces).strip()
+
+
+def one_shot(chat: ChatModel, prompt: str, system: str | None, settings: GenerationSettings) -> str:
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    return stream_reply(chat, messages, settings)
+
+
+def chat_loop(
+    chat: ChatModel,
+    system: str | None,
+    settings: GenerationSettings,
+    read: Callable[[str], str] = input,
+) -> list[dict[str, str]]:
+    """Multi-turn chat: /reset clears the conversation, /exit or Ctrl-D ends it. Returns the last conversation."""
+    history: list[dict[str, str]] = []
+    print(f"chatting with {chat.source}; {settings.describe()}")
+    print(f"system prompt: {system!r}" if system else "no system prompt")
+    print("/reset clears the conversation, /exit or Ctrl-D quits, Ctrl-C stops an answer", flush=True)
+    while True:
+        try:
+            line = read("\nyou> ").strip()
+        except EOFError:
+            print()
+            return history
+        except KeyboardInterrupt:  # at the prompt: a fresh line, like a shell
+            print("\n(Ctrl-D or /exit quits)")
+            continue
+        if line in ("/exit", "/quit"):
+            return history
+        if line == "/reset":
+            history.clear()
+            print("(conversation cleared)")
+            continue
+        if not line:
+            continue
+        history.append({"role": "user", "content": line})
+        print("assistant> ", end="", flush=True)
+        system_turn = [{"role": "system", "content": system}] if system else []
+        history.append({"role": "assistant", "content": stream_reply(chat, system_turn + history, settings)})
+
+
+def run_chat(path: str, prompt: str | None, system: str | None, settings_flags: dict) -> int:
+    """The chat command: one answer for --prompt, else an interactive session."""
+    check_generation_flags(settings_flags["max_new_tokens"], settings_flags["temperature"], settings_flags["top_p"])
+    chat = load_chat_model(path)
+    settings = resolve_settings(chat.defaults or chat.model.generation_config, **settings_flags)
+    system = chat.system if system is None else (system or None)  # --system "" drops the default
+    if prompt is not None:
+        one_shot(chat, prompt, system, settings)
+    else:
+        chat_loop(chat, system, settings)
+    return 0

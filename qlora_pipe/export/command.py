@@ -1,0 +1,177 @@
+"""`qlora-pipe export`: a finished run -> a deployable merged model directory, verified."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qlora_pipe.errors import UserError
+from qlora_pipe.export.merge import DTYPES, base_checkpoint_dir, merge_stream, parse_size
+from qlora_pipe.hardware import dtype_for_inference
+from qlora_pipe.recipe import load_recipe
+from qlora_pipe.runs import (
+    EXPORT_INFO,
+    RunDir,
+    resolve_run,
+    training_system_prompt,
+    write_json_atomic,
+)
+
+log = logging.getLogger(__name__)
+
+FIDELITY = "fidelity.json"
+
+
+@dataclass
+class ExportResult:
+    out: Path
+    info: dict[str, Any]
+    fidelity: dict[str, Any] | None
+
+
+def generation_defaults(recipe) -> dict:
+    """The recipe's generation section as generation_config.json keys, so serving decodes as chat does."""
+    g = recipe.generation
+    out = {"max_new_tokens": g.max_new_tokens, "do_sample": g.do_sample}
+    if g.do_sample:  # sampling parameters with greedy decoding only earn "ignored" warnings
+        out.update(temperature=g.temperature, top_p=g.top_p)
+    else:
+        out.update(temperature=None, top_p=None, top_k=None)
+    return out
+
+
+def write_configs(
+    base: Path, folder: Path, dtype_name: str, tokenizer, untied: list[str], sampling: dict | None = None
+) -> None:
+    """config.json in the export dtype without quantization; generation config stopping at end of turn."""
+    config = json.loads((base / "config.json").read_text())
+    config.pop("quantization_config", None)
+    config["torch_dtype"] = dtype_name
+    config["dtype"] = dtype_name
+    if untied:
+        config["tie_word_embeddings"] = False
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+    generation_path = base / "generation_config.json"
+    generation = json.loads(generation_path.read_text()) if generation_path.is_file() else {}
+    eos = generation.get("eos_token_id", config.get("eos_token_id"))
+    eos_ids = [e for e in ([eos] if isinstance(eos, int) else list(eos or [])) if e is not None]
+    if tokenizer.eos_token_id not in eos_ids:  # the end-of-turn token the model was trained to emit
+        eos_ids.insert(0, tokenizer.eos_token_id)
+    generation["eos_token_id"] = eos_ids[0] if len(eos_ids) == 1 else eos_ids
+    generation["pad_token_id"] = tokenizer.pad_token_id
+    generation.setdefault("bos_token_id", config.get("bos_token_id"))
+    for key, value in (sampling or {}).items():  # None: drop the base's value (greedy needs no temperature)
+        if value is None:
+            generation.pop(key, None)
+        else:
+            generation[key] = value
+    (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+
+
+def _original_fidelity(recipe, run: RunDir, base: Path, partial: Path, dtype_name: str, max_bytes: int) -> dict:
+    """The same verification for a merge into the original 16-bit weights (written aside, then removed)."""
+    from qlora_pipe.export.fidelity import verify_merged
+
+    aside = partial.with_name(partial.name + ".original")
+    shutil.rmtree(aside, ignore_errors=True)
+    aside.mkdir()
+    try:
+        merge_stream(recipe, run, base, aside, "original", DTYPES[dtype_name], max_bytes)
+        shutil.copy(partial / "config.json", aside / "config.json")
+        return verify_merged(recipe, run, aside, DTYPES[dtype_name])
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def print_merged_answers(out: Path, recipe, dtype_name: str, system: str | None) -> None:
+    """A few answers from the merged model, loaded the way a user would: plain transformers."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qlora_pipe.generation import generate_answers
+
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=DTYPES[dtype_for_inference(dtype_name)])
+    prompts = recipe.training.preview_prompts
+    answers = generate_answers(model, tokenizer, prompts, system, recipe.training.preview_max_new_tokens)
+    print(f"\n=== answers from the merged model ({out}, plain transformers) ===")
+    for prompt, answer in zip(prompts, answers, strict=True):
+        print(f"\nQ: {prompt}\n  A: {answer!r}")
+    print()
+
+
+def export_merged(
+    run_dir: str | Path | None = None,
+    out: str | Path | None = None,
+    merge_base: str | None = None,
+    dtype: str | None = None,
+    max_shard_size: str | None = None,
+    verify: bool | None = None,
+    compare_original: bool = False,
+) -> ExportResult:
+    """Merge a finished run's adapter into its base and write (and by default verify) the result."""
+    from transformers import AutoTokenizer
+
+    started = time.time()
+    run = resolve_run(run_dir)
+    recipe = load_recipe(run.resolved_recipe)
+    settings = recipe.export
+    merge_base = merge_base or settings.merge_base
+    dtype_name = dtype or settings.dtype
+    verify = settings.verify if verify is None else verify
+    max_bytes = parse_size(max_shard_size or settings.max_shard_size)
+    out = Path(out) if out else run.root / "merged"
+    base = base_checkpoint_dir(recipe)
+
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        merged = merge_stream(recipe, run, base, partial, merge_base, DTYPES[dtype_name], max_bytes)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)  # nothing half-written is left behind
+        raise
+    tokenizer = AutoTokenizer.from_pretrained(run.root)  # with the chat template used in training
+    tokenizer.save_pretrained(partial)
+    write_configs(base, partial, dtype_name, tokenizer, merged["untied"], generation_defaults(recipe))
+    info = {
+        "run": str(run.root),
+        "base_model": recipe.model.name_or_path,
+        "merge_base": merge_base,
+        "dtype": dtype_name,
+        "quantization": recipe.quantization.model_dump(),
+        **merged,
+        "seconds": round(time.time() - started, 2),
+    }
+    write_json_atomic(partial / EXPORT_INFO, info)
+    fidelity = None
+    if verify:
+        from qlora_pipe.export.fidelity import fidelity_table, verify_merged
+
+        fidelity = verify_merged(recipe, run, partial, DTYPES[dtype_name])
+        fidelity["merge_base"] = merge_base
+        if compare_original and merge_base == "dequantized":
+            fidelity["original_merge_base"] = _original_fidelity(recipe, run, base, partial, dtype_name, max_bytes)
+        write_json_atomic(partial / FIDELITY, fidelity)
+        print(fidelity_table(fidelity))
+        if "original_merge_base" in fidelity:
+            print("for comparison, merged into the original 16-bit weights:")
+            print(fidelity_table(fidelity["original_merge_base"]))
+        if not fidelity["passed"] and merge_base == "original":
+            # The user asked for the 16-bit weights the adapter was not trained against: report, don't refuse.
+            log.warning("merge base 'original' differs from the trained model by the numbers above (expected)")
+        elif not fidelity["passed"]:
+            raise UserError(
+                f"export: the merged model does not reproduce the trained model (see {partial / FIDELITY}); "
+                "it was left in that .partial folder"
+            )
+    shutil.rmtree(out, ignore_errors=True)
+    partial.rename(out)  # only a complete (and, by default, verified) export gets the final name
+    if recipe.training.preview_prompts:
+        print_merged_answers(out, recipe, dtype_name, training_system_prompt(run))
+    return ExportResult(out, info, fidelity)

@@ -1,0 +1,271 @@
+"""Export: dequantize -> merge in fp32 -> cast once -> sharded safetensors, streaming.
+
+The adapter was trained against dequant(NF4(W)), not W. The default merge base reproduces those
+weights: each base tensor is read from its safetensors shard, quantized with the run's own
+settings through the same bitsandbytes path the training load used, and dequantized. The LoRA
+delta (scale * B @ A, rsLoRA scaling and DoRA magnitude handled) is added in fp32 and the result
+cast once to the export dtype. One tensor is in flight at a time and shards are written as they
+fill, so peak memory is about one output shard plus the adapter. Never imports trl.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from qlora_pipe.compat.bitsandbytes import dequantized_like_loading
+from qlora_pipe.compat.transformers import modules_kept_unquantized
+from qlora_pipe.errors import UserError
+from qlora_pipe.hardware import with_resolved_precision
+from qlora_pipe.recipe import Recipe
+from qlora_pipe.runs import RunDir
+
+log = logging.getLogger(__name__)
+
+ADAPTER_PREFIX = "base_model.model."
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "uint8": torch.uint8}
+UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+@dataclass
+class LoraWeights:
+    a: torch.Tensor
+    b: torch.Tensor
+    scale: float
+    magnitude: torch.Tensor | None
+
+
+def parse_size(text: str) -> int:
+    upper = text.strip().upper()
+    for unit, factor in sorted(UNITS.items(), key=lambda kv: -len(kv[0])):
+        if upper.endswith(unit):
+            return int(float(upper[: -len(unit)]) * factor)
+    if upper.isdigit():
+        return int(upper)
+    raise UserError(f"max shard size: cannot read {text!r} (e.g. 5GB, 500MB)")
+
+
+def base_checkpoint_dir(recipe: Recipe) -> Path:
+    """The base model's files: a local directory, or the Hub snapshot (safetensors and configs only)."""
+    name = recipe.model.name_or_path
+    local = Path(name).expanduser()
+    if local.is_dir():
+        return local
+    if name.startswith((".", "/", "~")):
+        raise UserError(f"base model not found: {name}")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, revision=recipe.model.revision, allow_patterns=["*.safetensors", "*.json"]))
+    except Exception as exc:  # huggingface_hub raises several types for offline / missing / gated
+        raise UserError(f"base model {name!r}: cannot fetch its files: {exc}") from exc
+
+
+def base_shards(base: Path) -> list[Path]:
+    index = base / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [base / f for f in files]
+    single = base / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise UserError(f"{base}: no safetensors weights (model.safetensors or an index); export needs them")
+
+
+def load_lora(run: RunDir) -> tuple[dict[str, LoraWeights], dict[str, torch.Tensor], dict[str, Any]]:
+    """Adapter deltas keyed by the base weight name, full replacements (modules_to_save), and the config."""
+    if not run.adapter_weights.is_file() or not run.adapter_config.is_file():
+        raise UserError(f"{run.root}: no adapter ({run.adapter_weights.name}, {run.adapter_config.name})")
+    try:
+        config = json.loads(run.adapter_config.read_text())
+        tensors = load_file(str(run.adapter_weights))
+    except Exception as exc:  # safetensors raises SafetensorError on a truncated or corrupt file
+        raise UserError(f"{run.adapter_weights}: unreadable adapter ({exc})") from exc
+    r, alpha = config["r"], config["lora_alpha"]
+    deltas: dict[str, LoraWeights] = {}
+    replaced: dict[str, torch.Tensor] = {}
+    for key, tensor in tensors.items():
+        name = key.removeprefix(ADAPTER_PREFIX)
+        if name.endswith(".lora_A.weight"):
+            module = name.removesuffix(".lora_A.weight")
+            short = module.rsplit(".", 1)[-1]
+            rank = config.get("rank_pattern", {}).get(short, r)
+            scale_alpha = config.get("alpha_pattern", {}).get(short, alpha)
+            scale = scale_alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
+            magnitude = tensors.get(f"{ADAPTER_PREFIX}{module}.lora_magnitude_vector")
+            deltas[f"{module}.weight"] = LoraWeights(
+                tensor, tensors[f"{ADAPTER_PREFIX}{module}.lora_B.weight"], scale, magnitude
+            )
+        elif ".lora_" not in name:
+            replaced[name] = tensor
+    if not deltas and not replaced:
+        raise UserError(f"{run.adapter_weights}: the adapter holds no LoRA weights")
+    return deltas, replaced, config
+
+
+def quantized_weight_names(base: Path, recipe: Recipe) -> set[str]:
+    """Weights transformers puts in 4-bit when loading this base: every Linear/Conv1D but the ones it skips."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    from accelerate import init_empty_weights
+
+    if not recipe.quantization.enabled:
+        return set()
+    config = AutoConfig.from_pretrained(base, trust_remote_code=recipe.model.trust_remote_code)
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
+    skipped = modules_kept_unquantized(skeleton)
+    names = set()
+    for name, module in skeleton.named_modules():
+        if isinstance(module, torch.nn.Linear | Conv1D) and not any(
+            name == s or name.startswith(s + ".") or name.endswith("." + s) for s in skipped
+        ):
+            names.add(f"{name}.weight")
+    return names
+
+
+def nf4_roundtrip(weight: torch.Tensor, recipe: Recipe, transposed: bool) -> torch.Tensor:
+    """dequant(quant(W)) exactly as the training load produced it (same class, same settings), in fp32."""
+    q = with_resolved_precision(recipe).quantization
+    value = weight.to(DTYPES[q.compute_dtype])
+    value = value.T.contiguous() if transposed else value
+    restored = dequantized_like_loading(value, q.quant_type, q.double_quant, DTYPES[q.quant_storage])
+    return restored.T if transposed else restored
+
+
+def merge_tensor(base: torch.Tensor, lora: LoraWeights | None, transposed: bool) -> torch.Tensor:
+    """W + scale * B @ A in fp32 (DoRA: rescaled per output row to the learned magnitude).
+
+    ``transposed``: the checkpoint stores this weight as (in, out) (GPT-2 Conv1D), while B @ A is
+    (out, in) whether PEFT adapted the Conv1D itself or the (out, in) 4-bit layer that replaced it."""
+    oriented = base.float().T if transposed else base.float()
+    if lora is None:
+        return base.float()
+    merged = oriented + lora.scale * (lora.b.float() @ lora.a.float())
+    if lora.magnitude is not None:
+        norm = merged.norm(p=2, dim=1, keepdim=True)
+        merged = merged * (lora.magnitude.float().view(-1, 1) / norm)
+    return merged.T if transposed else merged
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps large freed blocks otherwise, and the
+    resident size would creep up to the model size over a long export)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name and platform.system() == "Linux":
+        ctypes.CDLL(name).malloc_trim(0)
+
+
+class ShardWriter:
+    """Collects tensors until the shard is full, then writes it: one shard in memory at a time."""
+
+    def __init__(self, folder: Path, max_bytes: int) -> None:
+        self.folder, self.max_bytes = folder, max_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.files: list[tuple[Path, list[str]]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + size > self.max_bytes:
+            self.flush()
+        self.pending[name] = tensor.contiguous()
+        self.pending_bytes += size
+        self.total_bytes += size
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        path = self.folder / f"shard-{len(self.files):05d}.tmp"
+        save_file(self.pending, str(path), metadata={"format": "pt"})
+        self.files.append((path, list(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+        release_freed_memory()
+
+    def finish(self) -> None:
+        """Give the shards their final names, and write the index when there are several."""
+        self.flush()
+        count = len(self.files)
+        if count == 1:
+            self.files[0][0].rename(self.folder / "model.safetensors")
+            return
+        weight_map = {}
+        for number, (path, names) in enumerate(self.files, start=1):
+            final = f"model-{number:05d}-of-{count:05d}.safetensors"
+            path.rename(self.folder / final)
+            weight_map.update(dict.fromkeys(names, final))
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def conv1d_weight_names(base: Path, recipe: Recipe) -> set[str]:
+    """GPT-2 style Conv1D layers store their weight transposed (in, out)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    from accelerate import init_empty_weights
+
+    config = AutoConfig.from_pretrained(base, trust_remote_code=recipe.model.trust_remote_code)
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
+    return {f"{n}.weight" for n, m in skeleton.named_modules() if isinstance(m, Conv1D)}
+
+
+def merge_stream(
+    recipe: Recipe, run: RunDir, base: Path, folder: Path, merge_base: str, dtype: torch.dtype, max_bytes: int
+) -> dict[str, Any]:
+    """Read base tensors one by one, merge, cast once, write shard by shard. Returns what was done."""
+    from tqdm.auto import tqdm
+
+    deltas, replaced, _ = load_lora(run)
+    quantized = quantized_weight_names(base, recipe) if merge_base == "dequantized" else set()
+    transposed = conv1d_weight_names(base, recipe)
+    writer = ShardWriter(folder, max_bytes)
+    counts = {"merged": 0, "dequantized": 0, "replaced": 0, "copied": 0}
+    shards = base_shards(base)
+    seen: set[str] = set()
+    with tqdm(desc="merging", unit="tensor") as bar:
+        for shard in shards:
+            with safe_open(str(shard), framework="pt") as handle:
+                for name in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
+                    seen.add(name)
+                    tensor = handle.get_tensor(name)
+                    if name in replaced:
+                        out, kind = replaced.pop(name).float(), "replaced"
+                    else:
+                        if name in quantized:
+                            tensor = nf4_roundtrip(tensor, recipe, transposed=name in transposed)
+                            counts["dequantized"] += 1
+                        lora = deltas.pop(name, None)
+                        # Untouched tensors (embeddings, norms, unadapted 16-bit layers) skip the fp32 round trip.
+                        out = merge_tensor(tensor, lora, name in transposed) if lora is not None else tensor
+                        kind = "merged" if lora else "copied"
+                    if out.is_floating_point():
+                        if not torch.isfinite(out).all():
+                            raise UserError(f"export: merged tensor {name} has NaN or Inf values")
+                        out = out.to(dtype)
+                    counts[kind] += 1
+                    writer.add(name, out)
+                    bar.update()
+    if deltas:
+        raise UserError(f"export: adapter weights for {sorted(deltas)[0]} match no tensor of the base checkpoint")
+    untied = sorted(replaced)  # modules_to_save of a tied weight: written as its own tensor
+    for name in untied:
+        writer.add(name, replaced[name].to(dtype))
+        counts["replaced"] += 1
+    writer.finish()
+    return {**counts, "untied": untied, "bytes": writer.total_bytes, "base_shards": len(shards)}

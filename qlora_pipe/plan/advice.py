@@ -1,0 +1,116 @@
+"""What fits: the largest micro batch, the longest sequence, and the switch that saves the most.
+
+Memory grows monotonically with the micro batch and the sequence length, so both limits are
+found by bisection over the planner's formulas.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from qlora_pipe.errors import UserError
+from qlora_pipe.plan.shapes import ModelShape, read_config, shape_from_config
+from qlora_pipe.plan.terms import MemoryPlan, PlanSettings, plan_memory
+from qlora_pipe.recipe import Recipe
+
+LENGTH_STEP = 64  # sequence lengths are planned in multiples of this
+MAX_MICRO_BATCH = 1024
+UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+UNITS |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str, where: str = "--gpu-memory") -> int:
+    """'24GiB', '24 GB', '80GB' -> bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)\s*", text, flags=re.IGNORECASE)
+    if not match or match.group(2).upper() not in UNITS:
+        raise UserError(f"{where}: {text!r} is not a memory size (e.g. 24GiB or 80GB)")
+    return int(float(match.group(1)) * UNITS[match.group(2).upper()])
+
+
+def largest(fits: Callable[[int], bool], low: int, high: int) -> int | None:
+    """The largest n in [low, high] with fits(n), for monotone fits; None when not even low fits."""
+    if not fits(low):
+        return None
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid - 1)
+    return low
+
+
+def largest_micro_batch(shape: ModelShape, s: PlanSettings, budget: int) -> int | None:
+    return largest(lambda b: plan_memory(shape, replace(s, micro_batch_size=b)).total <= budget, 1, MAX_MICRO_BATCH)
+
+
+def longest_sequence(shape: ModelShape, s: PlanSettings, budget: int) -> int | None:
+    """The longest max_length (a multiple of 64, within the model's positions) that fits the budget."""
+    top = (shape.max_positions or 1 << 20) // LENGTH_STEP
+    steps = largest(lambda n: plan_memory(shape, replace(s, max_length=n * LENGTH_STEP)).total <= budget, 1, top)
+    return None if steps is None else steps * LENGTH_STEP
+
+
+# Recipe changes that lower the peak, tried one at a time when a plan does not fit.
+SWITCHES: list[tuple[str, Callable[[PlanSettings], PlanSettings]]] = [
+    ("training.gradient_checkpointing=true", lambda s: replace(s, gradient_checkpointing=True)),
+    ("training.activation_offloading=true", lambda s: replace(s, activation_offloading=True)),
+    ("training.optimizer=paged_adamw_8bit", lambda s: replace(s, optimizer="paged_adamw_8bit")),
+    ("quantization.double_quant=true", lambda s: replace(s, double_quant=True)),
+    ("quantization.enabled=true", lambda s: replace(s, quantized=True)),
+    ("lora.dropout=0", lambda s: replace(s, lora_dropout=0.0)),
+    ("training.micro_batch_size=1", lambda s: replace(s, micro_batch_size=1)),
+]
+
+
+@dataclass
+class Advice:
+    max_micro_batch: int | None  # at the plan's sequence length
+    max_length: int | None  # at the plan's micro batch
+    best_switch: str | None  # the one change that lowers the peak the most
+    best_saving: int = 0
+    switch_fits: bool = False
+
+
+def advise(plan: MemoryPlan) -> Advice:
+    if plan.budget is None:
+        return Advice(None, None, None)
+    shape, s, budget = plan.shape, plan.settings, plan.budget
+    advice = Advice(largest_micro_batch(shape, s, budget), longest_sequence(shape, s, budget), None)
+    if plan.fits:
+        return advice
+    for override, change in SWITCHES:
+        saving = plan.total - plan_memory(shape, change(s)).total
+        if saving > advice.best_saving:
+            advice.best_switch, advice.best_saving = override, saving
+            advice.switch_fits = plan.total - saving <= budget
+    return advice
+
+
+def recipe_plan(
+    recipe: Recipe,
+    budget: int | None,
+    config: dict | None = None,
+    micro_batch_size: int | None = None,
+    max_length: int | None = None,
+) -> MemoryPlan:
+    """The plan of a recipe; 'auto' sizes resolve to the largest that fit the budget (1 / 2048 without one)."""
+    shape = shape_from_config(config or read_config(recipe.model.name_or_path, recipe.model.revision))
+    t, d = recipe.training, recipe.data
+    batch = micro_batch_size or (t.micro_batch_size if t.micro_batch_size != "auto" else None)
+    length = max_length or (d.max_length if d.max_length != "auto" else None)
+    s = PlanSettings.from_recipe(recipe, batch or 1, length or 2048)
+    if budget is not None and length is None:
+        s = replace(s, max_length=longest_sequence(shape, s, budget) or LENGTH_STEP)
+    if budget is not None and batch is None:
+        s = replace(s, micro_batch_size=largest_micro_batch(shape, s, budget) or 1)
+    return plan_memory(shape, s, budget)
+
+
+def plan_for_recipe(
+    recipe: Recipe, config: dict | None = None, micro_batch_size: int | None = None, max_length: int | None = None
+) -> MemoryPlan:
+    """The plan at the recipe's sizes (or the given ones), against training.memory_budget if set."""
+    budget = (
+        parse_size(recipe.training.memory_budget, "training.memory_budget") if recipe.training.memory_budget else None
+    )
+    return recipe_plan(recipe, budget, config, micro_batch_size, max_length)

@@ -1,0 +1,58 @@
+"""`data.max_length: auto` and the first size `training.micro_batch_size: auto` tries, from the planner.
+
+The budget is ``training.memory_budget`` when set, else the GPU's total memory. Without either
+(a CPU run) there is nothing to plan against: max_length falls back to 2048 tokens (or the
+model's positions, if fewer) and the micro batch search starts at ``auto_micro_batch_start``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from qlora_pipe.plan.advice import largest_micro_batch, parse_size, recipe_plan
+from qlora_pipe.plan.terms import GiB
+from qlora_pipe.recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+NO_BUDGET_LENGTH = 2048
+
+
+def memory_budget(recipe: Recipe) -> int | None:
+    """Bytes the auto sizes may plan for: the recipe's budget, else the GPU's memory, else None."""
+    if recipe.training.memory_budget:
+        return parse_size(recipe.training.memory_budget, "training.memory_budget")
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.mem_get_info()[1]
+    return None
+
+
+def resolve_max_length(recipe: Recipe, budget: int | None) -> Recipe:
+    """The recipe with data.max_length 'auto' replaced by a number (unchanged otherwise)."""
+    if recipe.data.max_length != "auto":
+        return recipe
+    plan = recipe_plan(recipe, budget)
+    if budget is None:
+        length = min(NO_BUDGET_LENGTH, plan.shape.max_positions or NO_BUDGET_LENGTH)
+        log.info("data.max_length auto: %d tokens (no GPU and no training.memory_budget to plan against)", length)
+    else:
+        length = plan.settings.max_length
+        log.info(
+            "data.max_length auto: %d tokens, the longest the planner fits in %.1f GiB at micro batch %d",
+            length,
+            budget / GiB,
+            plan.settings.micro_batch_size,
+        )
+    return recipe.model_copy(update={"data": recipe.data.model_copy(update={"max_length": length})})
+
+
+def micro_batch_start(recipe: Recipe, budget: int | None) -> int:
+    """Where the OOM back-off of micro_batch_size auto starts: the planner's largest fit, if it can plan."""
+    if budget is None or recipe.data.max_length == "auto":
+        return recipe.training.auto_micro_batch_start
+    plan = recipe_plan(recipe, budget, micro_batch_size=1)
+    planned = largest_micro_batch(plan.shape, plan.settings, budget) or 1
+    log.info("micro batch auto: the planner fits %d in %.1f GiB; probing from there", planned, budget / GiB)
+    return planned

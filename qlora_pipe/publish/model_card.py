@@ -1,0 +1,168 @@
+"""Model cards (README.md with Hub metadata) generated from a run: what, how, results, usage."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from qlora_pipe.recipe import Recipe
+from qlora_pipe.runs import EVAL_REPORT, RunDir
+
+TAGS = ["qlora", "lora", "sft", "trl", "peft", "qlora-pipe"]
+
+
+def _json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def base_license(recipe: Recipe) -> str | None:
+    """The base model's license when its local card says it (offline: no Hub lookups here)."""
+    card = Path(recipe.model.name_or_path) / "README.md"
+    if card.is_file():
+        from huggingface_hub import ModelCard
+
+        return ModelCard.load(card).data.to_dict().get("license")
+    return None
+
+
+def _metadata(recipe: Recipe, library: str) -> dict[str, Any]:
+    from huggingface_hub import ModelCardData
+
+    datasets = [s.hub for s in recipe.data.train_sources() if s.hub]
+    name = recipe.model.name_or_path
+    local = Path(name).expanduser().exists() or name.startswith((".", "/", "~"))
+    data = ModelCardData(
+        base_model=None if local else name,  # the Hub only accepts Hub ids here
+        library_name=library,
+        pipeline_tag="text-generation",
+        tags=TAGS if library == "peft" else [*TAGS, "merged"],
+        datasets=datasets or None,
+        license=base_license(recipe),
+        language=["en"],
+    )
+    return data
+
+
+def _training_section(run: RunDir, recipe: Recipe) -> str:
+    summary = _json(run.summary)
+    q, lora, t = recipe.quantization, recipe.lora, recipe.training
+    sources = ", ".join(Path(s.path).name if s.path else s.label() for s in recipe.data.train_sources())
+    lines = [
+        "## Training",
+        "",
+        f"- Base model: `{recipe.model.name_or_path}`, loaded in 4-bit {q.quant_type.upper()}"
+        f"{' with double quantization' if q.double_quant else ''} (compute {q.compute_dtype})"
+        if q.enabled
+        else f"- Base model: `{recipe.model.name_or_path}` in 16-bit",
+        f"- LoRA: r={lora.r}, alpha={lora.alpha}, dropout={lora.dropout}, target modules {lora.target_modules}"
+        f"{', rsLoRA' if lora.use_rslora else ''}{', DoRA' if lora.use_dora else ''}",
+        f"- Data: {sources}; loss on {recipe.data.loss_on} tokens; max length {recipe.data.max_length}",
+        f"- Optimizer {t.optimizer}, learning rate {t.learning_rate}, {t.lr_scheduler} schedule, "
+        f"precision {t.precision}",
+    ]
+    if summary:
+        lines += [
+            f"- Steps: {summary.get('steps')}, trained tokens: {summary.get('supervised_tokens'):,}, "
+            f"training time {summary.get('train_seconds')} s on {summary.get('device')}",
+            "",
+            "## Results",
+            "",
+            "| | value |",
+            "|---|---|",
+            f"| eval loss before training | {_fmt(summary.get('eval_loss_before'))} |",
+            f"| eval loss after training | {_fmt(summary.get('final_eval_loss'))} |",
+            f"| final train loss | {_fmt(summary.get('final_train_loss'))} |",
+        ]
+    if run.loss_curve.is_file():
+        lines += ["", "![loss curves](loss.png)"]
+    return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _eval_section(run: RunDir, merged: Path | None = None) -> str:
+    """The base-vs-tuned table of `qlora-pipe eval`, when it was run: the merged model's own, else the run's."""
+    from qlora_pipe.evaluate.metrics import eval_heading, eval_table
+
+    paths = ([merged / EVAL_REPORT] if merged else []) + [run.eval_report]
+    result = next((_json(p) for p in paths if p.is_file()), None)
+    if not result:
+        return ""
+    return f"## Evaluation\n\n{eval_heading(result)}.\n\n{eval_table(result, markdown=True)}\n\n"
+
+
+def _template_note() -> str:
+    return (
+        "## Chat template\n\nThe tokenizer in this repository carries the exact chat template used in training "
+        "(`chat_template.jinja`). Render prompts with `tokenizer.apply_chat_template(..., "
+        "add_generation_prompt=True)` so serving sees the same text; generation stops at the tokenizer's EOS."
+    )
+
+
+def adapter_card(run: RunDir, recipe: Recipe, repo_id: str) -> str:
+    from huggingface_hub import ModelCard
+
+    usage = f"""## Usage
+
+With PEFT (4-bit base, as trained):
+
+```python
+from peft import AutoPeftModelForCausalLM
+from transformers import AutoTokenizer
+
+model = AutoPeftModelForCausalLM.from_pretrained("{repo_id}")
+tokenizer = AutoTokenizer.from_pretrained("{repo_id}")
+```
+
+With vLLM's LoRA serving:
+
+```bash
+vllm serve {recipe.model.name_or_path} --enable-lora --lora-modules adapter={repo_id}
+```
+"""
+    body = (
+        f"# {repo_id.split('/')[-1]}\n\nA LoRA adapter for `{recipe.model.name_or_path}`, trained with "
+        f"qlora-pipe (QLoRA: 4-bit base, LoRA adapters, supervised fine-tuning with TRL).\n\n"
+        f"{_training_section(run, recipe)}\n\n{_eval_section(run)}{usage}\n{_template_note()}\n"
+    )
+    return ModelCard.from_template(
+        _metadata(recipe, "peft"), template_str="---\n{{ card_data }}\n---\n\n" + body
+    ).content
+
+
+def merged_card(run: RunDir, recipe: Recipe, repo_id: str, merged: Path) -> str:
+    from huggingface_hub import ModelCard
+
+    fidelity = _json(merged / "fidelity.json")
+    info = _json(merged / "export_info.json")
+    fidelity_text = ""
+    if fidelity:
+        fidelity_text = (
+            "## Fidelity\n\nThe merged weights are the dequantized NF4 weights the adapter was trained against "
+            f"plus the LoRA delta, in {info.get('dtype', 'bfloat16')}. Against the trained model (4-bit base + "
+            f"adapter) on {fidelity.get('examples')} held-out examples: eval loss "
+            f"{_fmt(fidelity.get('eval_loss_trained'))}"
+            f" vs {_fmt(fidelity.get('eval_loss_merged'))}, mean absolute logit difference "
+            f"{_fmt(fidelity.get('mean_abs_logit_diff'))}, top-1 agreement {_fmt(fidelity.get('top1_agreement'))}.\n"
+        )
+    usage = f"""## Usage
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained("{repo_id}")
+tokenizer = AutoTokenizer.from_pretrained("{repo_id}")
+```
+
+With vLLM: `vllm serve {repo_id}`
+"""
+    body = (
+        f"# {repo_id.split('/')[-1]}\n\n`{recipe.model.name_or_path}` with a qlora-pipe LoRA adapter merged in.\n\n"
+        f"{_training_section(run, recipe)}\n\n{_eval_section(run, merged)}{fidelity_text}\n{usage}\n"
+        f"{_template_note()}\n"
+    )
+    metadata = _metadata(recipe, "transformers")
+    return ModelCard.from_template(metadata, template_str="---\n{{ card_data }}\n---\n\n" + body).content

@@ -1,0 +1,279 @@
+"""The training stage: recipe -> SFTConfig -> SFTTrainer -> adapter in the run directory.
+
+``run_training`` reads as the list of stages it runs. Data formatting lives in data.py, model
+loading in model.py; this module maps the recipe onto TRL and records what happened.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from importlib.metadata import version
+from typing import Any
+
+from qlora_pipe.data.prepare import prepare_data
+from qlora_pipe.data.prepared import PreparedData
+from qlora_pipe.dist import is_main_process, world_size
+from qlora_pipe.errors import Interrupted, TrainingAborted, UserError
+from qlora_pipe.generation import generate_answers
+from qlora_pipe.model import load_tokenizer, load_trainable_model, training_device
+from qlora_pipe.plan.auto_sizes import memory_budget, resolve_max_length
+from qlora_pipe.recipe import Recipe
+from qlora_pipe.runs import RunDir, write_json_atomic, write_text_atomic
+from qlora_pipe.training.callbacks import MetricsRecorder, PushCheckpoints
+from qlora_pipe.training.checkpoints import latest_valid_checkpoint, read_marker, step_of
+from qlora_pipe.training.compute import Compute, device_description, resolve_compute
+from qlora_pipe.training.config import check_trackers, sft_config
+from qlora_pipe.training.micro_batch import choose_batch
+from qlora_pipe.training.plots import plot_losses
+from qlora_pipe.training.progress import peak_memory_bytes
+from qlora_pipe.training.resume import check_resumable, check_trainable_count, resolve_checkpoint, truncate_metrics
+from qlora_pipe.training.signals import StopAtStepBoundary, graceful_stop
+from qlora_pipe.training.speed_switches import check_speed_switches
+
+log = logging.getLogger(__name__)
+
+LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "trl", "qlora-pipe")
+
+
+@dataclass
+class TrainResult:
+    run_dir: RunDir
+    summary: dict[str, Any]
+    model: Any = None  # the trained PeftModel, still in memory (for notebooks and checks)
+    tokenizer: Any = None
+
+
+def build_trainer(
+    recipe: Recipe,
+    run: RunDir,
+    model,
+    tokenizer,
+    data: PreparedData,
+    callbacks=(),
+    batch=None,
+    resuming=False,
+    label: str = "",
+):
+    from qlora_pipe.compat.transformers import replace_progress_callbacks, tensorboard_callback
+    from qlora_pipe.training.progress import RunProgress
+    from qlora_pipe.training.trainer import PipeTrainer
+
+    trainer = PipeTrainer(
+        model=model,
+        args=sft_config(recipe, run, training_device(), batch or choose_batch(recipe, run, model), resuming),
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        processing_class=tokenizer,
+        callbacks=[MetricsRecorder(run), *callbacks],
+        max_bad_steps=recipe.training.max_bad_steps,
+        keep_checkpoints=recipe.training.save_total_limit,
+    )
+    replace_progress_callbacks(trainer, RunProgress(trainer, label))
+    if "tensorboard" in recipe.training.report_to:
+        trainer.add_callback(tensorboard_callback(run.tensorboard))
+    return trainer
+
+
+def save_adapter(model, tokenizer, run: RunDir) -> None:
+    """Write adapter and tokenizer to a temporary directory, then move them into the run."""
+    tmp = run.root / ".adapter.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    for item in tmp.iterdir():
+        item.replace(run.root / item.name)
+    tmp.rmdir()
+
+
+def run_training(
+    recipe: Recipe, overwrite: bool = False, resume: bool | str = False, callbacks: tuple = ()
+) -> TrainResult:
+    """Data and model checks, then train, save, and summarise. Returns the finished run.
+
+    ``resume``: True for the latest complete checkpoint of the run, or a checkpoint path.
+    ``callbacks``: extra transformers TrainerCallbacks (e.g. for notebooks or fault injection).
+    """
+    from transformers import set_seed
+
+    started = time.time()
+    main = is_main_process()
+    recipe, compute = resolve_compute(recipe)
+    recipe = resolve_max_length(recipe, memory_budget(recipe))
+    if world_size() > 1 and recipe.training.micro_batch_size == "auto":
+        raise UserError("training.micro_batch_size: 'auto' probes one device; with several processes give a number")
+    run = RunDir(recipe.run_dir())
+    checkpoint = None
+    if resume:  # before any expensive loading
+        check_resumable(recipe, run)
+        checkpoint = resolve_checkpoint(run, resume if isinstance(resume, str) else None)
+    elif main:
+        run.check_available(overwrite=overwrite)
+    check_trackers(recipe)
+    check_speed_switches(recipe)
+    set_seed(recipe.seed)
+    tokenizer = load_tokenizer(recipe)
+    data = prepare_data(recipe.data, tokenizer, recipe.seed)  # data errors surface before the model loads
+    set_seed(recipe.seed)
+    _, trainable = load_trainable_model(recipe, tokenizer)
+
+    if checkpoint is not None:
+        check_trainable_count(checkpoint, trainable.trainable_params)
+        log.info("resuming from %s", checkpoint)
+    if main:  # only the first process writes the run's files
+        if checkpoint is None:
+            run.prepare(overwrite=overwrite)
+            write_text_atomic(run.resolved_recipe, recipe.dump_yaml())
+        else:
+            truncate_metrics(run, step_of(checkpoint))
+        run.set_status("running", started=started, resumed_from=str(checkpoint) if checkpoint else None)
+        write_json_atomic(run.data_report, [r.as_dict() for r in data.reports])
+        write_json_atomic(run.system_prompt, {"system_prompt": data.system_prompt})
+    batch = choose_batch(recipe, run, trainable.model)
+    try:
+        summary = _train_and_save(
+            recipe, run, trainable, tokenizer, data, started, checkpoint, callbacks, batch, compute
+        )
+    except Interrupted as exc:
+        if main:
+            run.set_status("interrupted", step=exc.step, signal=exc.signal_name)
+        raise
+    except BaseException as exc:
+        if main:
+            run.set_status("failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+    return TrainResult(run, summary, trainable.model, tokenizer)
+
+
+def _answers_before(recipe, run, model, tokenizer, data, resuming: bool) -> list[str]:
+    """Preview answers of the untrained model; generated once (first process) and kept for resumed runs."""
+    path = run.root / "baseline.json"
+    if resuming and path.is_file():
+        return json.loads(path.read_text())["answers"]
+    prompts = recipe.training.preview_prompts
+    if not prompts or not is_main_process():
+        return []
+    answers = generate_answers(model, tokenizer, prompts, data.system_prompt, recipe.training.preview_max_new_tokens)
+    write_json_atomic(path, {"answers": answers})
+    return answers
+
+
+def eval_loss_before(run: RunDir) -> float | None:
+    """The evaluation at step 0 (eval_on_start), as recorded in metrics.jsonl (survives resumes)."""
+    if not run.metrics.is_file():
+        return None
+    rows = [json.loads(line) for line in run.metrics.read_text().splitlines()]
+    return next((r["eval_loss"] for r in rows if r.get("step") == 0 and "eval_loss" in r), None)
+
+
+def _train_and_save(
+    recipe, run, trainable, tokenizer, data, started, checkpoint, callbacks, batch, compute: Compute
+) -> dict[str, Any]:
+    device = training_device()
+    model = trainable.model
+    prompts = recipe.training.preview_prompts
+    with graceful_stop() as stop:
+        callbacks = (StopAtStepBoundary(stop), *callbacks)
+        if recipe.hub.push_checkpoints and is_main_process():
+            from qlora_pipe.publish.hub import CheckpointPusher
+
+            callbacks = (*callbacks, PushCheckpoints(CheckpointPusher(recipe.hub.repo_id, recipe.hub.private)))
+        trainer = build_trainer(
+            recipe, run, model, tokenizer, data, callbacks, batch, checkpoint is not None, compute.label()
+        )
+        before = _answers_before(recipe, run, model, tokenizer, data, resuming=checkpoint is not None)
+        if checkpoint is not None:
+            marker = read_marker(checkpoint)
+            # The marker holds the count of all processes; the first one carries it forward.
+            trainer.supervised_tokens = marker.get("supervised_tokens", 0) if is_main_process() else 0
+            trainer.skipped_steps = marker.get("skipped_steps", 0)
+        train_started = time.time()
+        output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        train_seconds = time.time() - train_started
+    if trainer.aborted:
+        latest = latest_valid_checkpoint(run.checkpoints)
+        kept = f"last good checkpoint: {latest}" if latest else "no checkpoint was written yet"
+        raise TrainingAborted(f"training stopped: {trainer.aborted}; {kept}")
+    if stop.signal_name:
+        step = trainer.state.global_step
+        raise Interrupted(
+            f"stopped by {stop.signal_name} at step {step}; checkpoint saved. Resume with: "
+            f"qlora-pipe train {recipe.source or 'RECIPE'} --resume",
+            step,
+            stop.signal_name,
+        )
+    eval_after = trainer.evaluate()["eval_loss"] if data.eval is not None else None
+    supervised_tokens = trainer.total_supervised_tokens()  # a collective: every process calls it
+    if not is_main_process():
+        return {}
+
+    after = generate_answers(model, tokenizer, prompts, data.system_prompt, recipe.training.preview_max_new_tokens)
+    if prompts:
+        pairs = zip(prompts, before, after, strict=True)
+        rows = [{"prompt": p, "before": b, "after": a} for p, b, a in pairs]
+        write_json_atomic(run.preview, rows)
+        print_preview(rows)
+
+    save_adapter(model, tokenizer, run)
+    curve = plot_losses(run.metrics, run.loss_curve, f"{recipe.run_name}: {recipe.model.name_or_path}")
+    evals = [(row["eval_loss"], row["step"]) for row in trainer.state.log_history if "eval_loss" in row]
+    best_loss, best_step = min(evals) if evals else (None, None)
+    train_losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
+    summary = {
+        "run_name": recipe.run_name,
+        "base_model": recipe.model.name_or_path,
+        "steps": trainer.state.global_step,
+        "epochs": trainer.state.epoch,
+        "resumed_from": str(checkpoint) if checkpoint else None,
+        "first_train_loss": train_losses[0] if train_losses else None,
+        "final_train_loss": train_losses[-1] if train_losses else None,
+        "mean_train_loss": output.training_loss,
+        "eval_loss_before": eval_loss_before(run),
+        "final_eval_loss": eval_after,
+        "best_eval_loss": best_loss,
+        "best_eval_step": best_step,
+        "loss_curve": curve.name if curve else None,
+        "skipped_steps": trainer.skipped_steps,
+        "micro_batch_size": batch.micro_batch_size,
+        "gradient_accumulation_steps": batch.gradient_accumulation_steps,
+        "supervised_tokens": supervised_tokens,
+        "processes": world_size(),
+        "train_seconds": round(train_seconds, 2),
+        "wall_seconds": round(time.time() - started, 2),
+        "supervised_tokens_per_second": round(supervised_tokens / max(train_seconds, 1e-9), 2),
+        "peak_memory_bytes": peak_memory_bytes(),
+        "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process peak RSS",
+        **device_description(device),
+        "compute": compute.as_dict(),
+        "trainable_params": trainable.trainable_params,
+        "total_params": trainable.total_params,
+        "python": sys.version.split()[0],
+        "versions": {name: version(name) for name in LIBRARIES},
+    }
+    # summary.json is the completion marker: written after everything else, atomically.
+    write_json_atomic(run.summary, summary)
+    run.set_status("finished", finished=time.time())
+    if recipe.hub.push_adapter_at_end:
+        push_at_end(recipe, run)
+    return summary
+
+
+def push_at_end(recipe: Recipe, run: RunDir) -> None:
+    """The recipe's hub section asked for it. A failed push never un-finishes the run: it says how to retry."""
+    from qlora_pipe.publish.hub import push_run
+
+    try:
+        push_run(run.root, recipe.hub.repo_id, "adapter", private=recipe.hub.private)
+    except UserError as exc:
+        log.error("the run finished, but %s", exc)
+
+
+def print_preview(rows: list[dict[str, str]]) -> None:
+    print("\n=== answers before and after fine-tuning ===")
+    for row in rows:
+        print(f"\nQ: {row['prompt']}\n  before: {row['before']!r}\n  after:  {row['after']!r}")
+    print()

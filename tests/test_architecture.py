@@ -1,0 +1,128 @@
+"""The package's shape: stages as subpackages, no import cycles, small modules, light imports, and every
+reach into a library's internals inside compat/."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "qlora_pipe"
+STAGES = ("recipe", "data", "training", "plan", "export", "publish", "evaluate")
+# Modules that implement a command for the CLI: other stages must not reach into them.
+COMMAND_MODULES = {
+    "qlora_pipe.export.command",
+    "qlora_pipe.evaluate.evaluation",
+    "qlora_pipe.evaluate.chat",
+    "qlora_pipe.plan.report",
+    "qlora_pipe.data.preview",
+}
+# What only compat/ may touch: private Trainer hooks and library internals.
+INTERNALS = (
+    "_load_from_checkpoint",
+    "_save_checkpoint",
+    "get_keys_to_not_convert",
+    "Params4bit",
+    "support_avx512bf16_for_cpu",
+    "remove_callback",
+    "logging_dir",
+)
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def modules() -> dict[str, Path]:
+    return {module_name(p): p for p in PACKAGE.rglob("*.py")}
+
+
+def imported(path: Path, known: dict[str, Path]) -> set[str]:
+    """qlora_pipe modules a file imports anywhere (functions included; TYPE_CHECKING blocks excluded)."""
+    found: set[str] = set()
+
+    class Visitor(ast.NodeVisitor):
+        def visit_If(self, node: ast.If) -> None:
+            if "TYPE_CHECKING" not in ast.unparse(node.test):
+                self.generic_visit(node)
+
+        def visit_ImportFrom(self, node: ast.ImportFrom) -> None:
+            if node.module and node.module.startswith("qlora_pipe"):
+                for alias in node.names:
+                    full = f"{node.module}.{alias.name}"
+                    found.add(full if full in known else node.module)
+
+        def visit_Import(self, node: ast.Import) -> None:
+            found.update(a.name for a in node.names if a.name.startswith("qlora_pipe"))
+
+    Visitor().visit(ast.parse(path.read_text()))
+    return {m for m in found if m in known} - {module_name(path)}
+
+
+def test_every_stage_is_a_subpackage_that_states_its_api():
+    for stage in STAGES:
+        init = PACKAGE / stage / "__init__.py"
+        assert init.is_file(), stage
+        assert ast.get_docstring(ast.parse(init.read_text())), f"{stage}/__init__.py states no API"
+
+
+def test_no_import_cycles():
+    known = modules()
+    graph = {name: imported(path, known) for name, path in known.items()}
+    state: dict[str, str] = {}
+
+    def visit(node: str, trail: list[str]) -> None:
+        state[node] = "open"
+        for nxt in sorted(graph[node]):
+            assert state.get(nxt) != "open", "import cycle: " + " -> ".join([*trail, node, nxt])
+            if nxt not in state:
+                visit(nxt, [*trail, node])
+        state[node] = "done"
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [])
+
+
+def test_no_stage_reaches_into_another_stages_command():
+    known = modules()
+    for name, path in known.items():
+        if name == "qlora_pipe.cli":
+            continue
+        for target in imported(path, known) & COMMAND_MODULES:
+            assert target.split(".")[1] == name.split(".")[1], f"{name} imports the command module {target}"
+
+
+def test_modules_are_small():
+    long = {name: n for name, path in modules().items() if (n := len(path.read_text().splitlines())) > 300}
+    assert not long, f"modules over 300 lines: {long}"
+
+
+def test_library_internals_only_in_compat():
+    for name, path in modules().items():
+        if name.startswith("qlora_pipe.compat"):
+            continue
+        text = path.read_text()
+        used = [word for word in INTERNALS if word in text]
+        assert not used, f"{name} reaches into {used}: that belongs in qlora_pipe/compat/"
+
+
+def test_compat_modules_name_their_verified_versions():
+    for path in (PACKAGE / "compat").glob("*.py"):
+        if path.name == "__init__.py":
+            continue
+        text = path.read_text()
+        assert "Verified with" in text and "VERIFIED = {" in text and "Caught by:" in text, path.name
+
+
+def test_validating_a_recipe_does_not_import_torch():
+    code = (
+        "import sys, qlora_pipe.recipe, qlora_pipe.cli, qlora_pipe.data, qlora_pipe.training, qlora_pipe.plan; "
+        "qlora_pipe.recipe.load_recipe('recipes/qa-legal.yaml'); "
+        "print(sorted(m for m in ('torch', 'transformers', 'datasets', 'trl') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PACKAGE.parent)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
