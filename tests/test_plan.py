@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from qlora_pipe.cli import main
+from qlora_pipe.errors import UserError
 from qlora_pipe.plan.advice import advise, largest_micro_batch, longest_sequence, parse_size, recipe_plan
 from qlora_pipe.plan.measure import measure_weight_bytes
 from qlora_pipe.plan.shapes import read_config, shape_from_config
@@ -259,9 +260,16 @@ def test_verdict_and_advice_are_consistent(family_dirs, tmp_path):
 
 
 def test_parse_size():
+    """One grammar for --gpu-memory, training.memory_budget, --max-shard-size and export.max_shard_size."""
     assert parse_size("24GiB") == 24 * 2**30 and parse_size("80 GB") == 80 * 10**9
-    with pytest.raises(Exception, match="not a memory size"):
-        parse_size("lots")
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("500mb") == 500 * 10**6 and parse_size("1.5KiB") == 1536
+    assert parse_size("4096") == 4096
+    with pytest.raises(UserError, match=r"--max-shard-size: 'lots' is not a size \(e.g. 24GiB"):
+        parse_size("lots", "--max-shard-size")
+    with pytest.raises(
+        UserError, match=r"export.max_shard_size: not a size \(e.g. 24GiB, 5GB, 500MB\) \(got '5 parsecs'\)"
+    ):
+        validate_recipe({**recipe_dict(REPO, REPO / "runs"), "export": {"max_shard_size": "5 parsecs"}}, "r")
 
 
 def test_plan_command_on_the_shipped_recipe(capsys):

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from qlora_pipe.errors import UserError
-from qlora_pipe.export.merge import DTYPES, base_checkpoint_dir, merge_stream, parse_size
+from qlora_pipe.export.merge import DTYPES, base_checkpoint_dir, merge_stream
 from qlora_pipe.hardware import dtype_for_inference
 from qlora_pipe.recipe import load_recipe
 from qlora_pipe.runs import (
@@ -21,6 +21,7 @@ from qlora_pipe.runs import (
     training_system_prompt,
     write_json_atomic,
 )
+from qlora_pipe.sizes import parse_size
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +125,9 @@ def export_merged(
     merge_base = merge_base or settings.merge_base
     dtype_name = dtype or settings.dtype
     verify = settings.verify if verify is None else verify
-    max_bytes = parse_size(max_shard_size or settings.max_shard_size)
+    max_bytes = parse_size(
+        max_shard_size or settings.max_shard_size, "--max-shard-size" if max_shard_size else "export.max_shard_size"
+    )
     out = Path(out) if out else run.root / "merged"
     base = base_checkpoint_dir(recipe)
 

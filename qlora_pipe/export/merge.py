@@ -33,7 +33,6 @@ log = logging.getLogger(__name__)
 
 ADAPTER_PREFIX = "base_model.model."
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "uint8": torch.uint8}
-UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
 @dataclass
@@ -42,16 +41,6 @@ class LoraWeights:
     b: torch.Tensor
     scale: float
     magnitude: torch.Tensor | None
-
-
-def parse_size(text: str) -> int:
-    upper = text.strip().upper()
-    for unit, factor in sorted(UNITS.items(), key=lambda kv: -len(kv[0])):
-        if upper.endswith(unit):
-            return int(float(upper[: -len(unit)]) * factor)
-    if upper.isdigit():
-        return int(upper)
-    raise UserError(f"max shard size: cannot read {text!r} (e.g. 5GB, 500MB)")
 
 
 def base_checkpoint_dir(recipe: Recipe) -> Path:

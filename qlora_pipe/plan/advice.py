@@ -6,27 +6,16 @@ found by bisection over the planner's formulas.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from qlora_pipe.errors import UserError
 from qlora_pipe.plan.shapes import ModelShape, read_config, shape_from_config
 from qlora_pipe.plan.terms import MemoryPlan, PlanSettings, plan_memory
 from qlora_pipe.recipe import Recipe
+from qlora_pipe.sizes import parse_size
 
 LENGTH_STEP = 64  # sequence lengths are planned in multiples of this
 MAX_MICRO_BATCH = 1024
-UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
-UNITS |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def parse_size(text: str, where: str = "--gpu-memory") -> int:
-    """'24GiB', '24 GB', '80GB' -> bytes."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)\s*", text, flags=re.IGNORECASE)
-    if not match or match.group(2).upper() not in UNITS:
-        raise UserError(f"{where}: {text!r} is not a memory size (e.g. 24GiB or 80GB)")
-    return int(float(match.group(1)) * UNITS[match.group(2).upper()])
 
 
 def largest(fits: Callable[[int], bool], low: int, high: int) -> int | None:

@@ -70,7 +70,7 @@ def plan_json(plan: MemoryPlan, advice: Advice, precision: PrecisionChoice | Non
 def run_plan_command(recipe_path: str, overrides: list[str], gpu_memory: str | None, as_json: bool) -> int:
     recipe, precision = resolve_recipe_precision(load_recipe(recipe_path, overrides=overrides), planning_hardware())
     if gpu_memory:
-        budget = parse_size(gpu_memory)
+        budget = parse_size(gpu_memory, "--gpu-memory")
     else:
         budget = parse_size(recipe.training.memory_budget or DEFAULT_BUDGET, "training.memory_budget")
     plan = recipe_plan(recipe, budget)

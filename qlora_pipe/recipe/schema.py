@@ -12,7 +12,20 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from qlora_pipe.errors import UserError
+from qlora_pipe.sizes import parse_size
+
 ComputeDtype = Literal["auto", "bfloat16", "float16", "float32"]
+
+
+def _a_size(value: str | None) -> str | None:
+    """Sizes are read by the one grammar of qlora_pipe.sizes (24GiB, 5GB, 500MB, bytes)."""
+    if value is not None:
+        try:
+            parse_size(value)
+        except UserError:
+            raise ValueError("not a size (e.g. 24GiB, 5GB, 500MB)") from None
+    return value
 
 
 class Section(BaseModel):
@@ -186,7 +199,6 @@ class TrainingSection(Section):
     torch_compile: bool = Field(False, description="Compile the model with torch.compile (slow start, faster steps).")
     memory_budget: str | None = Field(
         None,
-        pattern=r"^\s*\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)\s*$",
         description="GPU memory that 'auto' sizes plan for, e.g. 24GiB (default: the GPU's own).",
     )
     logging_steps: int = Field(10, ge=1, description="Log train loss every N optimizer steps.")
@@ -205,6 +217,11 @@ class TrainingSection(Section):
     )
     preview_max_new_tokens: int = Field(64, ge=1, description="Tokens generated per preview answer.")
 
+    @field_validator("memory_budget")
+    @classmethod
+    def _budget_is_a_size(cls, value: str | None) -> str | None:
+        return _a_size(value)
+
     @field_validator("micro_batch_size", "cpu_threads")
     @classmethod
     def _positive(cls, value: int | str) -> int | str:
@@ -219,6 +236,12 @@ class ExportSection(Section):
         "dequantized", description="Merge into the NF4 weights trained against (default) or the 16-bit ones."
     )
     max_shard_size: str = Field("5GB", description="Largest safetensors shard of the merged model.")
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _shard_is_a_size(cls, value: str) -> str:
+        return _a_size(value)
+
     verify: bool = Field(True, description="Check the merged model against the trained model.")
 
 
