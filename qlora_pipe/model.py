@@ -18,6 +18,7 @@ from qlora_pipe.data.chat_templates import select_chat_template
 from qlora_pipe.dist import local_rank, sharded_launch
 from qlora_pipe.errors import UserError
 from qlora_pipe.hardware import with_resolved_precision
+from qlora_pipe.model_source import check_local_dir, local_path
 from qlora_pipe.recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -39,15 +40,15 @@ def training_device() -> torch.device:
     return torch.device(f"cuda:{local_rank()}") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def _looks_local(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).exists()
+def model_location(name: str) -> str:
+    """What from_pretrained gets: the expanded local path, or the Hub id as written."""
+    path = local_path(name)
+    return str(path) if path is not None else name
 
 
 def check_model_source(recipe: Recipe) -> None:
     """Fail before any download when a local model path does not exist."""
-    name = recipe.model.name_or_path
-    if _looks_local(name) and not Path(name).expanduser().is_dir():
-        raise UserError(f"model.name_or_path: directory not found: {name}")
+    check_local_dir(recipe.model.name_or_path)
 
 
 def load_tokenizer(recipe: Recipe):
@@ -57,9 +58,7 @@ def load_tokenizer(recipe: Recipe):
     check_model_source(recipe)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
-            str(Path(recipe.model.name_or_path).expanduser())
-            if _looks_local(recipe.model.name_or_path)
-            else recipe.model.name_or_path,
+            model_location(recipe.model.name_or_path),
             revision=recipe.model.revision,
             trust_remote_code=recipe.model.trust_remote_code,
         )
@@ -116,7 +115,7 @@ def load_base_model(recipe: Recipe, device: torch.device | None = None) -> nn.Mo
     dtype = DTYPES[with_resolved_precision(recipe).quantization.compute_dtype]
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            str(Path(name).expanduser()) if _looks_local(name) else name,
+            model_location(name),
             revision=recipe.model.revision,
             trust_remote_code=recipe.model.trust_remote_code,
             quantization_config=quantization_config(recipe),

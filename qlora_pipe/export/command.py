@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from qlora_pipe.errors import UserError
-from qlora_pipe.export.merge import DTYPES, base_checkpoint_dir, merge_stream
+from qlora_pipe.export.merge import base_checkpoint_dir, merge_stream
 from qlora_pipe.hardware import dtype_for_inference
+from qlora_pipe.model import DTYPES
 from qlora_pipe.recipe import load_recipe
 from qlora_pipe.runs import (
     EXPORT_INFO,

@@ -26,13 +26,14 @@ from qlora_pipe.compat.bitsandbytes import dequantized_like_loading
 from qlora_pipe.compat.transformers import modules_kept_unquantized
 from qlora_pipe.errors import UserError
 from qlora_pipe.hardware import with_resolved_precision
+from qlora_pipe.model import DTYPES
+from qlora_pipe.model_source import local_path
 from qlora_pipe.recipe import Recipe
 from qlora_pipe.runs import RunDir
 
 log = logging.getLogger(__name__)
 
 ADAPTER_PREFIX = "base_model.model."
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "uint8": torch.uint8}
 
 
 @dataclass
@@ -46,11 +47,11 @@ class LoraWeights:
 def base_checkpoint_dir(recipe: Recipe) -> Path:
     """The base model's files: a local directory, or the Hub snapshot (safetensors and configs only)."""
     name = recipe.model.name_or_path
-    local = Path(name).expanduser()
-    if local.is_dir():
+    local = local_path(name)
+    if local is not None:
+        if not local.is_dir():
+            raise UserError(f"base model not found: {name}")
         return local
-    if name.startswith((".", "/", "~")):
-        raise UserError(f"base model not found: {name}")
     from huggingface_hub import snapshot_download
 
     try:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from qlora_pipe.errors import UserError
+from qlora_pipe.model_source import local_path
 
 BUNDLED = Path(__file__).parent / "model_configs"
 
@@ -60,7 +61,7 @@ def bundled_config_path(name: str) -> Path | None:
 
 def read_config(name_or_path: str, revision: str | None = None) -> dict[str, Any]:
     """config.json of a local model directory, a bundled well-known model, or the Hub (config only)."""
-    local = Path(name_or_path).expanduser()
+    local = local_path(name_or_path) or Path(name_or_path)
     if local.is_dir():
         path = local / "config.json"
         if not path.is_file():

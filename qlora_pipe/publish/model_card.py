@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from qlora_pipe.model_source import is_local
 from qlora_pipe.recipe import Recipe
 from qlora_pipe.runs import EVAL_REPORT, RunDir
 
@@ -31,7 +32,7 @@ def _metadata(recipe: Recipe, library: str) -> dict[str, Any]:
 
     datasets = [s.hub for s in recipe.data.train_sources() if s.hub]
     name = recipe.model.name_or_path
-    local = Path(name).expanduser().exists() or name.startswith((".", "/", "~"))
+    local = is_local(name)
     data = ModelCardData(
         base_model=None if local else name,  # the Hub only accepts Hub ids here
         library_name=library,
