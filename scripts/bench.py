@@ -2,7 +2,7 @@
 
     python scripts/bench.py                      # CPU (default): < 10 minutes on 2 cores
     python scripts/bench.py --gpu [--dry]        # the GPU check (scripts/bench_gpu.py; --dry: tiny, on CPU)
-    python scripts/bench.py --readme benchmarks/results/<date>-<machine>.json   # regenerate README section
+    python scripts/bench.py --docs benchmarks/results/<date>-<machine>.json   # regenerate docs/performance.md
 
 CPU mode builds a Llama-shaped model with random weights (hidden and intermediate multiples of 64,
 as bitsandbytes' CPU kernels need) and the quickstart tokenizer, then measures on the bundled data:
@@ -212,7 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gpu", action="store_true", help="run the GPU check (scripts/bench_gpu.py)")
     parser.add_argument("--dry", action="store_true", help="with --gpu: tiny shapes on CPU, seconds")
-    parser.add_argument("--readme", type=Path, help="rewrite README's performance section from this results file")
+    parser.add_argument(
+        "--docs", "--readme", dest="docs", type=Path, help="rewrite docs/performance.md from this results file"
+    )
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--rows", type=int, default=64)
@@ -223,10 +225,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--export-layers", type=int, default=8)
     parser.add_argument("--latency-repeats", type=int, default=5)
     args = parser.parse_args(argv)
-    if args.readme:
-        from bench_report import update_readme
+    if args.docs:
+        from bench_report import update_docs
 
-        update_readme(args.readme)
+        update_docs(args.docs)
         return 0
     if args.gpu:
         from bench_gpu import main as gpu_main

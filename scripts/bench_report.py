@@ -1,6 +1,6 @@
-"""Turn a scripts/bench.py results file into a markdown table, a PNG chart and README's performance section.
+"""Turn a scripts/bench.py results file into a markdown table, a PNG chart and docs/performance.md's numbers.
 
-    python scripts/bench.py --readme benchmarks/results/<date>-<machine>.json
+    python scripts/bench.py --docs benchmarks/results/<date>-<machine>.json   (--readme: the same)
 
 Only measured numbers from the results file are written; nothing here is typed in by hand.
 """
@@ -8,12 +8,13 @@ Only measured numbers from the results file are written; nothing here is typed i
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-README = REPO / "README.md"
+DOC = REPO / "docs" / "performance.md"
 START, END = "<!-- bench:start -->\n", "<!-- bench:end -->\n"
 GIB, MIB = 2**30, 2**20
 
@@ -130,22 +131,23 @@ def plot(r: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def readme_section(r: dict[str, Any], results_file: Path) -> str:
-    rel = results_file.resolve().relative_to(REPO) if results_file.resolve().is_relative_to(REPO) else results_file
-    chart = Path(rel).with_suffix(".png")
+def docs_section(r: dict[str, Any], results_file: Path) -> str:
+    resolved = Path(results_file).resolve()
+    rel = resolved.relative_to(REPO) if resolved.is_relative_to(REPO) else results_file
+    link = Path(os.path.relpath(resolved, DOC.parent))  # links resolve from the page, not the repository root
     return (
-        f"{markdown_table(r)}\n![benchmark chart]({chart.as_posix()})\n\n"
-        f"Raw numbers, every repeat and library versions: [`{Path(rel).as_posix()}`]({Path(rel).as_posix()}). "
-        "Regenerate this section with `python scripts/bench.py --readme RESULTS.json`.\n"
+        f"{markdown_table(r)}\n![benchmark chart]({link.with_suffix('.png').as_posix()})\n\n"
+        f"Raw numbers, every repeat and library versions: [`{Path(rel).as_posix()}`]({link.as_posix()}). "
+        "Regenerate this section with `python scripts/bench.py --docs RESULTS.json`.\n"
     )
 
 
-def update_readme(results_file: Path) -> None:
-    """Rewrite README.md between the bench markers only (others edit other sections concurrently)."""
+def update_docs(results_file: Path) -> None:
+    """Rewrite docs/performance.md between the bench markers only (others edit other sections concurrently)."""
     result = json.loads(Path(results_file).read_text())
-    text = README.read_text(encoding="utf-8")
+    text = DOC.read_text(encoding="utf-8")
     if START not in text or END not in text:
-        raise SystemExit(f"README.md has no {START.strip()} ... {END.strip()} markers")
+        raise SystemExit(f"{DOC.name} has no {START.strip()} ... {END.strip()} markers")
     pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
-    README.write_text(pattern.sub(lambda _: START + readme_section(result, Path(results_file)) + END, text))
-    print(f"updated {README}")
+    DOC.write_text(pattern.sub(lambda _: START + docs_section(result, Path(results_file)) + END, text))
+    print(f"updated {DOC}")

@@ -1,7 +1,7 @@
-"""Print (or write into README.md) the memory plan of well-known models at 2k and 8k tokens.
+"""Print (or write into docs/planner.md) the memory plan of well-known models at 2k and 8k tokens.
 
     python scripts/plan_known_models.py            # markdown table on stdout
-    python scripts/plan_known_models.py --readme   # rewrite README.md between the plan-table markers
+    python scripts/plan_known_models.py --docs     # rewrite docs/planner.md between the markers (or --readme)
 
 Uses the bundled configs (qlora_pipe/plan/model_configs/), so it works offline. The recipe is
 recipes/qa-legal.yaml with only the model and the sequence length changed.
@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "planner.md"
 sys.path.insert(0, str(ROOT))
 
 from qlora_pipe.hardware import ASSUMED_GPU, resolve_recipe_precision  # noqa: E402
@@ -34,7 +35,7 @@ EXAMPLE_START, EXAMPLE_END = "<!-- plan-example:start -->\n", "<!-- plan-example
 
 
 def example() -> str:
-    """What `qlora-pipe plan recipes/qa-legal.yaml` prints, as a README code block."""
+    """What `qlora-pipe plan recipes/qa-legal.yaml` prints, as a markdown code block."""
     # The machine-independent output: what the command prints where there is no GPU.
     recipe, precision = resolve_recipe_precision(load_recipe(ROOT / "recipes/qa-legal.yaml"), ASSUMED_GPU)
     plan = recipe_plan(recipe, parse_size(BUDGET))
@@ -74,13 +75,14 @@ def table() -> str:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--readme", action="store_true", help="rewrite the table in README.md")
+    parser.add_argument(
+        "--docs", "--readme", dest="docs", action="store_true", help="rewrite the example and table in docs/planner.md"
+    )
     args = parser.parse_args()
     text = table()
-    if args.readme:
-        readme = ROOT / "README.md"
-        updated = replace_between(readme.read_text(), START, END, text)
-        readme.write_text(replace_between(updated, EXAMPLE_START, EXAMPLE_END, example()))
-        print(f"updated {readme}")
+    if args.docs:
+        updated = replace_between(DOC.read_text(), START, END, text)
+        DOC.write_text(replace_between(updated, EXAMPLE_START, EXAMPLE_END, example()))
+        print(f"updated {DOC}")
     else:
         print(text, end="")

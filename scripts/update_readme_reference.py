@@ -1,4 +1,4 @@
-"""Regenerate the recipe reference table in README.md from the schema (between the markers)."""
+"""Regenerate the recipe reference table in docs/recipe.md from the schema (between the markers)."""
 
 import re
 import sys
@@ -8,11 +8,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qlora_pipe.recipe.reference import explain_markdown
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+DOC = Path(__file__).resolve().parents[1] / "docs" / "recipe.md"
 START, END = "<!-- recipe-reference:start -->\n", "<!-- recipe-reference:end -->\n"
 
 if __name__ == "__main__":
-    text = README.read_text()
+    text = DOC.read_text()
+    if START not in text or END not in text:
+        raise SystemExit(f"{DOC} has no {START.strip()} ... {END.strip()} markers")
     pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
-    README.write_text(pattern.sub(lambda _: START + explain_markdown() + END, text))
-    print(f"updated {README}")
+    DOC.write_text(pattern.sub(lambda _: START + explain_markdown() + END, text))
+    print(f"updated {DOC}")

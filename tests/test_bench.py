@@ -47,14 +47,14 @@ def test_four_bit_build_matches_the_config(tmp_path):
     assert logits.shape == (1, 3, config.vocab_size) and torch.isfinite(logits).all()
 
 
-def test_readme_section_is_rewritten_only_between_the_markers(tmp_path, monkeypatch):
+def test_docs_section_is_rewritten_only_between_the_markers(tmp_path, monkeypatch):
     import bench_report
 
-    readme = tmp_path / "README.md"
-    readme.write_text(f"# title\n\nkept\n{bench_report.START}old numbers\n{bench_report.END}after\n")
-    monkeypatch.setattr(bench_report, "README", readme)
-    monkeypatch.setattr(bench_report, "readme_section", lambda result, path: f"from {path.name}\n")
+    page = tmp_path / "performance.md"
+    page.write_text(f"# title\n\nkept\n{bench_report.START}old numbers\n{bench_report.END}after\n")
+    monkeypatch.setattr(bench_report, "DOC", page)
+    monkeypatch.setattr(bench_report, "docs_section", lambda result, path: f"from {path.name}\n")
     results = tmp_path / "r.json"
     results.write_text("{}")
-    bench_report.update_readme(results)
-    assert readme.read_text() == f"# title\n\nkept\n{bench_report.START}from r.json\n{bench_report.END}after\n"
+    bench_report.update_docs(results)
+    assert page.read_text() == f"# title\n\nkept\n{bench_report.START}from r.json\n{bench_report.END}after\n"

@@ -344,10 +344,10 @@ def test_readme_plan_table_is_current():
     spec = importlib.util.spec_from_file_location("plan_known_models", REPO / "scripts/plan_known_models.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    readme = (REPO / "README.md").read_text()
-    assert module.EXAMPLE_START + module.example() + module.EXAMPLE_END in readme, (
-        "README plan example is stale: run python scripts/plan_known_models.py --readme"
+    page = (REPO / "docs" / "planner.md").read_text()
+    assert module.EXAMPLE_START + module.example() + module.EXAMPLE_END in page, (
+        "docs/planner.md's plan example is stale: run python scripts/plan_known_models.py --docs"
     )
-    assert module.START + module.table() + module.END in readme, (
-        "README plan table is stale: run python scripts/plan_known_models.py --readme"
+    assert module.START + module.table() + module.END in page, (
+        "docs/planner.md's plan table is stale: run python scripts/plan_known_models.py --docs"
     )
