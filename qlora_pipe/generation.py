@@ -106,29 +106,9 @@ def generate_greedy(
     return results  # type: ignore[return-value]
 
 
-@torch.no_grad()
 def generate_answers(model, tokenizer, prompts: list[str], system: str | None, max_new_tokens: int) -> list[str]:
-    """One greedy answer per prompt; generation stops at the tokenizer's EOS (end of turn)."""
-    was_training = model.training
-    model.eval()
-    answers = []
-    try:
-        for prompt in prompts:
-            messages = ([{"role": "system", "content": system}] if system else []) + [
-                {"role": "user", "content": prompt}
-            ]
-            inputs = tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-            ).to(model.device)
-            output = model.generate(
-                **inputs,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-            new_tokens = output[0, inputs["input_ids"].shape[1] :]
-            answers.append(tokenizer.decode(new_tokens, skip_special_tokens=True).strip())
-    finally:
-        model.train(was_training)
-    return answers
+    """Preview answers: each question in the chat template, greedy, stopping at the end-of-turn token.
+    One prompt per batch, so no answer depends on the padding of another."""
+    prefix = [{"role": "system", "content": system}] if system else []
+    ids = [chat_prompt_ids(tokenizer, [*prefix, {"role": "user", "content": p}]) for p in prompts]
+    return [answer.text for answer in generate_greedy(model, tokenizer, ids, max_new_tokens, batch_size=1)]

@@ -18,6 +18,7 @@ from qlora_pipe.data.chat_templates import select_chat_template
 from qlora_pipe.dist import local_rank, sharded_launch
 from qlora_pipe.errors import UserError
 from qlora_pipe.hardware import with_resolved_precision
+from qlora_pipe.lora_targets import unmatched_targets
 from qlora_pipe.model_source import check_local_dir, local_path
 from qlora_pipe.recipe import Recipe
 
@@ -153,7 +154,7 @@ def check_target_modules(model: nn.Module, targets: list[str] | str) -> None:
     if targets == "all-linear":
         return
     names = linear_module_names(model)
-    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    missing = unmatched_targets(names, targets)
     if missing:
         suffixes = sorted({n.rsplit(".", 1)[-1] for n in names})
         raise UserError(

@@ -23,6 +23,7 @@ import math
 from dataclasses import dataclass, field
 
 from qlora_pipe.hardware import planning_hardware, with_resolved_precision
+from qlora_pipe.lora_targets import is_target
 from qlora_pipe.plan.shapes import Linear, ModelShape
 from qlora_pipe.recipe import Recipe
 
@@ -124,7 +125,7 @@ def adapted_linears(linears: list[Linear], targets: list[str] | str) -> list[Lin
     """The linear layers LoRA wraps: all of them for 'all-linear', else those whose name ends a target."""
     if targets == "all-linear":
         return list(linears)
-    return [lin for lin in linears if any(lin.name == t or lin.name.endswith("." + t) for t in targets)]
+    return [lin for lin in linears if is_target(lin.name, targets)]
 
 
 def _saved_module_params(shape: ModelShape, names: list[str]) -> int:
