@@ -1,4 +1,4 @@
-"""The recipe reference: every field with its default and meaning (``validate --explain``, the README table)."""
+"""The recipe reference: every field with its default and meaning (``validate --explain``, the table in docs/recipe.md)."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def explain() -> str:
 
 
 def explain_markdown() -> str:
-    """The recipe reference as a markdown table (the README embeds it)."""
+    """The recipe reference as a markdown table (docs/recipe.md embeds it)."""
     rows = ["| key | default | meaning |", "|---|---|---|"]
     for dotted, field in iter_fields():
         default = "*required*" if field.is_required() else f"`{field.get_default(call_default_factory=True)!r}`"
