@@ -1,4 +1,4 @@
-"""The recipe reference: every field with its default and meaning (``validate --explain``, the table in docs/recipe.md)."""
+"""The recipe reference: every field with its default and meaning (``validate --explain``, docs/recipe.md)."""
 
 from __future__ import annotations
 
