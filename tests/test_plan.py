@@ -309,6 +309,37 @@ def test_auto_sizes_start_from_the_plan(family_dirs, tmp_path):
     assert start == largest_micro_batch(*_shape_settings(recipe, 1, 256), budget) and start >= 1
 
 
+def test_auto_sizes_are_resolved_once_per_run(family_dirs, tmp_path, monkeypatch):
+    """Both sizes auto: the budget is read once and the meta-device model built once, and the result is the
+    same as resolving each size on its own."""
+    import qlora_pipe.plan.advice as advice
+    import qlora_pipe.plan.auto_sizes as auto_sizes
+
+    recipe = _recipe(family_dirs["llama"], tmp_path, micro_batch_size="auto")
+    budget = recipe_plan(recipe, None, micro_batch_size=1, max_length=512).total
+    auto = recipe.model_copy(update={"data": recipe.data.model_copy(update={"max_length": "auto"})})
+    expected_length = auto_sizes.resolve_max_length(auto, budget).data.max_length
+    expected_start = auto_sizes.micro_batch_start(
+        auto.model_copy(update={"data": auto.data.model_copy(update={"max_length": expected_length})}), budget
+    )
+    calls = {"shape": 0, "budget": 0}
+    real_shape = advice.shape_from_config
+
+    def counted_shape(config):
+        calls["shape"] += 1
+        return real_shape(config)
+
+    def counted_budget(r):
+        calls["budget"] += 1
+        return budget
+
+    monkeypatch.setattr(advice, "shape_from_config", counted_shape)
+    monkeypatch.setattr(auto_sizes, "memory_budget", counted_budget)
+    sizes = auto_sizes.resolve_auto_sizes(auto)
+    assert calls == {"shape": 1, "budget": 1}
+    assert (sizes.recipe.data.max_length, sizes.micro_batch_start) == (expected_length, expected_start)
+
+
 def _shape_settings(recipe, batch, length):
     plan = recipe_plan(recipe, None, micro_batch_size=batch, max_length=length)
     return plan.shape, plan.settings

@@ -75,15 +75,22 @@ def advise(plan: MemoryPlan) -> Advice:
     return advice
 
 
+def recipe_shape(recipe: Recipe, config: dict | None = None) -> ModelShape:
+    """The exact parameter shapes of the recipe's model, from its config.json (a meta-device build)."""
+    return shape_from_config(config or read_config(recipe.model.name_or_path, recipe.model.revision))
+
+
 def recipe_plan(
     recipe: Recipe,
     budget: int | None,
     config: dict | None = None,
     micro_batch_size: int | None = None,
     max_length: int | None = None,
+    shape: ModelShape | None = None,
 ) -> MemoryPlan:
-    """The plan of a recipe; 'auto' sizes resolve to the largest that fit the budget (1 / 2048 without one)."""
-    shape = shape_from_config(config or read_config(recipe.model.name_or_path, recipe.model.revision))
+    """The plan of a recipe; 'auto' sizes resolve to the largest that fit the budget (1 / 2048 without one).
+    ``shape``: the model's shapes when the caller already has them (building them takes a meta-device model)."""
+    shape = shape or recipe_shape(recipe, config)
     t, d = recipe.training, recipe.data
     batch = micro_batch_size or (t.micro_batch_size if t.micro_batch_size != "auto" else None)
     length = max_length or (d.max_length if d.max_length != "auto" else None)

@@ -8,8 +8,10 @@ model's positions, if fewer) and the micro batch search starts at ``auto_micro_b
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
-from qlora_pipe.plan.advice import largest_micro_batch, parse_size, recipe_plan
+from qlora_pipe.plan.advice import largest_micro_batch, parse_size, recipe_plan, recipe_shape
+from qlora_pipe.plan.shapes import ModelShape
 from qlora_pipe.plan.terms import GiB
 from qlora_pipe.recipe import Recipe
 
@@ -29,11 +31,31 @@ def memory_budget(recipe: Recipe) -> int | None:
     return None
 
 
-def resolve_max_length(recipe: Recipe, budget: int | None) -> Recipe:
+@dataclass(frozen=True)
+class AutoSizes:
+    """A run's sizes, resolved once: the recipe with a concrete max_length, and where the micro batch
+    back-off starts. The budget is read and the model's shapes are built at most once."""
+
+    recipe: Recipe
+    micro_batch_start: int
+    budget: int | None
+
+
+def resolve_auto_sizes(recipe: Recipe) -> AutoSizes:
+    budget = memory_budget(recipe)
+    t = recipe.training
+    planning = budget is not None and t.micro_batch_size == "auto"
+    shape = recipe_shape(recipe) if planning or recipe.data.max_length == "auto" else None
+    recipe = resolve_max_length(recipe, budget, shape)
+    start = micro_batch_start(recipe, budget, shape) if t.micro_batch_size == "auto" else t.auto_micro_batch_start
+    return AutoSizes(recipe, start, budget)
+
+
+def resolve_max_length(recipe: Recipe, budget: int | None, shape: ModelShape | None = None) -> Recipe:
     """The recipe with data.max_length 'auto' replaced by a number (unchanged otherwise)."""
     if recipe.data.max_length != "auto":
         return recipe
-    plan = recipe_plan(recipe, budget)
+    plan = recipe_plan(recipe, budget, shape=shape)
     if budget is None:
         length = min(NO_BUDGET_LENGTH, plan.shape.max_positions or NO_BUDGET_LENGTH)
         log.info("data.max_length auto: %d tokens (no GPU and no training.memory_budget to plan against)", length)
@@ -48,11 +70,11 @@ def resolve_max_length(recipe: Recipe, budget: int | None) -> Recipe:
     return recipe.model_copy(update={"data": recipe.data.model_copy(update={"max_length": length})})
 
 
-def micro_batch_start(recipe: Recipe, budget: int | None) -> int:
+def micro_batch_start(recipe: Recipe, budget: int | None, shape: ModelShape | None = None) -> int:
     """Where the OOM back-off of micro_batch_size auto starts: the planner's largest fit, if it can plan."""
     if budget is None or recipe.data.max_length == "auto":
         return recipe.training.auto_micro_batch_start
-    plan = recipe_plan(recipe, budget, micro_batch_size=1)
+    plan = recipe_plan(recipe, budget, micro_batch_size=1, shape=shape)
     planned = largest_micro_batch(plan.shape, plan.settings, budget) or 1
     log.info("micro batch auto: the planner fits %d in %.1f GiB; probing from there", planned, budget / GiB)
     return planned

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import torch
 
 from qlora_pipe.errors import UserError
-from qlora_pipe.plan.auto_sizes import memory_budget, micro_batch_start
 from qlora_pipe.recipe import Recipe
 from qlora_pipe.runs import RunDir, write_json_atomic
 
@@ -59,8 +58,9 @@ def find_micro_batch(probe: Callable[[int], None], start: int) -> int:
     raise UserError("training.micro_batch_size: even a micro batch of 1 runs out of memory at data.max_length")
 
 
-def choose_batch(recipe: Recipe, run: RunDir, model) -> BatchChoice:
-    """The concrete micro batch and accumulation for this run (probed once, then reused)."""
+def choose_batch(recipe: Recipe, run: RunDir, model, start: int | None = None) -> BatchChoice:
+    """The concrete micro batch and accumulation for this run (probed once, then reused).
+    ``start``: the first size to probe (the planner's largest fit; see plan.auto_sizes)."""
     t = recipe.training
     if t.micro_batch_size != "auto":
         return BatchChoice(t.micro_batch_size, t.gradient_accumulation_steps)
@@ -70,7 +70,7 @@ def choose_batch(recipe: Recipe, run: RunDir, model) -> BatchChoice:
         log.info("micro batch: %d (chosen when the run started)", choice.micro_batch_size)
         return choice
     length = recipe.data.max_length
-    start = micro_batch_start(recipe, memory_budget(recipe))
+    start = start or t.auto_micro_batch_start
     size = find_micro_batch(lambda n: try_micro_batch(model, n, length), start)
     effective = t.effective_batch_size or t.gradient_accumulation_steps
     choice = BatchChoice(size, max(1, math.ceil(effective / size)))

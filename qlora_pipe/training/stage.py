@@ -21,7 +21,7 @@ from qlora_pipe.dist import is_main_process, world_size
 from qlora_pipe.errors import Interrupted, TrainingAborted, UserError
 from qlora_pipe.generation import generate_answers
 from qlora_pipe.model import load_tokenizer, load_trainable_model, training_device
-from qlora_pipe.plan.auto_sizes import memory_budget, resolve_max_length
+from qlora_pipe.plan.auto_sizes import resolve_auto_sizes
 from qlora_pipe.recipe import Recipe
 from qlora_pipe.runs import RunDir, write_json_atomic, write_text_atomic
 from qlora_pipe.training.callbacks import MetricsRecorder, PushCheckpoints
@@ -103,7 +103,8 @@ def run_training(
     started = time.time()
     main = is_main_process()
     recipe, compute = resolve_compute(recipe)
-    recipe = resolve_max_length(recipe, memory_budget(recipe))
+    sizes = resolve_auto_sizes(recipe)  # data.max_length and the micro batch start, planned once
+    recipe = sizes.recipe
     if world_size() > 1 and recipe.training.micro_batch_size == "auto":
         raise UserError("training.micro_batch_size: 'auto' probes one device; with several processes give a number")
     run = RunDir(recipe.run_dir())
@@ -133,7 +134,7 @@ def run_training(
         run.set_status("running", started=started, resumed_from=str(checkpoint) if checkpoint else None)
         write_json_atomic(run.data_report, [r.as_dict() for r in data.reports])
         write_json_atomic(run.system_prompt, {"system_prompt": data.system_prompt})
-    batch = choose_batch(recipe, run, trainable.model)
+    batch = choose_batch(recipe, run, trainable.model, sizes.micro_batch_start)
     try:
         summary = _train_and_save(
             recipe, run, trainable, tokenizer, data, started, checkpoint, callbacks, batch, compute
