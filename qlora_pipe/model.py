@@ -71,6 +71,14 @@ def load_tokenizer(recipe: Recipe):
     return tokenizer
 
 
+def load_run_tokenizer(run_root: str | Path):
+    """The tokenizer a run saved: its pad token and the exact chat template training used. Chat, eval,
+    export and fidelity all read it this one way."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(run_root))
+
+
 def ensure_distinct_pad(tokenizer) -> None:
     """Pick a pad token that is not EOS: with pad == EOS the collator masks EOS and the model never stops."""
     if tokenizer.eos_token is None:

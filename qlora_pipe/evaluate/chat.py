@@ -41,7 +41,7 @@ def load_chat_model(path: str | Path) -> ChatModel:
     """A finished run directory (adapter on its 4-bit base) or a model directory (a merged export)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qlora_pipe.model import training_device
+    from qlora_pipe.model import load_run_tokenizer, training_device
 
     path = Path(path)
     if not path.is_dir():
@@ -53,7 +53,7 @@ def load_chat_model(path: str | Path) -> ChatModel:
         run = resolve_run(path)
         recipe = load_recipe(run.resolved_recipe)
         model = load_trained_model(recipe, run.root)
-        tokenizer = AutoTokenizer.from_pretrained(run.root)  # carries the training chat template
+        tokenizer = load_run_tokenizer(run.root)
         source = f"{run.root} (4-bit base + adapter)"
         chat = ChatModel(model, tokenizer, training_system_prompt(run), source, recipe.generation)
     elif (path / "config.json").is_file():

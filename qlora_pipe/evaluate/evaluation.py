@@ -185,9 +185,9 @@ def run_eval(
     lm_eval_tasks: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate base and tuned models of a finished run; writes eval.json (RUN_DIR/merged/eval.json with merged)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    from qlora_pipe.model import load_trained_model, training_device
+    from qlora_pipe.model import load_run_tokenizer, load_trained_model, training_device
     from qlora_pipe.recipe import load_recipe
     from qlora_pipe.runs import resolve_run
 
@@ -200,7 +200,7 @@ def run_eval(
     if merged and not (merged_dir / "config.json").is_file():
         raise UserError(f"eval --merged: no merged model in {merged_dir}; run `qlora-pipe export {run.root}` first")
     recipe = load_recipe(run.resolved_recipe)
-    tokenizer = AutoTokenizer.from_pretrained(run.root)  # the tokenizer and chat template saved by training
+    tokenizer = load_run_tokenizer(run.root)
     evalset = load_eval_set(recipe, tokenizer, data, limit)
     max_new_tokens = max_new_tokens or evalset.longest_answer + EXTRA_NEW_TOKENS
     model = load_trained_model(recipe, run.root)

@@ -117,7 +117,7 @@ def export_merged(
     compare_original: bool = False,
 ) -> ExportResult:
     """Merge a finished run's adapter into its base and write (and by default verify) the result."""
-    from transformers import AutoTokenizer
+    from qlora_pipe.model import load_run_tokenizer
 
     started = time.time()
     run = resolve_run(run_dir)
@@ -140,7 +140,7 @@ def export_merged(
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)  # nothing half-written is left behind
         raise
-    tokenizer = AutoTokenizer.from_pretrained(run.root)  # with the chat template used in training
+    tokenizer = load_run_tokenizer(run.root)
     tokenizer.save_pretrained(partial)
     write_configs(base, partial, dtype_name, tokenizer, merged["untied"], generation_defaults(recipe))
     info = {

@@ -82,10 +82,10 @@ def verify_merged(recipe: Recipe, run: RunDir, merged_dir: Path, dtype: torch.dt
     from transformers import AutoModelForCausalLM
 
     from qlora_pipe.data.prepare import prepare_data
-    from qlora_pipe.model import load_tokenizer, load_trained_model, training_device
+    from qlora_pipe.model import load_run_tokenizer, load_trained_model, training_device
 
     recipe = recipe.model_copy(deep=True)
-    tokenizer = load_tokenizer(recipe)
+    tokenizer = load_run_tokenizer(run.root)
     data = prepare_data(recipe.data, tokenizer, recipe.seed)
     source = data.eval if data.eval is not None else data.train
     rows = [source[i] for i in range(min(limit, len(source)))]
