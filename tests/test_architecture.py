@@ -27,6 +27,8 @@ INTERNALS = (
     "support_avx512bf16_for_cpu",
     "remove_callback",
     "logging_dir",
+    "chat_template_utils",
+    "_foreach_norm",
 )
 
 

@@ -6,6 +6,7 @@ the test that fails first when a new version breaks it. Upgrading a library star
 
     transformers.py   Trainer: checkpoint load/save hooks, the skippable LR scheduler, default
                       callbacks, TensorBoard's log folder, the modules loaded unquantized
-    trl.py            SFTTrainer's bf16 cast of QLoRA adapters
+    trl.py            SFTTrainer's bf16 cast of QLoRA adapters; the {% generation %} template helpers
+    torch.py          the fused per-tensor norm of the bad-step check
     bitsandbytes.py   the CPU inference fast path; quantizing one tensor as loading does
 """

@@ -7,6 +7,12 @@ keep_adapter_fp32_unless_bf16
     adapter goes back to fp32 unless the run trains in bf16. The optimizer does not exist yet (it is
     created in train()), so nothing else holds the old tensors. Remove when TRL casts only for bf16.
     Caught by: tests/test_hardware.py::test_fp32_run_trains_like_bf16 (adapter dtypes on disk).
+
+training_template, stop_token_trained
+    The assistant-only loss masks with TRL's {% generation %} machinery from ``trl.chat_template_utils``
+    (not part of TRL's top-level API): whether a template has the markers, TRL's training variant of a
+    known family's template, and TRL's check that the end-of-turn token falls inside the mask.
+    Caught by: tests/test_masking.py (masks checked token by token for each bundled family).
 """
 
 from __future__ import annotations
@@ -22,3 +28,19 @@ def keep_adapter_fp32_unless_bf16(model: torch.nn.Module, bf16: bool) -> None:
     for param in model.parameters():
         if param.requires_grad and param.dtype == torch.bfloat16:
             param.data = param.data.float()
+
+
+def training_template(tokenizer, template: str) -> str:
+    """``template`` if it has {% generation %} markers, else TRL's training variant for a known family
+    (ValueError for an unknown one)."""
+    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+
+    if has_generation_markers(template):
+        return template
+    return get_training_chat_template(tokenizer) or template
+
+
+def stop_token_trained(tokenizer, template: str) -> bool:
+    from trl.chat_template_utils import is_chat_template_stop_token_trained
+
+    return is_chat_template_stop_token_trained(tokenizer, chat_template=template)

@@ -29,22 +29,16 @@ log = logging.getLogger(__name__)
 def training_chat_template(tokenizer) -> str:
     """The template to mask with: the tokenizer's own if it has {% generation %} markers, else TRL's
     training variant of a known family. Refuses templates that would not train the end-of-turn token."""
-    from trl.chat_template_utils import (
-        get_training_chat_template,
-        has_generation_markers,
-        is_chat_template_stop_token_trained,
-    )
+    from qlora_pipe.compat.trl import stop_token_trained, training_template
 
-    template = tokenizer.chat_template
-    if not has_generation_markers(template):
-        try:
-            template = get_training_chat_template(tokenizer) or template
-        except ValueError as exc:
-            raise UserError(
-                "data.loss_on: the chat template has no {% generation %} markers and is not a family TRL "
-                "knows; add the markers, choose data.chat_template, or set data.loss_on: all"
-            ) from exc
-    if not is_chat_template_stop_token_trained(tokenizer, chat_template=template):
+    try:
+        template = training_template(tokenizer, tokenizer.chat_template)
+    except ValueError as exc:
+        raise UserError(
+            "data.loss_on: the chat template has no {% generation %} markers and is not a family TRL "
+            "knows; add the markers, choose data.chat_template, or set data.loss_on: all"
+        ) from exc
+    if not stop_token_trained(tokenizer, template):
         raise UserError(
             "data.loss_on: the chat template leaves the end-of-turn token outside the loss mask, so the "
             "model would never learn to stop; put it inside {% generation %}...{% endgeneration %}"

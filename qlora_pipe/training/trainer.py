@@ -19,6 +19,7 @@ import torch
 from transformers import TrainerCallback
 from trl import SFTTrainer
 
+from qlora_pipe.compat.torch import all_finite
 from qlora_pipe.compat.transformers import TrainerInternals, checkpoint_write_error
 from qlora_pipe.compat.trl import keep_adapter_fp32_unless_bf16
 from qlora_pipe.training.checkpoints import latest_valid_checkpoint, step_of, write_marker
@@ -35,8 +36,7 @@ class BadStepGuard(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         trainer = self.trainer
         grads = [p.grad for p in trainer.model.parameters() if p.requires_grad and p.grad is not None]
-        # One fused norm per tensor and a single host sync: a non-finite value makes its norm non-finite.
-        finite_grads = not grads or bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
+        finite_grads = all_finite(grads)  # one fused kernel and one host sync (compat/torch.py)
         if trainer.bad_loss_in_step or not finite_grads:
             what = "loss" if trainer.bad_loss_in_step else "gradient"
             for param in trainer.model.parameters():
