@@ -171,7 +171,7 @@ def check_target_modules(model: nn.Module, targets: list[str] | str) -> None:
         )
 
 
-def prepare_frozen_base(model: nn.Module, recipe: Recipe, checkpointing: bool) -> nn.Module:
+def prepare_frozen_base(model: nn.Module, checkpointing: bool) -> nn.Module:
     """Freeze the base and switch on (non-reentrant) gradient checkpointing.
 
     The unquantized parts (embeddings, lm_head, norms) stay in the compute dtype, as TRL's own
@@ -193,7 +193,7 @@ def add_lora(model: nn.Module, recipe: Recipe) -> TrainableModel:
     from peft import LoraConfig, get_peft_model
 
     check_target_modules(model, recipe.lora.target_modules)
-    model = prepare_frozen_base(model, recipe, recipe.training.gradient_checkpointing)
+    model = prepare_frozen_base(model, recipe.training.gradient_checkpointing)
     lora = recipe.lora
     config = LoraConfig(
         r=lora.r,
@@ -234,7 +234,7 @@ def load_trained_model(recipe: Recipe, adapter_dir: str | Path) -> nn.Module:
     """The 4-bit base plus a saved adapter, as it was at the end of training (eval mode)."""
     from peft import PeftModel
 
-    base = prepare_frozen_base(load_base_model(recipe), recipe, checkpointing=False)
+    base = prepare_frozen_base(load_base_model(recipe), checkpointing=False)
     # Keep the adapter in the dtype it was trained and saved in (TRL trains QLoRA adapters in bf16).
     model = PeftModel.from_pretrained(base, str(adapter_dir), autocast_adapter_dtype=False)
     return model.eval()

@@ -155,6 +155,7 @@ def latest_finished_run(output_dir: str | Path = "runs") -> RunDir:
 
 
 def resolve_run(run_dir: str | Path | None, output_dir: str = "runs") -> RunDir:
+    """The given run directory, which must be finished, or the most recently finished one under output_dir."""
     if run_dir is None:
         run = latest_finished_run(output_dir)
         log.info("using the most recently finished run: %s", run.root)
@@ -162,7 +163,7 @@ def resolve_run(run_dir: str | Path | None, output_dir: str = "runs") -> RunDir:
     run = RunDir(Path(run_dir))
     if not run.root.is_dir():
         raise UserError(f"run directory not found: {run.root}")
-    if not run.summary.is_file():
+    if not run.is_finished():
         raise UserError(f"{run.root} is not a finished run (no summary.json); finish or resume training first")
     return run
 

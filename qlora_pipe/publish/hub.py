@@ -121,6 +121,8 @@ def push_run(
     run = RunDir(Path(run_dir))
     if not run.resolved_recipe.is_file():
         raise UserError(f"{run.root}: not a run directory (no {run.resolved_recipe.name})")
+    if not run.is_finished():
+        raise UserError(f"{run.root} is not a finished run (no summary.json); finish or resume training first")
     recipe = load_recipe(run.resolved_recipe)
     plans = plan_push(run, recipe, repo_id, what)
     try:
