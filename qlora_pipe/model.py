@@ -1,7 +1,7 @@
 """Tokenizer, 4-bit base model and LoRA adapter.
 
-All bitsandbytes knowledge of the training side lives in this module: the quantization
-config, the frozen 4-bit layers, and the CPU fast-path guard below.
+The training side's bitsandbytes settings live here: the quantization config and the frozen 4-bit
+layers (the guard against bitsandbytes' CPU fast path is in compat/bitsandbytes.py).
 """
 
 from __future__ import annotations

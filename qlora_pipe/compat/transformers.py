@@ -7,7 +7,7 @@ TrainerInternals (a mixin before SFTTrainer)
         Caught by: tests/test_resume.py::test_crash_and_resume_reproduce_the_uninterrupted_run.
     _save_checkpoint: a write that fails (a full disk) removes the partial folder and says which
         checkpoint is still good. The completion marker itself is written by a public ``on_save``
-        callback (train/trainer.py). Caught by: tests/test_resume.py::
+        callback (training/trainer.py). Caught by: tests/test_resume.py::
         test_a_failed_save_is_a_clear_error_and_the_previous_checkpoint_stays.
     create_scheduler: wraps the LR scheduler so that an update skipped for a non-finite loss or
         gradient is not a scheduler step (Trainer steps the scheduler unconditionally). Caught by:

@@ -1,7 +1,7 @@
 """Data sources: read rows from local files or the Hub, and turn every format into one shape.
 
 Every row becomes either a conversation ``{"messages": [{role, content}, ...]}`` or a document
-``{"text": ...}``, or a reason why it cannot (counted and reported by data.py). Formats are
+``{"text": ...}``, or a reason why it cannot (counted and reported by data/prepare.py). Formats are
 declared per source or detected from the columns, with a printed notice.
 """
 

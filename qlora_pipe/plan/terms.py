@@ -1,6 +1,6 @@
 """Peak GPU memory of a training run, predicted from the model's config.json alone.
 
-Each term is a formula over the shapes in ``plan_shapes.ModelShape`` and the recipe; the
+Each term is a formula over the shapes in ``plan.shapes.ModelShape`` and the recipe; the
 sources are written beside each one. What is measured and how:
 
 - 4-bit weights: bytes per tensor from bitsandbytes' block sizes (blocksize 64; with double

@@ -61,10 +61,10 @@ def sft_config(recipe: Recipe, run: RunDir, device: torch.device, batch: BatchCh
         report_to=[r for r in t.report_to if r not in ("tensorboard", "none")] or "none",
         metric_for_best_model="eval_loss" if evaluating else None,
         greater_is_better=False if evaluating else None,
-        # data.py already dropped or truncated rows to data.max_length; TRL refuses a max_length it cannot
+        # data/prepare.py already dropped or truncated rows to data.max_length; TRL refuses a max_length it cannot
         # enforce (padding-free without packing), so it gets None there.
         max_length=None if t.padding_free and not recipe.data.packing else recipe.data.max_length,
-        # data.py hands over input_ids and labels already masked per data.loss_on; TRL only packs and collates.
+        # data/prepare.py hands over input_ids and labels already masked per data.loss_on; TRL only packs and collates.
         assistant_only_loss=False,
         completion_only_loss=False,
         packing=recipe.data.packing,

@@ -1,7 +1,7 @@
 """The training stage: recipe -> SFTConfig -> SFTTrainer -> adapter in the run directory.
 
-``run_training`` reads as the list of stages it runs. Data formatting lives in data.py, model
-loading in model.py; this module maps the recipe onto TRL and records what happened.
+``run_training`` reads as the list of stages it runs. Data formatting lives in data/prepare.py, model
+loading in model.py, the trainer config in config.py; this module runs the stages and records what happened.
 """
 
 from __future__ import annotations
