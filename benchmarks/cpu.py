@@ -1,8 +1,8 @@
 """Every performance claim of qlora-pipe, measured side by side in one invocation.
 
-    python scripts/bench.py                      # CPU (default): < 10 minutes on 2 cores
-    python scripts/bench.py --gpu [--dry]        # the GPU check (scripts/bench_gpu.py; --dry: tiny, on CPU)
-    python scripts/bench.py --docs benchmarks/results/<date>-<machine>.json   # regenerate docs/performance.md
+    python -m benchmarks cpu                     # CPU: < 10 minutes on 2 cores
+    python -m benchmarks gpu [--dry]             # the GPU check (benchmarks/gpu.py; --dry: tiny, on CPU)
+    python -m benchmarks docs benchmarks/results/<date>-<machine>.json   # regenerate docs/performance.md
 
 CPU mode builds a Llama-shaped model with random weights (hidden and intermediate multiples of 64,
 as bitsandbytes' CPU kernels need) and the quickstart tokenizer, then measures on the bundled data:
@@ -12,9 +12,9 @@ as bitsandbytes' CPU kernels need) and the quickstart tokenizer, then measures o
 2. QLoRA (4-bit NF4) vs 16-bit LoRA vs full fine-tuning: peak memory, trainable parameters, bytes saved per task;
 3. generation latency of the merged model vs the base (same architecture: no added latency) and the
    unmerged adapter on the 16-bit base, interleaved;
-4. export: our streaming export vs load + merge_and_unload + save (scripts/bench_export_memory.py).
+4. export: our streaming export vs load + merge_and_unload + save (benchmarks/export_memory.py).
 
-Each measurement runs in its own process (scripts/bench_workers.py), so peak RSS belongs to one side.
+Each measurement runs in its own process (benchmarks/workers.py), so peak RSS belongs to one side.
 Writes benchmarks/results/<date>-<machine>.json, .md and .png.
 """
 
@@ -32,13 +32,12 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "scripts"))
-RESULTS = REPO / "benchmarks/results"
-WORKERS = REPO / "scripts/bench_workers.py"
+from qlora_pipe.hardware import machine_description
 
-from qlora_pipe.hardware import machine_description  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks/results"
+WORKERS = "benchmarks.workers"  # run as python -m benchmarks.workers from the repository root
+COMMAND = "python -m benchmarks cpu"
 
 
 def machine_name() -> str:
@@ -73,9 +72,10 @@ def build_train_model(folder: Path, hidden: int, layers: int) -> tuple[Path, int
 
 def run_worker(kind: str, args: dict[str, Any]) -> dict[str, Any]:
     """One measurement in a fresh process; its last line carries the JSON result."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    pythonpath = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "PYTHONPATH": pythonpath}
     out = subprocess.run(
-        [sys.executable, str(WORKERS), kind, json.dumps(args)], capture_output=True, text=True, env=env, cwd=REPO
+        [sys.executable, "-m", WORKERS, kind, json.dumps(args)], capture_output=True, text=True, env=env, cwd=REPO
     )
     lines = [line for line in out.stdout.splitlines() if line.startswith("BENCH_RESULT ")]
     if out.returncode != 0 or not lines:
@@ -149,8 +149,8 @@ def compare_methods(model: Path, tmp: Path, rows: int, steps: int, max_length: i
 
 
 def bench_export_and_latency(tmp: Path, hidden: int, layers: int, repeats: int) -> dict[str, Any]:
-    """Export (reusing bench_export_memory) then latency of base vs our merged output vs the unmerged adapter."""
-    import bench_export_memory as bem
+    """Export (reusing benchmarks.export_memory) then latency of base vs our merged output vs the unmerged adapter."""
+    from benchmarks import export_memory as bem
 
     base_dir, run_dir, size = bem.build(tmp / "export", hidden, layers)
     merged = tmp / "export" / "merged-ours"
@@ -161,7 +161,7 @@ def bench_export_and_latency(tmp: Path, hidden: int, layers: int, repeats: int) 
     return {"export": export, "latency": {"repeats": repeats, "prompt_tokens": 64, "new_tokens": 32, **latency}}
 
 
-def cpu_bench(args: argparse.Namespace) -> dict[str, Any]:
+def cpu_bench(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     started = time.time()
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
@@ -176,7 +176,7 @@ def cpu_bench(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "date": date.today().isoformat(),
         "machine": machine_description(),
-        "command": "python " + " ".join([Path(sys.argv[0]).as_posix().removeprefix(str(REPO) + "/"), *sys.argv[1:]]),
+        "command": " ".join([COMMAND, *argv]),
         "versions": versions(),
         "train_model": {
             "hidden": args.hidden,
@@ -198,7 +198,7 @@ def versions() -> dict[str, str]:
 
 
 def write_results(result: dict[str, Any]) -> Path:
-    from bench_report import markdown_table, plot
+    from benchmarks.report import markdown_table, plot
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = RESULTS / f"{result['date']}-{machine_name()}"
@@ -209,8 +209,9 @@ def write_results(result: dict[str, Any]) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--gpu", action="store_true", help="run the GPU check (scripts/bench_gpu.py)")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = argparse.ArgumentParser(prog=COMMAND, description=__doc__.splitlines()[0])
+    parser.add_argument("--gpu", action="store_true", help="run the GPU check (= python -m benchmarks gpu)")
     parser.add_argument("--dry", action="store_true", help="with --gpu: tiny shapes on CPU, seconds")
     parser.add_argument(
         "--docs", "--readme", dest="docs", type=Path, help="rewrite docs/performance.md from this results file"
@@ -226,19 +227,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency-repeats", type=int, default=5)
     args = parser.parse_args(argv)
     if args.docs:
-        from bench_report import update_docs
+        from benchmarks.report import update_docs
 
         update_docs(args.docs)
         return 0
     if args.gpu:
-        from bench_gpu import main as gpu_main
+        from benchmarks.gpu import main as gpu_main
 
         return gpu_main(["--dry"] if args.dry else [])
-    path = write_results(cpu_bench(args))
+    path = write_results(cpu_bench(args, argv))
     print(path.with_suffix(".md").read_text())
     print(f"written: {path} (+ .md, .png)")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,6 @@
 """Data-stage speed: our preparation of N chat rows vs a bare datasets.map, first run and cached.
 
-    python scripts/bench_data.py [--rows 100000] [--num-proc 1]
+    python -m benchmarks data [--rows 100000] [--num-proc 1]
 
 Both sides start from the same JSONL file and tokenizer (the quickstart tokenizer, trained here
 on the bundled corpus). The bare side applies the chat template and tokenizes with
@@ -12,13 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from datetime import date
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qlora_pipe.data.prepare import prepare_data
 from qlora_pipe.hardware import machine_description
@@ -26,6 +23,7 @@ from qlora_pipe.quickstart.builder import build_tokenizer
 from qlora_pipe.recipe import DataSection
 
 REPO = Path(__file__).resolve().parents[1]
+COMMAND = "python -m benchmarks data"
 
 
 def make_rows(count: int) -> list[str]:
@@ -57,11 +55,11 @@ def ours(path: Path, tokenizer, num_proc: int | None, cache: Path) -> tuple[floa
     return time.perf_counter() - started, prepared.cache_hit
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=COMMAND, description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--num-proc", type=int, default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     tokenizer = build_tokenizer((REPO / "data/legal-qa/corpus.txt").read_text(), 2048)
     import trl.chat_template_utils  # noqa: F401  (import time is not preprocessing time: load it before timing)
 
@@ -75,8 +73,7 @@ def main() -> None:
     result = {
         "date": date.today().isoformat(),
         "machine": machine_description(),
-        "command": f"python scripts/bench_data.py --rows {args.rows}"
-        + (f" --num-proc {args.num_proc}" if args.num_proc else ""),
+        "command": f"{COMMAND} --rows {args.rows}" + (f" --num-proc {args.num_proc}" if args.num_proc else ""),
         "rows": args.rows,
         "bare_datasets_map_s": round(bare, 2),
         "ours_first_run_s": round(first, 2),
@@ -88,7 +85,4 @@ def main() -> None:
     print("| rows | bare datasets.map | ours, first run | ours, cached | ratio |\n|---|---|---|---|---|")
     print(f"| {args.rows:,} | {bare:.1f} s | {first:.1f} s | {second:.1f} s | {first / bare:.2f}x |")
     print(f"written: {out}")
-
-
-if __name__ == "__main__":
-    main()
+    return 0

@@ -1,6 +1,6 @@
 """Peak memory of our streaming export vs loading the base and calling PEFT's merge_and_unload.
 
-    python scripts/bench_export_memory.py [--hidden 2048 --layers 10]   (about 1.3 GB in bf16)
+    python -m benchmarks export-memory [--hidden 2048 --layers 10]   (about 1.3 GB in bf16)
 
 Builds a Llama-shaped base with random weights and a random LoRA adapter (r=16 on every linear
 layer) in a temporary folder, lays out a finished run around them, then measures each side in
@@ -19,10 +19,10 @@ import tempfile
 from datetime import date
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from qlora_pipe.hardware import machine_description
 
-from qlora_pipe.hardware import machine_description  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
+COMMAND = "python -m benchmarks export-memory"
 
 PEFT_MERGE = """
 import sys, torch
@@ -48,7 +48,6 @@ def build(folder: Path, hidden: int, layers: int, shard: str = "200MB") -> tuple
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    sys.path.insert(0, str(REPO))
     from qlora_pipe.quickstart.builder import build_tokenizer
 
     base_dir, run_dir = folder / "base", folder / "runs" / "bench"
@@ -82,7 +81,9 @@ def build(folder: Path, hidden: int, layers: int, shard: str = "200MB") -> tuple
 
 
 def measure(command: list[str]) -> tuple[int, float]:
-    out = subprocess.run([sys.executable, "-c", MEASURE, *command], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", MEASURE, *command], capture_output=True, text=True, check=True, cwd=REPO
+    )
     code, peak, seconds = out.stdout.split()[-3:]
     if int(code) != 0:
         raise SystemExit(f"failed: {' '.join(command)}")
@@ -104,11 +105,11 @@ def compare(base_dir: Path, run_dir: Path, folder: Path, ours_out: Path) -> dict
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=COMMAND, description=__doc__.splitlines()[0])
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--layers", type=int, default=10)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         base_dir, run_dir, size = build(folder, args.hidden, args.layers)
@@ -116,7 +117,7 @@ def main() -> None:
     result = {
         "date": date.today().isoformat(),
         "machine": machine_description(),
-        "command": f"python scripts/bench_export_memory.py --hidden {args.hidden} --layers {args.layers}",
+        "command": f"{COMMAND} --hidden {args.hidden} --layers {args.layers}",
         "model_bytes_bf16": size,
         **measured,
     }
@@ -132,7 +133,4 @@ def main() -> None:
     print(f"| qlora-pipe export (NF4-faithful, streaming) | {ours_peak / gib:.2f} GiB | {ours_s:.0f} s |")
     print(f"| load + PEFT merge_and_unload + save | {peft_peak / gib:.2f} GiB | {peft_s:.0f} s |")
     print(f"written: {out}")
-
-
-if __name__ == "__main__":
-    main()
+    return 0

@@ -1,7 +1,7 @@
 """The GPU check: a Llama-3.1-8B-shaped QLoRA run under a 24 GB cap, through our real training path.
 
-    bash scripts/gpu_check.sh            # = python scripts/bench.py --gpu   (under 8 minutes on one GPU)
-    python scripts/bench.py --gpu --dry  # tiny shapes on CPU, seconds: keeps this script from rotting
+    bash scripts/gpu_check.sh            # = python -m benchmarks gpu   (under 8 minutes on one GPU)
+    python -m benchmarks gpu --dry       # tiny shapes on CPU, seconds: keeps this benchmark from rotting
 
 No download: the model is built from a LlamaConfig with random weights, directly in 4-bit on the GPU,
 one linear layer at a time (never a 16 GB bf16 copy, never a save/load). Our default recipe then adds
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import sys
 import tempfile
 import time
 from datetime import date
@@ -25,10 +24,10 @@ from typing import Any
 
 import torch
 
+from benchmarks.gpu_model import REFERENCES, build_4bit_llama, llama_config, peak_bf16_flops
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "scripts"))
-from bench_gpu_model import REFERENCES, build_4bit_llama, llama_config, peak_bf16_flops  # noqa: E402
+COMMAND = "python -m benchmarks gpu"
 
 # "24 GB" as a 24 GiB card leaves it to PyTorch after the CUDA context and cuBLAS workspaces (about 1.6 GiB).
 CAP_BYTES = 24 * 10**9
@@ -231,7 +230,7 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=COMMAND, description=__doc__.splitlines()[0])
     parser.add_argument("--dry", action="store_true", help="tiny shapes on CPU, a few steps, seconds")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
     args = parser.parse_args(argv)
@@ -251,20 +250,16 @@ def main(argv: list[str] | None = None) -> int:
         "date": date.today().isoformat(),
         "device": device,
         "memory_cap_bytes": CAP_BYTES if gpu else None,
-        "command": "bash scripts/gpu_check.sh" if not args.dry else "python scripts/bench.py --gpu --dry",
+        "command": COMMAND + (" --dry" if args.dry else ""),
         "dry": args.dry,
         **result,
         "references": REFERENCES,
         "seconds": round(time.time() - started, 1),
     }
-    # A dry run proves the script works; its numbers are not results, so they stay out of the repository.
+    # A dry run proves the benchmark works; its numbers are not results, so they stay out of the repository.
     out_dir = args.out or (Path(tempfile.gettempdir()) if args.dry else REPO / "benchmarks/results")
     out_dir.mkdir(parents=True, exist_ok=True)
     name = "gpu-dry.json" if args.dry else f"gpu-{result['date']}-{device.split()[-1].lower()}.json"
     (out_dir / name).write_text(json.dumps(result, indent=2) + "\n")
     print(f"written: {out_dir / name}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

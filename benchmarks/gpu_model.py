@@ -1,4 +1,4 @@
-"""A random-weight Llama built directly in 4-bit NF4, one linear layer at a time, for scripts/bench_gpu.py.
+"""A random-weight Llama built directly in 4-bit NF4, one linear layer at a time, for benchmarks/gpu.py.
 
 Loading Llama-3.1-8B through from_pretrained would need the 16 GB checkpoint (a download, or a
 random one written and read back). Instead each decoder layer is created on the meta device, each

@@ -1,7 +1,7 @@
 """Time the offline quickstart (build, train, export) on this machine, and say which CPU it was.
 
-    python scripts/bench_quickstart.py                  # this CPU as it is
-    python scripts/bench_quickstart.py --emulate-avx2   # as on an AVX2-only CPU (no AVX-512, no native bf16)
+    python -m benchmarks quickstart                  # this CPU as it is
+    python -m benchmarks quickstart --emulate-avx2   # as on an AVX2-only CPU (no AVX-512, no native bf16)
 
 ``--emulate-avx2`` caps PyTorch's own kernels (ATEN_CPU_CAPABILITY=avx2), MKL
 (MKL_ENABLE_INSTRUCTIONS=AVX2) and oneDNN (ONEDNN_MAX_CPU_ISA=AVX2) below AVX-512, so a CPU with
@@ -23,10 +23,10 @@ import time
 from datetime import date
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from qlora_pipe.hardware import cpu_hardware, machine_description
 
-from qlora_pipe.hardware import cpu_hardware, machine_description  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
+COMMAND = "python -m benchmarks quickstart"
 
 AVX2_ONLY = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 
@@ -40,11 +40,11 @@ def timed(command: list[str], env: dict[str, str], cwd: Path, log: Path) -> floa
     return round(time.time() - started, 1)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=COMMAND, description=__doc__.splitlines()[0])
     parser.add_argument("--emulate-avx2", action="store_true", help="compute as an AVX2-only CPU would")
     parser.add_argument("--out", type=Path, help="results JSON (default: benchmarks/results/quickstart-...)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     env = {**os.environ, **(AVX2_ONLY if args.emulate_avx2 else {})}
     os.environ.update(env)  # so machine_description and the detection below see the cap
     work = Path(tempfile.mkdtemp(prefix="quickstart-bench-"))
@@ -66,7 +66,7 @@ def main() -> None:
         "date": date.today().isoformat(),
         "machine": machine_description(),
         "emulated_avx2_only": args.emulate_avx2,
-        "command": "python scripts/bench_quickstart.py" + (" --emulate-avx2" if args.emulate_avx2 else ""),
+        "command": COMMAND + (" --emulate-avx2" if args.emulate_avx2 else ""),
         "native_bf16": hardware.native_bf16,
         "wall_seconds": seconds,
         "compute": summary["compute"],
@@ -82,7 +82,4 @@ def main() -> None:
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     print(f"wrote {out} (logs in {work})")
-
-
-if __name__ == "__main__":
-    main()
+    return 0

@@ -1,12 +1,13 @@
-"""Turn a scripts/bench.py results file into a markdown table, a PNG chart and docs/performance.md's numbers.
+"""Turn a benchmarks/cpu.py results file into a markdown table, a PNG chart and docs/performance.md's numbers.
 
-    python scripts/bench.py --docs benchmarks/results/<date>-<machine>.json   (--readme: the same)
+    python -m benchmarks docs benchmarks/results/<date>-<machine>.json
 
 Only measured numbers from the results file are written; nothing here is typed in by hand.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -138,7 +139,7 @@ def docs_section(r: dict[str, Any], results_file: Path) -> str:
     return (
         f"{markdown_table(r)}\n![benchmark chart]({link.with_suffix('.png').as_posix()})\n\n"
         f"Raw numbers, every repeat and library versions: [`{Path(rel).as_posix()}`]({link.as_posix()}). "
-        "Regenerate this section with `python scripts/bench.py --docs RESULTS.json`.\n"
+        "Regenerate this section with `python -m benchmarks docs RESULTS.json`.\n"
     )
 
 
@@ -151,3 +152,11 @@ def update_docs(results_file: Path) -> None:
     pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
     DOC.write_text(pattern.sub(lambda _: START + docs_section(result, Path(results_file)) + END, text))
     print(f"updated {DOC}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks docs", description=__doc__.splitlines()[0])
+    parser.add_argument("results", type=Path, help="a benchmarks/results/<date>-<machine>.json file")
+    args = parser.parse_args(argv)
+    update_docs(args.results)
+    return 0

@@ -1,6 +1,6 @@
-"""One measurement per process, for scripts/bench.py: each prints one JSON line as its last output.
+"""One measurement per process, for benchmarks/cpu.py: each prints one JSON line as its last output.
 
-    python scripts/bench_workers.py ours|plain|full|latency JSON_ARGS
+    python -m benchmarks.workers ours|plain|full|latency JSON_ARGS     (from the repository root)
 
 A fresh process per measurement makes peak RSS (ru_maxrss only ever grows) belong to that side alone.
 ``ours`` runs qlora_pipe.training.stage.run_training, the code `qlora-pipe train` runs; ``plain`` is the
@@ -22,7 +22,6 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 TRAIN = REPO / "data/legal-qa/train.jsonl"
 
 

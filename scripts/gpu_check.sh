@@ -4,7 +4,8 @@
 # then the longest sequence that fits. Result: benchmarks/results/gpu-<date>-<gpu>.json.
 #   bash scripts/gpu_check.sh            # on a machine with a CUDA GPU
 #   bash scripts/gpu_check.sh --dry      # rehearsal on CPU with tiny shapes (seconds)
+# = python -m benchmarks gpu [--dry] from the repository root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false TQDM_MININTERVAL=10
-exec timeout 480 python scripts/bench_gpu.py "$@"
+exec timeout 480 python -m benchmarks gpu "$@"

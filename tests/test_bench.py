@@ -3,15 +3,10 @@
 from __future__ import annotations
 
 import json
-import sys
-
-from conftest import REPO
-
-sys.path.insert(0, str(REPO / "scripts"))
 
 
 def test_gpu_check_dry_run_measures_every_length_and_searches(tmp_path):
-    from bench_gpu import main
+    from benchmarks.gpu import main
 
     assert main(["--dry", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "gpu-dry.json").read_text())
@@ -35,7 +30,8 @@ def test_gpu_check_dry_run_measures_every_length_and_searches(tmp_path):
 def test_four_bit_build_matches_the_config(tmp_path):
     import bitsandbytes as bnb
     import torch
-    from bench_gpu_model import build_4bit_llama, llama_config
+
+    from benchmarks.gpu_model import build_4bit_llama, llama_config
 
     config = llama_config(dry=True)
     model = build_4bit_llama(config, torch.device("cpu"))
@@ -48,13 +44,13 @@ def test_four_bit_build_matches_the_config(tmp_path):
 
 
 def test_docs_section_is_rewritten_only_between_the_markers(tmp_path, monkeypatch):
-    import bench_report
+    from benchmarks import report
 
     page = tmp_path / "performance.md"
-    page.write_text(f"# title\n\nkept\n{bench_report.START}old numbers\n{bench_report.END}after\n")
-    monkeypatch.setattr(bench_report, "DOC", page)
-    monkeypatch.setattr(bench_report, "docs_section", lambda result, path: f"from {path.name}\n")
+    page.write_text(f"# title\n\nkept\n{report.START}old numbers\n{report.END}after\n")
+    monkeypatch.setattr(report, "DOC", page)
+    monkeypatch.setattr(report, "docs_section", lambda result, path: f"from {path.name}\n")
     results = tmp_path / "r.json"
     results.write_text("{}")
-    bench_report.update_docs(results)
-    assert page.read_text() == f"# title\n\nkept\n{bench_report.START}from r.json\n{bench_report.END}after\n"
+    report.update_docs(results)
+    assert page.read_text() == f"# title\n\nkept\n{report.START}from r.json\n{report.END}after\n"
