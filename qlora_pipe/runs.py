@@ -35,6 +35,7 @@ CHECKPOINTS = "checkpoints"
 EVAL_REPORT = "eval.json"
 SYSTEM_PROMPT = "system_prompt.json"  # the system message the training data used (chat, eval, export)
 EXPORT_INFO = "export_info.json"  # written into a merged folder: which run it came from
+RUN_MARKER = ".qlora-pipe-run"  # written when a run directory is created: the proof it is ours to replace
 
 
 @dataclass(frozen=True)
@@ -100,18 +101,30 @@ class RunDir:
         """Refuse to clobber an existing run unless asked; no side effects."""
         if self.root.is_file():
             raise UserError(f"{self.root} is a file, not a run directory")
-        if self.root.exists() and any(self.root.iterdir()) and not overwrite:
+        if not (self.root.exists() and any(self.root.iterdir())):
+            return
+        if not self.is_run_directory():
+            raise UserError(
+                f"{self.root} exists and is not a qlora-pipe run directory; --overwrite replaces only run "
+                "directories: choose another run_name (--set run_name=NAME) or output_dir"
+            )
+        if not overwrite:
             state = "a finished run" if self.is_finished() else "an unfinished run"
             raise UserError(
                 f"{self.root} already holds {state}; choose another run_name (--set run_name=NAME) or pass --overwrite"
             )
 
+    def is_run_directory(self) -> bool:
+        """Made by qlora-pipe: its marker, or (runs from before the marker) its resolved recipe or status."""
+        return any((self.root / name).is_file() for name in (RUN_MARKER, RESOLVED_RECIPE, STATUS))
+
     def prepare(self, overwrite: bool) -> None:
         """Create an empty run directory (replacing an old run only when ``overwrite``)."""
         self.check_available(overwrite)
         if self.root.exists():
-            shutil.rmtree(self.root)
+            shutil.rmtree(self.root)  # empty, or a run directory (checked above)
         self.root.mkdir(parents=True)
+        (self.root / RUN_MARKER).write_text("created by qlora-pipe train\n")
 
     def set_status(self, state: str, **extra: Any) -> None:
         write_json_atomic(self.status, {"state": state, **extra})

@@ -175,3 +175,32 @@ def test_export_errors_leave_nothing_that_looks_complete(tokenizer_dir, tmp_path
     unfinished.mkdir()
     with pytest.raises(UserError, match="not a finished run"):
         export_merged(unfinished)
+
+
+def test_export_never_deletes_what_it_did_not_write(tokenizer_dir, tmp_path):
+    """--out on a folder of the user's, or on the run directory itself, is refused and nothing is touched;
+    an earlier export of ours is replaced."""
+    _, result = trained_run("llama", tokenizer_dir, tmp_path)
+    run = result.run_dir
+    mine = tmp_path / "my-folder"
+    mine.mkdir()
+    (mine / "thesis.txt").write_text("irreplaceable")
+    with pytest.raises(UserError, match=r"my-folder: the folder holds files that are not a merged model"):
+        export_merged(run.root, mine, verify=False)
+    assert (mine / "thesis.txt").read_text() == "irreplaceable" and sorted(p.name for p in mine.iterdir()) == [
+        "thesis.txt"
+    ]
+    before = sorted(p.name for p in run.root.iterdir())
+    with pytest.raises(UserError, match=r"not a merged model qlora-pipe wrote"):
+        export_merged(run.root, run.root, verify=False)
+    assert sorted(p.name for p in run.root.iterdir()) == before and run.adapter_weights.is_file()
+    squatter = tmp_path / "out.partial"
+    squatter.mkdir()
+    (squatter / "keep.txt").write_text("x")
+    with pytest.raises(UserError, match=r"out.partial is in the way and was not written by qlora-pipe"):
+        export_merged(run.root, tmp_path / "out", verify=False)
+    assert (squatter / "keep.txt").is_file()
+    first = export_merged(run.root, tmp_path / "again", verify=False)
+    second = export_merged(run.root, tmp_path / "again", verify=False)  # our own export: replaced
+    assert first.out == second.out and (second.out / "export_info.json").is_file()
+    assert not (second.out / ".qlora-pipe-export").exists()

@@ -204,12 +204,12 @@ def test_too_many_bad_steps_stop_the_run_and_keep_the_last_good_checkpoint(make_
     assert latest_valid_checkpoint(run.checkpoints).name == "checkpoint-2"
 
 
-def _start_cli_run(tiny_model_dir: Path, tmp_path: Path) -> tuple[subprocess.Popen, RunDir, Path]:
+def _start_cli_run(tiny_model_dir: Path, tmp_path: Path, *extra: str) -> tuple[subprocess.Popen, RunDir, Path]:
     raw = recipe_dict(tiny_model_dir, tmp_path / "runs", max_steps=400, save_steps=1000, logging_steps=1)
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(raw))
     process = subprocess.Popen(
-        [sys.executable, "-m", "qlora_pipe.cli", "train", str(path)],
+        [sys.executable, "-m", "qlora_pipe.cli", "train", str(path), *extra],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -228,12 +228,14 @@ def _wait_for_step(run: RunDir, step: int, process: subprocess.Popen) -> None:
 
 
 def test_sigterm_checkpoints_at_the_next_step_and_resume_finishes(tiny_model_dir, tmp_path):
-    process, run, path = _start_cli_run(tiny_model_dir, tmp_path)
+    process, _, path = _start_cli_run(tiny_model_dir, tmp_path, "--set", "run_name=sigterm")
+    run = RunDir(tmp_path / "runs" / "sigterm")
     _wait_for_step(run, 2, process)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=240)
     assert process.returncode == 143, stderr[-2000:]
-    assert f"Resume with: qlora-pipe train {path} --resume" in stderr
+    # The printed command keeps the --set overrides: run as printed, it resumes this run, not another.
+    assert f"Resume with: qlora-pipe train {path} --set run_name=sigterm --resume" in stderr
     status = json.loads(run.status.read_text())
     assert status["state"] == "interrupted" and status["signal"] == "SIGTERM"
     checkpoint = latest_valid_checkpoint(run.checkpoints)
@@ -245,6 +247,8 @@ def test_sigterm_checkpoints_at_the_next_step_and_resume_finishes(tiny_model_dir
             "qlora_pipe.cli",
             "train",
             str(path),
+            "--set",
+            "run_name=sigterm",
             "--resume",
             "--set",
             f"training.max_steps={status['step'] + 2}",
@@ -256,6 +260,30 @@ def test_sigterm_checkpoints_at_the_next_step_and_resume_finishes(tiny_model_dir
     )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert json.loads(run.summary.read_text())["steps"] == status["step"] + 2
+
+
+def test_resume_of_a_finished_run_is_refused_and_changes_nothing(make_recipe):
+    recipe = make_recipe(max_steps=2, save_steps=1)
+    run = run_training(recipe).run_dir
+    summary, metrics = run.summary.read_bytes(), run.metrics.read_bytes()
+    with pytest.raises(UserError, match=r"cannot resume .*: it already finished \(summary.json\)"):
+        run_training(recipe, resume=True)
+    assert run.summary.read_bytes() == summary and run.metrics.read_bytes() == metrics
+
+
+def test_resume_command_keeps_the_overrides(tmp_path, tiny_model_dir):
+    from qlora_pipe.recipe import load_recipe
+    from qlora_pipe.training.resume import resume_command
+
+    path = tmp_path / "my recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe_dict(tiny_model_dir, tmp_path / "runs")))
+    recipe = load_recipe(path, ["run_name=b", "training.learning_rate=1e-4"])
+    command = resume_command(recipe, RunDir(recipe.run_dir()))
+    assert command == f"qlora-pipe train '{path}' --set run_name=b --set training.learning_rate=1e-4 --resume"
+    from_api = recipe.model_copy(update={"source": None})
+    assert resume_command(from_api, RunDir(recipe.run_dir())) == (
+        f"qlora-pipe train {tmp_path}/runs/b/recipe.resolved.yaml --resume"
+    )
 
 
 def test_second_ctrl_c_quits_at_once(tiny_model_dir, tmp_path):

@@ -95,6 +95,26 @@ def test_existing_run_is_not_clobbered(make_recipe):
         run_training(recipe)
 
 
+def test_overwrite_never_deletes_a_folder_that_is_not_a_run(make_recipe):
+    """--overwrite replaces only run directories qlora-pipe made: a user's folder in the way is refused, intact."""
+    from qlora_pipe.errors import UserError
+
+    recipe = make_recipe(max_steps=1)
+    folder = recipe.run_dir()
+    (folder / "sub").mkdir(parents=True)
+    (folder / "notes.txt").write_text("mine")
+    (folder / "sub" / "data.csv").write_text("a,b")
+    with pytest.raises(UserError, match=r"is not a qlora-pipe run directory; --overwrite replaces only run"):
+        run_training(recipe, overwrite=True)
+    assert (folder / "notes.txt").read_text() == "mine" and (folder / "sub" / "data.csv").read_text() == "a,b"
+    (folder / "notes.txt").unlink()
+    (folder / "sub" / "data.csv").unlink()
+    (folder / "sub").rmdir()
+    first = run_training(recipe)  # an empty folder is fine; the run marks it as its own
+    assert (first.run_dir.root / ".qlora-pipe-run").is_file()
+    assert run_training(recipe, overwrite=True).run_dir.is_finished()  # and --overwrite may then replace it
+
+
 def cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "qlora_pipe.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=600

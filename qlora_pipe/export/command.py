@@ -107,6 +107,23 @@ def print_merged_answers(out: Path, recipe, dtype_name: str, system: str | None)
     print()
 
 
+PARTIAL_MARKER = ".qlora-pipe-export"
+
+
+def check_export_target(out: Path, partial: Path) -> None:
+    """The export replaces only what it can prove it wrote: an earlier merged folder (export_info.json),
+    an empty folder, or its own unfinished ``.partial`` folder. Anything else is the user's and refused."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"export --out {out}: a file is in the way; choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not (out / EXPORT_INFO).is_file():
+        raise UserError(
+            f"export --out {out}: the folder holds files that are not a merged model qlora-pipe wrote "
+            f"(no {EXPORT_INFO}); choose a new or empty folder"
+        )
+    if partial.exists() and not (partial / PARTIAL_MARKER).is_file():
+        raise UserError(f"export: {partial} is in the way and was not written by qlora-pipe; move it or choose --out")
+
+
 def export_merged(
     run_dir: str | Path | None = None,
     out: str | Path | None = None,
@@ -133,8 +150,10 @@ def export_merged(
     base = base_checkpoint_dir(recipe)
 
     partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
+    check_export_target(out, partial)
+    shutil.rmtree(partial, ignore_errors=True)  # ours (checked): a failed earlier export
     partial.mkdir(parents=True)
+    (partial / PARTIAL_MARKER).write_text("an export in progress, or one that failed its checks\n")
     try:
         merged = merge_stream(recipe, run, base, partial, merge_base, DTYPES[dtype_name], max_bytes)
     except BaseException:
@@ -174,7 +193,9 @@ def export_merged(
                 f"export: the merged model does not reproduce the trained model (see {partial / FIDELITY}); "
                 "it was left in that .partial folder"
             )
-    shutil.rmtree(out, ignore_errors=True)
+    (partial / PARTIAL_MARKER).unlink()
+    if out.is_dir():
+        shutil.rmtree(out)  # an earlier export (export_info.json) or an empty folder: checked before any work
     partial.rename(out)  # only a complete (and, by default, verified) export gets the final name
     if recipe.training.preview_prompts:
         print_merged_answers(out, recipe, dtype_name, training_system_prompt(run))

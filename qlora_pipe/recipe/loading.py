@@ -12,6 +12,8 @@ from pydantic import BaseModel, ValidationError
 from qlora_pipe.errors import UserError
 from qlora_pipe.recipe.schema import Recipe
 
+INTERNAL_FIELDS = ("source", "overrides")  # set by loading, never written in a recipe
+
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read, override and validate a recipe file; raise UserError with a one-line message."""
@@ -22,7 +24,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     raw = parse_yaml(text, str(path))
     for item in overrides or []:
         apply_override(raw, item)
-    return validate_recipe(raw, str(path))
+    return validate_recipe(raw, str(path)).model_copy(update={"overrides": list(overrides or [])})
 
 
 def parse_yaml(text: str, where: str) -> dict[str, Any]:
@@ -114,7 +116,7 @@ def _unknown_key_message(loc: list[str]) -> str:
         if inner is None:
             break
         section = inner
-    valid = [name for name in section.model_fields if name != "source"]
+    valid = [name for name in section.model_fields if name not in INTERNAL_FIELDS]
     close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.6)
     hint = f"did you mean '{'.'.join([*loc[:-1], close[0]])}'?" if close else f"valid keys: {', '.join(valid)}"
     return f"{dotted}: unknown key ({hint})"

@@ -6,14 +6,14 @@ from typing import get_origin
 
 from pydantic import BaseModel
 
-from qlora_pipe.recipe.loading import section_type
+from qlora_pipe.recipe.loading import INTERNAL_FIELDS, section_type
 from qlora_pipe.recipe.schema import Recipe
 
 
 def iter_fields(model: type[BaseModel] = Recipe, prefix: str = ""):
     """(dotted name, field) for every leaf field of the recipe; list sections appear as ``name[].key``."""
     for name, field in model.model_fields.items():
-        if name == "source":
+        if name in INTERNAL_FIELDS:
             continue
         inner = section_type(field.annotation)
         if inner is not None:

@@ -281,6 +281,8 @@ class Recipe(Section):
     # Where the recipe was read from, for error messages. Relative paths inside a recipe are
     # relative to the working directory (the repository root in every documented command).
     source: str | None = Field(None, exclude=True, description="Path the recipe was loaded from (internal).")
+    # The --set overrides it was loaded with, so a printed resume command reproduces the same recipe.
+    overrides: list[str] = Field(default_factory=list, exclude=True, description="--set overrides (internal).")
 
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.run_name

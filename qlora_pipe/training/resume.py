@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,20 @@ def check_resumable(recipe: Recipe, run: RunDir) -> None:
     differences = recipe_differences(old, recipe.model_dump(mode="json"))
     if differences:
         raise UserError(f"cannot resume {run.root}: the recipe changed what is trained: {'; '.join(differences)}")
+    if run.is_finished():
+        raise UserError(
+            f"cannot resume {run.root}: it already finished (summary.json); to train further, start a new run "
+            "(--set run_name=NAME), e.g. from this adapter's recipe with more steps"
+        )
+
+
+def resume_command(recipe: Recipe, run: RunDir) -> str:
+    """The command that resumes this run: the recipe file with the same --set overrides, or, for a recipe
+    that was not loaded from a file (the Python API), the run's own resolved recipe."""
+    if recipe.source and Path(recipe.source).is_file():
+        sets = [f"--set {shlex.quote(item)}" for item in recipe.overrides]
+        return " ".join(["qlora-pipe train", shlex.quote(recipe.source), *sets, "--resume"])
+    return f"qlora-pipe train {shlex.quote(str(run.resolved_recipe))} --resume"
 
 
 def resolve_checkpoint(run: RunDir, path: str | None) -> Path:

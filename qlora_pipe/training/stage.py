@@ -31,7 +31,13 @@ from qlora_pipe.training.config import check_trackers, sft_config
 from qlora_pipe.training.micro_batch import choose_batch
 from qlora_pipe.training.plots import plot_losses
 from qlora_pipe.training.progress import peak_memory_bytes
-from qlora_pipe.training.resume import check_resumable, check_trainable_count, resolve_checkpoint, truncate_metrics
+from qlora_pipe.training.resume import (
+    check_resumable,
+    check_trainable_count,
+    resolve_checkpoint,
+    resume_command,
+    truncate_metrics,
+)
 from qlora_pipe.training.signals import StopAtStepBoundary, graceful_stop
 from qlora_pipe.training.speed_switches import check_speed_switches
 
@@ -202,8 +208,8 @@ def _train_and_save(
     if stop.signal_name:
         step = trainer.state.global_step
         raise Interrupted(
-            f"stopped by {stop.signal_name} at step {step}; checkpoint saved. Resume with: "
-            f"qlora-pipe train {recipe.source or 'RECIPE'} --resume",
+            f"stopped by {stop.signal_name} at step {step}; checkpoint saved. "
+            f"Resume with: {resume_command(recipe, run)}",
             step,
             stop.signal_name,
         )
