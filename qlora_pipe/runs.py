@@ -7,12 +7,14 @@ and eval (through ``resolve_run``), push and ``latest_finished_run`` all refuse 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,6 +115,33 @@ class RunDir:
             raise UserError(
                 f"{self.root} already holds {state}; choose another run_name (--set run_name=NAME) or pass --overwrite"
             )
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold this run directory for one process: a second one is refused at once. The lock is the
+        kernel's (flock on a file beside the directory), so a crashed process never leaves it stuck."""
+        import fcntl
+
+        lock_path = self.root.parent / f".{self.root.name}.lock"
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        with lock_path.open("a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                owner = handle.read().strip() or "another process"
+                raise UserError(
+                    f"{self.root} is in use by another training ({owner}); wait for it to end or choose another "
+                    "run_name (--set run_name=NAME)"
+                ) from None
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"pid {os.getpid()}\n")
+            handle.flush()
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def is_run_directory(self) -> bool:
         """Made by qlora-pipe: its marker, or (runs from before the marker) its resolved recipe or status."""

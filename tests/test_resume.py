@@ -294,3 +294,21 @@ def test_second_ctrl_c_quits_at_once(tiny_model_dir, tmp_path):
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr[-2000:]
     assert not run.is_finished()
+
+
+def test_one_training_per_run_directory_and_a_crash_leaves_no_stuck_lock(tiny_model_dir, tmp_path):
+    """--overwrite while another training writes into the run directory is refused (before it deletes
+    anything); once that process is killed (-9), the lock is gone with it."""
+    from qlora_pipe.recipe import load_recipe
+
+    process, run, path = _start_cli_run(tiny_model_dir, tmp_path)
+    try:
+        _wait_for_step(run, 1, process)
+        recipe = load_recipe(path, ["training.max_steps=2"])
+        with pytest.raises(UserError, match=rf"runs/test is in use by another training \(pid {process.pid}\)"):
+            run_training(recipe, overwrite=True)
+        assert run.metrics.is_file() and run.resolved_recipe.is_file()  # the live run's files are untouched
+    finally:
+        process.kill()
+        process.communicate(timeout=60)
+    assert run_training(recipe, overwrite=True).run_dir.is_finished()

@@ -6,6 +6,7 @@ loading in model.py, the trainer config in config.py; this module runs the stage
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -103,7 +104,15 @@ def run_training(
 
     ``resume``: True for the latest complete checkpoint of the run, or a checkpoint path.
     ``callbacks``: extra transformers TrainerCallbacks (e.g. for notebooks or fault injection).
+    The run directory belongs to this process while it runs (RunDir.exclusive): a second training into
+    it, with or without --overwrite, is refused.
     """
+    run = RunDir(recipe.run_dir())
+    with run.exclusive() if is_main_process() else contextlib.nullcontext():
+        return _run_training(recipe, overwrite, resume, callbacks)
+
+
+def _run_training(recipe: Recipe, overwrite: bool, resume: bool | str, callbacks: tuple) -> TrainResult:
     from transformers import set_seed
 
     started = time.time()
