@@ -23,6 +23,8 @@ from qlora_pipe.errors import UserError
 
 log = logging.getLogger(__name__)
 
+_HELD: set[Path] = set()  # run-directory locks this process holds (RunDir.exclusive)
+
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 RESOLVED_RECIPE = "recipe.resolved.yaml"
@@ -111,7 +113,7 @@ class RunDir:
                 "directories: choose another run_name (--set run_name=NAME) or output_dir"
             )
         if not overwrite:
-            state = "a finished run" if self.is_finished() else "an unfinished run"
+            state = "a finished run" if self.is_finished() else f"an unfinished run (status: {self.state()})"
             raise UserError(
                 f"{self.root} already holds {state}; choose another run_name (--set run_name=NAME) or pass --overwrite"
             )
@@ -138,9 +140,11 @@ class RunDir:
             handle.truncate()
             handle.write(f"pid {os.getpid()}\n")
             handle.flush()
+            _HELD.add(lock_path)
             try:
                 yield
             finally:
+                _HELD.discard(lock_path)
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
     def is_run_directory(self) -> bool:
@@ -156,7 +160,36 @@ class RunDir:
         (self.root / RUN_MARKER).write_text("created by qlora-pipe train\n")
 
     def set_status(self, state: str, **extra: Any) -> None:
-        write_json_atomic(self.status, {"state": state, **extra})
+        write_json_atomic(self.status, {"state": state, "pid": os.getpid(), **extra})
+
+    def record_outcome(self, state: str, **extra: Any) -> None:
+        """Record how a run ended, best effort: on a full disk this write fails too, and that must not
+        replace the error that ended the run. A status left at 'running' is read as ended (state())."""
+        try:
+            self.set_status(state, **extra)
+        except OSError as exc:
+            log.warning("could not record status %r in %s: %s", state, self.status, exc)
+
+    def state(self) -> str:
+        """The recorded state; 'running' only while a process still holds the run (its lock)."""
+        if not self.status.is_file():
+            return "unknown"
+        try:
+            state = json.loads(self.status.read_text()).get("state", "unknown")
+        except (OSError, ValueError):
+            return "unknown"
+        if state == "running" and not self.held_by_another_process():
+            return "ended without recording why (killed, or its status could not be written)"
+        return state
+
+    def held_by_another_process(self) -> bool:
+        if self.root.parent / f".{self.root.name}.lock" in _HELD:
+            return False  # this process holds it: no other one can
+        try:
+            with self.exclusive():
+                return False
+        except UserError:
+            return True
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -183,6 +183,33 @@ def test_a_failed_save_is_a_clear_error_and_the_previous_checkpoint_stays(make_r
     assert json.loads(run.status.read_text())["state"] == "failed" and not run.is_finished()
 
 
+def test_a_full_disk_that_also_fails_the_status_write_still_reports_the_real_error(make_recipe, monkeypatch):
+    import qlora_pipe.runs as runs
+
+    real_save, real_json = torch.save, runs.write_json_atomic
+
+    def full_disk(obj, path, *args, **kwargs):
+        if "checkpoint-4" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, path, *args, **kwargs)
+
+    def status_on_a_full_disk(path, payload):
+        if path.name == "status.json" and payload.get("state") != "running":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_json(path, payload)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    monkeypatch.setattr(runs, "write_json_atomic", status_on_a_full_disk)
+    recipe = make_recipe(max_steps=6, save_steps=2)
+    with pytest.raises(CheckpointWriteError, match=r"checkpoint-4: \[Errno 28\]"):  # not the status write's error
+        run_training(recipe)
+    run = RunDir(recipe.run_dir())
+    assert json.loads(run.status.read_text())["state"] == "running"  # the failure could not be recorded...
+    assert run.state().startswith("ended without recording why")  # ...and is not mistaken for a live run
+    with pytest.raises(UserError, match=r"unfinished run \(status: ended without recording why"):
+        run_training(recipe)
+
+
 def test_a_non_finite_step_is_skipped_without_optimizer_or_scheduler_step(make_recipe):
     nan = NaNAtSteps({3})
     result = run_training(make_recipe(max_steps=6), callbacks=(nan,))

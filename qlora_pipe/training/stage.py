@@ -156,11 +156,11 @@ def _run_training(recipe: Recipe, overwrite: bool, resume: bool | str, callbacks
         )
     except Interrupted as exc:
         if main:
-            run.set_status("interrupted", step=exc.step, signal=exc.signal_name)
+            run.record_outcome("interrupted", step=exc.step, signal=exc.signal_name)
         raise
     except BaseException as exc:
         if main:
-            run.set_status("failed", error=f"{type(exc).__name__}: {exc}")
+            run.record_outcome("failed", error=f"{type(exc).__name__}: {exc}")
         raise
     return TrainResult(run, summary, trainable.model, tokenizer)
 
