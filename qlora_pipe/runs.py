@@ -37,6 +37,7 @@ LOSS_CURVE = "loss.png"
 TENSORBOARD = "tensorboard"
 CHECKPOINTS = "checkpoints"
 EVAL_REPORT = "eval.json"
+DATA_FINGERPRINT = "data_fingerprint.json"  # the training data's fingerprint when the run started (resume checks)
 SYSTEM_PROMPT = "system_prompt.json"  # the system message the training data used (chat, eval, export)
 EXPORT_INFO = "export_info.json"  # written into a merged folder: which run it came from
 RUN_MARKER = ".qlora-pipe-run"  # written when a run directory is created: the proof it is ours to replace
@@ -81,6 +82,10 @@ class RunDir:
     @property
     def system_prompt(self) -> Path:
         return self.root / SYSTEM_PROMPT
+
+    @property
+    def data_fingerprint(self) -> Path:
+        return self.root / DATA_FINGERPRINT
 
     @property
     def loss_curve(self) -> Path:

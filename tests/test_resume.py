@@ -119,6 +119,36 @@ def test_resume_refuses_a_recipe_that_changes_what_is_trained(make_recipe):
         run_training(fresh, resume=True)
 
 
+def test_resume_never_ignores_a_change(make_recipe, tmp_path, caplog):
+    """A training key the restored optimizer would silently override (the learning rate) is refused; one a
+    resumed run does apply (how often to log) is applied, said and recorded; changed data files are refused."""
+    import shutil
+
+    from tests.conftest import TRAIN
+
+    data = tmp_path / "train.jsonl"
+    shutil.copy(TRAIN, data)
+
+    def recipe(**training):
+        r = make_recipe(max_steps=4, save_steps=2, **training)
+        r.data.train_path = str(data)
+        return r
+
+    with pytest.raises(SimulatedCrash):
+        run_training(recipe(), callbacks=(CrashAtStep(3),))
+    with pytest.raises(UserError, match=r"cannot resume .*training\.learning_rate: 0\.01 -> 0\.001"):
+        run_training(recipe(learning_rate=1e-3), resume=True)
+    original = data.read_text()
+    data.write_text(original.replace("contract", "agreement", 1))
+    with pytest.raises(UserError, match=r"cannot resume .*: the training data changed since the run started"):
+        run_training(recipe(), resume=True)
+    data.write_text(original)
+    with caplog.at_level(logging.WARNING):
+        finished = run_training(recipe(logging_steps=2), resume=True)
+    assert "resuming at step 2 with changed settings: training.logging_steps: 1 -> 2" in caplog.text
+    assert "logging_steps: 2" in finished.run_dir.resolved_recipe.read_text()
+
+
 def test_crash_during_a_save_leaves_an_incomplete_checkpoint_that_resume_skips(make_recipe, monkeypatch, caplog):
     real_save = torch.save
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shlex
 from pathlib import Path
 from typing import Any
@@ -14,16 +15,29 @@ from qlora_pipe.recipe import Recipe
 from qlora_pipe.runs import RunDir, write_text_atomic
 from qlora_pipe.training.checkpoints import checkpoint_problem, latest_valid_checkpoint, read_marker
 
-# Changing these changes what is being trained or the order it is seen in: refuse to resume.
-BINDING = ("model", "quantization", "lora", "data", "seed")
-BINDING_TRAINING = (
-    "micro_batch_size",
-    "gradient_accumulation_steps",
-    "effective_batch_size",
-    "optimizer",
-    "precision",
-)
+log = logging.getLogger(__name__)
+
+# Changing these changes what is being trained, the order it is seen in, or how the update is computed
+# (the restored optimizer and scheduler would silently keep the old learning rate): refuse to resume.
+BINDING = ("model", "quantization", "lora", "data", "seed", "training")
 HARMLESS_DATA = ("num_proc", "cache_dir")
+# Training keys a resumed run applies from the new recipe (recorded in recipe.resolved.yaml, with a notice):
+# how long to train, how often to log, evaluate and save, and how the machine runs it.
+APPLIED_ON_RESUME = (
+    "max_steps",
+    "num_epochs",
+    "logging_steps",
+    "eval_steps",
+    "save_steps",
+    "save_total_limit",
+    "max_bad_steps",
+    "report_to",
+    "preview_prompts",
+    "preview_max_new_tokens",
+    "cpu_threads",
+    "memory_budget",
+    "auto_micro_batch_start",
+)
 
 
 def _flatten(value: Any, prefix: str) -> dict[str, Any]:
@@ -35,17 +49,32 @@ def _flatten(value: Any, prefix: str) -> dict[str, Any]:
     return {prefix: value}
 
 
+def all_differences(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    old_flat, new_flat = _flatten(old, ""), _flatten(new, "")
+    return {
+        key: (old_flat.get(key), new_flat.get(key))
+        for key in sorted(set(old_flat) | set(new_flat))
+        if old_flat.get(key) != new_flat.get(key)
+    }
+
+
+def _applied(key: str) -> bool:
+    section, _, name = key.partition(".")
+    if section == "data":
+        return name in HARMLESS_DATA
+    if section == "training":
+        return name in APPLIED_ON_RESUME
+    return section not in BINDING
+
+
 def recipe_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """The binding differences between the recipe a run started with and the one resuming it."""
-    keys = [k for k in BINDING] + [f"training.{k}" for k in BINDING_TRAINING]
-    old_flat = {k: v for key in keys for k, v in _flatten(_get(old, key), key).items()}
-    new_flat = {k: v for key in keys for k, v in _flatten(_get(new, key), key).items()}
-    harmless = {f"data.{k}" for k in HARMLESS_DATA}
-    return [
-        f"{key}: {old_flat.get(key)!r} -> {new_flat.get(key)!r}"
-        for key in sorted(set(old_flat) | set(new_flat))
-        if key not in harmless and old_flat.get(key) != new_flat.get(key)
-    ]
+    return [f"{k}: {a!r} -> {b!r}" for k, (a, b) in all_differences(old, new).items() if not _applied(k)]
+
+
+def applied_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """The changes a resumed run takes from the new recipe (and records)."""
+    return [f"{k}: {a!r} -> {b!r}" for k, (a, b) in all_differences(old, new).items() if _applied(k)]
 
 
 def _get(tree: dict[str, Any], dotted: str) -> Any:
@@ -53,6 +82,20 @@ def _get(tree: dict[str, Any], dotted: str) -> Any:
     for part in dotted.split("."):
         node = node.get(part) if isinstance(node, dict) else None
     return node
+
+
+def check_same_data(run: RunDir, fingerprint: str | None) -> None:
+    """The data files may not change under a run: resume compares their fingerprint with the recorded one."""
+    recorded = (
+        json.loads(run.data_fingerprint.read_text()).get("fingerprint") if run.data_fingerprint.is_file() else None
+    )
+    if recorded is None or fingerprint is None:
+        return  # a run from before fingerprints were recorded, or Hub data without a pinned revision
+    if recorded != fingerprint:
+        raise UserError(
+            f"cannot resume {run.root}: the training data changed since the run started (data fingerprint "
+            f"{recorded} -> {fingerprint}); restore the files or start a new run"
+        )
 
 
 def check_resumable(recipe: Recipe, run: RunDir) -> None:
@@ -106,3 +149,12 @@ def truncate_metrics(run: RunDir, step: int) -> None:
         return
     rows = [line for line in run.metrics.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
     write_text_atomic(run.metrics, "".join(row + "\n" for row in rows))
+
+
+def record_applied_changes(run: RunDir, recipe: Recipe, step: int) -> None:
+    """Changes a resume applies (max_steps, logging, ...) are said once and written into recipe.resolved.yaml."""
+    old = yaml.safe_load(run.resolved_recipe.read_text())
+    changes = applied_differences(old, recipe.model_dump(mode="json"))
+    if changes:
+        log.warning("resuming at step %d with changed settings: %s", step, "; ".join(changes))
+        write_text_atomic(run.resolved_recipe, recipe.dump_yaml())

@@ -34,7 +34,9 @@ from qlora_pipe.training.plots import plot_losses
 from qlora_pipe.training.progress import peak_memory_bytes
 from qlora_pipe.training.resume import (
     check_resumable,
+    check_same_data,
     check_trainable_count,
+    record_applied_changes,
     resolve_checkpoint,
     resume_command,
     truncate_metrics,
@@ -134,6 +136,8 @@ def _run_training(recipe: Recipe, overwrite: bool, resume: bool | str, callbacks
     set_seed(recipe.seed)
     tokenizer = load_tokenizer(recipe)
     data = prepare_data(recipe.data, tokenizer, recipe.seed)  # data errors surface before the model loads
+    if checkpoint is not None:
+        check_same_data(run, data.fingerprint)
     set_seed(recipe.seed)
     _, trainable = load_trainable_model(recipe, tokenizer)
 
@@ -144,8 +148,10 @@ def _run_training(recipe: Recipe, overwrite: bool, resume: bool | str, callbacks
         if checkpoint is None:
             run.prepare(overwrite=overwrite)
             write_text_atomic(run.resolved_recipe, recipe.dump_yaml())
+            write_json_atomic(run.data_fingerprint, {"fingerprint": data.fingerprint})
         else:
             truncate_metrics(run, step_of(checkpoint))
+            record_applied_changes(run, recipe, step_of(checkpoint))
         run.set_status("running", started=started, resumed_from=str(checkpoint) if checkpoint else None)
         write_json_atomic(run.data_report, [r.as_dict() for r in data.reports])
         write_json_atomic(run.system_prompt, {"system_prompt": data.system_prompt})
