@@ -35,6 +35,23 @@ def test_weights_repeat_and_subsample_sources(tokenizer, tmp_path):
     assert prepared.reports[0].rows_read == 10 and prepared.reports[0].rows_kept == 11
 
 
+def test_duplicate_rows_are_counted_and_dropped_with_dedupe(tokenizer, tmp_path):
+    rows = numbered("A", 4)
+    a = write_jsonl(tmp_path / "a.jsonl", [*rows, rows[1], rows[1], rows[3]])  # 3 repeats inside the file
+    b = write_jsonl(tmp_path / "b.jsonl", [rows[0], *numbered("B", 2)])  # 1 repeat across files
+    sources = [SourceSection(path=a), SourceSection(path=b)]
+    counted = prepare(tmp_path, tokenizer, sources=sources)
+    report = counted.reports[0]
+    assert report.duplicate_rows == 4 and report.rows_kept == 10 and "duplicate row" not in report.dropped
+    assert "4 duplicate rows" in report.line() and report.as_dict()["duplicate_rows"] == 4
+    deduped = prepare(tmp_path, tokenizer, cache="cache2", sources=sources, dedupe=True)
+    report = deduped.reports[0]
+    assert report.duplicate_rows == 4 and report.dropped["duplicate row"] == 4 and report.rows_kept == 6
+    assert sorted(answers(deduped.train, tokenizer)) == sorted(
+        [f"A answer {i}." for i in range(4)] + [f"B answer {i}." for i in range(2)]
+    )
+
+
 @pytest.mark.parametrize("samples", [3, 6, 9])
 def test_samples_gives_exactly_n_rows(tokenizer, tmp_path, samples):
     path = write_jsonl(tmp_path / "a.jsonl", numbered("A", 4))

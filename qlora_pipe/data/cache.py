@@ -20,7 +20,7 @@ from qlora_pipe.runs import file_sha256
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 2  # bump when the tokenized layout or the masking rules change
+CACHE_FORMAT = 3  # bump when the tokenized layout or the masking rules change
 
 
 def data_fingerprint(data: DataSection, tokenizer, seed: int) -> str | None:

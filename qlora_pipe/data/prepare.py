@@ -49,6 +49,7 @@ def training_chat_template(tokenizer) -> str:
 def collect(sources: list[SourceSection], data: DataSection, rng: random.Random, report: SplitReport) -> list:
     """Read, normalize, check and mix the rows of several sources."""
     examples: list[dict[str, Any]] = []
+    seen: set[str] = set()  # rows already read, across sources: repeats are counted (and dropped with dedupe)
     for source in sources:
         rows = rename_columns(read_source(source), source.columns)
         fmt = source.format if source.format != "auto" else detect_format(rows, source.label())
@@ -60,6 +61,13 @@ def collect(sources: list[SourceSection], data: DataSection, rng: random.Random,
                     raise UserError(f"{source.label()}: row {index + 1}: {example}")
                 report.dropped[example] += 1
                 continue
+            key = example_key(example)
+            if key in seen:
+                report.duplicate_rows += 1
+                if data.dedupe:
+                    report.dropped["duplicate row"] += 1
+                    continue
+            seen.add(key)
             kept.append(example)
         report.rows_read += len(rows)
         examples.extend(draw(kept, source, rng))

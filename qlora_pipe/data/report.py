@@ -21,6 +21,7 @@ class SplitReport:
     rows_kept: int = 0
     dropped: Counter = field(default_factory=Counter)
     truncated: int = 0
+    duplicate_rows: int = 0  # rows that repeat an earlier one (before source weights); dropped with data.dedupe
     total_tokens: int = 0
     supervised_tokens: int = 0
     length_percentiles: dict[str, int] = field(default_factory=dict)
@@ -44,6 +45,7 @@ class SplitReport:
             "rows_kept": self.rows_kept,
             "dropped": dict(self.dropped),
             "truncated": self.truncated,
+            "duplicate_rows": self.duplicate_rows,
             "total_tokens": self.total_tokens,
             "supervised_tokens": self.supervised_tokens,
             "supervised_share": round(self.supervised_share, 4),
@@ -58,6 +60,7 @@ class SplitReport:
             rows_kept=raw["rows_kept"],
             dropped=Counter(raw["dropped"]),
             truncated=raw["truncated"],
+            duplicate_rows=raw.get("duplicate_rows", 0),
             total_tokens=raw["total_tokens"],
             supervised_tokens=raw["supervised_tokens"],
             length_percentiles=raw["length_percentiles"],
@@ -67,6 +70,7 @@ class SplitReport:
         dropped = ", ".join(f"{n} {why}" for why, n in sorted(self.dropped.items())) or "none"
         lengths = " ".join(f"{k}={v}" for k, v in self.length_percentiles.items())
         truncated = f", {self.truncated} truncated" if self.truncated else ""
+        truncated += f", {self.duplicate_rows} duplicate rows" if self.duplicate_rows else ""
         return (
             f"{self.name}: {self.rows_kept}/{self.rows_read} rows kept (dropped: {dropped}{truncated}); "
             f"{self.total_tokens:,} tokens, {self.supervised_tokens:,} trained ({self.supervised_share:.0%}); "
