@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -75,6 +76,14 @@ def test_push_adapter_and_merged_sends_exactly_the_right_files(finished_run, tmp
     assert "AutoPeftModelForCausalLM" in card.text and "vllm serve" in card.text and "eval loss" in card.text
     merged_card = ModelCard(hub.commits[1]["files"]["README.md"].decode())
     assert merged_card.data.library_name == "transformers" and "Fidelity" in merged_card.text
+    # No local path leaves the machine: not the base model's directory, not the run directory (every byte).
+    base_dir = yaml.safe_load((finished_run / "recipe.resolved.yaml").read_text())["model"]["name_or_path"]
+    for local in {base_dir, str(Path(base_dir).resolve()), str(finished_run), str(finished_run.resolve())}:
+        leaks = [name for c in hub.commits for name, data in c["files"].items() if local.encode() in data]
+        assert not leaks, f"{local} was uploaded in {leaks}"
+    config = json.loads(sent["adapter_config.json"])
+    assert config["base_model_name_or_path"] == "<base model>"  # a local base with no Hub id: a placeholder
+    assert "A LoRA adapter for `<base model>`" in card.text
     # The token never appears in output, in what was uploaded, or in the run directory.
     assert WRITE not in result.stdout + result.stderr
     assert all(WRITE.encode() not in data for c in hub.commits for data in c["files"].values())
@@ -168,3 +177,21 @@ def test_recipe_can_push_every_checkpoint(tiny_model_dir, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert [c["summary"] for c in hub.commits] == [f"Adapter at step {n} (qlora-pipe checkpoint)" for n in (1, 2)]
     assert all(set(c["files"]) == {"adapter_model.safetensors", "adapter_config.json"} for c in hub.commits)
+
+
+def test_pushed_files_name_a_local_base_by_the_hub_id_it_records(tmp_path, tiny_model_dir):
+    from qlora_pipe.publish.hub import public_base_name
+    from qlora_pipe.recipe import validate_recipe
+
+    def base_named(name: str) -> str:
+        return public_base_name(validate_recipe(recipe_dict(Path(name), tmp_path / "runs"), "r"))
+
+    assert base_named("Qwen/Qwen2.5-7B-Instruct") == "Qwen/Qwen2.5-7B-Instruct"  # a Hub id stays
+    assert base_named(str(tiny_model_dir)) == "<base model>"  # a local model that records no Hub id
+    local = tmp_path / "my-llama"
+    local.mkdir()
+    (local / "config.json").write_text(json.dumps({"_name_or_path": "meta-llama/Llama-3.1-8B"}))
+    assert base_named(str(local)) == "meta-llama/Llama-3.1-8B"
+    (local / "config.json").write_text(json.dumps({"_name_or_path": "/home/me/models/llama"}))
+    (local / "README.md").write_text("---\nbase_model: mistralai/Mistral-7B-v0.3\n---\n# card\n")
+    assert base_named(str(local)) == "mistralai/Mistral-7B-v0.3"

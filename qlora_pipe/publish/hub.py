@@ -7,13 +7,16 @@ never leave the machine. Never merges; the merged model is whatever `qlora-pipe 
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from qlora_pipe.errors import UserError
+from qlora_pipe.model_source import local_path
 from qlora_pipe.publish.model_card import adapter_card, merged_card
 from qlora_pipe.recipe import Recipe, load_recipe
 from qlora_pipe.runs import RunDir
@@ -51,11 +54,61 @@ class PushPlan:
     files: list[tuple[str, int]]
 
 
-def _stage(sources: list[Path], card: str) -> Path:
+PLACEHOLDER_BASE = "<base model>"  # a local base directory that names no Hub id
+TEXT_SUFFIXES = (".md", ".json", ".jinja", ".txt", ".yaml")
+
+
+def public_base_name(recipe: Recipe) -> str:
+    """How pushed files name the base: its Hub id, or for a local directory the Hub id it records
+    (config.json ``_name_or_path``, its card's ``base_model``), else a placeholder; never the local path."""
+    name = recipe.model.name_or_path
+    path = local_path(name)
+    if path is None:
+        return name
+    candidates = [_json_field(path / "config.json", "_name_or_path")]
+    if (path / "README.md").is_file():
+        from huggingface_hub import ModelCard
+
+        base = ModelCard.load(path / "README.md").data.to_dict().get("base_model")
+        candidates.append(base[0] if isinstance(base, list) and base else base)
+    return next((c for c in candidates if isinstance(c, str) and "/" in c and local_path(c) is None), PLACEHOLDER_BASE)
+
+
+def _json_field(path: Path, key: str) -> Any:
+    try:
+        return json.loads(path.read_text()).get(key) if path.is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
+def local_names(run: RunDir, recipe: Recipe) -> dict[str, str]:
+    """Local paths that must not leave the machine, longest first, and what replaces each."""
+    base = recipe.model.name_or_path
+    public = public_base_name(recipe)
+    found = {}
+    if local_path(base) is not None:
+        found |= {str(local_path(base).resolve()): public, base: public}
+    found |= {str(run.root.resolve()): "<run directory>", str(run.root): "<run directory>"}
+    return dict(sorted(found.items(), key=lambda kv: -len(kv[0])))
+
+
+def scrub(staging: Path, names: dict[str, str]) -> None:
+    """Replace local paths in every staged text file; the adapter config names the public base."""
+    for path in staging.iterdir():
+        if path.suffix not in TEXT_SUFFIXES:
+            continue
+        text = path.read_text(encoding="utf-8")
+        for local, public in names.items():
+            text = text.replace(local, public)
+        path.write_text(text, encoding="utf-8")
+
+
+def _stage(sources: list[Path], card: str, names: dict[str, str]) -> Path:
     staging = Path(tempfile.mkdtemp(prefix="qlora-pipe-push-"))
     for path in sources:
         shutil.copy2(path, staging / path.name)
     (staging / "README.md").write_text(card, encoding="utf-8")
+    scrub(staging, names)
     return staging
 
 
@@ -66,7 +119,7 @@ def plan_push(run: RunDir, recipe: Recipe, repo_id: str, what: str) -> list[Push
         files = [run.root / name for name in ADAPTER_FILES if (run.root / name).is_file()]
         if not run.adapter_weights.is_file():
             raise UserError(f"{run.root}: no adapter to push (train first)")
-        folder = _stage(files, adapter_card(run, recipe, repo_id))
+        folder = _stage(files, adapter_card(run, recipe, repo_id), local_names(run, recipe))
         plans.append(PushPlan("adapter", repo_id, folder, _listing(folder)))
     if what in ("merged", "both"):
         merged = run.root / "merged"
@@ -76,7 +129,7 @@ def plan_push(run: RunDir, recipe: Recipe, repo_id: str, what: str) -> list[Push
         files += [run.loss_curve] if run.loss_curve.is_file() else []
         # `both` puts the merged model in its own repository: a repo is either a PEFT adapter or a model.
         target = f"{repo_id}-merged" if what == "both" else repo_id
-        folder = _stage(files, merged_card(run, recipe, target, merged))
+        folder = _stage(files, merged_card(run, recipe, target, merged), local_names(run, recipe))
         plans.append(PushPlan("merged", target, folder, _listing(folder)))
     return plans
 
