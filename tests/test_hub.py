@@ -110,6 +110,35 @@ def test_missing_or_read_only_token_fails_before_any_upload(finished_run, tmp_pa
     assert hub.commits == [] and hub.repos == []
 
 
+def test_hub_errors_say_what_actually_failed(finished_run, tmp_path):
+    """No token, a refused token, offline mode and an unreachable endpoint: four different one-line errors."""
+    with FakeHub() as hub:
+        missing = push(finished_run, hub, None, "--repo-id", "me/legal", home=tmp_path)
+        refused = push(finished_run, hub, "hf_not_a_real_token", "--repo-id", "me/legal", home=tmp_path)
+    down = FakeHub.__new__(FakeHub)
+    down.url = "http://127.0.0.1:9"  # nothing listens on the discard port
+    unreachable = push(finished_run, down, WRITE, "--repo-id", "me/legal", home=tmp_path)
+    env = {"PATH": "/usr/bin:/bin", "HF_HOME": str(tmp_path), "HF_TOKEN": WRITE, "HF_HUB_OFFLINE": "1"}
+    offline = subprocess.run(
+        [sys.executable, "-m", "qlora_pipe.cli", "push", str(finished_run), "--repo-id", "me/legal"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=300,
+    )
+    expected = [
+        (missing, "Hub: no token found; set HF_TOKEN"),
+        (refused, "refused the token (HTTP 401)"),
+        (offline, "Hub: offline mode is on (HF_HUB_OFFLINE)"),
+        (unreachable, "Hub: cannot reach http://127.0.0.1:9"),
+    ]
+    for result, message in expected:
+        last = result.stderr.strip().splitlines()[-1]
+        assert result.returncode == 2 and last.startswith("error: ") and message in last, result.stderr[-1500:]
+        assert "Traceback" not in result.stderr
+
+
 def test_server_errors_are_retried_by_the_library_then_reported_with_a_retry_command(finished_run, tmp_path):
     with FakeHub() as hub:
         hub.fail_commits = 1

@@ -138,18 +138,28 @@ def _listing(folder: Path) -> list[tuple[str, int]]:
     return sorted((p.name, p.stat().st_size) for p in folder.iterdir())
 
 
+def hub_failure(exc: Exception, endpoint: str) -> str:
+    """What actually went wrong talking to the Hub, in words a user can act on."""
+    from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled
+
+    if isinstance(exc, OfflineModeIsEnabled):
+        return "offline mode is on (HF_HUB_OFFLINE); unset it to push"
+    if isinstance(exc, LocalTokenNotFoundError):
+        return "no token found; set HF_TOKEN or run `hf auth login`"
+    if isinstance(exc, HfHubHTTPError):
+        status = getattr(exc.response, "status_code", None)
+        if status in (401, 403):
+            return f"{endpoint} refused the token (HTTP {status}); set a valid HF_TOKEN or run `hf auth login`"
+        return f"{endpoint} answered HTTP {status}: {' '.join(str(exc).split())[:200]}"
+    return f"cannot reach {endpoint} ({type(exc).__name__}: {exc}); check the network, a proxy, or HF_ENDPOINT"
+
+
 def preflight(api, repo_id: str) -> str:
     """Who am I, and may I write to this namespace? Fails before any upload."""
-    from huggingface_hub.errors import HfHubHTTPError
-
     try:
         me = api.whoami()
-    except HfHubHTTPError as exc:
-        raise UserError("Hub: the token was refused (set HF_TOKEN or run `hf auth login`)") from exc
-    except Exception as exc:  # LocalTokenNotFoundError, OSError when the Hub is unreachable
-        raise UserError(
-            f"Hub: cannot authenticate ({type(exc).__name__}); set HF_TOKEN or run `hf auth login`"
-        ) from exc
+    except Exception as exc:  # huggingface_hub and its HTTP client raise several types; say which failure
+        raise UserError(f"Hub: {hub_failure(exc, api.endpoint)}") from exc
     user = me.get("name", "?")
     namespace = repo_id.split("/")[0]
     role = me.get("auth", {}).get("accessToken", {}).get("role")
