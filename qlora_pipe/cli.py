@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--compare-original", action="store_true", help="also report the fidelity of a merge into the 16-bit weights"
     )
 
+    doctor = commands.add_parser("doctor", help="check versions, GPU, bitsandbytes, optional kernels and disk")
+    doctor.add_argument("--output-dir", default="runs", help="where runs will be written (for the disk check)")
+
     push = commands.add_parser("push", help="publish a run's adapter and/or merged model to the Hugging Face Hub")
     push.add_argument("run_dir", help="run directory")
     push.add_argument("--repo-id", required=True, help="user/name on the Hub")
@@ -231,7 +234,14 @@ def cmd_build_quickstart_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from qlora_pipe.doctor import run_doctor
+
+    return run_doctor(args.output_dir)
+
+
 COMMANDS = {
+    "doctor": cmd_doctor,
     "export": cmd_export,
     "push": cmd_push,
     "chat": cmd_chat,
@@ -242,22 +252,6 @@ COMMANDS = {
     "validate": cmd_validate,
     "build-quickstart-model": cmd_build_quickstart_model,
 }
-
-
-# Commands that compute on the CPU when there is no GPU: their OpenMP threads are set up before torch loads.
-COMPUTING = ("train", "export", "eval", "chat", "build-quickstart-model")
-
-
-def set_up_cpu(command: str) -> None:
-    """Passive OpenMP waiting when other work shares the CPUs (must precede torch's import); threads from
-    the CPUs this process may use. Training applies its own setting (training.cpu_threads) again."""
-    from qlora_pipe.cpu_threads import apply_cpu_threads, set_passive_wait_if_busy
-
-    if command not in COMPUTING:
-        return
-    passive = set_passive_wait_if_busy()
-    choice = apply_cpu_threads()
-    logging.getLogger(__name__).debug("CPU threads %d (%s), passive wait %s", choice.threads, choice.reason, passive)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -275,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "httpx2", "httpcore", "httpcore2"):  # one line per HTTP request is noise
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
+        from qlora_pipe.cpu_threads import set_up_cpu
+
         set_up_cpu(args.command)
         return COMMANDS[args.command](args)
     except Interrupted as exc:

@@ -6,6 +6,7 @@ of one launch; QLORA_PIPE_CPU_THREADS, training.cpu_threads or OMP_NUM_THREADS o
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -13,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 THREADS_ENV = "QLORA_PIPE_CPU_THREADS"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -112,3 +115,17 @@ def apply_cpu_threads(setting: int | str = "auto") -> ThreadChoice:
     choice = choose_cpu_threads(setting)
     torch.set_num_threads(choice.threads)
     return choice
+
+
+# Commands that compute on the CPU when there is no GPU: their OpenMP threads are set up before torch loads.
+COMPUTING = ("train", "export", "eval", "chat", "build-quickstart-model")
+
+
+def set_up_cpu(command: str) -> None:
+    """Passive OpenMP waiting when other work shares the CPUs (must precede torch's import); threads from
+    the CPUs this process may use. Training applies its own setting (training.cpu_threads) again."""
+    if command not in COMPUTING:
+        return
+    passive = set_passive_wait_if_busy()
+    choice = apply_cpu_threads()
+    log.debug("CPU threads %d (%s), passive wait %s", choice.threads, choice.reason, passive)

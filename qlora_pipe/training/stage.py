@@ -31,6 +31,7 @@ from qlora_pipe.training.compute import Compute, device_description, resolve_com
 from qlora_pipe.training.config import check_trackers, sft_config
 from qlora_pipe.training.micro_batch import choose_batch
 from qlora_pipe.training.plots import plot_losses
+from qlora_pipe.training.preview_answers import answers_before, print_preview
 from qlora_pipe.training.progress import peak_memory_bytes
 from qlora_pipe.training.resume import (
     check_resumable,
@@ -171,19 +172,6 @@ def _run_training(recipe: Recipe, overwrite: bool, resume: bool | str, callbacks
     return TrainResult(run, summary, trainable.model, tokenizer)
 
 
-def _answers_before(recipe, run, model, tokenizer, data, resuming: bool) -> list[str]:
-    """Preview answers of the untrained model; generated once (first process) and kept for resumed runs."""
-    path = run.root / "baseline.json"
-    if resuming and path.is_file():
-        return json.loads(path.read_text())["answers"]
-    prompts = recipe.training.preview_prompts
-    if not prompts or not is_main_process():
-        return []
-    answers = generate_answers(model, tokenizer, prompts, data.system_prompt, recipe.training.preview_max_new_tokens)
-    write_json_atomic(path, {"answers": answers})
-    return answers
-
-
 def eval_loss_before(run: RunDir) -> float | None:
     """The evaluation at step 0 (eval_on_start), as recorded in metrics.jsonl (survives resumes)."""
     if not run.metrics.is_file():
@@ -207,7 +195,7 @@ def _train_and_save(
         trainer = build_trainer(
             recipe, run, model, tokenizer, data, callbacks, batch, checkpoint is not None, compute.label()
         )
-        before = _answers_before(recipe, run, model, tokenizer, data, resuming=checkpoint is not None)
+        before = answers_before(recipe, run, model, tokenizer, data, resuming=checkpoint is not None)
         if checkpoint is not None:
             marker = read_marker(checkpoint)
             # The marker holds the count of all processes; the first one carries it forward.
@@ -292,10 +280,3 @@ def push_at_end(recipe: Recipe, run: RunDir) -> None:
         push_run(run.root, recipe.hub.repo_id, "adapter", private=recipe.hub.private)
     except UserError as exc:
         log.error("the run finished, but %s", exc)
-
-
-def print_preview(rows: list[dict[str, str]]) -> None:
-    print("\n=== answers before and after fine-tuning ===")
-    for row in rows:
-        print(f"\nQ: {row['prompt']}\n  before: {row['before']!r}\n  after:  {row['after']!r}")
-    print()
