@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import io
 import json
 import logging
 import random
@@ -50,9 +51,32 @@ def resolve_files(pattern: str) -> list[Path]:
     return [f.resolve() for f in files]
 
 
+def read_text(path: Path) -> str:
+    """A text file as UTF-8; anything else is an error naming the file and the line of the first bad byte."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from exc
+
+
+def read_file(path: Path) -> list[dict[str, Any]]:
+    """The rows of one file; a file that cannot be read is one error naming it, never a traceback."""
+    try:
+        return read_json_lines(path) if SUFFIXES[path.suffix] == "json" else read_table(path)
+    except UserError:
+        raise
+    except csv.Error as exc:
+        raise UserError(f"{path}: invalid CSV: {exc}") from exc
+    except Exception as exc:  # pyarrow/datasets raise many types for a corrupt or truncated Parquet file
+        reason = " ".join(str(exc).split())[:200]
+        raise UserError(f"{path}: cannot read this {path.suffix} file ({type(exc).__name__}: {reason})") from exc
+
+
 def read_json_lines(path: Path) -> list[dict[str, Any]]:
     """JSONL (or a JSON array); a malformed line is an error naming file and line."""
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
     if path.suffix == ".json" and text.lstrip().startswith("["):
         try:
             rows = json.loads(text)
@@ -74,8 +98,7 @@ def read_json_lines(path: Path) -> list[dict[str, Any]]:
 def read_table(path: Path) -> list[dict[str, Any]]:
     """CSV as text (no type guessing: an answer "42" stays a string); Parquet with its own types."""
     if path.suffix == ".csv":
-        with path.open(encoding="utf-8", newline="") as handle:
-            return list(csv.DictReader(handle))
+        return list(csv.DictReader(io.StringIO(read_text(path), newline="")))
     from datasets import load_dataset
 
     return load_dataset("parquet", data_files=str(path), split="train").to_list()
@@ -88,7 +111,7 @@ def read_source(source: SourceSection) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     files = resolve_files(source.path)
     for path in files:
-        rows.extend(read_json_lines(path) if SUFFIXES[path.suffix] == "json" else read_table(path))
+        rows.extend(read_file(path))
     shown = str(files[0]) if len(files) == 1 else f"{len(files)} files under {files[0].parent}"
     log.info("data: %s -> %s: %d rows", source.path, shown, len(rows))
     return rows
