@@ -19,7 +19,7 @@ from qlora_pipe.dist import local_rank, sharded_launch
 from qlora_pipe.errors import UserError
 from qlora_pipe.hardware import with_resolved_precision
 from qlora_pipe.lora_targets import unmatched_targets
-from qlora_pipe.model_source import check_local_dir, local_path
+from qlora_pipe.model_source import check_model_files, local_path
 from qlora_pipe.recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -48,8 +48,8 @@ def model_location(name: str) -> str:
 
 
 def check_model_source(recipe: Recipe) -> None:
-    """Fail before any download when a local model path does not exist."""
-    check_local_dir(recipe.model.name_or_path)
+    """Fail before any download or load: a missing or broken local model, or one whose code would run."""
+    check_model_files(recipe.model.name_or_path, recipe.model.trust_remote_code)
 
 
 def load_tokenizer(recipe: Recipe):
@@ -132,8 +132,9 @@ def load_base_model(recipe: Recipe, device: torch.device | None = None) -> nn.Mo
             # Sharded launches (FSDP, ZeRO-3) place the weights themselves; otherwise one device per process.
             device_map=None if sharded_launch() else {"": device},
             attn_implementation=recipe.model.attn_implementation,
+            use_safetensors=True,  # pickle weights can run code when loaded: never loaded
         )
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # a Hub repo without safetensors, remote code refused, a broken file
         raise UserError(f"model.name_or_path: cannot load {name!r}: {exc}") from exc
     keep_plain_nf4_on_cpu(model)  # compat/bitsandbytes.py: the CPU fast path rewrites NF4 weights
     return model
