@@ -235,7 +235,27 @@ def load_trained_model(recipe: Recipe, adapter_dir: str | Path) -> nn.Module:
     """The 4-bit base plus a saved adapter, as it was at the end of training (eval mode)."""
     from peft import PeftModel
 
+    check_adapter_files(Path(adapter_dir))
     base = prepare_frozen_base(load_base_model(recipe), checkpointing=False)
-    # Keep the adapter in the dtype it was trained and saved in (TRL trains QLoRA adapters in bf16).
-    model = PeftModel.from_pretrained(base, str(adapter_dir), autocast_adapter_dtype=False)
+    try:
+        # Keep the adapter in the dtype it was trained and saved in (TRL trains QLoRA adapters in bf16).
+        model = PeftModel.from_pretrained(base, str(adapter_dir), autocast_adapter_dtype=False)
+    except (RuntimeError, ValueError, KeyError) as exc:  # size mismatches, unknown modules
+        reason = " ".join(str(exc).split())[:300]
+        raise UserError(
+            f"the adapter in {adapter_dir} does not fit its base model {recipe.model.name_or_path}: {reason}"
+        ) from exc
     return model.eval()
+
+
+def check_adapter_files(adapter_dir: Path) -> None:
+    """A run's adapter must be there and whole before its base is loaded."""
+    from qlora_pipe.model_source import safetensors_problem
+
+    weights, config = adapter_dir / "adapter_model.safetensors", adapter_dir / "adapter_config.json"
+    for path in (config, weights):
+        if not path.is_file():
+            raise UserError(f"{adapter_dir}: no adapter ({path.name} is missing); finish, resume or retrain the run")
+    problem = safetensors_problem(weights)
+    if problem:
+        raise UserError(f"{weights}: the adapter {problem}")

@@ -141,6 +141,11 @@ def merge_tensor(base: torch.Tensor, lora: LoraWeights | None, transposed: bool)
     oriented = base.float().T if transposed else base.float()
     if lora is None:
         return base.float()
+    if (lora.b.shape[0], lora.a.shape[1]) != tuple(oriented.shape) or lora.b.shape[1] != lora.a.shape[0]:
+        raise UserError(
+            f"the adapter does not fit its base model: LoRA B {tuple(lora.b.shape)} @ A {tuple(lora.a.shape)} "
+            f"cannot update a {tuple(oriented.shape)} weight (trained on another model?)"
+        )
     merged = oriented + lora.scale * (lora.b.float() @ lora.a.float())
     if lora.magnitude is not None:
         norm = merged.norm(p=2, dim=1, keepdim=True)
