@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 
+from qlora_pipe import doctor as doctor_module
 from qlora_pipe.cli import main
-from qlora_pipe.doctor import tested_versions
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,7 +37,7 @@ def test_the_tested_set_is_allowed_by_pyproject():
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     dependencies = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     ranges = {Requirement(d).name.lower().replace("-", "_"): Requirement(d).specifier for d in dependencies}
-    pins = tested_versions()
+    pins = doctor_module.tested_versions()
     assert {"torch", "transformers", "peft", "bitsandbytes", "trl"} <= set(pins)
     for name, pinned in pins.items():
         key = name.lower().replace("-", "_")
