@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import tempfile
 import time
 from datetime import date
@@ -24,7 +23,9 @@ from typing import Any
 
 import torch
 
+from benchmarks.flops import TransformerShape, qlora_flops_per_token
 from benchmarks.gpu_model import REFERENCES, build_4bit_llama, llama_config, peak_bf16_flops
+from benchmarks.stages import Results, print_summary_on_signal
 
 REPO = Path(__file__).resolve().parents[1]
 COMMAND = "python -m benchmarks gpu"
@@ -130,27 +131,40 @@ def train_steps(model, tokenizer, tmp: Path, length: int, steps: int, vocab: int
     return {"step_seconds": step, "tokens_per_second": length / step, "peak_memory_bytes": peak}
 
 
-def fits(model, tokenizer, tmp: Path, length: int, vocab: int) -> bool:
+def release_after_oom() -> None:
+    """Free what a failed trial held: called after the exception is gone (its traceback pins tensors),
+    with the peak statistics reset, so one failed trial does not poison the next."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def fits(model, tokenizer, tmp: Path, length: int, vocab: int, oom_above: int | None = None) -> bool:
     try:
+        if oom_above is not None and length > oom_above:  # dry runs: the search's failure path, on CPU
+            raise torch.OutOfMemoryError(f"simulated: {length} tokens > {oom_above}")
         train_steps(model, tokenizer, tmp, length, 1, vocab)
         return True
     except torch.OutOfMemoryError:
-        gc.collect()
-        torch.cuda.empty_cache()
-        return False
+        pass
+    release_after_oom()
+    return False
 
 
-def longest_fitting(model, tokenizer, tmp: Path, start: int, limit: int, granularity: int, vocab: int) -> dict:
+def longest_fitting(
+    model, tokenizer, tmp: Path, start: int, limit: int, granularity: int, vocab: int, oom_above: int | None = None
+) -> dict:
     """Double from a length that fits until one does not (or ``limit``), then bisect to ``granularity``."""
     good, bad, tried = start, None, []
     while bad is None and good < limit:
         trial = min(good * 2, limit)
-        ok = fits(model, tokenizer, tmp, trial, vocab)
+        ok = fits(model, tokenizer, tmp, trial, vocab, oom_above)
         tried.append({"length": trial, "fits": ok})
         good, bad = (trial, None) if ok else (good, trial)
     while bad is not None and bad - good > granularity:
         trial = (good + bad) // 2 // granularity * granularity
-        ok = fits(model, tokenizer, tmp, trial, vocab)
+        ok = fits(model, tokenizer, tmp, trial, vocab, oom_above)
         tried.append({"length": trial, "fits": ok})
         good, bad = (trial, bad) if ok else (good, trial)
     return {"longest_fitting_length": good, "first_failing_length": bad, "search_limit": limit, "tried": tried}
@@ -178,16 +192,20 @@ def measure_switches(model, tokenizer, tmp: Path, args: argparse.Namespace, conf
         except UserError as exc:
             row["skipped"] = str(exc)
         except torch.OutOfMemoryError:
-            gc.collect()
-            torch.cuda.empty_cache()
             row["skipped"] = "out of memory"
+        if row.get("skipped") == "out of memory":
+            release_after_oom()  # outside the handler: the exception no longer pins the trial's tensors
         rows.append(row)
         outcome = row.get("skipped") or f"{row['tokens_per_second']:.0f} tokens/s, peak {row['peak_memory_bytes']}"
         print(f"  {name}: {outcome}", flush=True)
     return rows
 
 
-def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+# Each stage has its own time limit (seconds on a GPU); the riskiest (compile, Liger) come last.
+STAGE_LIMITS = {"lengths": 150, "longest_sequence": 150, "switches": 150}
+
+
+def measure(args: argparse.Namespace, tmp: Path, results: Results) -> None:
     from qlora_pipe.model import add_lora
     from qlora_pipe.plan.shapes import shape_from_config
     from qlora_pipe.quickstart.builder import build_tokenizer
@@ -203,63 +221,89 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     # From the config's shapes (the planner's meta-device count): packed 4-bit tensors hide their weight count.
     params = shape_from_config(config.to_dict()).total_params
     peak_flops = peak_bf16_flops()
-    rows = []
-    for length in args.lengths:
-        result = train_steps(trainable.model, tokenizer, tmp, length, args.steps, config.vocab_size)
-        # PaLM's model FLOPs: 6 N per token for the matmuls + 12 L d T per token for attention scores
-        flops = (6 * params + 12 * config.num_hidden_layers * config.hidden_size * length) * length
-        result.update(
-            length=length,
-            model_flops_per_step=flops,
-            mfu=flops / result["step_seconds"] / peak_flops if peak_flops else None,
-            planned=planned_bytes(default_recipe(tmp, length), config, length),
+    results.record("model", {**config.to_diff_dict(), "parameters_counted": params, "build_seconds": round(built, 1)})
+    results.record("trainable_params", trainable.trainable_params)
+    results.record("peak_bf16_flops", peak_flops)
+    model = trainable.model
+
+    def lengths() -> list[dict[str, Any]]:
+        rows = results.data.setdefault("lengths_so_far", [])
+        for length in args.lengths:
+            if any(row["length"] == length for row in rows):
+                continue
+            result = train_steps(model, tokenizer, tmp, length, args.steps, config.vocab_size)
+            # QLoRA's own FLOPs (benchmarks/flops.py): no weight gradients for the frozen base; the hardware
+            # figure adds the forward pass that gradient checkpointing recomputes.
+            flops = qlora_flops_per_token(TransformerShape.from_config(config), recipe.lora.r, length)
+            per_second = result["tokens_per_second"]
+            result.update(
+                length=length,
+                model_flops_per_step=flops["model"] * length,
+                hardware_flops_per_step=flops["hardware_with_recompute"] * length,
+                mfu=flops["model"] * per_second / peak_flops if peak_flops else None,
+                hfu=flops["hardware_with_recompute"] * per_second / peak_flops if peak_flops else None,
+                planned=planned_bytes(default_recipe(tmp, length), config, length),
+            )
+            rows.append(result)
+            results.write()  # each length is on disk as soon as it is measured
+            print(f"  {length}: {per_second:.0f} tokens/s, peak {result['peak_memory_bytes']}", flush=True)
+        return results.data.pop("lengths_so_far")
+
+    def search() -> dict[str, Any]:
+        start = max(args.lengths)
+        return longest_fitting(
+            model, tokenizer, tmp, start, args.search_limit, args.granularity, config.vocab_size, args.oom_above
         )
-        rows.append(result)
-        print(f"  {length}: {result['tokens_per_second']:.0f} tokens/s, peak {result['peak_memory_bytes']}", flush=True)
-    search = longest_fitting(
-        trainable.model, tokenizer, tmp, max(args.lengths), args.search_limit, args.granularity, config.vocab_size
-    )
-    return {
-        "model": {**config.to_diff_dict(), "parameters_counted": params, "build_seconds": round(built, 1)},
-        "trainable_params": trainable.trainable_params,
-        "peak_bf16_flops": peak_flops,
-        "lengths": rows,
-        "longest_sequence": search,
-        "switches": measure_switches(trainable.model, tokenizer, tmp, args, config),
-    }
+
+    faults = {stage: "crash" for stage in args.simulate_crash} | {stage: "hang" for stage in args.simulate_hang}
+    limit = args.stage_limit
+    results.run("lengths", lengths, limit or STAGE_LIMITS["lengths"], faults)
+    results.run("longest_sequence", search, limit or STAGE_LIMITS["longest_sequence"], faults)
+    switches = lambda: measure_switches(model, tokenizer, tmp, args, config)  # noqa: E731
+    results.run("switches", switches, limit or STAGE_LIMITS["switches"], faults)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=COMMAND, description=__doc__.splitlines()[0])
     parser.add_argument("--dry", action="store_true", help="tiny shapes on CPU, a few steps, seconds")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
+    parser.add_argument("--resume", action="store_true", help="keep the stages an earlier run of this file measured")
+    parser.add_argument("--stage-limit", type=int, default=None, help="seconds per stage (default: per stage)")
+    parser.add_argument("--simulate-crash", action="append", default=[], metavar="STAGE", help="dry runs: fail STAGE")
+    parser.add_argument("--simulate-hang", action="append", default=[], metavar="STAGE", help="dry runs: hang STAGE")
+    parser.add_argument("--oom-above", type=int, default=None, help="dry runs: lengths above this run out of memory")
     args = parser.parse_args(argv)
     args.lengths = [32, 64] if args.dry else [2048, 4096, 8192]
     args.steps, args.search_limit, args.granularity = (2, 128, 16) if args.dry else (4, 131072, 1024)
     gpu = torch.cuda.is_available()
     if not gpu and not args.dry:
         raise SystemExit("no CUDA GPU: run with --dry for the CPU rehearsal")
+    if not args.dry and (args.simulate_crash or args.simulate_hang or args.oom_above):
+        raise SystemExit("--simulate-* and --oom-above are for dry runs")
     if gpu:  # the check is about a 24 GB card, whatever this one holds
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, CAP_BYTES / total))
-    started = time.time()
-    with tempfile.TemporaryDirectory() as tmp:
-        result = measure(args, Path(tmp))
     device = torch.cuda.get_device_name() if gpu else "cpu (dry run)"
-    result = {
-        "date": date.today().isoformat(),
+    today = date.today().isoformat()
+    # A dry run proves the benchmark works; its numbers are not results, so they stay out of the repository.
+    out_dir = args.out or (Path(tempfile.gettempdir()) if args.dry else REPO / "benchmarks/results")
+    name = "gpu-dry.json" if args.dry else f"gpu-{today}-{device.split()[-1].lower()}.json"
+    header = {
+        "date": today,
         "device": device,
         "memory_cap_bytes": CAP_BYTES if gpu else None,
         "command": COMMAND + (" --dry" if args.dry else ""),
         "dry": args.dry,
-        **result,
+        "flops_convention": "QLoRA model FLOPs per token, benchmarks/flops.py (no weight gradients for the frozen "
+        "base; hfu adds the recompute of gradient checkpointing)",
         "references": REFERENCES,
-        "seconds": round(time.time() - started, 1),
     }
-    # A dry run proves the benchmark works; its numbers are not results, so they stay out of the repository.
-    out_dir = args.out or (Path(tempfile.gettempdir()) if args.dry else REPO / "benchmarks/results")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    name = "gpu-dry.json" if args.dry else f"gpu-{result['date']}-{device.split()[-1].lower()}.json"
-    (out_dir / name).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"written: {out_dir / name}")
+    results = Results(out_dir / name, header, resume=args.resume)
+    print_summary_on_signal(results)
+    started = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        measure(args, Path(tmp), results)
+    results.record("seconds", round(time.time() - started, 1))
+    print(results.summary())
+    print(f"written: {results.path}")
     return 0

@@ -24,24 +24,15 @@ REFERENCES = {
     "unsloth_llama3.1_8b_qlora_longest_context_24gb": {"tokens": 78475},
 }
 
-# Dense bf16 tensor-core peaks (no sparsity), from the vendors' data sheets.
-PEAK_BF16_FLOPS = {
-    "H200": 989e12,
-    "H100": 989e12,
-    "A100": 312e12,
-    "L40S": 362e12,
-    "RTX 4090": 165e12,
-    "RTX 3090": 71e12,
-    "A10G": 70e12,
-    "L4": 121e12,
-}
-
 
 def peak_bf16_flops() -> float | None:
+    """This GPU's dense bf16 peak, by its exact name (benchmarks/flops.py); None without a GPU or for an
+    unknown variant."""
     if not torch.cuda.is_available():
         return None
-    name = torch.cuda.get_device_name()
-    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+    from benchmarks.flops import peak_bf16_flops_of
+
+    return peak_bf16_flops_of(torch.cuda.get_device_name())
 
 
 def llama_config(dry: bool = False):

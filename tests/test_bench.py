@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 
 def test_gpu_check_dry_run_measures_every_length_and_searches(tmp_path):
@@ -13,8 +14,8 @@ def test_gpu_check_dry_run_measures_every_length_and_searches(tmp_path):
     assert result["dry"] is True and result["device"] == "cpu (dry run)"
     assert [row["length"] for row in result["lengths"]] == [32, 64]
     for row in result["lengths"]:
-        assert row["tokens_per_second"] > 0 and row["model_flops_per_step"] > 0
-        assert row["mfu"] is None  # no peak FLOPs without a GPU
+        assert row["tokens_per_second"] > 0 and 0 < row["model_flops_per_step"] < row["hardware_flops_per_step"]
+        assert row["mfu"] is None and row["hfu"] is None  # no peak FLOPs without a GPU
         planned = row["planned"]  # the planner's prediction sits beside each measurement
         assert 0 < planned["allocated"] < planned["total"] and "transient peak" in planned["terms"]
     search = result["longest_sequence"]
@@ -54,3 +55,64 @@ def test_docs_section_is_rewritten_only_between_the_markers(tmp_path, monkeypatc
     results.write_text("{}")
     report.update_docs(results)
     assert page.read_text() == f"# title\n\nkept\n{report.START}from r.json\n{report.END}after\n"
+
+
+def test_dry_run_survives_a_crashed_stage_and_a_simulated_oom_then_resumes(tmp_path, capsys):
+    from benchmarks.gpu import main
+
+    assert main(["--dry", "--out", str(tmp_path), "--oom-above", "96", "--simulate-crash", "switches"]) == 0
+    first = json.loads((tmp_path / "gpu-dry.json").read_text())
+    assert [row["length"] for row in first["lengths"]] == [32, 64]
+    search = first["longest_sequence"]  # doubling to 128 runs out of memory, bisection settles between
+    assert (search["longest_fitting_length"], search["first_failing_length"]) == (96, 112)
+    assert {"length": 128, "fits": False} in search["tried"]
+    assert first["errors"] == {"switches": "RuntimeError: simulated crash in switches"} and "switches" not in first
+    assert "FAILED: RuntimeError: simulated crash in switches" in capsys.readouterr().out  # the summary says so
+    assert main(["--dry", "--out", str(tmp_path), "--resume"]) == 0  # a second run measures only what is missing
+    second = json.loads((tmp_path / "gpu-dry.json").read_text())
+    assert second["errors"] == {} and len(second["switches"]) == 3
+    assert second["lengths"] == first["lengths"] and second["longest_sequence"] == search
+    assert "lengths: measured by an earlier run, kept" in capsys.readouterr().out
+
+
+def test_a_stage_past_its_time_limit_is_recorded_and_the_next_one_runs(tmp_path):
+    from benchmarks.stages import Results
+
+    results = Results(tmp_path / "r.json", {"device": "test"})
+    results.run("slow", lambda: 1, 1, {"slow": "hang"})
+    results.run("next", lambda: 2, 5, {})
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert saved["errors"] == {"slow": "StageTimeout: slow ran past its limit of 1 s"} and saved["next"] == 2
+
+
+def test_results_are_on_disk_when_the_check_is_killed(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks",
+        "gpu",
+        "--dry",
+        "--out",
+        str(tmp_path),
+        "--simulate-hang",
+        "switches",
+    ]
+    repo = Path(__file__).resolve().parents[1]
+    process = subprocess.Popen(command, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    path, deadline = tmp_path / "gpu-dry.json", time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if path.is_file() and "longest_sequence" in json.loads(path.read_text()):
+            break
+        time.sleep(0.5)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    saved = json.loads(path.read_text())  # complete JSON: every write was atomic
+    assert [row["length"] for row in saved["lengths"]] == [32, 64] and "longest_sequence" in saved
+    assert "switches" not in saved and "seconds" not in saved  # killed mid-stage, before the end
