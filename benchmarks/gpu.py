@@ -127,8 +127,28 @@ def train_steps(model, tokenizer, tmp: Path, length: int, steps: int, vocab: int
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     step = sorted(timer.times[1:] or timer.times)[len(timer.times[1:] or timer.times) // 2]
-    peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
-    return {"step_seconds": step, "tokens_per_second": length / step, "peak_memory_bytes": peak}
+    return {"step_seconds": step, "tokens_per_second": length / step, **memory_seen()}
+
+
+def memory_seen() -> dict[str, int | None]:
+    """What the planner is checked against: the allocator's peak, its slack (reserved but never allocated)
+    and the CUDA context (what the driver holds beyond the allocator's reservation)."""
+    if not torch.cuda.is_available():
+        return {"peak_memory_bytes": None, "allocator_slack_bytes": None, "cuda_context_bytes": None}
+    free, total = torch.cuda.mem_get_info()
+    peak = torch.cuda.max_memory_allocated()
+    return {
+        "peak_memory_bytes": peak,
+        "allocator_slack_bytes": torch.cuda.max_memory_reserved() - peak,
+        "cuda_context_bytes": (total - free) - torch.cuda.memory_reserved(),
+    }
+
+
+def planner_error_percent(planned: dict | None, peak: int | None) -> float | None:
+    """(predicted allocated - measured peak) / measured peak, in percent; positive: the planner is high."""
+    if not planned or not peak:
+        return None
+    return round(100 * (planned["allocated"] - peak) / peak, 1)
 
 
 def release_after_oom() -> None:
@@ -244,6 +264,7 @@ def measure(args: argparse.Namespace, tmp: Path, results: Results) -> None:
                 hfu=flops["hardware_with_recompute"] * per_second / peak_flops if peak_flops else None,
                 planned=planned_bytes(default_recipe(tmp, length), config, length),
             )
+            result["planner_error_percent"] = planner_error_percent(result["planned"], result["peak_memory_bytes"])
             rows.append(result)
             results.write()  # each length is on disk as soon as it is measured
             print(f"  {length}: {per_second:.0f} tokens/s, peak {result['peak_memory_bytes']}", flush=True)

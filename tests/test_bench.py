@@ -16,6 +16,9 @@ def test_gpu_check_dry_run_measures_every_length_and_searches(tmp_path):
     for row in result["lengths"]:
         assert row["tokens_per_second"] > 0 and 0 < row["model_flops_per_step"] < row["hardware_flops_per_step"]
         assert row["mfu"] is None and row["hfu"] is None  # no peak FLOPs without a GPU
+        # Beside the planner's prediction: its error and the context + slack seen (GPU only: None here).
+        assert row["planner_error_percent"] is None and row["cuda_context_bytes"] is None
+        assert "allocator_slack_bytes" in row
         planned = row["planned"]  # the planner's prediction sits beside each measurement
         assert 0 < planned["allocated"] < planned["total"] and "transient peak" in planned["terms"]
     search = result["longest_sequence"]
@@ -116,3 +119,11 @@ def test_results_are_on_disk_when_the_check_is_killed(tmp_path):
     saved = json.loads(path.read_text())  # complete JSON: every write was atomic
     assert [row["length"] for row in saved["lengths"]] == [32, 64] and "longest_sequence" in saved
     assert "switches" not in saved and "seconds" not in saved  # killed mid-stage, before the end
+
+
+def test_planner_error_is_measured_against_the_allocator_peak():
+    from benchmarks.gpu import planner_error_percent
+
+    assert planner_error_percent({"allocated": 11 * 2**30}, 10 * 2**30) == 10.0  # the planner predicted 10% high
+    assert planner_error_percent({"allocated": 9 * 2**30}, 10 * 2**30) == -10.0
+    assert planner_error_percent(None, 10) is None and planner_error_percent({"allocated": 1}, None) is None
