@@ -131,7 +131,7 @@ def pretrain(model, blocks: torch.Tensor, spec: BaseSpec) -> list[float]:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)  # drawn at the bar's own pace
     return losses
 
 
