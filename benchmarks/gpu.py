@@ -14,7 +14,6 @@ Writes benchmarks/results/gpu-<date>-<gpu>.json (dry: <out>/gpu-dry.json).
 from __future__ import annotations
 
 import argparse
-import gc
 import tempfile
 import time
 from datetime import date
@@ -25,169 +24,21 @@ import torch
 
 from benchmarks.flops import TransformerShape, qlora_flops_per_token
 from benchmarks.gpu_model import REFERENCES, build_4bit_llama, llama_config, peak_bf16_flops
+from benchmarks.gpu_trials import (
+    REPO,
+    default_recipe,
+    longest_fitting,
+    planned_bytes,
+    planner_error_percent,
+    release_after_oom,
+    train_steps,
+)
 from benchmarks.stages import Results, print_summary_on_signal
 
-REPO = Path(__file__).resolve().parents[1]
 COMMAND = "python -m benchmarks gpu"
 
 # "24 GB" as a 24 GiB card leaves it to PyTorch after the CUDA context and cuBLAS workspaces (about 1.6 GiB).
 CAP_BYTES = 24 * 10**9
-
-
-def default_recipe(tmp: Path, max_length: int, **switches: Any):
-    """qlora-pipe's defaults (r 16 on all linear layers, paged 8-bit AdamW, bf16, checkpointing, batch 1),
-    with optional training switches (e.g. activation_offloading=True)."""
-    from qlora_pipe.recipe import validate_recipe
-
-    raw = {
-        "run_name": "gpu-check",
-        "output_dir": str(tmp / "runs"),
-        "model": {"name_or_path": "random-llama-3.1-8b-shape"},
-        "data": {"train_path": str(REPO / "data/legal-qa/train.jsonl"), "max_length": max_length},
-        "training": {
-            "micro_batch_size": 1,
-            "gradient_accumulation_steps": 1,
-            "report_to": ["none"],
-            "save_steps": 10**6,
-            **switches,
-        },
-    }
-    return validate_recipe(raw, "gpu-check")
-
-
-def planned_bytes(recipe, config, length: int) -> dict[str, int] | None:
-    """The memory planner's prediction: ``allocated`` is what torch.cuda.max_memory_allocated should
-    report (no CUDA context, allocator slack or paged optimizer states); ``total`` is the whole peak."""
-    try:
-        from qlora_pipe.plan.advice import plan_for_recipe
-
-        plan = plan_for_recipe(recipe, config=config.to_dict(), micro_batch_size=1, max_length=length)
-        return {"allocated": int(plan.allocated), "total": int(plan.total), "terms": dict(plan.terms)}
-    except Exception as exc:  # a planner failure must not lose the measurements: record why
-        print(f"  planner: no prediction ({type(exc).__name__}: {exc})", flush=True)
-        return None
-
-
-def random_rows(length: int, rows: int, vocab: int):
-    from datasets import Dataset
-
-    ids = torch.randint(0, vocab, (rows, length), generator=torch.Generator().manual_seed(length)).tolist()
-    return Dataset.from_dict({"input_ids": ids, "labels": ids})
-
-
-class StepTimer:
-    """Step times from the trainer's own callbacks; the first step (allocations, autotuning) is dropped."""
-
-    def __init__(self) -> None:
-        from transformers import TrainerCallback
-
-        timer = self
-
-        class Callback(TrainerCallback):
-            def on_step_begin(self, args, state, control, **kwargs):
-                sync()
-                timer.begin = time.perf_counter()
-
-            def on_step_end(self, args, state, control, **kwargs):
-                sync()
-                timer.times.append(time.perf_counter() - timer.begin)
-
-        self.callback = Callback()
-        self.times: list[float] = []
-        self.begin = 0.0
-
-
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def train_steps(model, tokenizer, tmp: Path, length: int, steps: int, vocab: int, **switches) -> dict[str, Any]:
-    """``steps`` optimizer steps at this length through build_trainer; raises torch.OutOfMemoryError."""
-    from qlora_pipe.data.prepared import PreparedData
-    from qlora_pipe.runs import RunDir
-    from qlora_pipe.training.micro_batch import BatchChoice
-    from qlora_pipe.training.stage import build_trainer
-
-    recipe = default_recipe(tmp, length, **switches)
-    recipe.training.max_steps = steps
-    run = RunDir(recipe.run_dir())
-    run.root.mkdir(parents=True, exist_ok=True)
-    data = PreparedData(random_rows(length, steps, vocab), None, [], None)
-    timer = StepTimer()
-    trainer = build_trainer(recipe, run, model, tokenizer, data, (timer.callback,), BatchChoice(1, 1))
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    try:
-        trainer.train()
-    finally:
-        trainer.optimizer = trainer.lr_scheduler = None  # the next length starts from empty optimizer state
-        del trainer
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    step = sorted(timer.times[1:] or timer.times)[len(timer.times[1:] or timer.times) // 2]
-    return {"step_seconds": step, "tokens_per_second": length / step, **memory_seen()}
-
-
-def memory_seen() -> dict[str, int | None]:
-    """What the planner is checked against: the allocator's peak, its slack (reserved but never allocated)
-    and the CUDA context (what the driver holds beyond the allocator's reservation)."""
-    if not torch.cuda.is_available():
-        return {"peak_memory_bytes": None, "allocator_slack_bytes": None, "cuda_context_bytes": None}
-    free, total = torch.cuda.mem_get_info()
-    peak = torch.cuda.max_memory_allocated()
-    return {
-        "peak_memory_bytes": peak,
-        "allocator_slack_bytes": torch.cuda.max_memory_reserved() - peak,
-        "cuda_context_bytes": (total - free) - torch.cuda.memory_reserved(),
-    }
-
-
-def planner_error_percent(planned: dict | None, peak: int | None) -> float | None:
-    """(predicted allocated - measured peak) / measured peak, in percent; positive: the planner is high."""
-    if not planned or not peak:
-        return None
-    return round(100 * (planned["allocated"] - peak) / peak, 1)
-
-
-def release_after_oom() -> None:
-    """Free what a failed trial held: called after the exception is gone (its traceback pins tensors),
-    with the peak statistics reset, so one failed trial does not poison the next."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-
-
-def fits(model, tokenizer, tmp: Path, length: int, vocab: int, oom_above: int | None = None) -> bool:
-    try:
-        if oom_above is not None and length > oom_above:  # dry runs: the search's failure path, on CPU
-            raise torch.OutOfMemoryError(f"simulated: {length} tokens > {oom_above}")
-        train_steps(model, tokenizer, tmp, length, 1, vocab)
-        return True
-    except torch.OutOfMemoryError:
-        pass
-    release_after_oom()
-    return False
-
-
-def longest_fitting(
-    model, tokenizer, tmp: Path, start: int, limit: int, granularity: int, vocab: int, oom_above: int | None = None
-) -> dict:
-    """Double from a length that fits until one does not (or ``limit``), then bisect to ``granularity``."""
-    good, bad, tried = start, None, []
-    while bad is None and good < limit:
-        trial = min(good * 2, limit)
-        ok = fits(model, tokenizer, tmp, trial, vocab, oom_above)
-        tried.append({"length": trial, "fits": ok})
-        good, bad = (trial, None) if ok else (good, trial)
-    while bad is not None and bad - good > granularity:
-        trial = (good + bad) // 2 // granularity * granularity
-        ok = fits(model, tokenizer, tmp, trial, vocab, oom_above)
-        tried.append({"length": trial, "fits": ok})
-        good, bad = (trial, bad) if ok else (good, trial)
-    return {"longest_fitting_length": good, "first_failing_length": bad, "search_limit": limit, "tried": tried}
 
 
 # Recipe switches measured at the first length, one at a time; Liger patches the model in place, so it is last.
@@ -280,7 +131,10 @@ def measure(args: argparse.Namespace, tmp: Path, results: Results) -> None:
     limit = args.stage_limit
     results.run("lengths", lengths, limit or STAGE_LIMITS["lengths"], faults)
     results.run("longest_sequence", search, limit or STAGE_LIMITS["longest_sequence"], faults)
-    switches = lambda: measure_switches(model, tokenizer, tmp, args, config)  # noqa: E731
+
+    def switches() -> list[dict[str, Any]]:
+        return measure_switches(model, tokenizer, tmp, args, config)
+
     results.run("switches", switches, limit or STAGE_LIMITS["switches"], faults)
 
 

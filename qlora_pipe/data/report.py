@@ -70,9 +70,9 @@ class SplitReport:
         dropped = ", ".join(f"{n} {why}" for why, n in sorted(self.dropped.items())) or "none"
         lengths = " ".join(f"{k}={v}" for k, v in self.length_percentiles.items())
         truncated = f", {self.truncated} truncated" if self.truncated else ""
-        truncated += f", {self.duplicate_rows} duplicate rows" if self.duplicate_rows else ""
+        duplicates = f", {self.duplicate_rows} duplicate rows" if self.duplicate_rows else ""
         return (
-            f"{self.name}: {self.rows_kept}/{self.rows_read} rows kept (dropped: {dropped}{truncated}); "
+            f"{self.name}: {self.rows_kept}/{self.rows_read} rows kept (dropped: {dropped}{truncated}{duplicates}); "
             f"{self.total_tokens:,} tokens, {self.supervised_tokens:,} trained ({self.supervised_share:.0%}); "
             f"length {lengths}"
         )
