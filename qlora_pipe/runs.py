@@ -88,6 +88,11 @@ class RunDir:
         return self.root / DATA_FINGERPRINT
 
     @property
+    def lock(self) -> Path:
+        """Beside the directory, not in it: --overwrite can replace the directory while the lock is held."""
+        return self.root.parent / f".{self.root.name}.lock"
+
+    @property
     def loss_curve(self) -> Path:
         return self.root / LOSS_CURVE
 
@@ -129,7 +134,7 @@ class RunDir:
         kernel's (flock on a file beside the directory), so a crashed process never leaves it stuck."""
         import fcntl
 
-        lock_path = self.root.parent / f".{self.root.name}.lock"
+        lock_path = self.lock
         lock_path.parent.mkdir(parents=True, exist_ok=True)
         with lock_path.open("a+") as handle:
             try:
@@ -188,7 +193,7 @@ class RunDir:
         return state
 
     def held_by_another_process(self) -> bool:
-        if self.root.parent / f".{self.root.name}.lock" in _HELD:
+        if self.lock in _HELD:
             return False  # this process holds it: no other one can
         try:
             with self.exclusive():
