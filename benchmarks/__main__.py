@@ -9,7 +9,7 @@ import sys
 COMMANDS = {
     "cpu": ("benchmarks.cpu", "CPU benchmarks: ours vs plain TRL, QLoRA vs LoRA vs full, latency, export"),
     "gpu": ("benchmarks.gpu", "the GPU check (--dry: tiny shapes on CPU)"),
-    "docs": ("benchmarks.report", "regenerate docs/performance.md from a cpu results file: docs RESULTS.json"),
+    "docs": ("benchmarks.report", "regenerate docs/performance.md from a cpu or gpu results file: docs RESULTS.json"),
     "data": ("benchmarks.data_prep", "data-stage speed vs a bare datasets.map"),
     "export-memory": ("benchmarks.export_memory", "peak memory of our export vs PEFT's merge_and_unload"),
     "quickstart": ("benchmarks.quickstart", "the offline quickstart's wall times (--emulate-avx2)"),

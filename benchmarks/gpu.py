@@ -23,9 +23,13 @@ from typing import Any
 import torch
 
 from benchmarks.flops import TransformerShape, qlora_flops_per_token
+from benchmarks.gpu_anchors import flash_attention, torchtune_point, unsloth_point, with_rank
 from benchmarks.gpu_model import REFERENCES, build_4bit_llama, llama_config, peak_bf16_flops
+from benchmarks.gpu_paths import quickstart_pipeline, resume_after_sigterm
+from benchmarks.gpu_report import headline
 from benchmarks.gpu_trials import (
     REPO,
+    Search,
     default_recipe,
     longest_fitting,
     planned_bytes,
@@ -72,8 +76,19 @@ def measure_switches(model, tokenizer, tmp: Path, args: argparse.Namespace, conf
     return rows
 
 
-# Each stage has its own time limit (seconds on a GPU); the riskiest (compile, Liger) come last.
-STAGE_LIMITS = {"lengths": 150, "longest_sequence": 150, "switches": 150}
+# Each stage has its own time limit (seconds on a GPU), and all of them share BUDGET_SECONDS: what does
+# not fit is recorded as not run, for a second run with --resume.
+STAGE_LIMITS = {
+    "lengths": 90,
+    "longest_sequence": 120,
+    "quickstart_pipeline": 90,
+    "resume_after_sigterm": 90,
+    "unsloth_anchor": 150,
+    "torchtune_anchor": 150,
+    "flash_attention": 60,
+    "switches": 150,
+}
+BUDGET_SECONDS = 450  # from the start, the 4-bit build included: the whole check within 8 minutes
 
 
 def measure(args: argparse.Namespace, tmp: Path, results: Results) -> None:
@@ -122,20 +137,54 @@ def measure(args: argparse.Namespace, tmp: Path, results: Results) -> None:
         return results.data.pop("lengths_so_far")
 
     def search() -> dict[str, Any]:
-        start = max(args.lengths)
-        return longest_fitting(
-            model, tokenizer, tmp, start, args.search_limit, args.granularity, config.vocab_size, args.oom_above
+        progress = results.data.setdefault("search_progress", {})
+        tried = progress.setdefault("longest_sequence", [])
+        found = longest_fitting(
+            model, tokenizer, tmp, config.vocab_size, Search(**search_bounds, tried=tried, save=results.write)
         )
+        progress.pop("longest_sequence")
+        return found
 
-    faults = {stage: "crash" for stage in args.simulate_crash} | {stage: "hang" for stage in args.simulate_hang}
-    limit = args.stage_limit
-    results.run("lengths", lengths, limit or STAGE_LIMITS["lengths"], faults)
-    results.run("longest_sequence", search, limit or STAGE_LIMITS["longest_sequence"], faults)
+    def unsloth() -> dict[str, Any]:
+        nonlocal model
+        model = with_rank(model, tmp, 32)
+        progress = results.data.setdefault("search_progress", {}).setdefault("unsloth_anchor", {})
+        found = unsloth_point(model, tokenizer, tmp, config, search_bounds, progress, results.write)
+        results.data["search_progress"].pop("unsloth_anchor")
+        return found
+
+    def torchtune() -> dict[str, Any]:
+        nonlocal model
+        model = with_rank(model, tmp, 8)
+        return torchtune_point(model, tokenizer, tmp, config, args.steps, args.dry, peak_flops)
 
     def switches() -> list[dict[str, Any]]:
+        nonlocal model
+        model = with_rank(model, tmp, recipe.lora.r)  # the switches are compared with the default lengths
         return measure_switches(model, tokenizer, tmp, args, config)
 
-    results.run("switches", switches, limit or STAGE_LIMITS["switches"], faults)
+    search_bounds = {"start": max(args.lengths), "limit": args.search_limit, "granularity": args.granularity}
+    search_bounds["oom_above"] = args.oom_above
+    work = tmp / "cli"
+    # The riskiest last: compile and Liger (which patches the model in place) are in the final stage.
+    stages = {
+        "lengths": lengths,
+        "longest_sequence": search,
+        "quickstart_pipeline": lambda: quickstart_pipeline(work, args.dry),
+        "resume_after_sigterm": lambda: resume_after_sigterm(work, args.dry),
+        "unsloth_anchor": unsloth,
+        "torchtune_anchor": torchtune,
+        "flash_attention": lambda: flash_attention(
+            model, tokenizer, tmp, args.lengths[0], args.steps, config.vocab_size
+        ),
+        "switches": switches,
+    }
+    faults = {stage: "crash" for stage in args.simulate_crash} | {stage: "hang" for stage in args.simulate_hang}
+    for stage, work_of in stages.items():
+        if args.stages is None or stage in args.stages:
+            results.run(stage, work_of, args.stage_limit or STAGE_LIMITS[stage], faults)
+    if not results.data.get("search_progress"):
+        results.data.pop("search_progress", None)  # every search finished: its progress is in its stage
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--simulate-crash", action="append", default=[], metavar="STAGE", help="dry runs: fail STAGE")
     parser.add_argument("--simulate-hang", action="append", default=[], metavar="STAGE", help="dry runs: hang STAGE")
     parser.add_argument("--oom-above", type=int, default=None, help="dry runs: lengths above this run out of memory")
+    parser.add_argument("--stages", type=lambda text: text.split(","), default=None, help="run only these (a,b,...)")
+    parser.add_argument("--budget", type=int, default=None, help="seconds for all stages (GPU default: 450)")
     args = parser.parse_args(argv)
     args.lengths = [32, 64] if args.dry else [2048, 4096, 8192]
     args.steps, args.search_limit, args.granularity = (2, 128, 16) if args.dry else (4, 131072, 1024)
@@ -173,12 +224,18 @@ def main(argv: list[str] | None = None) -> int:
         "base; hfu adds the recompute of gradient checkpointing)",
         "references": REFERENCES,
     }
-    results = Results(out_dir / name, header, resume=args.resume)
+    if args.stages and set(args.stages) - set(STAGE_LIMITS):
+        raise SystemExit(
+            f"--stages: unknown {sorted(set(args.stages) - set(STAGE_LIMITS))}; known: {list(STAGE_LIMITS)}"
+        )
+    budget = args.budget or (None if args.dry else BUDGET_SECONDS)
+    results = Results(out_dir / name, header, resume=args.resume, budget=budget)
     print_summary_on_signal(results)
     started = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         measure(args, Path(tmp), results)
     results.record("seconds", round(time.time() - started, 1))
     print(results.summary())
+    print(headline(results.data))
     print(f"written: {results.path}")
     return 0

@@ -19,9 +19,13 @@ REFERENCES = {
     "torchtune_llama3.1_8b_qlora_rtx4090": {
         "tokens_per_second": 2413,
         "peak_memory_gib": 7.4,
-        "settings": "batch 2, packed 2k sequences",
+        "settings": "batch 2, packed 2k sequences, r=8, torch.compile",
     },
-    "unsloth_llama3.1_8b_qlora_longest_context_24gb": {"tokens": 78475},
+    "unsloth_llama3.1_8b_qlora_longest_context_24gb": {
+        "tokens": 78475,
+        "hf_fa2_tokens": 5789,
+        "settings": "batch 1, r=32, all linear layers",
+    },
 }
 
 

@@ -143,14 +143,28 @@ def docs_section(r: dict[str, Any], results_file: Path) -> str:
     )
 
 
-def update_docs(results_file: Path) -> None:
-    """Rewrite docs/performance.md between the bench markers only (others edit other sections concurrently)."""
-    result = json.loads(Path(results_file).read_text())
+def replace_between(start: str, end: str, section: str) -> None:
     text = DOC.read_text(encoding="utf-8")
-    if START not in text or END not in text:
-        raise SystemExit(f"{DOC.name} has no {START.strip()} ... {END.strip()} markers")
-    pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
-    DOC.write_text(pattern.sub(lambda _: START + docs_section(result, Path(results_file)) + END, text))
+    if start not in text or end not in text:
+        raise SystemExit(f"{DOC.name} has no {start.strip()} ... {end.strip()} markers")
+    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
+    DOC.write_text(pattern.sub(lambda _: start + section + end, text))
+
+
+def update_docs(results_file: Path) -> None:
+    """Rewrite docs/performance.md between the bench markers (CPU results) or the gpu markers (the GPU
+    check's results) only: others edit other sections concurrently."""
+    result = json.loads(Path(results_file).read_text())
+    if "flops_convention" in result:  # the GPU check's results: their own section
+        from benchmarks.gpu_report import END as GPU_END
+        from benchmarks.gpu_report import START as GPU_START
+        from benchmarks.gpu_report import gpu_section
+
+        resolved = Path(results_file).resolve()
+        rel = resolved.relative_to(REPO).as_posix() if resolved.is_relative_to(REPO) else str(results_file)
+        replace_between(GPU_START, GPU_END, gpu_section(result, rel))
+    else:
+        replace_between(START, END, docs_section(result, Path(results_file)))
     print(f"updated {DOC}")
 
 

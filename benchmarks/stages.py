@@ -26,8 +26,13 @@ class StageTimeout(Exception):
 class Results:
     """The results file: a dict written atomically after every change."""
 
-    def __init__(self, path: Path, header: dict[str, Any], resume: bool = False) -> None:
-        self.path = path
+    def __init__(
+        self, path: Path, header: dict[str, Any], resume: bool = False, budget: int | None = None, min_stage: int = 20
+    ) -> None:
+        self.path, self.min_stage = path, min_stage
+        # The whole check's time: a stage gets at most what is left of it; one that would start with under
+        # min_stage seconds left is recorded as not run (a second run with --resume measures it).
+        self.deadline = time.time() + budget if budget else None
         previous = json.loads(path.read_text()) if resume and path.is_file() else {}
         self.data: dict[str, Any] = {**previous, **header, "errors": previous.get("errors", {})}
         self.data.setdefault("stage_seconds", {})
@@ -54,6 +59,15 @@ class Results:
             print(f"{stage}: measured by an earlier run, kept", flush=True)
             return
         started = time.time()
+        if self.deadline is not None:
+            left = int(self.deadline - started)
+            if left < self.min_stage:
+                self.data["errors"][stage] = "not run: the check's time budget was spent; rerun with --resume"
+                print(f"{stage}: {self.data['errors'][stage]}", flush=True)
+                self.data["stage_seconds"][stage] = 0.0
+                self.write()
+                return
+            limit_seconds = min(limit_seconds, left)
         previous = signal.signal(signal.SIGALRM, _timeout(stage, limit_seconds))
         signal.alarm(limit_seconds)
         try:

@@ -5,9 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 
-def test_gpu_check_dry_run_measures_every_length_and_searches(tmp_path):
+# The runs below that test the check's own machinery skip the end-to-end CLI stages (a minute on CPU).
+MODEL_STAGES = "lengths,longest_sequence,unsloth_anchor,switches"
+
+
+def test_gpu_check_dry_run_runs_every_stage(tmp_path):
     from benchmarks.gpu import main
+    from benchmarks.gpu_report import gpu_section
 
     assert main(["--dry", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "gpu-dry.json").read_text())
@@ -29,6 +35,29 @@ def test_gpu_check_dry_run_measures_every_length_and_searches(tmp_path):
     assert set(switches) == {"training.activation_offloading", "training.torch_compile", "training.liger_kernels"}
     assert "needs a CUDA GPU" in switches["training.activation_offloading"]["skipped"]
     assert result["references"]["unsloth_llama3.1_8b_qlora_longest_context_24gb"]["tokens"] == 78475
+    assert result["errors"] == {} and "search_progress" not in result
+    # The CUDA-only paths as a user runs them: the quickstart through the CLI (export verified, one answer) ...
+    quickstart = result["quickstart_pipeline"]
+    assert quickstart["fidelity"]["passed"] is True and quickstart["fidelity"]["top1_agreement"] > 0.9
+    assert quickstart["chat_answer"] and set(quickstart["seconds"]) == {"build", "train", "export", "chat"}
+    # ... and a run stopped by SIGTERM then resumed gives the straight run's losses, step for step.
+    resume = result["resume_after_sigterm"]
+    assert resume["stopped_at_step"] >= 3 and resume["steps"] == resume["stopped_at_step"] + 3
+    assert resume["equal_within_bf16"] and resume["losses_resumed"] == pytest.approx(resume["losses_straight"], 1e-2)
+    # The anchors at their own settings: ranks 32 and 8 on the same base (16 is ours), labelled with them.
+    unsloth, torchtune = result["unsloth_anchor"], result["torchtune_anchor"]
+    assert torchtune["trainable_params"] < result["trainable_params"] < unsloth["trainable_params"]
+    assert unsloth["default"]["longest_fitting_length"] == 128 and unsloth["meets_goal"] is None
+    assert "needs a CUDA GPU" in unsloth["activation_offloading"]["skipped"]
+    assert torchtune["reference"]["mfu_implied_on_rtx4090"] == pytest.approx(0.487, abs=0.005)
+    assert torchtune["tokens_per_second"] > 0 and torchtune["planned"]["allocated"] > 0
+    assert "needs a CUDA GPU" in result["flash_attention"]["skipped"]
+    # The docs tables come from this file: every stage has its row, the anchors beside their figures.
+    section = gpu_section(result, "gpu-dry.json")
+    assert "a dry run: not a result" in section and "| 64 | " in section
+    assert "| torchtune, same settings: MFU | 48.7% (2,413 tokens/s on a 4090) |" in section
+    assert "78,475 (HF + FA2: 5,789) | 128 tokens | ≥ 32k: – |" in section
+    assert "SIGTERM at step" in section and "export verified: top-1 agreement 100.0%" in section
 
 
 def test_four_bit_build_matches_the_config(tmp_path):
@@ -63,15 +92,17 @@ def test_docs_section_is_rewritten_only_between_the_markers(tmp_path, monkeypatc
 def test_dry_run_survives_a_crashed_stage_and_a_simulated_oom_then_resumes(tmp_path, capsys):
     from benchmarks.gpu import main
 
-    assert main(["--dry", "--out", str(tmp_path), "--oom-above", "96", "--simulate-crash", "switches"]) == 0
+    dry = ["--dry", "--out", str(tmp_path), "--stages", MODEL_STAGES]
+    assert main([*dry, "--oom-above", "96", "--simulate-crash", "switches"]) == 0
     first = json.loads((tmp_path / "gpu-dry.json").read_text())
     assert [row["length"] for row in first["lengths"]] == [32, 64]
     search = first["longest_sequence"]  # doubling to 128 runs out of memory, bisection settles between
     assert (search["longest_fitting_length"], search["first_failing_length"]) == (96, 112)
     assert {"length": 128, "fits": False} in search["tried"]
+    assert first["unsloth_anchor"]["default"]["longest_fitting_length"] == 96  # the anchor's search too
     assert first["errors"] == {"switches": "RuntimeError: simulated crash in switches"} and "switches" not in first
     assert "FAILED: RuntimeError: simulated crash in switches" in capsys.readouterr().out  # the summary says so
-    assert main(["--dry", "--out", str(tmp_path), "--resume"]) == 0  # a second run measures only what is missing
+    assert main([*dry, "--resume"]) == 0  # a second run measures only what is missing
     second = json.loads((tmp_path / "gpu-dry.json").read_text())
     assert second["errors"] == {} and len(second["switches"]) == 3
     assert second["lengths"] == first["lengths"] and second["longest_sequence"] == search
@@ -86,6 +117,19 @@ def test_a_stage_past_its_time_limit_is_recorded_and_the_next_one_runs(tmp_path)
     results.run("next", lambda: 2, 5, {})
     saved = json.loads((tmp_path / "r.json").read_text())
     assert saved["errors"] == {"slow": "StageTimeout: slow ran past its limit of 1 s"} and saved["next"] == 2
+
+
+def test_stages_past_the_checks_budget_are_recorded_as_not_run(tmp_path):
+    from benchmarks.stages import Results
+
+    results = Results(tmp_path / "r.json", {"device": "test"}, budget=4, min_stage=2)
+    results.run("first", lambda: 1, 60, {})
+    results.run("hangs", lambda: 2, 60, {"hangs": "hang"})  # cut at what is left of the budget, not at 60 s
+    results.run("last", lambda: 3, 60, {})
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert saved["first"] == 1 and saved["errors"]["hangs"].startswith("StageTimeout: hangs ran past its limit of")
+    assert saved["errors"]["last"] == "not run: the check's time budget was spent; rerun with --resume"
+    assert saved["stage_seconds"]["hangs"] < 5
 
 
 def test_results_are_on_disk_when_the_check_is_killed(tmp_path):
@@ -106,6 +150,8 @@ def test_results_are_on_disk_when_the_check_is_killed(tmp_path):
         str(tmp_path),
         "--simulate-hang",
         "switches",
+        "--stages",
+        MODEL_STAGES,
     ]
     repo = Path(__file__).resolve().parents[1]
     process = subprocess.Popen(command, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
