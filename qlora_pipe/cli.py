@@ -87,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--lm-eval", metavar="TASKS", help="also run lm-evaluation-harness tasks (comma-separated; needs lm-eval)"
     )
+    evaluate.add_argument("--lm-eval-include", metavar="PATH", help="a folder of your own lm-eval task YAML files")
 
     data = commands.add_parser("data", help="check, tokenize and preview the data (loads the tokenizer only)")
     _add_recipe_args(data)
@@ -172,7 +173,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from qlora_pipe.evaluate.metrics import eval_heading, eval_table
 
     result = run_eval(
-        args.run_dir, args.data, args.limit, args.batch_size, args.max_new_tokens, args.merged, args.lm_eval
+        args.run_dir,
+        args.data,
+        args.limit,
+        args.batch_size,
+        args.max_new_tokens,
+        args.merged,
+        args.lm_eval,
+        args.lm_eval_include,
     )
     print(f"\n{eval_heading(result)}\n\n{eval_table(result)}")
     if "lm_eval" in result["base"]:

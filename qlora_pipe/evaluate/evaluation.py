@@ -134,7 +134,13 @@ def answer_loss(model, rows: list[dict[str, list[int]]], batch_size: int, pad_id
 
 
 def score_model(
-    model, tokenizer, evalset: EvalSet, batch_size: int, max_new_tokens: int, name: str, lm_tasks: list[str] | None
+    model,
+    tokenizer,
+    evalset: EvalSet,
+    batch_size: int,
+    max_new_tokens: int,
+    name: str,
+    lm_tasks: tuple[list[str], str | None] | None,
 ) -> tuple[dict[str, Any], list[Generation]]:
     """Loss on the references and scores of greedy answers (and lm-eval tasks), for one column of the table."""
     metrics: dict[str, Any] = answer_loss(model, evalset.rows, batch_size, tokenizer.pad_token_id)
@@ -146,7 +152,8 @@ def score_model(
     if lm_tasks:
         from qlora_pipe.evaluate.lm_harness import run_lm_eval
 
-        metrics["lm_eval"] = run_lm_eval(model, tokenizer, lm_tasks, batch_size, evalset.limit)
+        names, include = lm_tasks
+        metrics["lm_eval"] = run_lm_eval(model, tokenizer, names, batch_size, evalset.limit, include)
     return metrics, answers
 
 
@@ -183,6 +190,7 @@ def run_eval(
     max_new_tokens: int | None = None,
     merged: bool = False,
     lm_eval_tasks: str | None = None,
+    lm_eval_include: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate base and tuned models of a finished run; writes eval.json (RUN_DIR/merged/eval.json with merged)."""
     from transformers import AutoModelForCausalLM
@@ -194,7 +202,9 @@ def run_eval(
     started = time.time()
     if batch_size < 1 or (limit is not None and limit < 1) or (max_new_tokens is not None and max_new_tokens < 1):
         raise UserError("eval: --batch-size, --limit and --max-new-tokens must be at least 1")
-    lm_tasks = parse_tasks(lm_eval_tasks) if lm_eval_tasks else None
+    if lm_eval_include and not lm_eval_tasks:
+        raise UserError("eval --lm-eval-include: give the tasks to run with --lm-eval")
+    lm_tasks = (parse_tasks(lm_eval_tasks, lm_eval_include), lm_eval_include) if lm_eval_tasks else None
     run = resolve_run(run_dir)
     merged_dir = run.root / "merged"
     if merged and not (merged_dir / "config.json").is_file():

@@ -12,6 +12,7 @@ from typing import Any
 
 from qlora_pipe.errors import UserError
 from qlora_pipe.export.merge import base_checkpoint_dir, merge_stream
+from qlora_pipe.export.serving import make_serving_files
 from qlora_pipe.hardware import dtype_for_inference
 from qlora_pipe.model import DTYPES
 from qlora_pipe.recipe import load_recipe
@@ -161,6 +162,7 @@ def export_merged(
         raise
     tokenizer = load_run_tokenizer(run.root)
     tokenizer.save_pretrained(partial)
+    make_serving_files(partial)  # no {% generation %} markers; loadable by the transformers engines pin
     write_configs(base, partial, dtype_name, tokenizer, merged["untied"], generation_defaults(recipe))
     info = {
         "run": str(run.root),

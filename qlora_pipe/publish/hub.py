@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from qlora_pipe.errors import UserError
+from qlora_pipe.export.serving import make_serving_files
 from qlora_pipe.model_source import local_path
 from qlora_pipe.publish.model_card import adapter_card, merged_card
 from qlora_pipe.recipe import Recipe, load_recipe
@@ -108,6 +109,7 @@ def _stage(sources: list[Path], card: str, names: dict[str, str]) -> Path:
     for path in sources:
         shutil.copy2(path, staging / path.name)
     (staging / "README.md").write_text(card, encoding="utf-8")
+    make_serving_files(staging)  # the pushed adapter carries the serving template (the run keeps its own)
     scrub(staging, names)
     return staging
 

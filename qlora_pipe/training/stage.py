@@ -14,6 +14,7 @@ import sys
 import time
 from dataclasses import dataclass
 from importlib.metadata import version
+from pathlib import Path
 from typing import Any
 
 from qlora_pipe.data.prepare import prepare_data
@@ -89,12 +90,23 @@ def build_trainer(
     return trainer
 
 
+def absolute_base_path(adapter_config: Path) -> None:
+    """A local base is named by its absolute path, so PEFT finds it from any working directory (a push
+    replaces it with the base's public name)."""
+    config = json.loads(adapter_config.read_text())
+    base = config.get("base_model_name_or_path")
+    if base and Path(base).is_dir() and not Path(base).is_absolute():
+        config["base_model_name_or_path"] = str(Path(base).resolve())
+        adapter_config.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def save_adapter(model, tokenizer, run: RunDir) -> None:
     """Write adapter and tokenizer to a temporary directory, then move them into the run."""
     tmp = run.root / ".adapter.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp))
     tokenizer.save_pretrained(str(tmp))
+    absolute_base_path(tmp / "adapter_config.json")
     for item in tmp.iterdir():
         item.replace(run.root / item.name)
     tmp.rmdir()
