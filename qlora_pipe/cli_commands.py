@@ -1,0 +1,159 @@
+"""What each `qlora-pipe` command does once its arguments are parsed (qlora_pipe/cli.py parses them).
+
+Each handler imports its stage lazily, so `qlora-pipe --help` and the light commands load no torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from qlora_pipe.errors import UserError
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from qlora_pipe.dist import close_process_group
+    from qlora_pipe.recipe import load_recipe
+    from qlora_pipe.training.stage import run_training
+
+    recipe = load_recipe(args.recipe, overrides=args.overrides)
+    if args.resume and args.overwrite:
+        raise UserError("--resume and --overwrite contradict each other; choose one")
+    try:
+        result = run_training(recipe, overwrite=args.overwrite, resume=args.resume)
+    finally:
+        close_process_group()
+    s = result.summary
+    if not s:  # not the first process of a multi-process launch
+        return 0
+    eval_part = ""
+    if s["final_eval_loss"] is not None:
+        eval_part = f"eval loss {s['eval_loss_before']:.4f} -> {s['final_eval_loss']:.4f}, "
+    print(
+        f"finished: {result.run_dir.root} ({s['steps']} steps, {eval_part}"
+        f"{s['supervised_tokens']:,} supervised tokens in {s['train_seconds']:.0f}s)"
+    )
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from qlora_pipe.export.command import export_merged
+
+    result = export_merged(
+        args.run_dir, args.out, args.merge_base, args.dtype, args.max_shard_size, args.verify, args.compare_original
+    )
+    info = result.info
+    print(
+        f"exported: {result.out} ({info['merged']} merged, {info['dequantized']} dequantized from NF4, "
+        f"{info['bytes'] / 2**20:.1f} MiB {info['dtype']}, merge base {info['merge_base']})"
+    )
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from qlora_pipe.publish.hub import push_run
+
+    push_run(args.run_dir, args.repo_id, args.what, args.private, args.revision, args.commit_message, args.dry_run)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from qlora_pipe.evaluate.chat import run_chat
+
+    flags = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p}
+    return run_chat(args.path, args.prompt, args.system, {**flags, "greedy": args.greedy})
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from qlora_pipe.evaluate.evaluation import run_eval
+    from qlora_pipe.evaluate.metrics import eval_heading, eval_table
+
+    result = run_eval(
+        args.run_dir,
+        args.data,
+        args.limit,
+        args.batch_size,
+        args.max_new_tokens,
+        args.merged,
+        args.lm_eval,
+        args.lm_eval_include,
+    )
+    print(f"\n{eval_heading(result)}\n\n{eval_table(result)}")
+    if "lm_eval" in result["base"]:
+        from qlora_pipe.evaluate.lm_harness import lm_eval_table
+
+        print(f"\n{lm_eval_table(result['base']['lm_eval'], result['tuned']['lm_eval'])}")
+    for row in result["answers"][: args.examples]:
+        print(f"\nQ: {row['question']}\n  reference: {row['reference']!r}")
+        print(f"  base:      {row['base']!r}\n  tuned:     {row['tuned']!r}")
+    print(f"\nwrote {result['path']} ({result['seconds']:.0f}s)")
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from qlora_pipe.data.prepare import prepare_data
+    from qlora_pipe.data.preview import preview_text
+    from qlora_pipe.model import load_tokenizer
+    from qlora_pipe.plan.auto_sizes import memory_budget, resolve_max_length
+    from qlora_pipe.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, overrides=args.overrides)
+    recipe = resolve_max_length(recipe, memory_budget(recipe))
+    tokenizer = load_tokenizer(recipe)
+    prepared = prepare_data(recipe.data, tokenizer, recipe.seed)
+    color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
+    print(preview_text(prepared, tokenizer, args.preview, color))
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from qlora_pipe.plan.report import run_plan_command
+
+    return run_plan_command(args.recipe, args.overrides, args.gpu_memory, args.json)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from qlora_pipe.recipe import load_recipe
+    from qlora_pipe.recipe.reference import explain, explain_markdown
+
+    if args.explain:
+        print(explain_markdown() if args.markdown else explain(), end="\n" if not args.markdown else "")
+        if not args.recipe:
+            return 0
+    if not args.recipe:
+        raise UserError("validate: give a recipe path (or --explain)")
+    recipe = load_recipe(args.recipe, overrides=args.overrides)
+    print(f"{args.recipe}: valid (run directory {recipe.run_dir()})")
+    return 0
+
+
+def cmd_build_quickstart_model(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from qlora_pipe.quickstart.builder import BaseSpec, build_quickstart_base
+
+    spec = BaseSpec() if args.steps is None else replace(BaseSpec(), steps=args.steps)
+    out = build_quickstart_base(Path(args.out), Path(args.corpus), spec, force=args.force)
+    print(f"quickstart base model ready: {out}")
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from qlora_pipe.doctor import run_doctor
+
+    return run_doctor(args.output_dir)
+
+
+COMMANDS = {
+    "doctor": cmd_doctor,
+    "export": cmd_export,
+    "push": cmd_push,
+    "chat": cmd_chat,
+    "eval": cmd_eval,
+    "data": cmd_data,
+    "train": cmd_train,
+    "plan": cmd_plan,
+    "validate": cmd_validate,
+    "build-quickstart-model": cmd_build_quickstart_model,
+}
