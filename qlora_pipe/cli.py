@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--compare-original", action="store_true", help="also report the fidelity of a merge into the 16-bit weights"
     )
+    export.add_argument("--format", choices=["safetensors", "gguf"], default="safetensors", help="gguf: also a GGUF")
+    export.add_argument("--gguf-type", default="q8_0", metavar="TYPE", help="f16, bf16, q8_0 (default), q4_k_m, ...")
+    commands.add_parser("setup-gguf", help="fetch llama.cpp's GGUF converter (from llama-cpp-python's PyPI source)")
 
     doctor = commands.add_parser("doctor", help="check versions, GPU, bitsandbytes, optional kernels and disk")
     doctor.add_argument("--output-dir", default="runs", help="where runs will be written (for the disk check)")

@@ -40,8 +40,21 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from qlora_pipe.export.command import export_merged
 
+    gguf_types = None
+    if args.format == "gguf":
+        from qlora_pipe.export.gguf import check_gguf_type
+
+        check_gguf_type(args.gguf_type)  # before the merge: a missing extra or converter costs nothing
+        gguf_types = [args.gguf_type]
     result = export_merged(
-        args.run_dir, args.out, args.merge_base, args.dtype, args.max_shard_size, args.verify, args.compare_original
+        args.run_dir,
+        args.out,
+        args.merge_base,
+        args.dtype,
+        args.max_shard_size,
+        args.verify,
+        args.compare_original,
+        gguf_types,
     )
     info = result.info
     print(
@@ -139,6 +152,13 @@ def cmd_build_quickstart_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_setup_gguf(args: argparse.Namespace) -> int:
+    from qlora_pipe.export.gguf import setup_converter
+
+    setup_converter()
+    return 0
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from qlora_pipe.doctor import run_doctor
 
@@ -156,4 +176,5 @@ COMMANDS = {
     "plan": cmd_plan,
     "validate": cmd_validate,
     "build-quickstart-model": cmd_build_quickstart_model,
+    "setup-gguf": cmd_setup_gguf,
 }

@@ -93,3 +93,13 @@ def tokenizer(tiny_model_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def converter() -> Path:
+    """llama.cpp's converter, as a user gets it: QLORA_PIPE_LLAMA_CPP, or `qlora-pipe setup-gguf` (PyPI)."""
+    from qlora_pipe.export.gguf import ENV_CONVERTER, cache_dir, setup_converter
+
+    if os.environ.get(ENV_CONVERTER):
+        return Path(os.environ[ENV_CONVERTER])
+    return cache_dir() if (cache_dir() / "convert_hf_to_gguf.py").is_file() else setup_converter()

@@ -121,7 +121,8 @@ def test_compat_modules_name_their_verified_versions():
 
 def test_validating_a_recipe_does_not_import_torch():
     code = (
-        "import sys, qlora_pipe.recipe, qlora_pipe.cli, qlora_pipe.cli_commands, qlora_pipe.data, qlora_pipe.training, qlora_pipe.plan; "
+        "import sys, qlora_pipe.recipe, qlora_pipe.cli, qlora_pipe.cli_commands, qlora_pipe.data, "
+        "qlora_pipe.training, qlora_pipe.plan; "
         "qlora_pipe.recipe.load_recipe('recipes/qa-legal.yaml'); "
         "print(sorted(m for m in ('torch', 'transformers', 'datasets', 'trl') if m in sys.modules))"
     )

@@ -9,14 +9,20 @@ known_pre_tokenizer
     The converter names a BPE tokenizer's pre-tokenizer by hashing how it splits a fixed text, and stops
     ("BPE pre-tokenizer was not recognized") for a tokenizer it has no hash for, such as one trained
     locally. When the tokenizer.json's pre-tokenizer is exactly GPT-2's byte-level split (ByteLevel with
-    its regex, nothing else), llama.cpp's ``gpt-2`` pre-tokenizer splits the same way, so that name is
-    given instead of stopping; any other unknown tokenizer still stops, with the reason.
+    its regex, nothing else) or Qwen2's regex split (transformers' Qwen2 tokenizer, PRETOKENIZE_REGEX),
+    llama.cpp's ``gpt-2`` or ``qwen2`` pre-tokenizer splits the same way, so that name is given instead
+    of stopping; any other unknown tokenizer still stops, with the reason.
     Caught by: tests/test_gguf.py (the tiny models' tokenizers; token ids read back from the GGUF).
 
-permute_rows
+gpt2_context_length
+    The converter's GPT-2 class reads ``n_ctx`` from config.json, which transformers 5 no longer writes;
+    it is given n_positions (the same number). Caught by: tests/test_export.py (gpt2 to GGUF).
+
+permute_rows, TRANSPOSED_WEIGHTS
     The converter stores the q and k projections of Llama-family models (LlamaModel.undo_permute) with
     each head's rotary halves interleaved; the GGUF check undoes nothing, it applies the same reordering
-    to the merged weights before comparing. Caught by: tests/test_gguf.py (exact f16 tensor equality).
+    to the merged weights before comparing; likewise it transposes GPT-2's Conv1D weights.
+    Caught by: tests/test_export.py (exact f16 tensor equality, each architecture).
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ import numpy as np
 VERIFIED = {"llama-cpp-python": "0.3.36"}
 # Architectures whose q/k rows the converter interleaves (conversion/llama.py: undo_permute = True).
 PERMUTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+# Weights the converter transposes (conversion/gpt2.py: GPT-2's Conv1D layers are stored (in, out)).
+TRANSPOSED_WEIGHTS = {"GPT2LMHeadModel": (".c_attn.weight", ".c_proj.weight", ".c_fc.weight")}
 
 
 def permute_rows(weights: np.ndarray, n_head: int, n_head_kv: int) -> np.ndarray:
@@ -40,18 +48,52 @@ def permute_rows(weights: np.ndarray, n_head: int, n_head_kv: int) -> np.ndarray
     return weights.reshape(heads, 2, shape[0] // heads // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
 
 
-def is_gpt2_byte_level(model_dir: Path) -> bool:
+def pre_tokenizer_name(model_dir: Path) -> str | None:
+    """llama.cpp's name for this tokenizer.json's pre-tokenizer, when it is one llama.cpp splits the same way:
+    GPT-2's byte-level split, or Qwen2's regex split (which transformers' Qwen2 tokenizer applies to any
+    vocabulary it loads). None for anything else."""
     path = model_dir / "tokenizer.json"
     if not path.is_file():
-        return False
+        return None
     tokenizer = json.loads(path.read_text(encoding="utf-8"))
+    if tokenizer.get("model", {}).get("type") != "BPE":
+        return None
     pre = tokenizer.get("pre_tokenizer") or {}
-    return (
-        tokenizer.get("model", {}).get("type") == "BPE"
-        and pre.get("type") == "ByteLevel"
-        and pre.get("use_regex", True) is True
-        and not tokenizer.get("normalizer")
-    )
+    normalizer = (tokenizer.get("normalizer") or {}).get("type")
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and normalizer is None:
+        return "gpt-2"
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else []
+    if (
+        len(steps) == 2
+        and steps[0].get("type") == "Split"
+        and steps[0].get("pattern", {}).get("Regex") == qwen2_regex()
+        and steps[1].get("type") == "ByteLevel"
+        and not steps[1].get("use_regex", True)
+        and normalizer in (None, "NFC")
+    ):
+        return "qwen2"
+    return None
+
+
+def qwen2_regex() -> str:
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    return PRETOKENIZE_REGEX
+
+
+def gpt2_context_length() -> None:
+    """GPT-2 configs written by transformers 5 have no n_ctx, which the converter reads: n_positions is it."""
+    from conversion.base import ModelBase
+
+    original = ModelBase.load_hparams  # a staticmethod (dir_model, is_mistral_format)
+
+    def load_hparams(*args, **kwargs):
+        hparams = original(*args, **kwargs)
+        if hparams.get("model_type") == "gpt2" and "n_ctx" not in hparams and "n_positions" in hparams:
+            hparams["n_ctx"] = hparams["n_positions"]
+        return hparams
+
+    ModelBase.load_hparams = staticmethod(load_hparams)
 
 
 def known_pre_tokenizer(model_dir: Path) -> None:
@@ -59,16 +101,16 @@ def known_pre_tokenizer(model_dir: Path) -> None:
     from conversion.base import TextModel
 
     original = TextModel.get_vocab_base_pre
-    gpt2 = is_gpt2_byte_level(model_dir)
+    name = pre_tokenizer_name(model_dir)
 
     def get_vocab_base_pre(self, tokenizer) -> str:
         try:
             return original(self, tokenizer)
         except NotImplementedError:
-            if gpt2:
-                return "gpt-2"
+            if name:
+                return name
             raise SystemExit(
-                "gguf: llama.cpp does not know this tokenizer's pre-tokenizer (not GPT-2's byte-level split); "
+                "gguf: llama.cpp does not know this tokenizer's pre-tokenizer (neither GPT-2's nor Qwen2's split); "
                 "convert a model whose tokenizer llama.cpp lists, or add it with convert_hf_to_gguf_update.py"
             ) from None
 
@@ -93,6 +135,7 @@ def main(argv: list[str]) -> int:
         print(f"gguf: llama.cpp's converter does not support {architecture}", file=sys.stderr)
         return 2
     known_pre_tokenizer(model_dir)
+    gpt2_context_length()
     script = converter / "convert_hf_to_gguf.py"
     sys.argv = [str(script), str(model_dir), "--outfile", outfile, "--outtype", outtype]
     runpy.run_path(str(script), run_name="__main__")

@@ -133,8 +133,11 @@ def export_merged(
     max_shard_size: str | None = None,
     verify: bool | None = None,
     compare_original: bool = False,
+    gguf_types: list[str] | None = None,
 ) -> ExportResult:
-    """Merge a finished run's adapter into its base and write (and by default verify) the result."""
+    """Merge a finished run's adapter into its base and write (and by default verify) the result; then the
+    GGUF files asked for (``gguf_types``: explicit, errors are errors; else the recipe's export.gguf, skipped
+    with a notice when the gguf extra or the converter is missing)."""
     from qlora_pipe.model import load_run_tokenizer
 
     started = time.time()
@@ -148,6 +151,8 @@ def export_merged(
         max_shard_size or settings.max_shard_size, "--max-shard-size" if max_shard_size else "export.max_shard_size"
     )
     out = Path(out) if out else run.root / "merged"
+    if gguf_types and out.resolve() != (run.root / "merged").resolve():
+        raise UserError("export --format gguf: converts the run's own merged folder (RUN/merged); leave out --out")
     base = base_checkpoint_dir(recipe)
 
     partial = out.with_name(out.name + ".partial")
@@ -201,4 +206,23 @@ def export_merged(
     partial.rename(out)  # only a complete (and, by default, verified) export gets the final name
     if recipe.training.preview_prompts:
         print_merged_answers(out, recipe, dtype_name, training_system_prompt(run))
+    if out.resolve() == (run.root / "merged").resolve():  # a GGUF is made from the run's own merged folder
+        for gguf_type in gguf_types if gguf_types is not None else wanted_gguf(settings.gguf):
+            from qlora_pipe.export.gguf_command import export_gguf, gguf_table
+
+            print(gguf_table(export_gguf(run, out, gguf_type)))
     return ExportResult(out, info, fidelity)
+
+
+def wanted_gguf(types: list[str]) -> list[str]:
+    """The recipe's export.gguf types this machine can write; a notice for the others (not an error)."""
+    from qlora_pipe.export.gguf import check_gguf_type
+
+    ready = []
+    for gguf_type in types:
+        try:
+            check_gguf_type(gguf_type)
+            ready.append(gguf_type)
+        except UserError as exc:
+            log.warning("export.gguf %s: not written: %s", gguf_type, exc)
+    return ready

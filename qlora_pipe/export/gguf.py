@@ -105,6 +105,11 @@ def convert(merged: Path, out_file: Path, gguf_type: str, log: Path) -> None:
         lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
         reason = next((line for line in reversed(lines) if line.startswith("gguf:")), lines[-1] if lines else "")
         target.unlink(missing_ok=True)
+        if "tokenizer.model" in reason:
+            reason = (
+                "llama.cpp's converter reads this architecture's vocabulary from a SentencePiece tokenizer.model, "
+                "which the model does not have"
+            )
         raise UserError(f"export --format gguf: the conversion failed: {reason.removeprefix('gguf: ')} (log: {log})")
     if target != out_file:
         try:

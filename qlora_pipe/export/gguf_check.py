@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from qlora_pipe.compat.llama_cpp import PERMUTED_ARCHITECTURES, permute_rows
+from qlora_pipe.compat.llama_cpp import PERMUTED_ARCHITECTURES, TRANSPOSED_WEIGHTS, permute_rows
 
 # Largest |dequantized - merged| / max|merged| per tensor: half a quantization step of the type at its
 # coarsest block, with margin (q8_0: 1/254 of the block's largest weight; k-quants: 6-bit scales too).
@@ -48,6 +48,8 @@ def expected_tensor(name: str, tensor: torch.Tensor, config: dict[str, Any]) -> 
         heads = config["num_attention_heads"]
         kv = heads if name.endswith("q_proj.weight") else config.get("num_key_value_heads", heads)
         return torch.from_numpy(permute_rows(tensor.float().numpy(), heads, kv))
+    if name.endswith(TRANSPOSED_WEIGHTS.get(architecture, ())):
+        return tensor.T
     return tensor
 
 
@@ -56,7 +58,7 @@ def check_gguf(merged: Path, gguf_file: Path, gguf_type: str) -> dict[str, Any]:
 
     reader = gguf.GGUFReader(gguf_file)
     config = json.loads((merged / "config.json").read_text())
-    names = gguf_name_map(reader, config["num_hidden_layers"])
+    names = gguf_name_map(reader, config.get("num_hidden_layers", config.get("n_layer", 0)))
     sources = merged_tensors(merged)
     by_gguf_name = {}
     for hf_name, tensor in sources.items():
@@ -73,7 +75,9 @@ def check_gguf(merged: Path, gguf_file: Path, gguf_type: str) -> dict[str, Any]:
         hf_name, source = by_gguf_name[tensor.name]
         want = expected_tensor(hf_name, source, config).float()
         got = torch.from_numpy(np.array(gguf.quants.dequantize(tensor.data, tensor.tensor_type), copy=True))
-        got = got.reshape(want.shape).float()
+        if got.shape != want.shape:
+            unmatched.append(f"{tensor.name} (shape {tuple(got.shape)}, merged {tuple(want.shape)})")
+            continue
         kind = tensor.tensor_type.name
         if kind in EXACT_TYPES:
             exact += 1

@@ -244,6 +244,9 @@ class ExportSection(Section):
         return _a_size(value)
 
     verify: bool = Field(True, description="Check the merged model against the trained model.")
+    gguf: list[Literal["f16", "bf16", "q8_0", "q4_k_m", "q4_k_s", "q5_k_m", "q6_k"]] = Field(
+        [], description="GGUF files to write after the merge, checked (skipped with a notice without the gguf extra)."
+    )
 
 
 class GenerationSection(Section):

@@ -1,0 +1,140 @@
+"""Serving what was trained: serving-clean templates and tokenizer files, GGUF through llama.cpp's own
+converter read back with the gguf library, Ollama Modelfiles rendered by Go's text/template, and
+llama.cpp's runtime beside the trained model (when llama-cpp-python is installed)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jinja2
+import pytest
+
+from qlora_pipe.errors import UserError
+from qlora_pipe.export.ollama import FAMILIES, PROBES, family_template, modelfile, render
+from qlora_pipe.export.serving import has_generation_tags, serving_template
+from tests.conftest import REPO
+
+TEMPLATES = REPO / "qlora_pipe/data/template_files"
+TOKENS = {"chatml": ("", "<|endoftext|>"), "llama-3": ("<|begin_of_text|>", "<|eot_id|>"), "mistral": ("<s>", "</s>")}
+
+
+def training_templates() -> dict[str, str]:
+    from qlora_pipe.quickstart.builder import CHAT_TEMPLATE
+
+    found = {path.stem: path.read_text() for path in sorted(TEMPLATES.glob("*.jinja"))}
+    return {**found, "quickstart": CHAT_TEMPLATE}
+
+
+@pytest.mark.parametrize("name", list(training_templates()))
+def test_serving_template_parses_with_plain_jinja2_and_renders_the_training_text(name, tokenizer):
+    training = training_templates()[name]
+    assert has_generation_tags(training)
+    with pytest.raises(jinja2.TemplateSyntaxError, match="generation"):  # what every serving engine hit
+        jinja2.Environment().from_string(training)
+    serving = serving_template(training)
+    assert not has_generation_tags(serving)
+    for probe in PROBES:
+        # transformers renders the training template (it knows the tag); plain jinja2 the serving one.
+        trained_text = tokenizer.apply_chat_template(
+            probe, chat_template=training, tokenize=False, add_generation_prompt=True
+        )
+        bos, eos = tokenizer.bos_token or "", tokenizer.eos_token
+        assert render(serving, probe, bos, eos) == trained_text
+
+
+def test_a_served_folder_loads_and_a_run_keeps_its_training_template(make_recipe, tmp_path):
+    from transformers import AutoTokenizer
+
+    from qlora_pipe.export.command import export_merged
+    from qlora_pipe.training.stage import run_training
+
+    result = run_training(make_recipe(max_steps=2))
+    run = result.run_dir.root
+    assert has_generation_tags((run / "chat_template.jinja").read_text())  # the run keeps what it trained with
+    out = export_merged(run, verify=False).out
+    served = (out / "chat_template.jinja").read_text()
+    assert served == serving_template((run / "chat_template.jinja").read_text())
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    # transformers 4 (what serving engines pin) has no TokenizersBackend and reads special tokens as a list
+    # only under additional_special_tokens: the served config names what both versions load.
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast" and "extra_special_tokens" not in config
+    loaded, trained = AutoTokenizer.from_pretrained(out), AutoTokenizer.from_pretrained(run)
+    text = "<|im_start|>user\nWhat is a tort?<|im_end|>\n"
+    assert loaded(text)["input_ids"] == trained(text)["input_ids"] and loaded.eos_token == trained.eos_token
+    # The adapter names its local base by an absolute path: PEFT loads it from any working directory.
+    adapter = json.loads((run / "adapter_config.json").read_text())
+    assert Path(adapter["base_model_name_or_path"]).is_absolute()
+    code = f"from peft import AutoPeftModelForCausalLM; AutoPeftModelForCausalLM.from_pretrained({str(run)!r})"
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-1500:]
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
+def test_ollama_template_renders_like_the_chat_template_in_go(family):
+    if shutil.which("go") is None:
+        pytest.skip("Go is not installed: Ollama's text/template cannot be run here (apt install golang-go)")
+    bos, eos = TOKENS[family.name]
+    text = modelfile("m.gguf", family_template(family), bos, eos, None, {"do_sample": False}, add_bos=True)
+    go_template = text.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
+    for probe in PROBES:
+        payload = json.dumps({"template": go_template, "messages": probe})
+        command = ["go", "run", str(REPO / "tests/go_template/render.go")]
+        done = subprocess.run(command, input=payload, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        # llama.cpp adds BOS itself (add_bos_token); the rest is the same text.
+        assert done.stdout == render(family_template(family), probe, bos, eos).removeprefix(bos)
+
+
+def test_modelfile_stops_at_end_of_turn_and_refuses_a_template_it_cannot_translate():
+    chatml = family_template(FAMILIES[0])
+    text = modelfile(
+        "q.gguf", chatml, "", "<|endoftext|>", "Be brief.", {"do_sample": False, "max_new_tokens": 64}, True
+    )
+    assert 'PARAMETER stop "<|im_end|>"' in text and 'SYSTEM """Be brief."""' in text
+    assert "PARAMETER temperature 0" in text and "PARAMETER num_predict 64" in text
+    # A template that adds its own default system prompt (as Qwen2.5's does): that prompt becomes SYSTEM.
+    qwen_like = chatml.replace(
+        "{%- for message in messages -%}",
+        "{%- if messages[0]['role'] != 'system' -%}{{- '<|im_start|>system\\nYou are Qwen.<|im_end|>\\n' -}}"
+        "{%- endif -%}{%- for message in messages -%}",
+    )
+    assert 'SYSTEM """You are Qwen."""' in modelfile("q.gguf", qwen_like, "", "<|endoftext|>", None, {}, True)
+    alpaca = "{% for m in messages %}### {{ m['role'] }}:\n{{ m['content'] }}\n{% endfor %}### assistant:\n"
+    with pytest.raises(UserError, match="renders like none of the families"):
+        modelfile("q.gguf", alpaca, "", "</s>", None, {}, True)
+
+
+def test_gguf_type_and_setup_errors_are_one_line_before_any_work(monkeypatch, tmp_path):
+    from qlora_pipe.export.gguf import ENV_CONVERTER, check_gguf_type
+
+    with pytest.raises(UserError, match="--gguf-type q3: choose one of f16, bf16, q8_0"):
+        check_gguf_type("q3")
+    monkeypatch.setenv(ENV_CONVERTER, str(tmp_path))
+    with pytest.raises(UserError, match=r"no convert_hf_to_gguf\.py there"):
+        check_gguf_type("f16")
+    monkeypatch.delenv(ENV_CONVERTER)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "empty-cache"))
+    with pytest.raises(UserError, match="run `qlora-pipe setup-gguf` once"):
+        check_gguf_type("f16")
+
+
+def test_an_architecture_the_converter_lacks_is_refused_with_the_reason(converter, tokenizer_dir_for_gguf, tmp_path):
+    from qlora_pipe.export.gguf import convert
+
+    folder = tmp_path / "odd"
+    shutil.copytree(tokenizer_dir_for_gguf, folder)
+    (folder / "config.json").write_text(json.dumps({"architectures": ["NoSuchForCausalLM"], "num_hidden_layers": 1}))
+    with pytest.raises(UserError, match="converter does not support NoSuchForCausalLM"):
+        convert(folder, tmp_path / "odd.gguf", "f16", tmp_path / "convert.log")
+    assert not (tmp_path / "odd.gguf").exists()
+
+
+@pytest.fixture
+def tokenizer_dir_for_gguf(tmp_path, tokenizer) -> Path:
+    out = tmp_path / "tokenizer"
+    tokenizer.save_pretrained(out)
+    return out
