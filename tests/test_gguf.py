@@ -68,9 +68,42 @@ def test_a_served_folder_loads_and_a_run_keeps_its_training_template(make_recipe
     # The adapter names its local base by an absolute path: PEFT loads it from any working directory.
     adapter = json.loads((run / "adapter_config.json").read_text())
     assert Path(adapter["base_model_name_or_path"]).is_absolute()
-    code = f"from peft import AutoPeftModelForCausalLM; AutoPeftModelForCausalLM.from_pretrained({str(run)!r})"
-    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    probe = "ids = torch.tensor([[1, 5, 9, 13, 40]])\nwith torch.no_grad():\n    out = model(input_ids=ids).logits[0]\n"
+    show = (
+        "import json\nfour_bit = getattr(base, 'is_loaded_in_4bit', False)\n"
+        "print(json.dumps({'4bit': four_bit, 'logits': out.float().tolist()}))\n"
+    )
+    code = (
+        "import torch\nfrom peft import AutoPeftModelForCausalLM\n"
+        f"model = AutoPeftModelForCausalLM.from_pretrained({str(run)!r})\nbase = model.base_model.model\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code + probe + show], cwd=tmp_path, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-1500:]
+    sixteen_bit = json.loads(done.stdout.strip().splitlines()[-1])
+
+    # The model card's PEFT snippet, run as a user would: it loads the base in 4-bit as trained, so its
+    # logits are the trained model's (the reference of the card's fidelity figures), not a 16-bit base's.
+    import torch
+
+    from qlora_pipe.model import load_trained_model
+    from qlora_pipe.publish.model_card import peft_snippet
+    from qlora_pipe.recipe import load_recipe
+
+    recipe = load_recipe(result.run_dir.resolved_recipe)
+    done = subprocess.run(
+        [sys.executable, "-c", peft_snippet(recipe, str(run)) + probe + show],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-1500:]
+    snippet = json.loads(done.stdout.strip().splitlines()[-1])
+    with torch.no_grad():
+        trained = load_trained_model(recipe, run)(input_ids=torch.tensor([[1, 5, 9, 13, 40]])).logits[0].float()
+    assert snippet["4bit"] is True and not sixteen_bit["4bit"]
+    near = (torch.tensor(snippet["logits"]) - trained).abs().max().item()
+    far = (torch.tensor(sixteen_bit["logits"]) - trained).abs().max().item()
+    assert near <= 0.05 and far > 4 * near  # within bf16 rounding of the trained model; the 16-bit base is not
 
 
 @pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)

@@ -73,7 +73,7 @@ def test_push_adapter_and_merged_sends_exactly_the_right_files(finished_run, tmp
     assert (
         card.data.library_name == "peft" and "qlora" in card.data.tags and card.data.pipeline_tag == "text-generation"
     )
-    assert "AutoPeftModelForCausalLM" in card.text and "vllm serve" in card.text and "eval loss" in card.text
+    assert "PeftModel.from_pretrained" in card.text and "vllm serve" in card.text and "eval loss" in card.text
     merged_card = ModelCard(hub.commits[1]["files"]["README.md"].decode())
     assert merged_card.data.library_name == "transformers" and "Fidelity" in merged_card.text
     # No local path leaves the machine: not the base model's directory, not the run directory (every byte).

@@ -119,11 +119,13 @@ def convert(merged: Path, out_file: Path, gguf_type: str, log: Path) -> None:
 
 
 def quantize(source: Path, out_file: Path, gguf_type: str) -> None:
+    import ctypes
+
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, K_QUANTS[gguf_type])
-    code = llama_cpp.llama_model_quantize(str(source).encode(), str(out_file).encode(), params)
+    code = llama_cpp.llama_model_quantize(str(source).encode(), str(out_file).encode(), ctypes.byref(params))
     if code != 0:
         out_file.unlink(missing_ok=True)
         raise UserError(f"export --gguf-type {gguf_type}: llama.cpp's quantizer failed (code {code})")

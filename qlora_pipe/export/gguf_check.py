@@ -20,7 +20,8 @@ from qlora_pipe.compat.llama_cpp import PERMUTED_ARCHITECTURES, TRANSPOSED_WEIGH
 
 # Largest |dequantized - merged| / max|merged| per tensor: half a quantization step of the type at its
 # coarsest block, with margin (q8_0: 1/254 of the block's largest weight; k-quants: 6-bit scales too).
-QUANT_TOLERANCE = {"q8_0": 0.005, "q6_k": 0.02, "q5_k_m": 0.04, "q4_k_m": 0.08, "q4_k_s": 0.08}
+# Measured on the quickstart model: q8_0 0.40%, q4_k_m 7.7%.
+QUANT_TOLERANCE = {"q8_0": 0.005, "q6_k": 0.03, "q5_k_m": 0.06, "q4_k_m": 0.12, "q4_k_s": 0.12}
 EXACT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 

@@ -91,6 +91,8 @@ def export_gguf(run: RunDir, merged: Path, gguf_type: str) -> dict[str, Any]:
             from qlora_pipe.export.gguf_runtime import compare_runtime
 
             result["llama_cpp"] = compare_runtime(run, partial)
+            if "failed" in result["llama_cpp"]:  # the file checked out; the runtime on this machine did not
+                log.warning("export --format gguf: %s", result["llama_cpp"]["failed"])
         else:
             result["llama_cpp"] = {"skipped": "llama-cpp-python is not installed (pip install llama-cpp-python)"}
     except BaseException:
@@ -137,7 +139,7 @@ def gguf_table(result: dict[str, Any]) -> str:
             f"{100 * runtime['top1_agreement']:.1f}%, greedy answers identical {runtime['greedy_identical']}"
         )
     else:
-        lines.append(f"  llama.cpp runtime check: {runtime.get('skipped', 'not run')}")
+        lines.append(f"  llama.cpp runtime check: {runtime.get('skipped') or runtime.get('failed', 'not run')}")
     modelfile = result.get("ollama_modelfile", {})
     lines.append(f"  Ollama: {modelfile.get('path') or 'no Modelfile: ' + modelfile.get('reason', '')}")
     return "\n".join(lines)

@@ -61,3 +61,15 @@ def make_serving_files(folder: Path) -> list[str]:
             config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
             changed.append(config_file.name)
     return changed
+
+
+def vllm_lora_notes(recipe) -> list[str]:
+    """What vLLM's LoRA loader cannot serve in this adapter (empty: servable with --enable-lora)."""
+    lora, notes = recipe.lora, []
+    if lora.use_dora:
+        notes.append("DoRA adapters are not supported by vLLM's LoRA loader")
+    if lora.modules_to_save:
+        notes.append(f"fully trained modules ({', '.join(lora.modules_to_save)}) are not loaded by vLLM's LoRA")
+    if lora.r > 512:
+        notes.append(f"rank {lora.r} is above vLLM's largest --max-lora-rank (512)")
+    return notes

@@ -103,26 +103,55 @@ def _template_note() -> str:
     )
 
 
+def peft_snippet(recipe: Recipe, repo_id: str) -> str:
+    """Python that loads the base exactly as it was trained (4-bit, same settings) and the adapter on it."""
+    base = recipe.model.name_or_path
+    q = recipe.quantization
+    dtype = q.compute_dtype if q.compute_dtype != "auto" else "bfloat16"
+    if not q.enabled:
+        load = f'base = AutoModelForCausalLM.from_pretrained("{base}", dtype=torch.{dtype})'
+        imports = "from transformers import AutoModelForCausalLM, AutoTokenizer"
+    else:
+        storage = f"\n        bnb_4bit_quant_storage=torch.{q.quant_storage}," if q.quant_storage != "uint8" else ""
+        load = (
+            f'base = AutoModelForCausalLM.from_pretrained(\n    "{base}",\n'
+            "    quantization_config=BitsAndBytesConfig(\n"
+            f'        load_in_4bit=True,\n        bnb_4bit_quant_type="{q.quant_type}",\n'
+            f"        bnb_4bit_use_double_quant={q.double_quant},\n        bnb_4bit_compute_dtype=torch.{dtype},"
+            f"{storage}\n    ),\n    dtype=torch.{dtype},\n)"
+        )
+        imports = "from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig"
+    return (
+        f"import torch\nfrom peft import PeftModel\n{imports}\n\n{load}\n"
+        f'model = PeftModel.from_pretrained(base, "{repo_id}")\n'
+        f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")\n'
+    )
+
+
 def adapter_card(run: RunDir, recipe: Recipe, repo_id: str) -> str:
     from huggingface_hub import ModelCard
 
+    from qlora_pipe.export.serving import vllm_lora_notes
+
+    notes = vllm_lora_notes(recipe)
+    vllm = (
+        f"Not servable as a vLLM LoRA ({'; '.join(notes)}): serve the merged model instead."
+        if notes
+        else f"```bash\nvllm serve {recipe.model.name_or_path} --enable-lora --max-lora-rank "
+        f"{vllm_rank(recipe.lora.r)} --lora-modules adapter={repo_id}\n```"
+    )
+    how = "in 4-bit, as trained" if recipe.quantization.enabled else "in 16-bit, as trained"
     usage = f"""## Usage
 
-With PEFT (4-bit base, as trained):
+With PEFT, the base loaded {how} (the model the fidelity and eval figures describe; a 16-bit base
+under the same adapter is a different model):
 
 ```python
-from peft import AutoPeftModelForCausalLM
-from transformers import AutoTokenizer
+{peft_snippet(recipe, repo_id)}```
 
-model = AutoPeftModelForCausalLM.from_pretrained("{repo_id}")
-tokenizer = AutoTokenizer.from_pretrained("{repo_id}")
-```
+With vLLM's LoRA serving (the base in 16-bit there, so answers can differ slightly from the 4-bit model):
 
-With vLLM's LoRA serving:
-
-```bash
-vllm serve {recipe.model.name_or_path} --enable-lora --lora-modules adapter={repo_id}
-```
+{vllm}
 """
     body = (
         f"# {repo_id.split('/')[-1]}\n\nA LoRA adapter for `{recipe.model.name_or_path}`, trained with "
@@ -132,6 +161,11 @@ vllm serve {recipe.model.name_or_path} --enable-lora --lora-modules adapter={rep
     return ModelCard.from_template(
         _metadata(recipe, "peft"), template_str="---\n{{ card_data }}\n---\n\n" + body
     ).content
+
+
+def vllm_rank(r: int) -> int:
+    """The smallest --max-lora-rank vLLM accepts that holds rank r."""
+    return next((size for size in (8, 16, 32, 64, 128, 256, 320, 512) if size >= r), r)
 
 
 def merged_card(run: RunDir, recipe: Recipe, repo_id: str, merged: Path) -> str:
@@ -158,7 +192,12 @@ model = AutoModelForCausalLM.from_pretrained("{repo_id}")
 tokenizer = AutoTokenizer.from_pretrained("{repo_id}")
 ```
 
-With vLLM: `vllm serve {repo_id}`
+Serving:
+
+- vLLM: `vllm serve {repo_id}`
+- llama.cpp and Ollama: `qlora-pipe export RUN --format gguf --gguf-type q8_0` writes a GGUF checked against
+  these weights and an Ollama `Modelfile` (`ollama create NAME -f Modelfile`); `llama-server -m FILE.gguf`
+  reads the chat template and end-of-turn token from the file.
 """
     body = (
         f"# {repo_id.split('/')[-1]}\n\n`{recipe.model.name_or_path}` with a qlora-pipe LoRA adapter merged in.\n\n"
