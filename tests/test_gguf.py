@@ -171,3 +171,23 @@ def tokenizer_dir_for_gguf(tmp_path, tokenizer) -> Path:
     out = tmp_path / "tokenizer"
     tokenizer.save_pretrained(out)
     return out
+
+
+def test_llama_cpp_answers_like_the_trained_model(make_recipe, converter):
+    """llama.cpp itself on the GGUF: tokens, logits and greedy answers beside the trained model."""
+    import importlib.util
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        pytest.skip("llama-cpp-python is not installed (pip install llama-cpp-python; it builds llama.cpp)")
+    from qlora_pipe.export.command import export_merged
+    from qlora_pipe.export.gguf_command import export_gguf
+    from qlora_pipe.runs import RunDir
+    from qlora_pipe.training.stage import run_training
+
+    result = run_training(make_recipe(max_steps=4, preview_prompts=["What is a tort?", "Define estoppel."]))
+    out = export_merged(result.run_dir.root, verify=False).out
+    runtime = export_gguf(RunDir(result.run_dir.root), out, "f16")["llama_cpp"]
+    assert "failed" not in runtime, runtime
+    assert runtime["tokenization_identical"] == f"{runtime['examples']}/{runtime['examples']}"
+    assert runtime["top1_agreement"] >= 0.95 and runtime["relative_loss_change"] <= 0.01
+    assert runtime["greedy_identical"].split("/")[1] == "2"

@@ -66,6 +66,13 @@ def test_push_adapter_and_merged_sends_exactly_the_right_files(finished_run, tmp
     assert [repo["visibility"] for repo in hub.repos] == ["private", "private"]
     sent = hub.commits[0]["files"]
     assert sent["adapter_model.safetensors"] == (finished_run / "adapter_model.safetensors").read_bytes()
+    from qlora_pipe.export.serving import has_generation_tags
+
+    # The pushed adapter carries the serving template and a tokenizer config transformers 4 loads too;
+    # the run keeps the training template it masked with.
+    assert not has_generation_tags(sent["chat_template.jinja"].decode())
+    assert has_generation_tags((finished_run / "chat_template.jinja").read_text())
+    assert json.loads(sent["tokenizer_config.json"])["tokenizer_class"] == "PreTrainedTokenizerFast"
     # The card: valid front matter through huggingface_hub's own parser, and the facts of the run.
     from huggingface_hub import ModelCard
 
