@@ -77,3 +77,20 @@ def test_lm_eval_table_and_task_names():
     assert table.splitlines()[-1].split()[-2:] == ["0.3000", "-"]  # a metric only the base reported
     with pytest.raises(UserError, match="task names"):
         parse_tasks(" , ")
+
+
+def test_lm_eval_task_names_are_checked_before_any_model_loads(tmp_path):
+    import importlib.util
+
+    from qlora_pipe.errors import UserError
+    from qlora_pipe.evaluate.lm_harness import metrics_only, parse_tasks
+
+    with pytest.raises(UserError, match=r"--lm-eval-include .*: not a folder of lm-eval task files"):
+        parse_tasks("arc_easy", include=str(tmp_path / "missing"))
+    scores = {"alias": "arc_easy", "acc,none": 0.5, "acc_stderr,none": 0.1, "samples": 10, "acc_norm,none": 0.25}
+    assert metrics_only(scores) == {"acc,none": 0.5, "acc_norm,none": 0.25}  # the table lists metrics only
+    if importlib.util.find_spec("lm_eval") is None:
+        pytest.skip("lm-eval is not installed here (it changes the stack's versions: its own venv, see the docs)")
+    with pytest.raises(UserError, match=r"lm-eval has no task arc_easyy \(close: arc_easy"):
+        parse_tasks("arc_easyy,hellaswag")
+    assert parse_tasks("arc_easy, hellaswag") == ["arc_easy", "hellaswag"]
