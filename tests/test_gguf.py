@@ -5,6 +5,7 @@ llama.cpp's runtime beside the trained model (when llama-cpp-python is installed
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -191,3 +192,37 @@ def test_llama_cpp_answers_like_the_trained_model(make_recipe, converter):
     assert runtime["tokenization_identical"] == f"{runtime['examples']}/{runtime['examples']}"
     assert runtime["top1_agreement"] >= 0.95 and runtime["relative_loss_change"] <= 0.01
     assert runtime["greedy_identical"].split("/")[1] == "2"
+
+
+@pytest.mark.skipif(
+    os.environ.get("QLORA_PIPE_SLOW_TESTS") != "1",
+    reason="installs transformers 4.57.6 into its own venv from PyPI (about a minute): set QLORA_PIPE_SLOW_TESTS=1",
+)
+def test_served_tokenizer_loads_with_the_transformers_serving_engines_pin(tokenizer, tmp_path):
+    """transformers 4.57.6 (llama.cpp's converter pins it; vLLM releases pin 4.x) reads the served tokenizer
+    to the same tokens and the same rendered chat as ours."""
+    from qlora_pipe.export.serving import make_serving_files
+
+    folder = tmp_path / "served"
+    tokenizer.save_pretrained(folder)
+    make_serving_files(folder)
+    venv = tmp_path / "tf4"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = [str(venv / "bin/python"), "-m", "pip", "install", "-q", "transformers==4.57.6", "jinja2"]
+    subprocess.run(pip, check=True, capture_output=True)
+    probe = [{"role": "user", "content": "What is a tort?"}, {"role": "assistant", "content": "A civil wrong."}]
+    code = (
+        "import json, sys\nfrom transformers import AutoTokenizer\n"
+        f"t = AutoTokenizer.from_pretrained({str(folder)!r})\nprobe = json.loads(sys.argv[1])\n"
+        "text = t.apply_chat_template(probe, tokenize=False)\n"
+        "print(json.dumps({'text': text, 'ids': t(text, add_special_tokens=False)['input_ids'], 'eos': t.eos_token}))"
+    )
+    done = subprocess.run([str(venv / "bin/python"), "-c", code, json.dumps(probe)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-1500:]
+    old = json.loads(done.stdout.strip().splitlines()[-1])
+    text = tokenizer.apply_chat_template(probe, tokenize=False)
+    assert old == {
+        "text": text,
+        "ids": tokenizer(text, add_special_tokens=False)["input_ids"],
+        "eos": tokenizer.eos_token,
+    }
