@@ -226,3 +226,21 @@ def test_served_tokenizer_loads_with_the_transformers_serving_engines_pin(tokeni
         "ids": tokenizer(text, add_special_tokens=False)["input_ids"],
         "eos": tokenizer.eos_token,
     }
+
+
+def test_vllm_lora_rules_are_checked_from_the_recipe(tiny_model_dir, tmp_path):
+    """What vLLM's LoRA loader takes: no DoRA, no fully trained modules, a rank it has a slot size for."""
+    from qlora_pipe.export.serving import vllm_lora_notes
+    from qlora_pipe.publish.model_card import vllm_rank
+    from qlora_pipe.recipe import validate_recipe
+    from tests.conftest import recipe_dict
+
+    def recipe(**lora):
+        raw = recipe_dict(tiny_model_dir, tmp_path / "runs")
+        raw["lora"].update(lora)
+        return validate_recipe(raw)
+
+    assert vllm_lora_notes(recipe()) == []
+    assert [vllm_rank(r) for r in (4, 8, 12, 64, 300)] == [8, 8, 16, 64, 320]
+    notes = vllm_lora_notes(recipe(use_dora=True, modules_to_save=["lm_head"]))
+    assert any("DoRA" in n for n in notes) and any("lm_head" in n for n in notes)
