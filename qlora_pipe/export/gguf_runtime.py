@@ -21,7 +21,7 @@ import torch
 
 from qlora_pipe.runs import RunDir, training_system_prompt
 
-ROWS = 8
+ROWS = 16  # the merged-model check uses the same 16 eval rows
 ANSWERS = 4
 ANSWER_TOKENS = 24
 
