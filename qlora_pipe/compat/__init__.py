@@ -9,4 +9,6 @@ the test that fails first when a new version breaks it. Upgrading a library star
     trl.py            SFTTrainer's bf16 cast of QLoRA adapters; the {% generation %} template helpers
     torch.py          the fused per-tensor norm of the bad-step check
     bitsandbytes.py   the CPU inference fast path; quantizing one tensor as loading does
+    llama_cpp.py      llama.cpp's GGUF converter (run as its own process): pre-tokenizer names for
+                      tokenizers it has no hash for, GPT-2's n_ctx, the q/k row order it writes
 """
