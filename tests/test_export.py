@@ -138,6 +138,11 @@ def test_merge_is_faithful_and_reloads_with_plain_transformers(kind, tokenizer_d
     assert gguf["passed"] and gguf["exact_tensors"] == gguf["tensors"] and not gguf["unmatched_tensors"]
     assert gguf["eos_token_id"] == tokenizer.eos_token_id and gguf["chat_template_is_serving_template"]
     assert json.loads((out / "fidelity.json").read_text())["gguf"]["f16"]["passed"]
+    if kind == "llama":  # quantized: every matrix within q8_0's rounding, norms still bit-equal
+        q8 = export_gguf(RunDir(result.run_dir.root), out, "q8_0")
+        assert q8["passed"] and q8["quantized_tensors"] > 0 and q8["exact_tensors"] > 0
+        assert 0 < q8["max_relative_quantization_error"] <= 0.005
+        assert (result.run_dir.root / "gguf/Modelfile").is_file()
 
 
 def test_rslora_dora_and_modules_to_save_are_merged(tokenizer_dir, tmp_path):

@@ -47,7 +47,7 @@ def test_serving_template_parses_with_plain_jinja2_and_renders_the_training_text
         assert render(serving, probe, bos, eos) == trained_text
 
 
-def test_a_served_folder_loads_and_a_run_keeps_its_training_template(make_recipe, tmp_path):
+def test_a_served_folder_loads_and_a_run_keeps_its_training_template(make_recipe, tmp_path, capsys):
     from transformers import AutoTokenizer
 
     from qlora_pipe.export.command import export_merged
@@ -56,6 +56,12 @@ def test_a_served_folder_loads_and_a_run_keeps_its_training_template(make_recipe
     result = run_training(make_recipe(max_steps=2))
     run = result.run_dir.root
     assert has_generation_tags((run / "chat_template.jinja").read_text())  # the run keeps what it trained with
+    from qlora_pipe.cli import main
+
+    # A GGUF type that does not exist: one line, exit 2, before the merge (nothing written).
+    assert main(["export", str(run), "--format", "gguf", "--gguf-type", "q3"]) == 2
+    assert "--gguf-type q3: choose one of f16, bf16, q8_0" in capsys.readouterr().err
+    assert not (run / "merged").exists() and not (run / "gguf").exists()
     out = export_merged(run, verify=False).out
     served = (out / "chat_template.jinja").read_text()
     assert served == serving_template((run / "chat_template.jinja").read_text())
