@@ -114,6 +114,13 @@ def cmd_data(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, overrides=args.overrides)
     recipe = resolve_max_length(recipe, memory_budget(recipe))
     tokenizer = load_tokenizer(recipe)
+    if recipe.method == "dpo":
+        from qlora_pipe.data.preference import prepare_preference_data
+        from qlora_pipe.data.preview import preference_preview_text
+
+        prepared = prepare_preference_data(recipe.data, tokenizer, recipe.seed)
+        print(preference_preview_text(prepared, tokenizer, args.preview))
+        return 0
     prepared = prepare_data(recipe.data, tokenizer, recipe.seed)
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
     print(preview_text(prepared, tokenizer, args.preview, color))

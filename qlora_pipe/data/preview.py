@@ -33,3 +33,19 @@ def preview_text(prepared: PreparedData, tokenizer, count: int, color: bool) -> 
         lines.append(f"\n--- example {index + 1} ({len(row['input_ids'])} tokens) ---")
         lines.append(render_example(row["input_ids"], row["labels"], tokenizer, color))
     return "\n".join(lines)
+
+
+def preference_preview_text(prepared: PreparedData, tokenizer, count: int) -> str:
+    """Preference pairs side by side: the prompt as rendered, then the chosen and the rejected answer
+    (both trained on, end of turn included: DPO raises one against the other)."""
+    lines = ["data report:", *[f"  {report.line()}" for report in prepared.reports]]
+    shown = min(count, len(prepared.train))
+    lines.append(f"\n{shown} preference pair(s); the answers between {OPEN} and {CLOSE} are what DPO compares:")
+    for index in range(shown):
+        pair = prepared.train[index]
+        prompt = tokenizer.apply_chat_template(pair["prompt"], add_generation_prompt=True, tokenize=False)
+        lines.append(f"\n--- pair {index + 1} ---\n{prompt}")
+        for name in ("chosen", "rejected"):
+            full = tokenizer.apply_chat_template(pair["prompt"] + pair[name], tokenize=False)
+            lines.append(f"  {name:>8}: {OPEN}{full[len(prompt) :] if full.startswith(prompt) else full}{CLOSE}")
+    return "\n".join(lines)

@@ -77,24 +77,39 @@ def compare(reference, candidate, rows: list[dict[str, list[int]]]) -> dict[str,
     return result
 
 
+def fidelity_rows(recipe: Recipe, tokenizer, limit: int) -> tuple[list[dict[str, list[int]]], str]:
+    """The first ``limit`` eval rows (train rows without an eval split) as training saw them; for a
+    preference run, each pair's prompt with its chosen answer."""
+    if recipe.method == "dpo":
+        from qlora_pipe.data.preference import chosen_rows, prepare_preference_data
+
+        data = prepare_preference_data(recipe.data, tokenizer, recipe.seed)
+    else:
+        from qlora_pipe.data.prepare import prepare_data
+
+        data = prepare_data(recipe.data, tokenizer, recipe.seed)
+    source = data.eval if data.eval is not None else data.train
+    rows = [source[i] for i in range(min(limit, len(source)))]
+    return (chosen_rows(rows, tokenizer) if recipe.method == "dpo" else rows), (
+        "eval" if data.eval is not None else "train"
+    )
+
+
 def verify_merged(recipe: Recipe, run: RunDir, merged_dir: Path, dtype: torch.dtype, limit: int = 16) -> dict[str, Any]:
     """Fidelity of the merged model against the trained model on the run's eval (or train) examples."""
     from transformers import AutoModelForCausalLM
 
-    from qlora_pipe.data.prepare import prepare_data
     from qlora_pipe.model import load_run_tokenizer, load_trained_model, training_device
 
     recipe = recipe.model_copy(deep=True)
     tokenizer = load_run_tokenizer(run.root)
-    data = prepare_data(recipe.data, tokenizer, recipe.seed)
-    source = data.eval if data.eval is not None else data.train
-    rows = [source[i] for i in range(min(limit, len(source)))]
+    rows, split = fidelity_rows(recipe, tokenizer, limit)
     trained = load_trained_model(recipe, run.root)
     # Where this CPU emulates 16-bit matmuls the merged weights are read into fp32 (exact) and run there.
     dtype = getattr(torch, dtype_for_inference(str(dtype).removeprefix("torch.")))
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=dtype, device_map={"": training_device()}).eval()
     result = compare(trained, merged, rows)
-    result["split"] = "eval" if data.eval is not None else "train"
+    result["split"] = split
     del trained, merged
     return result
 

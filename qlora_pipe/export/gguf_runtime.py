@@ -70,17 +70,14 @@ def compare_runtime(run: RunDir, gguf_file: Path) -> dict[str, Any]:
 def measure(run: RunDir, gguf_file: Path) -> dict[str, Any]:
     from llama_cpp import Llama
 
-    from qlora_pipe.data.prepare import prepare_data
-    from qlora_pipe.export.fidelity import compare
+    from qlora_pipe.export.fidelity import compare, fidelity_rows
     from qlora_pipe.generation import chat_prompt_ids, stop_token_ids
     from qlora_pipe.model import load_run_tokenizer, load_trained_model
     from qlora_pipe.recipe import load_recipe
 
     recipe = load_recipe(run.resolved_recipe)
     tokenizer = load_run_tokenizer(run.root)
-    data = prepare_data(recipe.data, tokenizer, recipe.seed)
-    source = data.eval if data.eval is not None else data.train
-    rows = [source[i] for i in range(min(ROWS, len(source)))]
+    rows, _ = fidelity_rows(recipe, tokenizer, ROWS)
     threads = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
     longest = max(len(row["input_ids"]) for row in rows)
     llm = Llama(

@@ -10,28 +10,13 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from qlora_pipe.errors import UserError
-from qlora_pipe.sizes import parse_size
+from qlora_pipe.recipe.base import Section, _a_size
+from qlora_pipe.recipe.methods import METHODS, PreferenceSection
+from qlora_pipe.recipe.output_sections import ExportSection, GenerationSection, HubSection
 
 ComputeDtype = Literal["auto", "bfloat16", "float16", "float32"]
-
-
-def _a_size(value: str | None) -> str | None:
-    """Sizes are read by the one grammar of qlora_pipe.sizes (24GiB, 5GB, 500MB, bytes)."""
-    if value is not None:
-        try:
-            parse_size(value)
-        except UserError:
-            raise ValueError("not a size (e.g. 24GiB, 5GB, 500MB)") from None
-    return value
-
-
-class Section(BaseModel):
-    """Base of every recipe section: unknown keys are errors, not silently ignored."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class ModelSection(Section):
@@ -40,6 +25,9 @@ class ModelSection(Section):
     trust_remote_code: bool = Field(False, description="Allow model code from the Hub repository to run.")
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
         "sdpa", description="Attention kernel passed to transformers."
+    )
+    adapter: str | None = Field(
+        None, description="A finished run whose adapter training continues (e.g. the SFT run a DPO run starts from)."
     )
 
 
@@ -231,53 +219,17 @@ class TrainingSection(Section):
         return value
 
 
-class ExportSection(Section):
-    dtype: Literal["bfloat16", "float16"] = Field("bfloat16", description="Dtype of the merged model.")
-    merge_base: Literal["dequantized", "original"] = Field(
-        "dequantized", description="Merge into the NF4 weights trained against (default) or the 16-bit ones."
-    )
-    max_shard_size: str = Field("5GB", description="Largest safetensors shard of the merged model.")
-
-    @field_validator("max_shard_size")
-    @classmethod
-    def _shard_is_a_size(cls, value: str) -> str:
-        return _a_size(value)
-
-    verify: bool = Field(True, description="Check the merged model against the trained model.")
-    gguf: list[Literal["f16", "bf16", "q8_0", "q4_k_m", "q4_k_s", "q5_k_m", "q6_k"]] = Field(
-        [], description="GGUF files to write after the merge, checked (skipped with a notice without the gguf extra)."
-    )
-
-
-class GenerationSection(Section):
-    max_new_tokens: int = Field(256, ge=1, description="Longest answer of `qlora-pipe chat` and the merged model.")
-    do_sample: bool = Field(False, description="Sample instead of greedy decoding (chat; merged generation_config).")
-    temperature: float = Field(0.7, gt=0, description="Sampling temperature (with do_sample).")
-    top_p: float = Field(0.9, gt=0, le=1, description="Nucleus sampling threshold (with do_sample).")
-
-
-class HubSection(Section):
-    repo_id: str | None = Field(None, description="Hub repository (user/name) to publish to.")
-    private: bool = Field(True, description="Create the Hub repository as private.")
-    push_adapter_at_end: bool = Field(False, description="Push the adapter when training finishes.")
-    push_checkpoints: bool = Field(False, description="Also push the adapter of every checkpoint as it is saved.")
-
-    @model_validator(mode="after")
-    def _repo_for_push(self) -> HubSection:
-        if (self.push_adapter_at_end or self.push_checkpoints) and not self.repo_id:
-            raise ValueError("pushing needs repo_id")
-        return self
-
-
 class Recipe(Section):
     run_name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Name of the run directory.")
     output_dir: str = Field("runs", description="Parent directory of run directories.")
     seed: int = Field(42, ge=0, description="Seed for data order, LoRA init and dropout.")
+    method: METHODS = Field("sft", description="sft (supervised), or dpo on preference pairs (docs/preference.md).")
     model: ModelSection
     quantization: QuantizationSection = Field(default_factory=QuantizationSection)
     lora: LoraSection = Field(default_factory=LoraSection)
     data: DataSection
     training: TrainingSection = Field(default_factory=TrainingSection)
+    preference: PreferenceSection = Field(default_factory=PreferenceSection)
     export: ExportSection = Field(default_factory=ExportSection)
     generation: GenerationSection = Field(default_factory=GenerationSection)
     hub: HubSection = Field(default_factory=HubSection)

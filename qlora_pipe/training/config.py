@@ -16,10 +16,32 @@ from qlora_pipe.training.micro_batch import BatchChoice
 log = logging.getLogger(__name__)
 
 
+def trainer_config(recipe: Recipe, run: RunDir, device: torch.device, batch: BatchChoice, resuming: bool = False):
+    """SFTConfig, or DPOConfig for method: dpo (the same training arguments, plus the method's own)."""
+    if recipe.method == "sft":
+        return sft_config(recipe, run, device, batch, resuming)
+    from trl import DPOConfig
+
+    arguments = sft_arguments(recipe, run, device, batch, resuming)
+    for key in ("assistant_only_loss", "completion_only_loss", "packing", "packing_strategy"):
+        arguments.pop(key)
+    p = recipe.preference
+    return DPOConfig(
+        **{**arguments, "max_length": recipe.data.max_length, "padding_free": False},
+        beta=p.beta,
+        loss_type=list(p.loss_type),
+        precompute_ref_log_probs=p.precompute_ref_log_probs,
+    )
+
+
 def sft_config(recipe: Recipe, run: RunDir, device: torch.device, batch: BatchChoice, resuming: bool = False):
     """The one place where recipe names become TRL/transformers argument names."""
     from trl import SFTConfig
 
+    return SFTConfig(**sft_arguments(recipe, run, device, batch, resuming))
+
+
+def sft_arguments(recipe: Recipe, run: RunDir, device: torch.device, batch: BatchChoice, resuming: bool) -> dict:
     t = with_resolved_precision(recipe, detect_hardware(device.type)).training
     on_cpu = device.type == "cpu"
     optimizer = t.optimizer
@@ -28,7 +50,7 @@ def sft_config(recipe: Recipe, run: RunDir, device: torch.device, batch: BatchCh
         optimizer = optimizer.removeprefix("paged_")
         log.warning("no GPU: optimizer %s runs as %s (paging needs CUDA)", t.optimizer, optimizer)
     evaluating = recipe.data.has_eval() and t.eval_steps is not None
-    return SFTConfig(
+    return dict(
         output_dir=str(run.checkpoints),
         seed=recipe.seed,
         data_seed=recipe.seed,

@@ -17,19 +17,19 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from qlora_pipe.data.prepare import prepare_data
 from qlora_pipe.data.prepared import PreparedData
 from qlora_pipe.dist import is_main_process, world_size
 from qlora_pipe.errors import Interrupted, TrainingAborted, UserError
 from qlora_pipe.generation import generate_answers
-from qlora_pipe.model import load_tokenizer, load_trainable_model, training_device
+from qlora_pipe.model import load_tokenizer, training_device
 from qlora_pipe.plan.auto_sizes import resolve_auto_sizes
 from qlora_pipe.recipe import Recipe
 from qlora_pipe.runs import RunDir, write_json_atomic, write_text_atomic
 from qlora_pipe.training.callbacks import MetricsRecorder, PushCheckpoints
 from qlora_pipe.training.checkpoints import latest_valid_checkpoint, read_marker, step_of
 from qlora_pipe.training.compute import Compute, device_description, resolve_compute
-from qlora_pipe.training.config import check_trackers, sft_config
+from qlora_pipe.training.config import check_trackers, trainer_config
+from qlora_pipe.training.method import load_policy, method_summary, prepare_method_data
 from qlora_pipe.training.micro_batch import choose_batch
 from qlora_pipe.training.plots import plot_losses
 from qlora_pipe.training.preview_answers import answers_before, print_preview
@@ -71,16 +71,16 @@ def build_trainer(
     label: str = "",
 ):
     from qlora_pipe.compat.transformers import replace_progress_callbacks, tensorboard_callback
+    from qlora_pipe.training.method import method_callbacks, trainer_class
     from qlora_pipe.training.progress import RunProgress
-    from qlora_pipe.training.trainer import PipeTrainer
 
-    trainer = PipeTrainer(
+    trainer = trainer_class(recipe)(
         model=model,
-        args=sft_config(recipe, run, training_device(), batch or choose_batch(recipe, run, model), resuming),
+        args=trainer_config(recipe, run, training_device(), batch or choose_batch(recipe, run, model), resuming),
         train_dataset=data.train,
         eval_dataset=data.eval,
         processing_class=tokenizer,
-        callbacks=[MetricsRecorder(run), *callbacks],
+        callbacks=[MetricsRecorder(run), *method_callbacks(recipe, run, tokenizer, data), *callbacks],
         max_bad_steps=recipe.training.max_bad_steps,
         keep_checkpoints=recipe.training.save_total_limit,
     )
@@ -148,11 +148,11 @@ def _run_training(recipe: Recipe, overwrite: bool, resume: bool | str, callbacks
     check_speed_switches(recipe)
     set_seed(recipe.seed)
     tokenizer = load_tokenizer(recipe)
-    data = prepare_data(recipe.data, tokenizer, recipe.seed)  # data errors surface before the model loads
+    data = prepare_method_data(recipe, tokenizer)  # data errors surface before the model loads
     if checkpoint is not None:
         check_same_data(run, data.fingerprint)
     set_seed(recipe.seed)
-    _, trainable = load_trainable_model(recipe, tokenizer)
+    trainable = load_policy(recipe, tokenizer)
 
     if checkpoint is not None:
         check_trainable_count(checkpoint, trainable.trainable_params)
@@ -248,6 +248,7 @@ def _train_and_save(
     summary = {
         "run_name": recipe.run_name,
         "base_model": recipe.model.name_or_path,
+        **method_summary(recipe, run),
         "steps": trainer.state.global_step,
         "epochs": trainer.state.epoch,
         "resumed_from": str(checkpoint) if checkpoint else None,

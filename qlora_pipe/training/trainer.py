@@ -1,4 +1,4 @@
-"""TRL's SFTTrainer with the guarantees a long QLoRA run needs.
+"""TRL's trainers (SFTTrainer; DPOTrainer for preference runs) with the guarantees a long QLoRA run needs.
 
 - counts the tokens that carry loss;
 - a non-finite loss or gradient skips the update: no optimizer step (gradients dropped, so the
@@ -93,7 +93,9 @@ class CheckpointCompletion(TrainerCallback):
         trainer.rotate_checkpoints()
 
 
-class PipeTrainer(TrainerInternals, SFTTrainer):
+class RunGuarantees:
+    """The guarantees above, for any TRL trainer (SFTTrainer, DPOTrainer): mixed in before it."""
+
     def __init__(
         self, *args: Any, max_bad_steps: int = 5, keep_checkpoints: int = 2, callbacks=None, **kwargs: Any
     ) -> None:
@@ -122,6 +124,9 @@ class PipeTrainer(TrainerInternals, SFTTrainer):
     def compute_loss(self, model, inputs, *args, **kwargs):
         if model.training and "labels" in inputs:
             self.supervised_tokens += int((inputs["labels"][..., 1:] != -100).sum())
+        elif model.training and "completion_mask" in inputs:  # preference batches: chosen rows first, then rejected
+            mask = inputs["completion_mask"]
+            self.supervised_tokens += int(mask[: mask.shape[0] // 2].sum())
         return super().compute_loss(model, inputs, *args, **kwargs)
 
     def training_step(self, model, inputs, *args, **kwargs):
@@ -163,3 +168,17 @@ class PipeTrainer(TrainerInternals, SFTTrainer):
         for broken in (p for p in root.iterdir() if step_of(p) >= 0 and step_of(p) < step_of(newest_valid)):
             if not (broken / "checkpoint_complete.json").is_file():
                 shutil.rmtree(broken, ignore_errors=True)
+
+
+class PipeTrainer(TrainerInternals, RunGuarantees, SFTTrainer):
+    """Supervised fine-tuning (method: sft)."""
+
+
+def preference_trainer_class():
+    """DPOTrainer with the same guarantees (method: dpo); imported only for preference runs."""
+    from trl import DPOTrainer
+
+    class PipeDPOTrainer(TrainerInternals, RunGuarantees, DPOTrainer):
+        pass
+
+    return PipeDPOTrainer

@@ -1,0 +1,151 @@
+"""The data stage for preference tuning (method: dpo): prompt / chosen / rejected rows, checked and reported.
+
+A row's prompt is a string or a conversation (system and earlier turns allowed, the last turn the
+user's); chosen and rejected are strings or assistant messages. TRL's DPOTrainer renders them with the
+run's chat template, so the end-of-turn token closes each completion and is trained on. Rows are
+dropped, and counted by reason, when a completion is empty, chosen and rejected are the same, or the
+prompt with the longer completion does not fit data.max_length (dropped rather than truncated, so no
+completion loses its end of turn).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+from typing import Any
+
+from qlora_pipe.data.prepared import PreparedData
+from qlora_pipe.data.report import SplitReport
+from qlora_pipe.data.sources import draw, read_source, rename_columns
+from qlora_pipe.dist import is_main_process
+from qlora_pipe.errors import UserError
+from qlora_pipe.recipe import DataSection, SourceSection
+
+log = logging.getLogger(__name__)
+
+
+def _messages(value: Any, role: str) -> list[dict[str, str]] | None:
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    if isinstance(value, dict) and {"role", "content"} <= set(value):
+        return [value]
+    if isinstance(value, list) and value and all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in value):
+        return [{"role": m["role"], "content": m["content"]} for m in value]
+    return None
+
+
+def to_pair(row: dict[str, Any]) -> dict[str, Any] | str:
+    """The row as TRL's conversational preference example, or the reason it is dropped."""
+    if not {"prompt", "chosen", "rejected"} <= set(row):
+        return "not a prompt/chosen/rejected row"
+    prompt = _messages(row["prompt"], "user")
+    chosen, rejected = _messages(row["chosen"], "assistant"), _messages(row["rejected"], "assistant")
+    if prompt is None or chosen is None or rejected is None:
+        return "prompt, chosen or rejected is not text or chat messages"
+    if prompt[-1]["role"] != "user":
+        return "the prompt does not end with a user turn"
+    if any(m["role"] != "assistant" for m in chosen + rejected):
+        return "chosen or rejected has a turn that is not the assistant's"
+    if not all(isinstance(m["content"], str) and m["content"].strip() for m in chosen + rejected):
+        return "empty chosen or rejected answer"
+    if chosen == rejected:
+        return "chosen and rejected are identical"
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def collect_pairs(sources: list[SourceSection], data: DataSection, rng: random.Random, report: SplitReport) -> list:
+    pairs = []
+    for source in sources:
+        rows = rename_columns(read_source(source), source.columns)
+        kept = []
+        for index, row in enumerate(rows):
+            pair = to_pair(row)
+            if isinstance(pair, str):
+                if data.on_bad_row == "error":
+                    raise UserError(f"{source.label()}: row {index + 1}: {pair}")
+                report.dropped[pair] += 1
+                continue
+            kept.append(pair)
+        report.rows_read += len(rows)
+        pairs.extend(draw(kept, source, rng))
+    return pairs
+
+
+def lengths(pair: dict[str, Any], tokenizer) -> tuple[int, int, int]:
+    """Tokens of the rendered prompt, and of the whole chosen and rejected conversations."""
+
+    def count(messages: list[dict[str, str]], prompt: bool) -> int:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=prompt, tokenize=True, return_dict=True)
+        return len(ids["input_ids"])
+
+    return (
+        count(pair["prompt"], True),
+        count(pair["prompt"] + pair["chosen"], False),
+        count(pair["prompt"] + pair["rejected"], False),
+    )
+
+
+def check_split(pairs: list[dict[str, Any]], tokenizer, max_length: int, report: SplitReport):
+    from datasets import Dataset
+
+    kept, totals, trained = [], [], []
+    for pair in pairs:
+        prompt, chosen, rejected = lengths(pair, tokenizer)
+        if max(chosen, rejected) > max_length:
+            report.dropped["longer than data.max_length"] += 1
+            continue
+        kept.append(pair)
+        totals.append(chosen + rejected - prompt)
+        trained.append(chosen - prompt)  # the chosen answer's tokens, end of turn included
+    report.rows_kept = len(kept)
+    report.add_lengths(totals, trained)
+    return Dataset.from_list(kept) if kept else None
+
+
+def fingerprint(data: DataSection, tokenizer, seed: int) -> str:
+    parts = [data.model_dump_json(), getattr(tokenizer, "name_or_path", ""), str(tokenizer.chat_template), str(seed)]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:24]
+
+
+def prepare_preference_data(data: DataSection, tokenizer, seed: int = 42) -> PreparedData:
+    """Read, check, split and report preference pairs (no cache: rendering is TRL's, at train start)."""
+    from qlora_pipe.data.chat_templates import require_chat_template
+
+    require_chat_template(tokenizer, getattr(tokenizer, "name_or_path", "the model"))
+    rng = random.Random(seed)
+    train_report, eval_report = SplitReport("train"), SplitReport("eval")
+    train = collect_pairs(data.train_sources(), data, rng, train_report)[: data.max_train_samples]
+    held_out = collect_pairs(data.held_out_sources(), data, rng, eval_report) if data.held_out_sources() else []
+    if data.eval_fraction > 0:
+        rng.shuffle(train)
+        cut = max(1, round(len(train) * data.eval_fraction))
+        held_out, train = train[:cut], train[cut:]
+        eval_report.rows_read = len(held_out)
+    held_out = held_out[: data.max_eval_samples]
+    train_ds = check_split(train, tokenizer, data.max_length, train_report)
+    if train_ds is None:
+        raise UserError(f"training data: no usable preference pairs ({train_report.line()})")
+    eval_ds = check_split(held_out, tokenizer, data.max_length, eval_report) if held_out else None
+    reports = [train_report] + ([eval_report] if eval_ds is not None else [])
+    first = train_ds[0]["prompt"]
+    system = first[0]["content"] if first[0]["role"] == "system" else None
+    for report in reports:
+        if is_main_process():
+            log.info("data: %s", report.line())
+    return PreparedData(train_ds, eval_ds, reports, system, fingerprint(data, tokenizer, seed))
+
+
+def chosen_rows(pairs, tokenizer) -> list[dict[str, list[int]]]:
+    """Each pair's prompt + chosen answer as a supervised row (labels on the answer only), for checks that
+    score a model the way SFT rows are scored (the export's fidelity check)."""
+    from qlora_pipe.data.prepared import IGNORE
+
+    rows = []
+    for pair in pairs:
+        render = tokenizer.apply_chat_template
+        start = len(render(pair["prompt"], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+        ids = list(render(pair["prompt"] + pair["chosen"], tokenize=True, return_dict=True)["input_ids"])
+        rows.append({"input_ids": ids, "labels": [IGNORE] * start + ids[start:]})
+    return rows

@@ -1,0 +1,114 @@
+"""What differs between training methods: the data stage, the trainer class, and where the adapter starts.
+
+sft: supervised rows, a fresh adapter (PipeTrainer over TRL's SFTTrainer). dpo: preference pairs
+(qlora_pipe/data/preference.py) through TRL's DPOTrainer. With a LoRA policy the reference costs no
+second model: TRL copies the starting adapter under the name "ref" (a fresh adapter is zero, so the
+reference is the base; a continued SFT adapter makes the SFT model the reference).
+``model.adapter`` continues training a finished run's adapter, on the same 4-bit base.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from qlora_pipe.errors import UserError
+from qlora_pipe.recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+
+def prepare_method_data(recipe: Recipe, tokenizer):
+    if recipe.method == "dpo":
+        from qlora_pipe.data.preference import prepare_preference_data
+
+        return prepare_preference_data(recipe.data, tokenizer, recipe.seed)
+    from qlora_pipe.data.prepare import prepare_data
+
+    return prepare_data(recipe.data, tokenizer, recipe.seed)
+
+
+def trainer_class(recipe: Recipe):
+    from qlora_pipe.training.trainer import PipeTrainer, preference_trainer_class
+
+    return preference_trainer_class() if recipe.method == "dpo" else PipeTrainer
+
+
+def starting_adapter(recipe: Recipe) -> Path | None:
+    """The adapter folder named by model.adapter, checked: it exists and was trained on this base."""
+    if recipe.model.adapter is None:
+        return None
+    folder = Path(recipe.model.adapter)
+    config = folder / "adapter_config.json"
+    if not config.is_file():
+        raise UserError(f"model.adapter: {folder} has no adapter_config.json (a finished run directory?)")
+    base = json.loads(config.read_text()).get("base_model_name_or_path", "")
+    wanted = recipe.model.name_or_path
+    same = base == wanted or (
+        Path(base).exists() and Path(wanted).exists() and Path(base).resolve() == Path(wanted).resolve()
+    )
+    if not same:
+        raise UserError(f"model.adapter: {folder} was trained on {base}, not on model.name_or_path {wanted}")
+    return folder
+
+
+def load_policy(recipe: Recipe, tokenizer):
+    """The 4-bit base with the adapter to train: model.adapter's (trainable), else a fresh one."""
+    from qlora_pipe.model import TrainableModel, load_base_model, load_trainable_model, prepare_frozen_base
+
+    folder = starting_adapter(recipe)
+    if folder is None:
+        return load_trainable_model(recipe, tokenizer)[1]
+    from peft import PeftModel
+
+    base = load_base_model(recipe)
+    if base.config.pad_token_id is None or base.config.pad_token_id == tokenizer.eos_token_id:
+        base.config.pad_token_id = tokenizer.pad_token_id
+    base = prepare_frozen_base(base, recipe.training.gradient_checkpointing)
+    model = PeftModel.from_pretrained(base, str(folder), is_trainable=True)
+    trainable, total = model.get_nb_trainable_parameters()
+    log.info("continuing the adapter of %s: %s trainable params", folder, f"{trainable:,}")
+    return TrainableModel(model, trainable, total)
+
+
+PREFERENCE_EVAL = "preference_eval.json"
+
+
+def method_callbacks(recipe: Recipe, run, tokenizer, data) -> list:
+    """For preference runs with held-out pairs: reward accuracy before training and after it."""
+    if recipe.method != "dpo" or data.eval is None:
+        return []
+    from transformers import TrainerCallback
+
+    from qlora_pipe.dist import is_main_process
+    from qlora_pipe.evaluate.reward_accuracy import reward_accuracy
+    from qlora_pipe.runs import write_json_atomic
+
+    path = run.root / PREFERENCE_EVAL
+
+    class HeldOutRewardAccuracy(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 0 and is_main_process():  # a resumed run keeps its "before"
+                write_json_atomic(path, {"before": reward_accuracy(model, tokenizer, data.eval)})
+
+        def on_train_end(self, args, state, control, model=None, **kwargs):
+            if is_main_process() and path.is_file():
+                scores = json.loads(path.read_text())
+                write_json_atomic(path, {**scores, "after": reward_accuracy(model, tokenizer, data.eval)})
+
+    return [HeldOutRewardAccuracy()]
+
+
+def method_summary(recipe: Recipe, run) -> dict:
+    """The method and its settings for summary.json; for DPO, the held-out reward accuracy before/after."""
+    if recipe.method == "sft":
+        return {"method": "sft"}
+    path = run.root / PREFERENCE_EVAL
+    scores = json.loads(path.read_text()) if path.is_file() else {}
+    return {
+        "method": recipe.method,
+        "preference": recipe.preference.model_dump(),
+        "started_from_adapter": recipe.model.adapter,
+        "held_out_reward_accuracy": scores,
+    }
