@@ -1,0 +1,126 @@
+"""Preference tuning (method: dpo) on the same pipeline: rows checked and reported, a real DPO run on a tiny
+4-bit model that moves the preference, exact resume, continuing an SFT adapter, export with fidelity."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from qlora_pipe.data.preference import prepare_preference_data, to_pair
+from qlora_pipe.errors import UserError
+from qlora_pipe.recipe import validate_recipe
+from tests.conftest import REPO, recipe_dict
+
+PAIRS_TRAIN = REPO / "data/legal-qa/preference_train.jsonl"
+
+
+def dpo_recipe(model_dir: Path, tmp_path: Path, name: str = "dpo", eval_path: Path = PAIRS_TRAIN, **training):
+    raw = recipe_dict(model_dir, tmp_path / "runs", **training)
+    raw.update(run_name=name, method="dpo", preference={"beta": 0.1})
+    raw["data"].update(train_path=str(PAIRS_TRAIN), eval_path=str(eval_path), max_train_samples=16, max_eval_samples=16)
+    return raw
+
+
+def test_preference_rows_are_checked_and_dropped_by_reason(tokenizer, tiny_model_dir, tmp_path):
+    assert to_pair({"prompt": "q", "chosen": "a"}) == "not a prompt/chosen/rejected row"
+    assert to_pair({"prompt": "q", "chosen": "a", "rejected": "a"}) == "chosen and rejected are identical"
+    assert to_pair({"prompt": "q", "chosen": " ", "rejected": "b"}) == "empty chosen or rejected answer"
+    assistant_last = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    assert (
+        to_pair({"prompt": assistant_last, "chosen": "a", "rejected": "b"})
+        == "the prompt does not end with a user turn"
+    )
+    pair = to_pair({"prompt": "What is a tort?", "chosen": "A civil wrong.", "rejected": "A contract."})
+    assert pair["prompt"] == [{"role": "user", "content": "What is a tort?"}]
+    assert pair["chosen"] == [{"role": "assistant", "content": "A civil wrong."}]
+
+    rows = [
+        {"prompt": "What is a tort?", "chosen": "A civil wrong.", "rejected": "A contract."},
+        {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is a lien?"}],
+         "chosen": {"role": "assistant", "content": "A claim on property."}, "rejected": "A tort."},
+        {"prompt": "Same?", "chosen": "Yes.", "rejected": "Yes."},
+        {"prompt": "Empty?", "chosen": "", "rejected": "No."},
+        {"prompt": "Long? " * 200, "chosen": "Yes.", "rejected": "No."},
+    ]  # fmt: skip
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    raw = recipe_dict(tiny_model_dir, tmp_path / "runs")
+    raw["method"] = "dpo"
+    raw["data"] = {"train_path": str(path), "max_length": 128}
+    data = prepare_preference_data(validate_recipe(raw).data, tokenizer, 7)
+    report = data.reports[0]
+    assert (report.rows_read, report.rows_kept, len(data.train)) == (5, 2, 2)
+    assert dict(report.dropped) == {
+        "chosen and rejected are identical": 1,
+        "empty chosen or rejected answer": 1,
+        "longer than data.max_length": 1,
+    }
+    raw["data"]["on_bad_row"] = "error"
+    with pytest.raises(UserError, match=r"pairs\.jsonl: row 3: chosen and rejected are identical"):
+        prepare_preference_data(validate_recipe(raw).data, tokenizer, 7)
+
+
+def test_dpo_run_moves_the_preference_it_trains_on_and_exports_faithfully(tiny_model_dir, tmp_path):
+    """A real DPO run (TRL's DPOTrainer, 4-bit base, LoRA). The pairs scored are the 16 it trains on: on the
+    random tiny model this checks that DPO raises chosen over rejected; held-out numbers come from the
+    quickstart (README)."""
+    from qlora_pipe.export.command import export_merged
+    from qlora_pipe.training.stage import run_training
+
+    raw = dpo_recipe(tiny_model_dir, tmp_path, max_steps=40, learning_rate=5e-3, eval_steps=None)
+    result = run_training(validate_recipe(raw))
+    summary = result.summary
+    assert summary["method"] == "dpo" and summary["preference"]["beta"] == 0.1
+    scores = summary["held_out_reward_accuracy"]
+    before, after = scores["before"], scores["after"]
+    assert before["pairs"] == after["pairs"] == 16
+    # The margin this test states: chosen over rejected by at least 5 more nats on average, and no pair
+    # share lost. (On this random model length decides most pairs before training: DPO raises the margin
+    # relative to the reference, so a pair the reference ranks far the wrong way can stay so.)
+    assert after["mean_margin"] >= before["mean_margin"] + 5
+    assert after["reward_accuracy"] >= before["reward_accuracy"]
+    rows = [json.loads(line) for line in result.run_dir.metrics.read_text().splitlines()]
+    assert any("rewards/accuracies" in row for row in rows)  # TRL's DPO metrics reach metrics.jsonl
+    exported = export_merged(result.run_dir.root)
+    assert exported.fidelity["passed"] and exported.fidelity["examples"] == 16
+
+
+def test_dpo_resume_reproduces_the_uninterrupted_run(tiny_model_dir, tmp_path):
+    from qlora_pipe.runs import RunDir
+    from qlora_pipe.training.stage import run_training
+    from tests.test_resume import CrashAtStep, SimulatedCrash, losses
+
+    def recipe(name: str):
+        raw = dpo_recipe(tiny_model_dir, tmp_path, name, max_steps=6, save_steps=3, eval_steps=None)
+        raw["quantization"] = {"compute_dtype": "float32"}
+        raw["training"]["precision"] = "fp32"
+        return validate_recipe(raw)
+
+    straight = run_training(recipe("straight"))
+    with pytest.raises(SimulatedCrash):
+        run_training(recipe("crashed"), callbacks=(CrashAtStep(5),))
+    resumed = run_training(recipe("crashed"), resume=True)
+    assert [s for s, _ in losses(resumed.run_dir)] == list(range(1, 7))
+    assert losses(resumed.run_dir) == losses(straight.run_dir)  # fp32: bit for bit
+    assert RunDir(resumed.run_dir.root).is_finished()
+
+
+def test_dpo_continues_an_sft_adapter_on_its_own_base(make_recipe, tiny_model_dir, tmp_path):
+    from qlora_pipe.training.method import starting_adapter
+    from qlora_pipe.training.stage import run_training
+
+    sft = run_training(make_recipe(max_steps=2))
+    raw = dpo_recipe(tiny_model_dir, tmp_path, "continued", max_steps=2, eval_steps=None)
+    raw["model"]["adapter"] = str(sft.run_dir.root)
+    raw["lora"]["r"] = 4  # ignored: the continued adapter keeps its own rank
+    result = run_training(validate_recipe(raw))
+    assert result.summary["trainable_params"] == sft.summary["trainable_params"]
+    assert result.summary["started_from_adapter"] == str(sft.run_dir.root)
+    raw["model"]["name_or_path"] = str(tmp_path)  # another base
+    with pytest.raises(UserError, match=r"model\.adapter: .* was trained on .*, not on model\.name_or_path"):
+        starting_adapter(validate_recipe(raw))
+    raw["model"]["adapter"] = str(tmp_path / "nowhere")
+    with pytest.raises(UserError, match=r"has no adapter_config\.json"):
+        starting_adapter(validate_recipe(raw))
