@@ -58,7 +58,11 @@ def _training_section(run: RunDir, recipe: Recipe) -> str:
         else f"- Base model: `{recipe.model.name_or_path}` in 16-bit",
         f"- LoRA: r={lora.r}, alpha={lora.alpha}, dropout={lora.dropout}, target modules {lora.target_modules}"
         f"{', rsLoRA' if lora.use_rslora else ''}{', DoRA' if lora.use_dora else ''}",
-        f"- Data: {sources}; loss on {recipe.data.loss_on} tokens; max length {recipe.data.max_length}",
+        f"- Data: {sources}; loss on {recipe.data.loss_on} tokens; max length {recipe.data.max_length}"
+        if recipe.method == "sft"
+        else f"- Method: {recipe.method.upper()} on preference pairs ({sources}), beta {recipe.preference.beta}, "
+        f"loss {', '.join(recipe.preference.loss_type)}"
+        f"{', continuing the adapter of ' + recipe.model.adapter if recipe.model.adapter else ''}",
         f"- Optimizer {t.optimizer}, learning rate {t.learning_rate}, {t.lr_scheduler} schedule, "
         f"precision {t.precision}",
     ]
@@ -75,6 +79,13 @@ def _training_section(run: RunDir, recipe: Recipe) -> str:
             f"| eval loss after training | {_fmt(summary.get('final_eval_loss'))} |",
             f"| final train loss | {_fmt(summary.get('final_train_loss'))} |",
         ]
+        scores = summary.get("held_out_reward_accuracy") or {}
+        for when in ("before", "after"):
+            if when in scores:
+                lines.append(
+                    f"| held-out reward accuracy {when} training | {_fmt(scores[when]['reward_accuracy'])} "
+                    f"(mean margin {_fmt(scores[when]['mean_margin'])} nats) |"
+                )
     if run.loss_curve.is_file():
         lines += ["", "![loss curves](loss.png)"]
     return "\n".join(lines)
