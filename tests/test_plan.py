@@ -116,6 +116,20 @@ def test_terms_of_a_tiny_config_by_hand(family_dirs):
     assert loss_bytes(shape, 200) == (2 + 4) * 256 * 200 + 200 * 32768 * 2
 
 
+def test_dpo_plan_runs_chosen_and_rejected_together_and_keeps_a_reference_adapter(family_dirs):
+    """DPO (method: dpo): chosen and rejected are one batch of twice the rows; the reference is TRL's
+    frozen copy of the adapter, not a second base model."""
+    shape = shape_from_config(read_config(str(family_dirs["llama"])))
+    sft = PlanSettings(micro_batch_size=2, max_length=100, lora_r=8, optimizer="adamw_torch", lora_dropout=0.0)
+    dpo = PlanSettings(**{**sft.__dict__, "sequences_per_row": 2, "reference_adapter": True})
+    plan_sft, plan_dpo = plan_memory(shape, sft), plan_memory(shape, dpo)
+    assert plan_dpo.term("activations kept") == 2 * plan_sft.term("activations kept")
+    assert plan_dpo.term("reference adapter (DPO)") == plan_sft.term("LoRA weights")
+    assert plan_dpo.term("base weights, 4-bit") == plan_sft.term("base weights, 4-bit")  # no second base
+    assert plan_dpo.trainable_params == plan_sft.trainable_params
+    assert plan_dpo.term("transient peak") >= plan_sft.term("transient peak")
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize("double_quant", [True, False])
 def test_weight_terms_match_loaded_4bit_models(family_dirs, tmp_path, family, double_quant):

@@ -67,6 +67,10 @@ class PlanSettings:
     precision: str = "bf16"
     gradient_checkpointing: bool = True
     activation_offloading: bool = False
+    # Preference tuning (method: dpo): chosen and rejected go through the model as one batch of twice the
+    # rows, and TRL keeps a frozen copy of the starting adapter as the reference (no second base model).
+    sequences_per_row: int = 1
+    reference_adapter: bool = False
 
     @classmethod
     def from_recipe(cls, recipe: Recipe, micro_batch_size: int, max_length: int) -> PlanSettings:
@@ -88,6 +92,8 @@ class PlanSettings:
             precision=t.precision,
             gradient_checkpointing=t.gradient_checkpointing,
             activation_offloading=t.activation_offloading,
+            sequences_per_row=2 if recipe.method == "dpo" else 1,
+            reference_adapter=recipe.method == "dpo",
         )
 
 
@@ -180,11 +186,14 @@ def trainable_terms(shape: ModelShape, s: PlanSettings) -> tuple[int, list[tuple
     states = optimizer_bytes_per_param(s.optimizer, lora_bytes) * lora_params
     states += optimizer_bytes_per_param(s.optimizer, s.compute_bytes) * full
     state_name = "optimizer states (paged)" if s.optimizer.startswith("paged_") else "optimizer states"
-    return lora_params + full, [
+    rows = [
         ("LoRA weights", weights, f"{lora_params:,} params, r={s.lora_r}, {len(adapted)} layers"),
         ("LoRA gradients", weights, "same size and dtype as the trained weights"),
         (state_name, int(states), s.optimizer),
     ]
+    if s.reference_adapter:
+        rows.append(("reference adapter (DPO)", lora_params * lora_bytes, "TRL's frozen copy of the starting adapter"))
+    return lora_params + full, rows
 
 
 def layer_saved_bytes_per_token(shape: ModelShape, s: PlanSettings) -> int:
@@ -202,7 +211,7 @@ def layer_saved_bytes_per_token(shape: ModelShape, s: PlanSettings) -> int:
 
 
 def activation_terms(shape: ModelShape, s: PlanSettings) -> list[tuple[str, int, str]]:
-    tokens = s.micro_batch_size * s.max_length
+    tokens = s.micro_batch_size * s.max_length * s.sequences_per_row
     layer = layer_saved_bytes_per_token(shape, s) * tokens
     residual = s.compute_bytes * shape.hidden_size * tokens  # one hidden state
     if s.gradient_checkpointing:
@@ -218,9 +227,13 @@ def activation_terms(shape: ModelShape, s: PlanSettings) -> list[tuple[str, int,
     logits = loss_bytes(shape, tokens, s.compute_bytes)
     peak_note = f"max of layer backward {_gib(backward)} and chunked loss {_gib(logits)}"
     return [
-        ("activations kept", kept, f"{tokens:,} tokens: {note}"),
+        ("activations kept", kept, f"{tokens:,} tokens{pairs_note(s)}: {note}"),
         ("transient peak", max(backward, logits), peak_note),
     ]
+
+
+def pairs_note(s: PlanSettings) -> str:
+    return " (chosen + rejected per pair)" if s.sequences_per_row == 2 else ""
 
 
 def layer_backward_bytes(layer_saved: int, s: PlanSettings) -> int:
