@@ -92,6 +92,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         args.lm_eval,
         args.lm_eval_include,
     )
+    if result.get("method", "sft") != "sft":
+        from qlora_pipe.evaluate.preference_eval import preference_table
+
+        print(f"\n{preference_table(result)}\n\nwrote {result['path']} ({result['seconds']:.0f}s)")
+        return 0
     print(f"\n{eval_heading(result)}\n\n{eval_table(result)}")
     if "lm_eval" in result["base"]:
         from qlora_pipe.evaluate.lm_harness import lm_eval_table

@@ -85,6 +85,16 @@ def test_dpo_run_moves_the_preference_it_trains_on_and_exports_faithfully(tiny_m
     assert any("rewards/accuracies" in row for row in rows)  # TRL's DPO metrics reach metrics.jsonl
     exported = export_merged(result.run_dir.root)
     assert exported.fidelity["passed"] and exported.fidelity["examples"] == 16
+    # `qlora-pipe eval` of a preference run: reward accuracy of the base and the tuned adapter on the pairs.
+    from qlora_pipe.cli import main
+    from qlora_pipe.publish.model_card import adapter_card
+    from qlora_pipe.recipe import load_recipe
+
+    assert main(["eval", str(result.run_dir.root)]) == 0
+    report = json.loads(result.run_dir.eval_report.read_text())
+    assert set(report["columns"]) == {"base", "dpo"} and report["columns"]["dpo"] == after
+    card = adapter_card(result.run_dir, load_recipe(result.run_dir.resolved_recipe), "me/dpo")
+    assert "Method: DPO" in card and "held-out reward accuracy after training" in card and "dpo" in card
 
 
 def test_dpo_resume_reproduces_the_uninterrupted_run(tiny_model_dir, tmp_path):
@@ -118,6 +128,10 @@ def test_dpo_continues_an_sft_adapter_on_its_own_base(make_recipe, tiny_model_di
     result = run_training(validate_recipe(raw))
     assert result.summary["trainable_params"] == sft.summary["trainable_params"]
     assert result.summary["started_from_adapter"] == str(sft.run_dir.root)
+    from qlora_pipe.cli import main
+
+    assert main(["eval", str(result.run_dir.root), "--limit", "4"]) == 0  # base, the SFT adapter, the DPO one
+    assert set(json.loads(result.run_dir.eval_report.read_text())["columns"]) == {"base", "sft", "dpo"}
     raw["model"]["name_or_path"] = str(tmp_path)  # another base
     with pytest.raises(UserError, match=r"model\.adapter: .* was trained on .*, not on model\.name_or_path"):
         starting_adapter(validate_recipe(raw))

@@ -210,11 +210,14 @@ def run_eval(
     if merged and not (merged_dir / "config.json").is_file():
         raise UserError(f"eval --merged: no merged model in {merged_dir}; run `qlora-pipe export {run.root}` first")
     recipe = load_recipe(run.resolved_recipe)
-    if recipe.method != "sft" and data is None:
-        raise UserError(
-            f"eval {run.root}: a {recipe.method} run's data are preference pairs; its held-out reward accuracy "
-            "before and after training is in summary.json. Give --data with question/answer rows to score answers"
-        )
+    if recipe.method != "sft":  # preference pairs: reward accuracy of base, starting adapter and tuned adapter
+        if merged or lm_tasks:
+            raise UserError(
+                f"eval {run.root}: --merged and --lm-eval are for sft runs; a {recipe.method} run is scored on pairs"
+            )
+        from qlora_pipe.evaluate.preference_eval import run_preference_eval
+
+        return run_preference_eval(run, recipe, data, limit)
     tokenizer = load_run_tokenizer(run.root)
     evalset = load_eval_set(recipe, tokenizer, data, limit)
     max_new_tokens = max_new_tokens or evalset.longest_answer + EXTRA_NEW_TOKENS

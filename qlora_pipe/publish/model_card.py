@@ -103,6 +103,10 @@ def _eval_section(run: RunDir, merged: Path | None = None) -> str:
     result = next((_json(p) for p in paths if p.is_file()), None)
     if not result:
         return ""
+    if result.get("method", "sft") != "sft":
+        from qlora_pipe.evaluate.preference_eval import preference_table
+
+        return f"## Evaluation\n\n```\n{preference_table(result)}\n```\n\n"
     return f"## Evaluation\n\n{eval_heading(result)}.\n\n{eval_table(result, markdown=True)}\n\n"
 
 
