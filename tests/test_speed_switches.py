@@ -16,7 +16,8 @@ from qlora_pipe.recipe import validate_recipe
 from qlora_pipe.runs import RunDir
 from qlora_pipe.training.micro_batch import BatchChoice
 from qlora_pipe.training.speed_switches import check_speed_switches
-from qlora_pipe.training.stage import run_training, sft_config
+from qlora_pipe.training.config import sft_config
+from qlora_pipe.training.stage import run_training
 
 
 def built_config(recipe):
