@@ -14,9 +14,9 @@ from qlora_pipe.cli import main
 from qlora_pipe.errors import UserError
 from qlora_pipe.recipe import validate_recipe
 from qlora_pipe.runs import RunDir
+from qlora_pipe.training.config import sft_config
 from qlora_pipe.training.micro_batch import BatchChoice
 from qlora_pipe.training.speed_switches import check_speed_switches
-from qlora_pipe.training.config import sft_config
 from qlora_pipe.training.stage import run_training
 
 
