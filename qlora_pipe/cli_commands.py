@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from qlora_pipe.errors import UserError
+from qlora_pipe.recipe.methods import PAIR_METHODS
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -119,7 +120,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, overrides=args.overrides)
     recipe = resolve_max_length(recipe, memory_budget(recipe))
     tokenizer = load_tokenizer(recipe)
-    if recipe.method == "dpo":
+    if recipe.method in PAIR_METHODS:
         from qlora_pipe.data.preference import prepare_preference_data
         from qlora_pipe.data.preview import preference_preview_text
 

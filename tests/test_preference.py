@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -138,3 +139,22 @@ def test_dpo_continues_an_sft_adapter_on_its_own_base(make_recipe, tiny_model_di
     raw["model"]["adapter"] = str(tmp_path / "nowhere")
     with pytest.raises(UserError, match=r"has no adapter_config\.json"):
         starting_adapter(validate_recipe(raw))
+
+
+def test_orpo_trains_on_pairs_without_a_reference(tiny_model_dir, tmp_path):
+    """ORPO (TRL's experimental ORPOTrainer): the same pairs, no reference model; the planner counts the
+    chosen + rejected batch and no reference adapter."""
+    from qlora_pipe.plan.advice import plan_for_recipe
+    from qlora_pipe.training.stage import run_training
+
+    raw = dpo_recipe(tiny_model_dir, tmp_path, "orpo", max_steps=6, eval_steps=None)
+    raw["method"] = "orpo"
+    recipe = validate_recipe(raw)
+    result = run_training(recipe)
+    assert result.summary["method"] == "orpo" and result.summary["steps"] == 6
+    scores = result.summary["held_out_reward_accuracy"]
+    assert scores["before"]["pairs"] == scores["after"]["pairs"] == 16
+    rows = [json.loads(line) for line in result.run_dir.metrics.read_text().splitlines()]
+    assert all(math.isfinite(row["loss"]) for row in rows if "loss" in row)
+    names = [name for name, _ in plan_for_recipe(recipe, micro_batch_size=2, max_length=64).terms]
+    assert "reference adapter (DPO)" not in names

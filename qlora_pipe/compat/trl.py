@@ -1,5 +1,10 @@
 """Reaches into TRL. Verified with trl 1.16.0 (and 1.17.x allowed by pyproject).
 
+orpo_trainer, orpo_config
+    ORPO lives in ``trl.experimental.orpo`` in TRL 1.16 (an API TRL may change or remove without notice;
+    importing it warns, silenced here). method: orpo imports it only through these two functions.
+    Caught by: tests/test_preference.py::test_orpo_trains_on_pairs_without_a_reference.
+
 keep_adapter_fp32_unless_bf16
     SFTTrainer.__init__ casts the trainable weights of every quantized model to bf16, whatever the
     precision. In an fp32 run on a CPU without native bf16 that makes every LoRA matmul an emulated
@@ -44,3 +49,21 @@ def stop_token_trained(tokenizer, template: str) -> bool:
     from trl.chat_template_utils import is_chat_template_stop_token_trained
 
     return is_chat_template_stop_token_trained(tokenizer, chat_template=template)
+
+
+def orpo_trainer():
+    import os
+
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    from trl.experimental.orpo import ORPOTrainer
+
+    return ORPOTrainer
+
+
+def orpo_config():
+    import os
+
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    from trl.experimental.orpo import ORPOConfig
+
+    return ORPOConfig

@@ -80,7 +80,7 @@ def compare(reference, candidate, rows: list[dict[str, list[int]]]) -> dict[str,
 def fidelity_rows(recipe: Recipe, tokenizer, limit: int) -> tuple[list[dict[str, list[int]]], str]:
     """The first ``limit`` eval rows (train rows without an eval split) as training saw them; for a
     preference run, each pair's prompt with its chosen answer."""
-    if recipe.method == "dpo":
+    if recipe.method != "sft":
         from qlora_pipe.data.preference import chosen_rows, prepare_preference_data
 
         data = prepare_preference_data(recipe.data, tokenizer, recipe.seed)
@@ -90,7 +90,7 @@ def fidelity_rows(recipe: Recipe, tokenizer, limit: int) -> tuple[list[dict[str,
         data = prepare_data(recipe.data, tokenizer, recipe.seed)
     source = data.eval if data.eval is not None else data.train
     rows = [source[i] for i in range(min(limit, len(source)))]
-    return (chosen_rows(rows, tokenizer) if recipe.method == "dpo" else rows), (
+    return (chosen_rows(rows, tokenizer) if recipe.method != "sft" else rows), (
         "eval" if data.eval is not None else "train"
     )
 

@@ -92,7 +92,7 @@ class PlanSettings:
             precision=t.precision,
             gradient_checkpointing=t.gradient_checkpointing,
             activation_offloading=t.activation_offloading,
-            sequences_per_row=2 if recipe.method == "dpo" else 1,
+            sequences_per_row=1 if recipe.method == "sft" else 2,
             reference_adapter=recipe.method == "dpo",
         )
 

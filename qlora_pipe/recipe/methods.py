@@ -8,7 +8,8 @@ from pydantic import Field
 
 from qlora_pipe.recipe.base import Section
 
-METHODS = Literal["sft", "dpo"]
+METHODS = Literal["sft", "dpo", "orpo"]
+PAIR_METHODS = ("dpo", "orpo")  # trained on prompt / chosen / rejected pairs
 # TRL 1.16's DPOConfig.loss_type values (trl/trainer/dpo_config.py); several combine with loss_weights.
 DPO_LOSSES = Literal[
     "sigmoid",
@@ -30,7 +31,9 @@ DPO_LOSSES = Literal[
 
 
 class PreferenceSection(Section):
-    beta: float = Field(0.1, gt=0, description="DPO: how far the policy may move from the reference (higher: less).")
+    beta: float = Field(
+        0.1, gt=0, description="DPO: how far the policy may move from the reference (higher: less); ORPO: lambda."
+    )
     loss_type: list[DPO_LOSSES] = Field(["sigmoid"], min_length=1, description="DPO loss(es), as TRL names them.")
     precompute_ref_log_probs: bool = Field(
         False, description="Compute the reference log-probs once before training (no reference forward per step)."

@@ -223,7 +223,9 @@ class Recipe(Section):
     run_name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Name of the run directory.")
     output_dir: str = Field("runs", description="Parent directory of run directories.")
     seed: int = Field(42, ge=0, description="Seed for data order, LoRA init and dropout.")
-    method: METHODS = Field("sft", description="sft (supervised), or dpo on preference pairs (docs/preference.md).")
+    method: METHODS = Field(
+        "sft", description="sft (supervised); dpo or orpo on preference pairs (docs/preference.md)."
+    )
     model: ModelSection
     quantization: QuantizationSection = Field(default_factory=QuantizationSection)
     lora: LoraSection = Field(default_factory=LoraSection)

@@ -20,18 +20,22 @@ def trainer_config(recipe: Recipe, run: RunDir, device: torch.device, batch: Bat
     """SFTConfig, or DPOConfig for method: dpo (the same training arguments, plus the method's own)."""
     if recipe.method == "sft":
         return sft_config(recipe, run, device, batch, resuming)
-    from trl import DPOConfig
+    import dataclasses
 
-    arguments = sft_arguments(recipe, run, device, batch, resuming)
-    for key in ("assistant_only_loss", "completion_only_loss", "packing", "packing_strategy"):
-        arguments.pop(key)
     p = recipe.preference
-    return DPOConfig(
-        **{**arguments, "max_length": recipe.data.max_length, "padding_free": False},
-        beta=p.beta,
-        loss_type=list(p.loss_type),
-        precompute_ref_log_probs=p.precompute_ref_log_probs,
-    )
+    if recipe.method == "orpo":  # reference-free: beta is ORPO's lambda; no loss_type or reference settings
+        from qlora_pipe.compat.trl import orpo_config
+
+        config, extra = orpo_config(), {"beta": p.beta}
+    else:
+        from trl import DPOConfig
+
+        config = DPOConfig
+        extra = {"beta": p.beta, "loss_type": list(p.loss_type), "precompute_ref_log_probs": p.precompute_ref_log_probs}
+    arguments = {**sft_arguments(recipe, run, device, batch, resuming), "max_length": recipe.data.max_length}
+    accepted = {f.name for f in dataclasses.fields(config)}
+    arguments = {k: v for k, v in arguments.items() if k in accepted and k not in ("packing", "padding_free")}
+    return config(**arguments, **extra)
 
 
 def sft_config(recipe: Recipe, run: RunDir, device: torch.device, batch: BatchChoice, resuming: bool = False):

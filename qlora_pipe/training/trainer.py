@@ -174,11 +174,16 @@ class PipeTrainer(TrainerInternals, RunGuarantees, SFTTrainer):
     """Supervised fine-tuning (method: sft)."""
 
 
-def preference_trainer_class():
-    """DPOTrainer with the same guarantees (method: dpo); imported only for preference runs."""
-    from trl import DPOTrainer
+def preference_trainer_class(method: str):
+    """DPOTrainer or ORPOTrainer with the same guarantees; imported only for preference runs."""
+    if method == "orpo":
+        from qlora_pipe.compat.trl import orpo_trainer
 
-    class PipeDPOTrainer(TrainerInternals, RunGuarantees, DPOTrainer):
+        base = orpo_trainer()
+    else:
+        from trl import DPOTrainer as base
+
+    class PipePreferenceTrainer(TrainerInternals, RunGuarantees, base):
         pass
 
-    return PipeDPOTrainer
+    return PipePreferenceTrainer
