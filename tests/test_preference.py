@@ -58,6 +58,9 @@ def test_preference_rows_are_checked_and_dropped_by_reason(tokenizer, tiny_model
         "empty chosen or rejected answer": 1,
         "longer than data.max_length": 1,
     }
+    rows[0]["chosen"] = "A wrong done to someone."  # changed data: a resumed run would refuse it
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert prepare_preference_data(validate_recipe(raw).data, tokenizer, 7).fingerprint != data.fingerprint
     raw["data"]["on_bad_row"] = "error"
     with pytest.raises(UserError, match=r"pairs\.jsonl: row 3: chosen and rejected are identical"):
         prepare_preference_data(validate_recipe(raw).data, tokenizer, 7)

@@ -104,9 +104,10 @@ def check_split(pairs: list[dict[str, Any]], tokenizer, max_length: int, report:
     return Dataset.from_list(kept) if kept else None
 
 
-def fingerprint(data: DataSection, tokenizer, seed: int) -> str:
+def fingerprint(data: DataSection, tokenizer, seed: int, pairs: list) -> str:
+    """Settings, tokenizer, template and the pairs themselves: a resumed run refuses changed data."""
     parts = [data.model_dump_json(), getattr(tokenizer, "name_or_path", ""), str(tokenizer.chat_template), str(seed)]
-    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:24]
+    return hashlib.sha256(json.dumps([parts, pairs], sort_keys=True).encode()).hexdigest()[:24]
 
 
 def prepare_preference_data(data: DataSection, tokenizer, seed: int = 42) -> PreparedData:
@@ -134,7 +135,7 @@ def prepare_preference_data(data: DataSection, tokenizer, seed: int = 42) -> Pre
     for report in reports:
         if is_main_process():
             log.info("data: %s", report.line())
-    return PreparedData(train_ds, eval_ds, reports, system, fingerprint(data, tokenizer, seed))
+    return PreparedData(train_ds, eval_ds, reports, system, fingerprint(data, tokenizer, seed, [train, held_out]))
 
 
 def chosen_rows(pairs, tokenizer) -> list[dict[str, list[int]]]:
