@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 from qlora_pipe.errors import UserError
-from qlora_pipe.recipe.methods import PAIR_METHODS
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -120,11 +119,11 @@ def cmd_data(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, overrides=args.overrides)
     recipe = resolve_max_length(recipe, memory_budget(recipe))
     tokenizer = load_tokenizer(recipe)
-    if recipe.method in PAIR_METHODS:
+    if recipe.method != "sft":
         from qlora_pipe.data.preference import prepare_preference_data
         from qlora_pipe.data.preview import preference_preview_text
 
-        prepared = prepare_preference_data(recipe.data, tokenizer, recipe.seed)
+        prepared = prepare_preference_data(recipe.data, tokenizer, recipe.seed, recipe.method)
         print(preference_preview_text(prepared, tokenizer, args.preview))
         return 0
     prepared = prepare_data(recipe.data, tokenizer, recipe.seed)

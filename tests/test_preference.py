@@ -161,3 +161,32 @@ def test_orpo_trains_on_pairs_without_a_reference(tiny_model_dir, tmp_path):
     assert all(math.isfinite(row["loss"]) for row in rows if "loss" in row)
     names = [name for name, _ in plan_for_recipe(recipe, micro_batch_size=2, max_length=64).terms]
     assert "reference adapter (DPO)" not in names
+
+
+def test_kto_trains_on_unpaired_rows_and_refuses_mixed_data(tiny_model_dir, tokenizer, tmp_path):
+    """KTO (TRL's KTOTrainer): prompt / completion / label rows, desirable or not; the reference is the
+    adapter's frozen copy as for DPO."""
+    from qlora_pipe.training.stage import run_training
+
+    rows = []
+    for line in PAIRS_TRAIN.read_text().splitlines()[:16]:
+        pair = json.loads(line)
+        rows += [
+            {"prompt": pair["prompt"], "completion": pair["chosen"], "label": True},
+            {"prompt": pair["prompt"], "completion": pair["rejected"], "label": False},
+        ]
+    rows.append({"prompt": "q", "completion": "a", "label": "yes"})  # dropped: not a boolean label
+    path = tmp_path / "kto.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    raw = dpo_recipe(tiny_model_dir, tmp_path, "kto", max_steps=4, eval_steps=None)
+    raw["method"] = "kto"
+    raw["data"].update(train_path=str(path), eval_path=None, max_train_samples=None)
+    result = run_training(validate_recipe(raw))
+    assert result.summary["method"] == "kto" and result.summary["steps"] == 4
+    report = json.loads(result.run_dir.data_report.read_text())[0]
+    assert report["rows_kept"] == 32 and report["dropped"] == {"label is not true or false": 1}
+    metrics = [json.loads(line) for line in result.run_dir.metrics.read_text().splitlines()]
+    assert all(math.isfinite(row["loss"]) for row in metrics if "loss" in row)
+    raw["data"]["eval_path"] = str(PAIRS_TRAIN)  # pairs beside unpaired rows
+    with pytest.raises(UserError, match="mixes KTO rows"):
+        prepare_preference_data(validate_recipe(raw).data, tokenizer, 7, "kto")

@@ -55,13 +55,37 @@ def to_pair(row: dict[str, Any]) -> dict[str, Any] | str:
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
 
-def collect_pairs(sources: list[SourceSection], data: DataSection, rng: random.Random, report: SplitReport) -> list:
+def to_kto_row(row: dict[str, Any]) -> dict[str, Any] | str:
+    """KTO's unpaired row (prompt, completion, label: desirable or not), or the reason it is dropped;
+    a prompt/chosen/rejected pair is kept as a pair (TRL's KTOTrainer splits it into two rows)."""
+    if {"chosen", "rejected"} <= set(row):
+        return to_pair(row)
+    if not {"prompt", "completion", "label"} <= set(row):
+        return "not a prompt/completion/label row (nor a prompt/chosen/rejected pair)"
+    prompt, completion = _messages(row["prompt"], "user"), _messages(row["completion"], "assistant")
+    if prompt is None or completion is None:
+        return "prompt or completion is not text or chat messages"
+    if prompt[-1]["role"] != "user":
+        return "the prompt does not end with a user turn"
+    if any(m["role"] != "assistant" for m in completion):
+        return "the completion has a turn that is not the assistant's"
+    if not all(isinstance(m["content"], str) and m["content"].strip() for m in completion):
+        return "empty completion"
+    if not isinstance(row["label"], bool):
+        return "label is not true or false"
+    return {"prompt": prompt, "completion": completion, "label": row["label"]}
+
+
+def collect_pairs(
+    sources: list[SourceSection], data: DataSection, rng: random.Random, report: SplitReport, method: str = "dpo"
+) -> list:
+    convert = to_kto_row if method == "kto" else to_pair
     pairs = []
     for source in sources:
         rows = rename_columns(read_source(source), source.columns)
         kept = []
         for index, row in enumerate(rows):
-            pair = to_pair(row)
+            pair = convert(row)
             if isinstance(pair, str):
                 if data.on_bad_row == "error":
                     raise UserError(f"{source.label()}: row {index + 1}: {pair}")
@@ -74,12 +98,16 @@ def collect_pairs(sources: list[SourceSection], data: DataSection, rng: random.R
 
 
 def lengths(pair: dict[str, Any], tokenizer) -> tuple[int, int, int]:
-    """Tokens of the rendered prompt, and of the whole chosen and rejected conversations."""
+    """Tokens of the rendered prompt, and of the whole chosen and rejected conversations (a KTO row: its
+    completion twice)."""
 
     def count(messages: list[dict[str, str]], prompt: bool) -> int:
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=prompt, tokenize=True, return_dict=True)
         return len(ids["input_ids"])
 
+    if "completion" in pair:
+        whole = count(pair["prompt"] + pair["completion"], False)
+        return count(pair["prompt"], True), whole, whole
     return (
         count(pair["prompt"], True),
         count(pair["prompt"] + pair["chosen"], False),
@@ -97,8 +125,9 @@ def check_split(pairs: list[dict[str, Any]], tokenizer, max_length: int, report:
             report.dropped["longer than data.max_length"] += 1
             continue
         kept.append(pair)
-        totals.append(chosen + rejected - prompt)
-        trained.append(chosen - prompt)  # the chosen answer's tokens, end of turn included
+        single = "completion" in pair
+        totals.append(chosen if single else chosen + rejected - prompt)
+        trained.append(chosen - prompt)  # the (chosen) answer's tokens, end of turn included
     report.rows_kept = len(kept)
     report.add_lengths(totals, trained)
     return Dataset.from_list(kept) if kept else None
@@ -110,15 +139,17 @@ def fingerprint(data: DataSection, tokenizer, seed: int, pairs: list) -> str:
     return hashlib.sha256(json.dumps([parts, pairs], sort_keys=True).encode()).hexdigest()[:24]
 
 
-def prepare_preference_data(data: DataSection, tokenizer, seed: int = 42) -> PreparedData:
+def prepare_preference_data(data: DataSection, tokenizer, seed: int = 42, method: str = "dpo") -> PreparedData:
     """Read, check, split and report preference pairs (no cache: rendering is TRL's, at train start)."""
     from qlora_pipe.data.chat_templates import require_chat_template
 
     require_chat_template(tokenizer, getattr(tokenizer, "name_or_path", "the model"))
     rng = random.Random(seed)
     train_report, eval_report = SplitReport("train"), SplitReport("eval")
-    train = collect_pairs(data.train_sources(), data, rng, train_report)[: data.max_train_samples]
-    held_out = collect_pairs(data.held_out_sources(), data, rng, eval_report) if data.held_out_sources() else []
+    train = collect_pairs(data.train_sources(), data, rng, train_report, method)[: data.max_train_samples]
+    held_out = collect_pairs(data.held_out_sources(), data, rng, eval_report, method) if data.held_out_sources() else []
+    if len({frozenset(row) for row in train + held_out}) > 1:
+        raise UserError("training data: mixes KTO rows (prompt/completion/label) and pairs (prompt/chosen/rejected)")
     if data.eval_fraction > 0:
         rng.shuffle(train)
         cut = max(1, round(len(train) * data.eval_fraction))
@@ -147,6 +178,7 @@ def chosen_rows(pairs, tokenizer) -> list[dict[str, list[int]]]:
     for pair in pairs:
         render = tokenizer.apply_chat_template
         start = len(render(pair["prompt"], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
-        ids = list(render(pair["prompt"] + pair["chosen"], tokenize=True, return_dict=True)["input_ids"])
+        answer = pair["chosen"] if "chosen" in pair else pair["completion"]
+        ids = list(render(pair["prompt"] + answer, tokenize=True, return_dict=True)["input_ids"])
         rows.append({"input_ids": ids, "labels": [IGNORE] * start + ids[start:]})
     return rows

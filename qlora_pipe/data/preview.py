@@ -45,7 +45,9 @@ def preference_preview_text(prepared: PreparedData, tokenizer, count: int) -> st
         pair = prepared.train[index]
         prompt = tokenizer.apply_chat_template(pair["prompt"], add_generation_prompt=True, tokenize=False)
         lines.append(f"\n--- pair {index + 1} ---\n{prompt}")
-        for name in ("chosen", "rejected"):
+        for name in ("chosen", "rejected") if "chosen" in pair else ("completion",):
             full = tokenizer.apply_chat_template(pair["prompt"] + pair[name], tokenize=False)
-            lines.append(f"  {name:>8}: {OPEN}{full[len(prompt) :] if full.startswith(prompt) else full}{CLOSE}")
+            label = "" if name != "completion" else (" (desirable)" if pair["label"] else " (undesirable)")
+            answer = full[len(prompt) :] if full.startswith(prompt) else full
+            lines.append(f"  {name:>8}{label}: {OPEN}{answer}{CLOSE}")
     return "\n".join(lines)

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from qlora_pipe.errors import UserError
 from qlora_pipe.runs import RunDir, write_json_atomic
 
 
@@ -28,7 +29,7 @@ def pairs_for(recipe, tokenizer, data: str | None, limit: int | None) -> tuple[l
                 "max_train_samples": None,
             }
         )
-    prepared = prepare_preference_data(section, tokenizer, recipe.seed)
+    prepared = prepare_preference_data(section, tokenizer, recipe.seed, recipe.method)
     split = prepared.eval if prepared.eval is not None and data is None else prepared.train
     rows = [split[i] for i in range(len(split) if limit is None else min(limit, len(split)))]
     return rows, data or ("held-out pairs" if prepared.eval is not None and data is None else "training pairs")
@@ -41,6 +42,11 @@ def run_preference_eval(run: RunDir, recipe, data: str | None, limit: int | None
     started = time.time()
     tokenizer = load_run_tokenizer(run.root)
     pairs, source = pairs_for(recipe, tokenizer, data, limit)
+    if pairs and "chosen" not in pairs[0]:
+        raise UserError(
+            f"eval {run.root}: reward accuracy needs prompt/chosen/rejected pairs; give --data with pairs "
+            "(TRL's KTO metrics for unpaired rows are in metrics.jsonl)"
+        )
     model = load_trained_model(recipe, run.root)
     columns: dict[str, Any] = {}
     with model.disable_adapter():

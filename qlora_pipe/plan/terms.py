@@ -93,7 +93,7 @@ class PlanSettings:
             gradient_checkpointing=t.gradient_checkpointing,
             activation_offloading=t.activation_offloading,
             sequences_per_row=1 if recipe.method == "sft" else 2,
-            reference_adapter=recipe.method == "dpo",
+            reference_adapter=recipe.method in ("dpo", "kto"),
         )
 
 

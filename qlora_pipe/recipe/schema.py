@@ -224,7 +224,7 @@ class Recipe(Section):
     output_dir: str = Field("runs", description="Parent directory of run directories.")
     seed: int = Field(42, ge=0, description="Seed for data order, LoRA init and dropout.")
     method: METHODS = Field(
-        "sft", description="sft (supervised); dpo or orpo on preference pairs (docs/preference.md)."
+        "sft", description="sft (supervised); dpo, orpo or kto on preferences (docs/preference.md)."
     )
     model: ModelSection
     quantization: QuantizationSection = Field(default_factory=QuantizationSection)

@@ -27,6 +27,10 @@ def trainer_config(recipe: Recipe, run: RunDir, device: torch.device, batch: Bat
         from qlora_pipe.compat.trl import orpo_config
 
         config, extra = orpo_config(), {"beta": p.beta}
+    elif recipe.method == "kto":  # KTO's default loss; TRL keeps its batches in order for the KL estimate
+        from trl import KTOConfig
+
+        config, extra = KTOConfig, {"beta": p.beta, "precompute_ref_log_probs": p.precompute_ref_log_probs}
     else:
         from trl import DPOConfig
 

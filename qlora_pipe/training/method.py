@@ -15,16 +15,15 @@ from pathlib import Path
 
 from qlora_pipe.errors import UserError
 from qlora_pipe.recipe import Recipe
-from qlora_pipe.recipe.methods import PAIR_METHODS
 
 log = logging.getLogger(__name__)
 
 
 def prepare_method_data(recipe: Recipe, tokenizer):
-    if recipe.method in PAIR_METHODS:
+    if recipe.method != "sft":
         from qlora_pipe.data.preference import prepare_preference_data
 
-        return prepare_preference_data(recipe.data, tokenizer, recipe.seed)
+        return prepare_preference_data(recipe.data, tokenizer, recipe.seed, recipe.method)
     from qlora_pipe.data.prepare import prepare_data
 
     return prepare_data(recipe.data, tokenizer, recipe.seed)
@@ -33,7 +32,7 @@ def prepare_method_data(recipe: Recipe, tokenizer):
 def trainer_class(recipe: Recipe):
     from qlora_pipe.training.trainer import PipeTrainer, preference_trainer_class
 
-    return preference_trainer_class(recipe.method) if recipe.method in PAIR_METHODS else PipeTrainer
+    return PipeTrainer if recipe.method == "sft" else preference_trainer_class(recipe.method)
 
 
 def starting_adapter(recipe: Recipe) -> Path | None:
@@ -78,7 +77,7 @@ PREFERENCE_EVAL = "preference_eval.json"
 
 def method_callbacks(recipe: Recipe, run, tokenizer, data) -> list:
     """For preference runs with held-out pairs: reward accuracy before training and after it."""
-    if recipe.method not in PAIR_METHODS or data.eval is None:
+    if recipe.method == "sft" or data.eval is None or "chosen" not in data.eval.column_names:
         return []
     from transformers import TrainerCallback
 

@@ -175,11 +175,13 @@ class PipeTrainer(TrainerInternals, RunGuarantees, SFTTrainer):
 
 
 def preference_trainer_class(method: str):
-    """DPOTrainer or ORPOTrainer with the same guarantees; imported only for preference runs."""
+    """DPOTrainer, ORPOTrainer or KTOTrainer with the same guarantees; imported only for preference runs."""
     if method == "orpo":
         from qlora_pipe.compat.trl import orpo_trainer
 
         base = orpo_trainer()
+    elif method == "kto":
+        from trl import KTOTrainer as base
     else:
         from trl import DPOTrainer as base
 
