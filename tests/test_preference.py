@@ -155,6 +155,7 @@ def test_orpo_trains_on_pairs_without_a_reference(tiny_model_dir, tmp_path):
     recipe = validate_recipe(raw)
     result = run_training(recipe)
     assert result.summary["method"] == "orpo" and result.summary["steps"] == 6
+    assert result.summary["supervised_tokens"] > 0  # ORPO's own batch layout is counted too
     scores = result.summary["held_out_reward_accuracy"]
     assert scores["before"]["pairs"] == scores["after"]["pairs"] == 16
     rows = [json.loads(line) for line in result.run_dir.metrics.read_text().splitlines()]

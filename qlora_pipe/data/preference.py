@@ -127,7 +127,7 @@ def check_split(pairs: list[dict[str, Any]], tokenizer, max_length: int, report:
         kept.append(pair)
         single = "completion" in pair
         totals.append(chosen if single else chosen + rejected - prompt)
-        trained.append(chosen - prompt)  # the (chosen) answer's tokens, end of turn included
+        trained.append(chosen - prompt if single else chosen + rejected - 2 * prompt)  # the answers' tokens
     report.rows_kept = len(kept)
     report.add_lengths(totals, trained)
     return Dataset.from_list(kept) if kept else None

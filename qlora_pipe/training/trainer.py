@@ -124,9 +124,11 @@ class RunGuarantees:
     def compute_loss(self, model, inputs, *args, **kwargs):
         if model.training and "labels" in inputs:
             self.supervised_tokens += int((inputs["labels"][..., 1:] != -100).sum())
-        elif model.training and "completion_mask" in inputs:  # preference batches: chosen rows first, then rejected
-            mask = inputs["completion_mask"]
-            self.supervised_tokens += int(mask[: mask.shape[0] // 2].sum())
+        elif model.training and "completion_mask" in inputs:  # DPO (chosen and rejected rows), KTO (each row)
+            self.supervised_tokens += int(inputs["completion_mask"].sum())
+        elif model.training and "chosen_labels" in inputs:  # ORPO: chosen and rejected labels, -100 elsewhere
+            for key in ("chosen_labels", "rejected_labels"):
+                self.supervised_tokens += int((inputs[key] != -100).sum())
         return super().compute_loss(model, inputs, *args, **kwargs)
 
     def training_step(self, model, inputs, *args, **kwargs):
