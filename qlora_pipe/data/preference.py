@@ -16,12 +16,12 @@ import logging
 import random
 from typing import Any
 
+from qlora_pipe.data.prepare import collect, hold_out
 from qlora_pipe.data.prepared import PreparedData
 from qlora_pipe.data.report import SplitReport
-from qlora_pipe.data.sources import draw, read_source, rename_columns
 from qlora_pipe.dist import is_main_process
 from qlora_pipe.errors import UserError
-from qlora_pipe.recipe import DataSection, SourceSection
+from qlora_pipe.recipe import DataSection
 
 log = logging.getLogger(__name__)
 
@@ -76,27 +76,6 @@ def to_kto_row(row: dict[str, Any]) -> dict[str, Any] | str:
     return {"prompt": prompt, "completion": completion, "label": row["label"]}
 
 
-def collect_pairs(
-    sources: list[SourceSection], data: DataSection, rng: random.Random, report: SplitReport, method: str = "dpo"
-) -> list:
-    convert = to_kto_row if method == "kto" else to_pair
-    pairs = []
-    for source in sources:
-        rows = rename_columns(read_source(source), source.columns)
-        kept = []
-        for index, row in enumerate(rows):
-            pair = convert(row)
-            if isinstance(pair, str):
-                if data.on_bad_row == "error":
-                    raise UserError(f"{source.label()}: row {index + 1}: {pair}")
-                report.dropped[pair] += 1
-                continue
-            kept.append(pair)
-        report.rows_read += len(rows)
-        pairs.extend(draw(kept, source, rng))
-    return pairs
-
-
 def lengths(pair: dict[str, Any], tokenizer) -> tuple[int, int, int]:
     """Tokens of the rendered prompt, and of the whole chosen and rejected conversations (a KTO row: its
     completion twice)."""
@@ -146,16 +125,12 @@ def prepare_preference_data(data: DataSection, tokenizer, seed: int = 42, method
     require_chat_template(tokenizer, getattr(tokenizer, "name_or_path", "the model"))
     rng = random.Random(seed)
     train_report, eval_report = SplitReport("train"), SplitReport("eval")
-    train = collect_pairs(data.train_sources(), data, rng, train_report, method)[: data.max_train_samples]
-    held_out = collect_pairs(data.held_out_sources(), data, rng, eval_report, method) if data.held_out_sources() else []
+    convert = to_kto_row if method == "kto" else to_pair
+    train = collect(data.train_sources(), data, rng, train_report, convert)[: data.max_train_samples]
+    held_out = collect(data.held_out_sources(), data, rng, eval_report, convert) if data.held_out_sources() else []
     if len({frozenset(row) for row in train + held_out}) > 1:
         raise UserError("training data: mixes KTO rows (prompt/completion/label) and pairs (prompt/chosen/rejected)")
-    if data.eval_fraction > 0:
-        rng.shuffle(train)
-        cut = max(1, round(len(train) * data.eval_fraction))
-        held_out, train = train[:cut], train[cut:]
-        eval_report.rows_read = len(held_out)
-    held_out = held_out[: data.max_eval_samples]
+    train, held_out = hold_out(train, held_out, data, rng, eval_report)
     train_ds = check_split(train, tokenizer, data.max_length, train_report)
     if train_ds is None:
         raise UserError(f"training data: no usable preference pairs ({train_report.line()})")

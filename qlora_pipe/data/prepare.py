@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+from collections.abc import Callable
 from typing import Any
 
 from qlora_pipe.data.cache import data_fingerprint, load_cached, save_cached
@@ -46,16 +47,24 @@ def training_chat_template(tokenizer) -> str:
     return template
 
 
-def collect(sources: list[SourceSection], data: DataSection, rng: random.Random, report: SplitReport) -> list:
-    """Read, normalize, check and mix the rows of several sources."""
+def collect(
+    sources: list[SourceSection],
+    data: DataSection,
+    rng: random.Random,
+    report: SplitReport,
+    convert: Callable[[dict[str, Any]], Any] | None = None,
+) -> list:
+    """Read, normalize, check and mix the rows of several sources. ``convert`` turns a raw row into an
+    example or the reason to drop it (default: the SFT formats, detected per source)."""
     examples: list[dict[str, Any]] = []
     seen: set[str] = set()  # rows already read, across sources: repeats are counted (and dropped with dedupe)
     for source in sources:
         rows = rename_columns(read_source(source), source.columns)
-        fmt = source.format if source.format != "auto" else detect_format(rows, source.label())
+        if convert is None:
+            fmt = source.format if source.format != "auto" else detect_format(rows, source.label())
         kept = []
         for index, row in enumerate(rows):
-            example = to_example(row, fmt)
+            example = convert(row) if convert is not None else to_example(row, fmt)
             if isinstance(example, str):
                 if data.on_bad_row == "error":
                     raise UserError(f"{source.label()}: row {index + 1}: {example}")
@@ -72,6 +81,17 @@ def collect(sources: list[SourceSection], data: DataSection, rng: random.Random,
         report.rows_read += len(rows)
         examples.extend(draw(kept, source, rng))
     return examples
+
+
+def hold_out(train: list, held_out: list, data: DataSection, rng: random.Random, report: SplitReport):
+    """The eval split: data.eval_fraction of the shuffled training rows (else the held-out sources'), at most
+    data.max_eval_samples of it."""
+    if data.eval_fraction > 0:
+        rng.shuffle(train)
+        cut = max(1, round(len(train) * data.eval_fraction))
+        held_out, train = train[:cut], train[cut:]
+        report.rows_read = len(held_out)
+    return train, held_out[: data.max_eval_samples]
 
 
 def example_key(example: dict[str, Any]) -> str:
@@ -167,12 +187,7 @@ def prepare_data(data: DataSection, tokenizer, seed: int = 42) -> PreparedData:
     train_report, eval_report = SplitReport("train"), SplitReport("eval")
     train = collect(data.train_sources(), data, rng, train_report)[: data.max_train_samples]
     held_out = collect(data.held_out_sources(), data, rng, eval_report) if data.held_out_sources() else []
-    if data.eval_fraction > 0:
-        rng.shuffle(train)
-        cut = max(1, round(len(train) * data.eval_fraction))
-        held_out, train = train[:cut], train[cut:]
-        eval_report.rows_read = len(held_out)
-    held_out = held_out[: data.max_eval_samples]
+    train, held_out = hold_out(train, held_out, data, rng, eval_report)
     eval_keys = {example_key(e) for e in held_out}
     before = len(train)
     train = [e for e in train if example_key(e) not in eval_keys]
