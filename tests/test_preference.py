@@ -188,6 +188,9 @@ def test_kto_trains_on_unpaired_rows_and_refuses_mixed_data(tiny_model_dir, toke
     assert report["rows_kept"] == 32 and report["dropped"] == {"label is not true or false": 1}
     metrics = [json.loads(line) for line in result.run_dir.metrics.read_text().splitlines()]
     assert all(math.isfinite(row["loss"]) for row in metrics if "loss" in row)
+    from qlora_pipe.export.command import export_merged
+
+    assert export_merged(result.run_dir.root).fidelity["passed"]  # scored on prompt + completion rows
     raw["data"]["eval_path"] = str(PAIRS_TRAIN)  # pairs beside unpaired rows
     with pytest.raises(UserError, match="mixes KTO rows"):
         prepare_preference_data(validate_recipe(raw).data, tokenizer, 7, "kto")

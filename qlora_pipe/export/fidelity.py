@@ -80,19 +80,14 @@ def compare(reference, candidate, rows: list[dict[str, list[int]]]) -> dict[str,
 def fidelity_rows(recipe: Recipe, tokenizer, limit: int) -> tuple[list[dict[str, list[int]]], str]:
     """The first ``limit`` eval rows (train rows without an eval split) as training saw them; for a
     preference run, each pair's prompt with its chosen answer."""
-    if recipe.method != "sft":
-        from qlora_pipe.data.preference import chosen_rows, prepare_preference_data
+    from qlora_pipe.data.preference import chosen_rows
+    from qlora_pipe.training.method import prepare_method_data
 
-        data = prepare_preference_data(recipe.data, tokenizer, recipe.seed)
-    else:
-        from qlora_pipe.data.prepare import prepare_data
-
-        data = prepare_data(recipe.data, tokenizer, recipe.seed)
+    data = prepare_method_data(recipe, tokenizer)  # the run's own data stage, whatever its method
     source = data.eval if data.eval is not None else data.train
     rows = [source[i] for i in range(min(limit, len(source)))]
-    return (chosen_rows(rows, tokenizer) if recipe.method != "sft" else rows), (
-        "eval" if data.eval is not None else "train"
-    )
+    split = "eval" if data.eval is not None else "train"
+    return (rows if recipe.method == "sft" else chosen_rows(rows, tokenizer)), split
 
 
 def verify_merged(recipe: Recipe, run: RunDir, merged_dir: Path, dtype: torch.dtype, limit: int = 16) -> dict[str, Any]:
