@@ -38,7 +38,7 @@ def scratch(work: Path) -> Path:
 
 def cli_env() -> dict[str, str]:
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    if not os.environ.get("CUDA_VISIBLE_DEVICES") and not _cuda():
+    if not _cuda():
         env.setdefault("QLORA_PIPE_CPU_THREADS", "1")  # CPU rehearsal: one thread, beside the parent's
     return env
 

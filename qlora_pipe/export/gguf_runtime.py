@@ -8,7 +8,6 @@ and greedy answers to the eval questions, token for token.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -70,6 +69,7 @@ def compare_runtime(run: RunDir, gguf_file: Path) -> dict[str, Any]:
 def measure(run: RunDir, gguf_file: Path) -> dict[str, Any]:
     from llama_cpp import Llama
 
+    from qlora_pipe.cpu_threads import choose_cpu_threads
     from qlora_pipe.export.fidelity import compare, fidelity_rows
     from qlora_pipe.generation import chat_prompt_ids, stop_token_ids
     from qlora_pipe.model import load_run_tokenizer, load_trained_model
@@ -78,7 +78,7 @@ def measure(run: RunDir, gguf_file: Path) -> dict[str, Any]:
     recipe = load_recipe(run.resolved_recipe)
     tokenizer = load_run_tokenizer(run.root)
     rows, _ = fidelity_rows(recipe, tokenizer, ROWS)
-    threads = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+    threads = choose_cpu_threads().threads  # QLORA_PIPE_CPU_THREADS, OMP_NUM_THREADS or the CPUs available
     longest = max(len(row["input_ids"]) for row in rows)
     llm = Llama(
         model_path=str(gguf_file), n_ctx=max(longest, 512) + 64, logits_all=True, verbose=False, n_threads=threads

@@ -17,7 +17,8 @@ log = logging.getLogger(__name__)
 
 
 def trainer_config(recipe: Recipe, run: RunDir, device: torch.device, batch: BatchChoice, resuming: bool = False):
-    """SFTConfig, or DPOConfig for method: dpo (the same training arguments, plus the method's own)."""
+    """SFTConfig, or the preference method's DPOConfig / KTOConfig / ORPOConfig: the same training arguments
+    (those the config has; packing and padding-free are SFT's), plus the method's own."""
     if recipe.method == "sft":
         return sft_config(recipe, run, device, batch, resuming)
     import dataclasses
