@@ -103,3 +103,57 @@ def converter() -> Path:
     if os.environ.get(ENV_CONVERTER):
         return Path(os.environ[ENV_CONVERTER])
     return cache_dir() if (cache_dir() / "convert_hf_to_gguf.py").is_file() else setup_converter()
+
+
+# (family, config overrides): tiny and medium shapes; hidden and intermediate sizes are multiples of 64.
+FAMILIES = {
+    "llama": (
+        "LlamaConfig",
+        dict(hidden_size=256, intermediate_size=768, num_attention_heads=4, num_key_value_heads=2),
+    ),
+    "qwen2": (
+        "Qwen2Config",
+        dict(hidden_size=192, intermediate_size=512, num_attention_heads=3, num_key_value_heads=1),
+    ),
+    "gemma": (
+        "GemmaConfig",
+        dict(hidden_size=128, intermediate_size=384, num_attention_heads=2, num_key_value_heads=1),
+    ),
+    "medium": (
+        "LlamaConfig",
+        dict(hidden_size=1024, intermediate_size=2816, num_attention_heads=8, num_key_value_heads=8),
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def family_dirs(tmp_path_factory) -> dict[str, Path]:
+    """One tiny (or medium) model per family of FAMILIES, random bf16 weights, for the planner's tests."""
+    import torch
+    import transformers
+
+    out = {}
+    for name, (config_cls, dims) in FAMILIES.items():
+        layers = 4 if name == "medium" else 2
+        config = getattr(transformers, config_cls)(
+            vocab_size=640,
+            num_hidden_layers=layers,
+            max_position_embeddings=1024,
+            head_dim=dims["hidden_size"] // dims["num_attention_heads"],
+            **dims,
+        )
+        model_cls = getattr(transformers, config_cls.replace("Config", "ForCausalLM"))
+        torch.manual_seed(0)
+        folder = tmp_path_factory.mktemp(name)
+        model_cls(config).to(torch.bfloat16).save_pretrained(folder)
+        out[name] = folder
+    return out
+
+
+def plan_recipe(model_dir: Path, tmp_path: Path, lora: dict | None = None, **training):
+    """A bf16 recipe for one of these models, for planning (and training) at the test's sizes."""
+    from qlora_pipe.recipe import validate_recipe
+
+    raw = recipe_dict(model_dir, tmp_path / "runs", **{"precision": "bf16", **training})
+    raw["lora"].update(lora or {})
+    return validate_recipe(raw)

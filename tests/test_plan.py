@@ -24,57 +24,9 @@ from qlora_pipe.plan.terms import (
     plan_memory,
 )
 from qlora_pipe.recipe import validate_recipe
-from tests.conftest import recipe_dict
+from tests.conftest import FAMILIES, plan_recipe, recipe_dict
 
 REPO = Path(__file__).resolve().parents[1]
-
-# (family, config overrides): tiny and medium shapes; hidden and intermediate sizes are multiples of 64.
-FAMILIES = {
-    "llama": (
-        "LlamaConfig",
-        dict(hidden_size=256, intermediate_size=768, num_attention_heads=4, num_key_value_heads=2),
-    ),
-    "qwen2": (
-        "Qwen2Config",
-        dict(hidden_size=192, intermediate_size=512, num_attention_heads=3, num_key_value_heads=1),
-    ),
-    "gemma": (
-        "GemmaConfig",
-        dict(hidden_size=128, intermediate_size=384, num_attention_heads=2, num_key_value_heads=1),
-    ),
-    "medium": (
-        "LlamaConfig",
-        dict(hidden_size=1024, intermediate_size=2816, num_attention_heads=8, num_key_value_heads=8),
-    ),
-}
-
-
-@pytest.fixture(scope="module")
-def family_dirs(tmp_path_factory) -> dict[str, Path]:
-    import transformers
-
-    out = {}
-    for name, (config_cls, dims) in FAMILIES.items():
-        layers = 4 if name == "medium" else 2
-        config = getattr(transformers, config_cls)(
-            vocab_size=640,
-            num_hidden_layers=layers,
-            max_position_embeddings=1024,
-            head_dim=dims["hidden_size"] // dims["num_attention_heads"],
-            **dims,
-        )
-        model_cls = getattr(transformers, config_cls.replace("Config", "ForCausalLM"))
-        torch.manual_seed(0)
-        folder = tmp_path_factory.mktemp(name)
-        model_cls(config).to(torch.bfloat16).save_pretrained(folder)
-        out[name] = folder
-    return out
-
-
-def _recipe(model_dir: Path, tmp_path: Path, lora: dict | None = None, **training):
-    raw = recipe_dict(model_dir, tmp_path / "runs", **{"precision": "bf16", **training})
-    raw["lora"].update(lora or {})
-    return validate_recipe(raw)
 
 
 def test_nf4_bytes_by_hand():
@@ -135,7 +87,7 @@ def test_dpo_plan_runs_chosen_and_rejected_together_and_keeps_a_reference_adapte
 def test_weight_terms_match_loaded_4bit_models(family_dirs, tmp_path, family, double_quant):
     from qlora_pipe.model import add_lora, load_base_model
 
-    recipe = _recipe(family_dirs[family], tmp_path)
+    recipe = plan_recipe(family_dirs[family], tmp_path)
     recipe = recipe.model_copy(
         update={"quantization": recipe.quantization.model_copy(update={"double_quant": double_quant})}
     )
@@ -170,7 +122,7 @@ def test_activation_terms_match_saved_tensors(family_dirs, tmp_path, family, lor
 
     batch, length = 2, 96
     for checkpointing in (False, True):
-        recipe = _recipe(family_dirs[family], tmp_path, lora, gradient_checkpointing=checkpointing)
+        recipe = plan_recipe(family_dirs[family], tmp_path, lora, gradient_checkpointing=checkpointing)
         model = add_lora(load_base_model(recipe, torch.device("cpu")), recipe).model.train()
         ids = torch.randint(0, 640, (batch, length))
         measured = _saved_bytes(model, ids)
@@ -224,7 +176,7 @@ def test_step_peak_matches_the_activation_terms(tmp_path_factory, tmp_path, chec
     )
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
-    recipe = _recipe(folder, tmp_path, {"dropout": 0.05}, gradient_checkpointing=checkpointing)
+    recipe = plan_recipe(folder, tmp_path, {"dropout": 0.05}, gradient_checkpointing=checkpointing)
     model = add_lora(load_base_model(recipe, torch.device("cpu")), recipe).model.train()
     ids = torch.randint(0, 128, (4, 256))
 
@@ -257,7 +209,7 @@ def test_bundled_configs_have_the_published_sizes():
 
 
 def test_verdict_and_advice_are_consistent(family_dirs, tmp_path):
-    recipe = _recipe(family_dirs["llama"], tmp_path)
+    recipe = plan_recipe(family_dirs["llama"], tmp_path)
     shape = shape_from_config(read_config(str(family_dirs["llama"])))
     s = PlanSettings.from_recipe(recipe, 4, 256)
     budget = plan_memory(shape, s).total + 1
@@ -307,80 +259,6 @@ def test_missing_or_unreadable_config_is_one_line(tmp_path, capsys):
     assert main(["plan", str(recipe)]) == 2
     assert "cannot read" in capsys.readouterr().err
     assert main(["plan", str(recipe), "--gpu-memory", "big"]) == 2
-
-
-def test_auto_sizes_start_from_the_plan(family_dirs, tmp_path):
-    from qlora_pipe.plan.auto_sizes import micro_batch_start, resolve_max_length
-
-    recipe = _recipe(family_dirs["llama"], tmp_path, micro_batch_size="auto")
-    auto = recipe.model_copy(update={"data": recipe.data.model_copy(update={"max_length": "auto"})})
-    assert resolve_max_length(auto, None).data.max_length == 1024  # no budget: 2048 capped by the positions
-    budget = recipe_plan(recipe, None, micro_batch_size=1, max_length=512).total
-    resolved = resolve_max_length(auto, budget).data.max_length
-    assert resolved == longest_sequence(*_shape_settings(recipe, 1, 512), budget)
-    assert 64 <= resolved <= 512 + 64
-    start = micro_batch_start(recipe, budget)
-    assert start == largest_micro_batch(*_shape_settings(recipe, 1, 256), budget) and start >= 1
-
-
-def test_auto_sizes_are_resolved_once_per_run(family_dirs, tmp_path, monkeypatch):
-    """Both sizes auto: the budget is read once and the meta-device model built once, and the result is the
-    same as resolving each size on its own."""
-    import qlora_pipe.plan.advice as advice
-    import qlora_pipe.plan.auto_sizes as auto_sizes
-
-    recipe = _recipe(family_dirs["llama"], tmp_path, micro_batch_size="auto")
-    budget = recipe_plan(recipe, None, micro_batch_size=1, max_length=512).total
-    auto = recipe.model_copy(update={"data": recipe.data.model_copy(update={"max_length": "auto"})})
-    expected_length = auto_sizes.resolve_max_length(auto, budget).data.max_length
-    expected_start = auto_sizes.micro_batch_start(
-        auto.model_copy(update={"data": auto.data.model_copy(update={"max_length": expected_length})}), budget
-    )
-    calls = {"shape": 0, "budget": 0}
-    real_shape = advice.shape_from_config
-
-    def counted_shape(config):
-        calls["shape"] += 1
-        return real_shape(config)
-
-    def counted_budget(r):
-        calls["budget"] += 1
-        return budget
-
-    monkeypatch.setattr(advice, "shape_from_config", counted_shape)
-    monkeypatch.setattr(auto_sizes, "memory_budget", counted_budget)
-    sizes = auto_sizes.resolve_auto_sizes(auto)
-    assert calls == {"shape": 1, "budget": 1}
-    assert (sizes.recipe.data.max_length, sizes.micro_batch_start) == (expected_length, expected_start)
-
-
-def _shape_settings(recipe, batch, length):
-    plan = recipe_plan(recipe, None, micro_batch_size=batch, max_length=length)
-    return plan.shape, plan.settings
-
-
-def test_training_with_auto_sizes(tiny_model_dir, tmp_path):
-    import yaml
-
-    from qlora_pipe.hardware import detect_hardware, resolve_recipe_precision
-    from qlora_pipe.plan.auto_sizes import micro_batch_start
-    from qlora_pipe.training.stage import run_training
-
-    raw = recipe_dict(tiny_model_dir, tmp_path / "runs", max_steps=1, micro_batch_size="auto")
-    raw["data"]["max_length"] = "auto"
-    raw["training"]["memory_budget"] = "600MiB"  # the planner's 0.5 GiB CUDA context + ~90 MiB
-    recipe = validate_recipe(raw)
-    # The run plans with the dtype it resolves here (bf16 on a CPU with native bf16, else fp32).
-    resolved_dtypes, _ = resolve_recipe_precision(recipe, detect_hardware("cpu"))
-    planned = recipe_plan(resolved_dtypes, parse_size("600MiB"), micro_batch_size=1)
-    result = run_training(recipe)
-    resolved = yaml.safe_load(result.run_dir.resolved_recipe.read_text())
-    assert resolved["data"]["max_length"] == planned.settings.max_length
-    with_length = resolved_dtypes.model_copy(
-        update={"data": resolved_dtypes.data.model_copy(update={"max_length": planned.settings.max_length})}
-    )
-    choice = json.loads((result.run_dir.root / "auto_batch.json").read_text())
-    assert choice["micro_batch_size"] == micro_batch_start(with_length, parse_size("600MiB"))  # CPU never OOMs
 
 
 def test_readme_plan_table_is_current():
