@@ -179,13 +179,24 @@ def test_kto_trains_on_unpaired_rows_and_refuses_mixed_data(tiny_model_dir, toke
     rows.append({"prompt": "q", "completion": "a", "label": "yes"})  # dropped: not a boolean label
     path = tmp_path / "kto.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    raw = dpo_recipe(tiny_model_dir, tmp_path, "kto", max_steps=4, eval_steps=None)
+    raw = dpo_recipe(tiny_model_dir, tmp_path, "kto", max_steps=12, learning_rate=5e-3, eval_steps=None)
     raw["method"] = "kto"
-    raw["data"].update(train_path=str(path), eval_path=None, max_train_samples=None)
+    raw["data"].update(train_path=str(path), eval_path=str(path), max_train_samples=None, max_eval_samples=None)
     result = run_training(validate_recipe(raw))
-    assert result.summary["method"] == "kto" and result.summary["steps"] == 4
+    assert result.summary["method"] == "kto" and result.summary["steps"] == 12
     report = json.loads(result.run_dir.data_report.read_text())[0]
     assert report["rows_kept"] == 32 and report["dropped"] == {"label is not true or false": 1}
+    # unpaired rows have no rejected twin: scored by label separation (desirable vs undesirable log-prob)
+    scores = result.summary["held_out_label_separation"]
+    before, after = scores["before"], scores["after"]
+    assert (before["rows"], before["desirable"], before["undesirable"]) == (32, 16, 16)
+    gap = lambda s: s["desirable_logprob"] - s["undesirable_logprob"]  # noqa: E731
+    # measured here: gap 0.00003 -> 0.0148 nats per token, AUC 0.527 -> 0.609 (most tokens are shared)
+    assert gap(after) > gap(before) + 0.005 and after["label_auc"] > before["label_auc"]
+    from qlora_pipe.evaluate.preference_eval import preference_table, run_preference_eval
+
+    table = preference_table(run_preference_eval(result.run_dir, validate_recipe(raw), None, None))
+    assert "label AUC" in table and "kto" in table.splitlines()[1]
     metrics = [json.loads(line) for line in result.run_dir.metrics.read_text().splitlines()]
     assert all(math.isfinite(row["loss"]) for row in metrics if "loss" in row)
     from qlora_pipe.export.command import export_merged

@@ -32,31 +32,30 @@ def pairs_for(recipe, tokenizer, data: str | None, limit: int | None) -> tuple[l
     prepared = prepare_preference_data(section, tokenizer, recipe.seed, recipe.method)
     split = prepared.eval if prepared.eval is not None and data is None else prepared.train
     rows = [split[i] for i in range(len(split) if limit is None else min(limit, len(split)))]
-    return rows, data or ("held-out pairs" if prepared.eval is not None and data is None else "training pairs")
+    kind = "rows" if rows and "completion" in rows[0] else "pairs"
+    held = prepared.eval is not None and data is None
+    return rows, data or (f"held-out {kind}" if held else f"training {kind}")
 
 
 def run_preference_eval(run: RunDir, recipe, data: str | None, limit: int | None) -> dict[str, Any]:
-    from qlora_pipe.evaluate.reward_accuracy import reward_accuracy
+    from qlora_pipe.evaluate.reward_accuracy import held_out_scores
     from qlora_pipe.model import load_run_tokenizer, load_trained_model
 
     started = time.time()
     tokenizer = load_run_tokenizer(run.root)
     pairs, source = pairs_for(recipe, tokenizer, data, limit)
-    if pairs and "chosen" not in pairs[0]:
-        raise UserError(
-            f"eval {run.root}: reward accuracy needs prompt/chosen/rejected pairs; give --data with pairs "
-            "(TRL's KTO metrics for unpaired rows are in metrics.jsonl)"
-        )
+    if not pairs:
+        raise UserError(f"eval {run.root}: no usable rows in {source}")
     model = load_trained_model(recipe, run.root)
     columns: dict[str, Any] = {}
     with model.disable_adapter():
-        columns["base"] = reward_accuracy(model, tokenizer, pairs)
+        columns["base"] = held_out_scores(model, tokenizer, pairs)
     if recipe.model.adapter:
         model.load_adapter(str(Path(recipe.model.adapter)), adapter_name="start")
         model.set_adapter("start")
-        columns["sft"] = reward_accuracy(model, tokenizer, pairs)
+        columns["sft"] = held_out_scores(model, tokenizer, pairs)
         model.set_adapter("default")
-    columns[recipe.method] = reward_accuracy(model, tokenizer, pairs)
+    columns[recipe.method] = held_out_scores(model, tokenizer, pairs)
     result = {"run": str(run.root), "method": recipe.method, "data": source, "columns": columns}
     path = run.eval_report
     write_json_atomic(path, result)
@@ -65,12 +64,24 @@ def run_preference_eval(run: RunDir, recipe, data: str | None, limit: int | None
 
 def preference_table(result: dict[str, Any]) -> str:
     names = list(result["columns"])
-    pairs = next(iter(result["columns"].values()))["pairs"]
+    columns = list(result["columns"].values())
+    header = f"{'':24}" + "".join(f"{name:>12}" for name in names)
+    if "label_auc" in columns[0]:
+        return "\n".join(
+            [
+                f"held-out label separation on {columns[0]['rows']} {result['data']} "
+                f"({columns[0]['desirable']} desirable, {columns[0]['undesirable']} undesirable completions):",
+                header,
+                f"{'label AUC':24}" + "".join(f"{c['label_auc']:>12.3f}" for c in columns),
+                f"{'desirable logp/token':24}" + "".join(f"{c['desirable_logprob']:>12.3f}" for c in columns),
+                f"{'undesirable logp/token':24}" + "".join(f"{c['undesirable_logprob']:>12.3f}" for c in columns),
+            ]
+        )
     lines = [
-        f"held-out reward accuracy on {pairs} {result['data']} (chosen answer more likely than rejected):",
-        f"{'':24}" + "".join(f"{name:>12}" for name in names),
-        f"{'reward accuracy':24}"
-        + "".join(f"{100 * c['reward_accuracy']:>11.1f}%" for c in result["columns"].values()),
-        f"{'mean margin (nats)':24}" + "".join(f"{c['mean_margin']:>12.3f}" for c in result["columns"].values()),
+        f"held-out reward accuracy on {columns[0]['pairs']} {result['data']} "
+        "(chosen answer more likely than rejected):",
+        header,
+        f"{'reward accuracy':24}" + "".join(f"{100 * c['reward_accuracy']:>11.1f}%" for c in columns),
+        f"{'mean margin (nats)':24}" + "".join(f"{c['mean_margin']:>12.3f}" for c in columns),
     ]
     return "\n".join(lines)

@@ -86,6 +86,13 @@ def _training_section(run: RunDir, recipe: Recipe) -> str:
                     f"| held-out reward accuracy {when} training | {_fmt(scores[when]['reward_accuracy'])} "
                     f"(mean margin {_fmt(scores[when]['mean_margin'])} nats) |"
                 )
+        separation = summary.get("held_out_label_separation") or {}
+        for when in ("before", "after"):
+            if when in separation:
+                lines.append(
+                    f"| held-out label AUC {when} training | {_fmt(separation[when]['label_auc'])} "
+                    f"(desirable vs undesirable log-prob per token) |"
+                )
     if run.loss_curve.is_file():
         lines += ["", "![loss curves](loss.png)"]
     return "\n".join(lines)

@@ -76,13 +76,14 @@ PREFERENCE_EVAL = "preference_eval.json"
 
 
 def method_callbacks(recipe: Recipe, run, tokenizer, data) -> list:
-    """For preference runs with held-out pairs: reward accuracy before training and after it."""
-    if recipe.method == "sft" or data.eval is None or "chosen" not in data.eval.column_names:
+    """For preference runs with held-out rows: reward accuracy (pairs) or label separation (KTO's unpaired
+    rows) before training and after it."""
+    if recipe.method == "sft" or data.eval is None:
         return []
     from transformers import TrainerCallback
 
     from qlora_pipe.dist import is_main_process
-    from qlora_pipe.evaluate.reward_accuracy import reward_accuracy
+    from qlora_pipe.evaluate.reward_accuracy import held_out_scores
     from qlora_pipe.runs import write_json_atomic
 
     path = run.root / PREFERENCE_EVAL
@@ -90,25 +91,27 @@ def method_callbacks(recipe: Recipe, run, tokenizer, data) -> list:
     class HeldOutRewardAccuracy(TrainerCallback):
         def on_train_begin(self, args, state, control, model=None, **kwargs):
             if state.global_step == 0 and is_main_process():  # a resumed run keeps its "before"
-                write_json_atomic(path, {"before": reward_accuracy(model, tokenizer, data.eval)})
+                write_json_atomic(path, {"before": held_out_scores(model, tokenizer, data.eval)})
 
         def on_train_end(self, args, state, control, model=None, **kwargs):
             if is_main_process() and path.is_file():
                 scores = json.loads(path.read_text())
-                write_json_atomic(path, {**scores, "after": reward_accuracy(model, tokenizer, data.eval)})
+                write_json_atomic(path, {**scores, "after": held_out_scores(model, tokenizer, data.eval)})
 
     return [HeldOutRewardAccuracy()]
 
 
 def method_summary(recipe: Recipe, run) -> dict:
-    """The method and its settings for summary.json; for DPO, the held-out reward accuracy before/after."""
+    """The method and its settings for summary.json, with the held-out scores before/after: reward accuracy
+    for pairs, label separation for KTO's unpaired rows."""
     if recipe.method == "sft":
         return {"method": "sft"}
     path = run.root / PREFERENCE_EVAL
     scores = json.loads(path.read_text()) if path.is_file() else {}
+    unpaired = "label_auc" in scores.get("before", {})
     return {
         "method": recipe.method,
         "preference": recipe.preference.model_dump(),
         "started_from_adapter": recipe.model.adapter,
-        "held_out_reward_accuracy": scores,
+        ("held_out_label_separation" if unpaired else "held_out_reward_accuracy"): scores,
     }
