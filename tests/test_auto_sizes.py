@@ -82,3 +82,43 @@ def test_training_with_auto_sizes(tiny_model_dir, tmp_path):
     )
     choice = json.loads((result.run_dir.root / "auto_batch.json").read_text())
     assert choice["micro_batch_size"] == micro_batch_start(with_length, parse_size("600MiB"))  # CPU never OOMs
+
+
+def test_auto_sizes_and_advice_for_preference_runs(family_dirs, tiny_model_dir, tmp_path):
+    """DPO puts chosen and rejected through the model together and keeps a reference adapter: on the same
+    budget its auto sizes are smaller than SFT's, advice names DPO's own limits, and a real DPO run trains at
+    the sizes the plan chose."""
+    import yaml
+
+    from qlora_pipe.hardware import detect_hardware, resolve_recipe_precision
+    from qlora_pipe.plan.advice import advise
+    from qlora_pipe.training.stage import run_training
+    from tests.test_preference import PAIRS_TRAIN
+
+    sft = plan_recipe(family_dirs["llama"], tmp_path, micro_batch_size="auto")
+    dpo = sft.model_copy(update={"method": "dpo"})
+    budget = recipe_plan(sft, None, micro_batch_size=4, max_length=512).total
+    sft_plan, dpo_plan = recipe_plan(sft, budget, max_length=512), recipe_plan(dpo, budget, max_length=512)
+    # twice the rows per pair: about half the micro batch (the fixed terms stay)
+    assert 1 <= dpo_plan.settings.micro_batch_size <= sft_plan.settings.micro_batch_size // 2 + 1
+    assert dpo_plan.settings.micro_batch_size == largest_micro_batch(dpo_plan.shape, dpo_plan.settings, budget)
+    over = recipe_plan(dpo, budget, micro_batch_size=sft_plan.settings.micro_batch_size, max_length=512)
+    assert not over.fits  # SFT's batch does not fit a DPO step on the same budget
+    advice = advise(over)
+    assert advice.max_micro_batch == dpo_plan.settings.micro_batch_size
+    assert advice.max_length < 512 and advice.best_switch is not None
+
+    raw = recipe_dict(tiny_model_dir, tmp_path / "runs", max_steps=1, micro_batch_size="auto")
+    raw.update(run_name="dpo-auto", method="dpo", preference={"beta": 0.1})
+    raw["data"].update(train_path=str(PAIRS_TRAIN), eval_path=None, max_length="auto", max_train_samples=16)
+    raw["training"]["memory_budget"] = "600MiB"
+    recipe = validate_recipe(raw)
+    resolved_dtypes, _ = resolve_recipe_precision(recipe, detect_hardware("cpu"))
+    planned = recipe_plan(resolved_dtypes, parse_size("600MiB"), micro_batch_size=1)
+    sft_planned = recipe_plan(resolved_dtypes.model_copy(update={"method": "sft"}), parse_size("600MiB"), None, 1)
+    assert planned.settings.max_length < sft_planned.settings.max_length
+    result = run_training(recipe)
+    resolved = yaml.safe_load(result.run_dir.resolved_recipe.read_text())
+    assert resolved["data"]["max_length"] == planned.settings.max_length
+    choice = json.loads((result.run_dir.root / "auto_batch.json").read_text())
+    assert choice["micro_batch_size"] >= 1 and result.summary["method"] == "dpo"

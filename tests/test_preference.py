@@ -66,6 +66,32 @@ def test_preference_rows_are_checked_and_dropped_by_reason(tokenizer, tiny_model
         prepare_preference_data(validate_recipe(raw).data, tokenizer, 7)
 
 
+def test_hub_pairs_with_implicit_prompts_read_like_local_pairs(tokenizer, tiny_model_dir, tmp_path):
+    """The Hub path (a local folder in a Hub dataset's layout, parquet, read by datasets.load_dataset) with the
+    layout of many Hub preference sets: no prompt column, chosen and rejected as whole conversations, the
+    shared turns being the prompt; columns renamed by the recipe. The pairs are the bundled local ones."""
+    from datasets import Dataset
+
+    local = [json.loads(line) for line in PAIRS_TRAIN.read_text().splitlines()[:12]]
+
+    def conversation(row, answer):
+        return row["prompt"] + [{"role": "assistant", "content": row[answer]}]  # system + user + answer
+
+    hub_rows = [{"good": conversation(r, "chosen"), "bad": conversation(r, "rejected"), "score": 1.0} for r in local]
+    folder = tmp_path / "hub-prefs"
+    (folder / "data").mkdir(parents=True)
+    Dataset.from_list(hub_rows).to_parquet(str(folder / "data" / "train-00000-of-00001.parquet"))
+    raw = recipe_dict(tiny_model_dir, tmp_path / "runs")
+    raw["method"] = "dpo"
+    raw["data"] = {"sources": [{"hub": str(folder), "columns": {"chosen": "good", "rejected": "bad"}}]}
+    from_hub = prepare_preference_data(validate_recipe(raw).data, tokenizer, 7)
+    raw["data"] = {"train_path": str(PAIRS_TRAIN), "max_train_samples": 12}
+    from_file = prepare_preference_data(validate_recipe(raw).data, tokenizer, 7)
+    key = lambda pair: json.dumps([pair["prompt"], pair["chosen"], pair["rejected"]])  # noqa: E731
+    assert sorted(map(key, from_hub.train)) == sorted(map(key, from_file.train)) and len(from_hub.train) == 12
+    assert from_hub.reports[0].rows_read == 12 and not from_hub.reports[0].dropped
+
+
 def test_dpo_run_moves_the_preference_it_trains_on_and_exports_faithfully(tiny_model_dir, tmp_path):
     """A real DPO run (TRL's DPOTrainer, 4-bit base, LoRA). The pairs scored are the 16 it trains on: on the
     random tiny model this checks that DPO raises chosen over rejected; held-out numbers come from the

@@ -1,7 +1,8 @@
 """The data stage for preference tuning (method: dpo): prompt / chosen / rejected rows, checked and reported.
 
 A row's prompt is a string or a conversation (system and earlier turns allowed, the last turn the
-user's); chosen and rejected are strings or assistant messages. TRL's DPOTrainer renders them with the
+user's); chosen and rejected are strings or assistant messages, or, with no prompt column, whole
+conversations whose shared turns are the prompt. TRL's DPOTrainer renders them with the
 run's chat template, so the end-of-turn token closes each completion and is trained on. Rows are
 dropped, and counted by reason, when a completion is empty, chosen and rejected are the same, or the
 prompt with the longer completion does not fit data.max_length (dropped rather than truncated, so no
@@ -36,8 +37,22 @@ def _messages(value: Any, role: str) -> list[dict[str, str]] | None:
     return None
 
 
+def implicit_prompt(row: dict[str, Any]) -> dict[str, Any]:
+    """Chosen and rejected as whole conversations with no prompt column (the layout of many Hub preference
+    sets): the turns they share become the prompt (TRL's extract_prompt). Plain strings are left alone."""
+    chosen, rejected = _messages(row["chosen"], "assistant"), _messages(row["rejected"], "assistant")
+    if not isinstance(row["chosen"], list) or chosen is None or rejected is None or len(chosen) < 2:
+        return row
+    from trl import extract_prompt
+
+    split = extract_prompt({"chosen": chosen, "rejected": rejected})
+    return {**row, **split} if split["prompt"] else row
+
+
 def to_pair(row: dict[str, Any]) -> dict[str, Any] | str:
     """The row as TRL's conversational preference example, or the reason it is dropped."""
+    if "prompt" not in row and {"chosen", "rejected"} <= set(row):
+        row = implicit_prompt(row)
     if not {"prompt", "chosen", "rejected"} <= set(row):
         return "not a prompt/chosen/rejected row"
     prompt = _messages(row["prompt"], "user")
