@@ -9,7 +9,7 @@ keep_plain_nf4_on_cpu
     Remove once bitsandbytes' CPU packing is lossless or opt-in.
     Caught by: tests/test_model.py::test_evaluation_does_not_alter_the_4bit_base.
 
-dequantized_like_loading
+quantized_like_loading, dequantized_fp32
     The export rebuilds dequant(quant(W)) for one tensor at a time with the same class and settings the
     training load used (``Params4bit`` moved to a device quantizes it), so the merge adds the LoRA delta
     to exactly the weights the adapter was trained against.
@@ -33,13 +33,17 @@ def keep_plain_nf4_on_cpu(model: nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def dequantized_like_loading(
-    value: torch.Tensor, quant_type: str, double_quant: bool, quant_storage: torch.dtype
-) -> torch.Tensor:
-    """dequant(quant(value)) in fp32, quantized on CPU as a 4-bit load with these settings does."""
+def quantized_like_loading(value: torch.Tensor, quant_type: str, double_quant: bool, quant_storage: torch.dtype):
+    """The 4-bit parameter a CPU load with these settings makes of ``value`` (bitsandbytes' Params4bit)."""
     import bitsandbytes as bnb
 
-    param = bnb.nn.Params4bit(
+    return bnb.nn.Params4bit(
         value, requires_grad=False, compress_statistics=double_quant, quant_type=quant_type, quant_storage=quant_storage
     ).to("cpu")
+
+
+def dequantized_fp32(param) -> torch.Tensor:
+    """dequant() of a quantized Params4bit, in its compute dtype as training saw it, then fp32."""
+    import bitsandbytes as bnb
+
     return bnb.functional.dequantize_4bit(param.data, param.quant_state).float()

@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from qlora_pipe.compat.bitsandbytes import dequantized_like_loading
+from qlora_pipe.compat.bitsandbytes import dequantized_fp32, quantized_like_loading
 from qlora_pipe.compat.transformers import modules_kept_unquantized
 from qlora_pipe.errors import UserError
+from qlora_pipe.export.tensor_files import StreamingShardWriter, TensorEntry, TensorReader
 from qlora_pipe.hardware import with_resolved_precision
 from qlora_pipe.model import DTYPES
 from qlora_pipe.model_source import local_path
@@ -125,32 +125,41 @@ def quantized_weight_names(base: Path, recipe: Recipe) -> set[str]:
 
 
 def nf4_roundtrip(weight: torch.Tensor, recipe: Recipe, transposed: bool) -> torch.Tensor:
-    """dequant(quant(W)) exactly as the training load produced it (same class, same settings), in fp32."""
+    """dequant(quant(W)) exactly as the training load produced it (same class, same settings), in fp32.
+    The caller passes its only reference: the 16-bit source is dropped once quantized."""
     q = with_resolved_precision(recipe).quantization
     value = weight.to(DTYPES[q.compute_dtype])
+    del weight
     value = value.T.contiguous() if transposed else value
-    restored = dequantized_like_loading(value, q.quant_type, q.double_quant, DTYPES[q.quant_storage])
+    packed = quantized_like_loading(value, q.quant_type, q.double_quant, DTYPES[q.quant_storage])
+    del value
+    restored = dequantized_fp32(packed)
     return restored.T if transposed else restored
 
 
-def merge_tensor(base: torch.Tensor, lora: LoraWeights | None, transposed: bool) -> torch.Tensor:
-    """W + scale * B @ A in fp32 (DoRA: rescaled per output row to the learned magnitude).
+def merge_tensor(base: torch.Tensor, lora: LoraWeights, transposed: bool) -> torch.Tensor:
+    """W + scale * B @ A in fp32 (DoRA: rescaled per output row to the learned magnitude), in place: the
+    fp32 base and one fp32 delta are the only full-size tensors (the same arithmetic, so the same bits,
+    as computing W + (scale * (B @ A)) out of place).
 
     ``transposed``: the checkpoint stores this weight as (in, out) (GPT-2 Conv1D), while B @ A is
     (out, in) whether PEFT adapted the Conv1D itself or the (out, in) 4-bit layer that replaced it."""
-    oriented = base.float().T if transposed else base.float()
-    if lora is None:
-        return base.float()
+    merged = base.float()
+    del base
+    oriented = merged.T if transposed else merged
     if (lora.b.shape[0], lora.a.shape[1]) != tuple(oriented.shape) or lora.b.shape[1] != lora.a.shape[0]:
         raise UserError(
             f"the adapter does not fit its base model: LoRA B {tuple(lora.b.shape)} @ A {tuple(lora.a.shape)} "
             f"cannot update a {tuple(oriented.shape)} weight (trained on another model?)"
         )
-    merged = oriented + lora.scale * (lora.b.float() @ lora.a.float())
+    delta = lora.b.float() @ lora.a.float()
+    delta.mul_(lora.scale)
+    oriented.add_(delta)
+    del delta
     if lora.magnitude is not None:
-        norm = merged.norm(p=2, dim=1, keepdim=True)
-        merged = merged * (lora.magnitude.float().view(-1, 1) / norm)
-    return merged.T if transposed else merged
+        norm = oriented.contiguous().norm(p=2, dim=1, keepdim=True)
+        oriented.mul_(lora.magnitude.float().view(-1, 1) / norm)
+    return merged
 
 
 def release_freed_memory() -> None:
@@ -164,47 +173,15 @@ def release_freed_memory() -> None:
         ctypes.CDLL(name).malloc_trim(0)
 
 
-class ShardWriter:
-    """Collects tensors until the shard is full, then writes it: one shard in memory at a time."""
+def check_finite(name: str, tensor: torch.Tensor) -> None:
+    """NaN/Inf anywhere refuses the export; checked in pieces (no full-size boolean mask)."""
+    if tensor.is_floating_point():
+        for piece in tensor.reshape(-1).split(CHECK_CHUNK):
+            if not torch.isfinite(piece).all():
+                raise UserError(f"export: merged tensor {name} has NaN or Inf values")
 
-    def __init__(self, folder: Path, max_bytes: int) -> None:
-        self.folder, self.max_bytes = folder, max_bytes
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
-        self.files: list[tuple[Path, list[str]]] = []
-        self.total_bytes = 0
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + size > self.max_bytes:
-            self.flush()
-        self.pending[name] = tensor.contiguous()
-        self.pending_bytes += size
-        self.total_bytes += size
-
-    def flush(self) -> None:
-        if not self.pending:
-            return
-        path = self.folder / f"shard-{len(self.files):05d}.tmp"
-        save_file(self.pending, str(path), metadata={"format": "pt"})
-        self.files.append((path, list(self.pending)))
-        self.pending, self.pending_bytes = {}, 0
-        release_freed_memory()
-
-    def finish(self) -> None:
-        """Give the shards their final names, and write the index when there are several."""
-        self.flush()
-        count = len(self.files)
-        if count == 1:
-            self.files[0][0].rename(self.folder / "model.safetensors")
-            return
-        weight_map = {}
-        for number, (path, names) in enumerate(self.files, start=1):
-            final = f"model-{number:05d}-of-{count:05d}.safetensors"
-            path.rename(self.folder / final)
-            weight_map.update(dict.fromkeys(names, final))
-        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
-        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+CHECK_CHUNK = 1 << 22  # elements per piece of the finiteness check
 
 
 def conv1d_weight_names(base: Path, recipe: Recipe) -> set[str]:
@@ -220,47 +197,84 @@ def conv1d_weight_names(base: Path, recipe: Recipe) -> set[str]:
     return {f"{n}.weight" for n, m in skeleton.named_modules() if isinstance(m, Conv1D)}
 
 
+def output_entries(readers: list[TensorReader], replaced: dict[str, torch.Tensor], dtype: torch.dtype):
+    """Every tensor the export writes, in order, with its dtype and shape: the base checkpoint's (floating
+    point ones in the export dtype), then trained replacements of tied weights (written as their own)."""
+    entries, seen = [], set()
+    for reader in readers:
+        for name in reader.names():
+            entry = reader.entry(name)
+            shape = tuple(replaced[name].shape) if name in replaced else entry.shape
+            out_dtype = dtype if name in replaced or entry.dtype.is_floating_point else entry.dtype
+            entries.append(TensorEntry(name, out_dtype, shape))
+            seen.add(name)
+    untied = sorted(set(replaced) - seen)
+    return entries + [TensorEntry(name, dtype, tuple(replaced[name].shape)) for name in untied], untied
+
+
+def copy_through(reader: TensorReader, name: str, writer: StreamingShardWriter, dtype: torch.dtype) -> None:
+    """A tensor the merge leaves alone (embeddings, norms, unadapted 16-bit layers): read, checked, cast and
+    written piece by piece, never whole (casting is elementwise: the same bits as casting it whole)."""
+    for piece in reader.read_chunks(name):
+        check_finite(name, piece)
+        writer.write(name, piece.to(dtype) if piece.is_floating_point() else piece)
+
+
 def merge_stream(
     recipe: Recipe, run: RunDir, base: Path, folder: Path, merge_base: str, dtype: torch.dtype, max_bytes: int
 ) -> dict[str, Any]:
-    """Read base tensors one by one, merge, cast once, write shard by shard. Returns what was done."""
+    """Read base tensors one by one, merge, cast once and write each straight into its planned place in the
+    output shards. Peak memory: the libraries, the adapter and one tensor's merge; not the shard sizes."""
     from tqdm.auto import tqdm
 
     deltas, replaced, _ = load_lora(run)
     quantized = quantized_weight_names(base, recipe) if merge_base == "dequantized" else set()
     transposed = conv1d_weight_names(base, recipe)
-    writer = ShardWriter(folder, max_bytes)
-    counts = {"merged": 0, "dequantized": 0, "replaced": 0, "copied": 0}
     shards = base_shards(base)
-    seen: set[str] = set()
-    with tqdm(desc="merging", unit="tensor") as bar:
-        for shard in shards:
-            with safe_open(str(shard), framework="pt") as handle:
-                for name in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
-                    seen.add(name)
-                    tensor = handle.get_tensor(name)
+    readers = [TensorReader(shard) for shard in shards]
+    counts = {"merged": 0, "dequantized": 0, "replaced": 0, "copied": 0}
+    try:
+        entries, untied = output_entries(readers, replaced, dtype)
+        writer = StreamingShardWriter(folder, entries, max_bytes)
+        with tqdm(total=len(entries), desc="merging", unit="tensor") as bar:
+            for reader in readers:
+                for name in reader.names():
                     if name in replaced:
                         out, kind = replaced.pop(name).float(), "replaced"
-                    else:
-                        if name in quantized:
-                            tensor = nf4_roundtrip(tensor, recipe, transposed=name in transposed)
-                            counts["dequantized"] += 1
+                    elif name in quantized or name in deltas:
+                        tensor = (
+                            nf4_roundtrip(reader.read(name), recipe, name in transposed)
+                            if name in quantized
+                            else reader.read(name)
+                        )
+                        counts["dequantized"] += name in quantized
                         lora = deltas.pop(name, None)
-                        # Untouched tensors (embeddings, norms, unadapted 16-bit layers) skip the fp32 round trip.
                         out = merge_tensor(tensor, lora, name in transposed) if lora is not None else tensor
+                        del tensor
                         kind = "merged" if lora else "copied"
-                    if out.is_floating_point():
-                        if not torch.isfinite(out).all():
-                            raise UserError(f"export: merged tensor {name} has NaN or Inf values")
-                        out = out.to(dtype)
+                    else:
+                        copy_through(reader, name, writer, dtype)
+                        counts["copied"] += 1
+                        bar.update()
+                        continue
+                    check_finite(name, out)
+                    writer.write(name, out.to(dtype) if out.is_floating_point() else out)
+                    del out
+                    release_freed_memory()
                     counts[kind] += 1
-                    writer.add(name, out)
                     bar.update()
-    if deltas:
-        raise UserError(f"export: adapter weights for {sorted(deltas)[0]} match no tensor of the base checkpoint")
-    untied = sorted(replaced)  # modules_to_save of a tied weight: written as its own tensor
-    for name in untied:
-        writer.add(name, replaced[name].to(dtype))
-        counts["replaced"] += 1
-    writer.finish()
+            if deltas:
+                raise UserError(
+                    f"export: adapter weights for {sorted(deltas)[0]} match no tensor of the base checkpoint"
+                )
+            for name in untied:  # modules_to_save of a tied weight: written as its own tensor
+                writer.write(name, replaced[name].to(dtype))
+                counts["replaced"] += 1
+                bar.update()
+        writer.finish()
+    finally:
+        for reader in readers:
+            reader.close()
+        if "writer" in locals():
+            writer.close()
     return {**counts, "untied": untied, "bytes": writer.total_bytes, "base_shards": len(shards)}
