@@ -2,7 +2,7 @@
 
 Run from the repository root (not installed with the package)::
 
-    python -m benchmarks cpu [--hidden 512 --layers 4 ...]   # < 10 minutes on 2 cores
+    python -m benchmarks cpu [--steps 45 --repeats 5 ...]    # < 10 minutes on 2 cores
     python -m benchmarks gpu [--dry]                         # the GPU check (bash scripts/gpu_check.sh)
     python -m benchmarks docs RESULTS.json                   # regenerate docs/performance.md's numbers
     python -m benchmarks data [--rows 100000] [--num-proc 1]
@@ -11,11 +11,14 @@ Run from the repository root (not installed with the package)::
 
 Modules, one per comparison:
 
-- ``cpu``: our training path vs a plain TRL + PEFT + bitsandbytes script (step time, tokens/s, peak
-  memory); QLoRA vs 16-bit LoRA vs full fine-tuning (peak memory, trainable parameters); generation
-  latency of the merged model vs the base and the unmerged adapter; export peak memory.
+- ``cpu``: our training path vs a plain TRL + PEFT + bitsandbytes script (step time with the spread of
+  the repeats, tokens/s, peak memory); QLoRA vs 16-bit LoRA vs full fine-tuning (peak memory, trainable
+  parameters, supervised tokens trained); generation latency of the merged model vs the base and the
+  unmerged adapter; export peak memory.
 - ``workers``: one measurement per process for ``cpu`` (``python -m benchmarks.workers``), so peak RSS
   belongs to one side.
+- ``batches``: the sha256 of every batch a training worker stepped on, and the supervised tokens in them;
+  ``cpu`` fails unless both sides' lists are the same.
 - ``gpu``: the GPU check: a Llama-3.1-8B-shaped QLoRA run under a 24 GB cap at 2k/4k/8k tokens (tokens/s,
   MFU, peak memory beside the planner's prediction), the longest sequence that fits, and the speed switches.
 - ``gpu_model``: the random-weight Llama built directly in 4-bit NF4 that ``gpu`` trains.

@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -20,19 +21,94 @@ START, END = "<!-- bench:start -->\n", "<!-- bench:end -->\n"
 GIB, MIB = 2**30, 2**20
 
 
+TARGET_SPREAD_PERCENT = 3.0  # what --steps should bring the spread of the repeats under
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    """Median, min and max of the repeats, and the spread: half their range, in percent of the median."""
+    median = statistics.median(values)
+    return {
+        "median": median,
+        "min": min(values),
+        "max": max(values),
+        "spread_percent": 100 * (max(values) - min(values)) / 2 / median,
+    }
+
+
+def trainer_noise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Steady-state step time of each side over the repeats, and the throughput ratio ours / plain, per repeat.
+
+    Repeat i of each side ran next to each other (alternating which went first), so the ratio is taken per
+    repeat (plain step time / ours); its median is the result and its spread the noise. Where the repeats
+    disagree on which side is faster, or the median is within its spread of 1, there is no measurable difference.
+    """
+    step = {kind: [r["steady_seconds"] / r["steady_steps"] for r in rs] for kind, rs in runs.items()}
+    cpu = {kind: [r["steady_cpu_seconds"] / r["steady_steps"] for r in rs] for kind, rs in runs.items()}
+    ratio = spread([p / o for o, p in zip(step["ours"], step["plain"], strict=True)])
+    # Within the noise: the repeats disagree on which side is faster, or the median is within its spread of 1.
+    within = ratio["min"] <= 1 <= ratio["max"] or abs(ratio["median"] - 1) * 100 <= ratio["spread_percent"]
+    n = f"±{ratio['spread_percent']:.1f}%"
+    return {
+        "ours_step_seconds": spread(step["ours"]),
+        "plain_step_seconds": spread(step["plain"]),
+        "steady_ratio_ours_over_plain": ratio,
+        "steady_cpu_ratio_ours_over_plain": spread([p / o for o, p in zip(cpu["ours"], cpu["plain"], strict=True)]),
+        "target_spread_percent": TARGET_SPREAD_PERCENT,
+        "within_noise": within,
+        "verdict": f"no measurable difference at {n}" if within else f"{ratio['median']:.3f} {n}",
+    }
+
+
+def _seconds(s: dict[str, float]) -> str:
+    return f"{s['median']:.3f} s ({s['min']:.3f} – {s['max']:.3f})"
+
+
 def _trainer_rows(r: dict[str, Any]) -> list[str]:
     t = r["trainers"]
+    n = trainer_noise(t["runs"])  # from the raw repeats, so an older results file renders the same way
+    ratio = n["steady_ratio_ours_over_plain"]
     return [
-        "| training path | step time, steady state (fastest repeat) | supervised tokens/s, whole train() (median) "
-        "| peak memory |",
-        "|---|---|---|---|",
-        f"| qlora-pipe (`run_training`, PipeTrainer + callbacks) | {t['ours_step_seconds']:.3f} s "
-        f"| {t['ours_tokens_per_second']:.1f} | {t['ours_peak_memory_bytes'] / GIB:.2f} GiB |",
-        f"| plain TRL SFTTrainer + PEFT + bitsandbytes script | {t['plain_step_seconds']:.3f} s "
-        f"| {t['plain_tokens_per_second']:.1f} | {t['plain_peak_memory_bytes'] / GIB:.2f} GiB |",
-        f"| **throughput ratio ours / plain** | **{t['steady_ratio_ours_over_plain']:.3f}** "
-        f"(median of repeats: {t['steady_median_ratio_ours_over_plain']:.3f}) | {t['ratio_ours_over_plain']:.3f} | |",
+        f"| training path | step time, steady state: median ({t['repeats']} repeats: min – max) | spread "
+        "| supervised tokens/s, whole train() (median) | peak memory |",
+        "|---|---|---|---|---|",
+        f"| qlora-pipe (`run_training`, PipeTrainer + callbacks) | {_seconds(n['ours_step_seconds'])} "
+        f"| ±{n['ours_step_seconds']['spread_percent']:.1f}% | {t['ours_tokens_per_second']:.1f} "
+        f"| {t['ours_peak_memory_bytes'] / GIB:.2f} GiB |",
+        f"| plain TRL SFTTrainer + PEFT + bitsandbytes script | {_seconds(n['plain_step_seconds'])} "
+        f"| ±{n['plain_step_seconds']['spread_percent']:.1f}% | {t['plain_tokens_per_second']:.1f} "
+        f"| {t['plain_peak_memory_bytes'] / GIB:.2f} GiB |",
+        f"| **throughput ratio ours / plain** (per repeat: plain step time / ours) | **{n['verdict']}** "
+        f"(median {ratio['median']:.3f}; {ratio['min']:.3f} – {ratio['max']:.3f}) | ±{ratio['spread_percent']:.1f}% "
+        f"| {t['ratio_ours_over_plain']:.3f} | |",
     ]
+
+
+def _trainer_notes(r: dict[str, Any]) -> str:
+    """What the table's noise and identical work rest on; a paragraph after the table, never inside it."""
+    t = r["trainers"]
+    n = trainer_noise(t["runs"])
+    worst = max(n[k]["spread_percent"] for k in ("ours_step_seconds", "plain_step_seconds"))
+    worst = max(worst, n["steady_ratio_ours_over_plain"]["spread_percent"])
+    target = f"±{TARGET_SPREAD_PERCENT:.0f}%"
+    met = (
+        f"under the {target} target"
+        if worst < TARGET_SPREAD_PERCENT
+        else f"above the {target} target: more `--steps` per repeat bring it down"
+    )
+    text = (
+        f"Spread: half the range of the repeats, in percent of their median (largest here ±{worst:.1f}%, {met}). "
+        "Where the repeats disagree on which side is faster, or the median ratio is within its spread of 1, "
+        "the ratio is stated as no measurable difference at that spread. "
+    )
+    if "batch_digest" in t:
+        text += (
+            f"Identical work: the sha256 of input_ids and labels of each of the {t['batches']} batches every run "
+            f"trained on, the same list in every repeat of both sides (digest `{t['batch_digest'][:16]}`; "
+            "the benchmark fails otherwise)."
+        )
+    else:
+        text += "Identical work: this results file predates per-batch hashes (only token totals were compared)."
+    return text + "\n"
 
 
 def _method_rows(r: dict[str, Any]) -> list[str]:
@@ -41,15 +117,19 @@ def _method_rows(r: dict[str, Any]) -> list[str]:
         "lora_bf16": "LoRA on a bf16 base",
         "full_bf16": "full fine-tuning (bf16)",
     }
+    steps = r["methods"]["steps"]
     rows = [
-        "| method | model weights in memory | peak memory (process) | trainable parameters | saved per task |",
-        "|---|---|---|---|---|",
+        "| method | model weights in memory | peak memory (process) | trainable parameters | saved per task "
+        f"| supervised tokens trained ({steps} steps) |",
+        "|---|---|---|---|---|---|",
     ]
     for key, m in r["methods"]["methods"].items():
         weights = f"{m['weights_bytes'] / MIB:.1f} MiB" if m.get("weights_bytes") else "-"
+        # Counted in the batches trained on; older results files counted the dataset on one side: not shown.
+        tokens = f"{m['supervised_tokens']:,}" if "batches" in m else "-"
         rows.append(
             f"| {names[key]} | {weights} | {m['peak_memory_bytes'] / GIB:.2f} GiB | {m['trainable_params']:,} "
-            f"({m['trainable_percent']:.2f}%) | {m['saved_bytes'] / MIB:.1f} MiB |"
+            f"({m['trainable_percent']:.2f}%) | {m['saved_bytes'] / MIB:.1f} MiB | {tokens} |"
         )
     return rows
 
@@ -91,10 +171,11 @@ def markdown_table(r: dict[str, Any]) -> str:
         f"Training model: random-weight Llama, hidden {m['hidden']}, {m['layers']} layers, "
         f"{m['parameters'] / 1e6:.1f}M parameters, bundled legal-qa rows (max length {m['max_length']}); "
         f"{r['trainers']['repeats']} alternating repeats per side of {r['trainers']['steps']} steps "
-        "(step time: fastest repeat; the rest: medians). "
+        "(medians of the repeats). "
         f"Peak memory is the process's peak RSS on CPU (torch.cuda.max_memory_allocated on a GPU).\n"
     )
-    parts = [head, *_trainer_rows(r), "", *_method_rows(r), "", *_latency_rows(r), "", *_export_rows(r)]
+    trainers = [*_trainer_rows(r), "", _trainer_notes(r)]
+    parts = [head, *trainers, *_method_rows(r), "", *_latency_rows(r), "", *_export_rows(r)]
     return "\n".join(parts) + "\n"
 
 

@@ -7,6 +7,9 @@ A fresh process per measurement makes peak RSS (ru_maxrss only ever grows) belon
 usual TRL + PEFT + bitsandbytes script with the same model, rows and settings; ``full`` is the same
 script without PEFT (full fine-tuning); ``latency`` times greedy generation of base, merged and
 adapter-unmerged models, interleaved.
+
+Training workers report the sha256 of every batch they trained on and the supervised tokens in those
+batches (benchmarks/batches.py), so benchmarks/cpu.py can prove both sides did the same work.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from benchmarks.batches import BatchLog
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -92,14 +97,17 @@ def ours(args: dict[str, Any]) -> dict[str, Any]:
             "save_steps": 10_000,
         },
     }
-    clock = TrainClock()
+    clock, batches = TrainClock(), BatchLog().install()
     from qlora_pipe.plan.measure import measure_weight_bytes
 
     result = run_training(validate_recipe(raw, "bench"), overwrite=True, callbacks=(clock,))
     summary = result.summary
+    if summary["supervised_tokens"] != batches.supervised_tokens:  # two counts of the same batches
+        counts = f"summary {summary['supervised_tokens']}, batches {batches.supervised_tokens}"
+        raise RuntimeError(f"supervised tokens disagree: {counts}")
     adapter = Path(args["out"]) / "ours" / "adapter_model.safetensors"
     return {
-        "supervised_tokens": summary["supervised_tokens"],
+        **batches.result(),
         "train_seconds": clock.wall,
         "train_cpu_seconds": clock.cpu,
         **steady(clock),
@@ -173,11 +181,8 @@ def plain(args: dict[str, Any], peft: bool = True) -> dict[str, Any]:
     from qlora_pipe.plan.measure import measure_weight_bytes
     from qlora_pipe.training.progress import peak_memory_bytes
 
-    clock = TrainClock()
+    clock, batches = TrainClock(), BatchLog().install()
     trainer = plain_trainer(args, peft, clock)
-    # Every row is seen once (one epoch): the loss-carrying tokens are the labels after the first position.
-    dataset = trainer.train_dataset
-    supervised = sum(sum(label != -100 for label in row[1:]) for row in dataset["labels"])
     trainer.train()
     model = trainer.model
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -185,7 +190,7 @@ def plain(args: dict[str, Any], peft: bool = True) -> dict[str, Any]:
     if not peft:  # full fine-tuning must keep the whole model per task
         model.save_pretrained(saved)
     return {
-        "supervised_tokens": supervised,
+        **batches.result(),  # the supervised tokens of the batches trained on, not the dataset's
         "train_seconds": clock.wall,
         "train_cpu_seconds": clock.cpu,
         **steady(clock),
