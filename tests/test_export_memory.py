@@ -127,3 +127,40 @@ def test_streamed_tensors_are_the_bytes_of_a_whole_tensor_merge(tiny_model_dir, 
         )
     model = AutoModelForCausalLM.from_pretrained(out)  # plain transformers reads the streamed shards
     assert model.dtype == torch.bfloat16 and len(list(model.parameters())) > 0
+
+
+def test_verification_that_cannot_fit_is_refused_before_anything_is_written(tiny_model_dir, tmp_path):
+    """The trained 4-bit model, the merged model (in the dtype it is served in here) and one row's logits are
+    counted from the files before the merge starts; more than the machine has is one line, exit 2, no files."""
+    import os
+
+    from qlora_pipe.export.merge import quantized_weight_names
+    from qlora_pipe.export.verify_memory import AVAILABLE_ENV, preflight_verification
+    from qlora_pipe.hardware import dtype_for_inference
+    from qlora_pipe.recipe import load_recipe
+    from qlora_pipe.runs import RunDir
+
+    run, size = finished_run(tmp_path / "model", 4, tiny_model_dir)
+    recipe_path = run / "recipe.resolved.yaml"
+    recipe_path.write_text(recipe_path.read_text().replace("verify: false", "verify: true"))
+    recipe = load_recipe(recipe_path)
+    base = Path(recipe.model.name_or_path)
+    terms = preflight_verification(recipe, RunDir(run), base, "bfloat16")["terms"]
+    served = getattr(torch, dtype_for_inference("bfloat16")).itemsize
+    assert terms["merged model"] == size // 2 * served  # every tensor of this base is 16-bit floating point
+    quantized = quantized_weight_names(base, recipe)
+    assert len(quantized) == 4 * 7  # q, k, v, o, gate, up, down per layer; lm_head stays 16-bit
+    assert size * 0.05 < terms["trained model (4-bit base + adapter)"] < size * 0.7
+    command = [sys.executable, "-m", "qlora_pipe.cli", "export", str(run)]
+    env = {**os.environ, AVAILABLE_ENV: "16MiB", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env)
+    assert out.returncode == 2, out.stderr[-2000:]
+    line = [ln for ln in out.stderr.splitlines() if "verification needs" in ln]
+    assert len(line) == 1 and "0.02 GiB available (QLORA_PIPE_AVAILABLE_MEMORY)" in line[0], out.stderr[-2000:]
+    assert "merged model" in line[0] and "--no-verify" in line[0]
+    assert not (run / "merged").exists() and not (run / "merged.partial").exists()
+    env[AVAILABLE_ENV] = "64GiB"
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    fidelity = json.loads((run / "merged" / "fidelity.json").read_text())
+    assert fidelity["passed"] and fidelity["memory"]["terms"] == terms

@@ -157,6 +157,10 @@ def export_merged(
 
     partial = out.with_name(out.name + ".partial")
     check_export_target(out, partial)
+    if verify:  # before anything is written: refused with the numbers when it cannot fit
+        from qlora_pipe.export.verify_memory import preflight_verification
+
+        verify_memory = preflight_verification(recipe, run, base, dtype_name)
     shutil.rmtree(partial, ignore_errors=True)  # ours (checked): a failed earlier export
     partial.mkdir(parents=True)
     (partial / PARTIAL_MARKER).write_text("an export in progress, or one that failed its checks\n")
@@ -185,6 +189,7 @@ def export_merged(
 
         fidelity = verify_merged(recipe, run, partial, DTYPES[dtype_name])
         fidelity["merge_base"] = merge_base
+        fidelity["memory"] = verify_memory
         if compare_original and merge_base == "dequantized":
             fidelity["original_merge_base"] = _original_fidelity(recipe, run, base, partial, dtype_name, max_bytes)
         write_json_atomic(partial / FIDELITY, fidelity)

@@ -31,37 +31,38 @@ MAX_RELATIVE_LOSS_CHANGE = 0.01
 MAX_RELATIVE_LOGIT_DIFF = 0.02
 
 
-@torch.no_grad()
-def _score(model, rows: list[dict[str, list[int]]]) -> tuple[list[torch.Tensor], float]:
-    logits_all, total, count = [], 0.0, 0
+def _logits(model, row: dict[str, list[int]]) -> torch.Tensor:
     device = next(model.parameters()).device
-    for row in rows:
-        ids = torch.tensor([row["input_ids"]], device=device)
-        labels = torch.tensor([row["labels"]], device=device)
-        logits = model(input_ids=ids).logits.float()[0]
-        shifted, targets = logits[:-1], labels[0, 1:]
-        mask = targets != -100
-        total += torch.nn.functional.cross_entropy(shifted[mask], targets[mask], reduction="sum").item()
-        count += int(mask.sum())
-        logits_all.append(logits.cpu())
-    return logits_all, total / max(count, 1)
+    return model(input_ids=torch.tensor([row["input_ids"]], device=device)).logits.float()[0]
 
 
+@torch.no_grad()
 def compare(reference, candidate, rows: list[dict[str, list[int]]]) -> dict[str, Any]:
-    ref_logits, ref_loss = _score(reference, rows)
-    new_logits, new_loss = _score(candidate, rows)
-    diffs = [(a - b).abs() for a, b in zip(ref_logits, new_logits, strict=True)]
+    """Both models on each row in turn: only one row's logits of each are alive at a time."""
+    max_diff, diff_sum, abs_sum, count = 0.0, 0.0, 0.0, 0
     agree = total = 0
-    for a, b, row in zip(ref_logits, new_logits, rows, strict=True):
-        mask = torch.tensor(row["labels"][1:]) != -100
+    losses = {"trained": 0.0, "merged": 0.0}
+    for row in rows:
+        a = _logits(reference, row)
+        b = _logits(candidate, row).to(a.device)
+        targets = torch.tensor(row["labels"][1:], device=a.device)
+        mask = targets != -100
+        for key, logits in (("trained", a), ("merged", b)):
+            losses[key] += torch.nn.functional.cross_entropy(logits[:-1][mask], targets[mask], reduction="sum").item()
+        diff = (a - b).abs_()
+        max_diff, diff_sum = max(max_diff, diff.max().item()), diff_sum + diff.sum().item()
+        del diff
+        abs_sum, count = abs_sum + a.abs().sum().item(), count + a.numel()
         agree += int((a[:-1].argmax(-1) == b[:-1].argmax(-1))[mask].sum())
         total += int(mask.sum())
+        del a, b
+    ref_loss, new_loss = losses["trained"] / max(total, 1), losses["merged"] / max(total, 1)
     result = {
         "examples": len(rows),
         "trained_tokens_compared": total,
-        "max_abs_logit_diff": max(d.max().item() for d in diffs),
-        "mean_abs_logit_diff": sum(d.sum().item() for d in diffs) / sum(d.numel() for d in diffs),
-        "mean_abs_logit": sum(a.abs().sum().item() for a in ref_logits) / sum(a.numel() for a in ref_logits),
+        "max_abs_logit_diff": max_diff,
+        "mean_abs_logit_diff": diff_sum / max(count, 1),
+        "mean_abs_logit": abs_sum / max(count, 1),
         "top1_agreement": agree / max(total, 1),
         "eval_loss_trained": ref_loss,
         "eval_loss_merged": new_loss,

@@ -1,0 +1,104 @@
+"""Does verification fit this machine? Decided before the merge starts, with the numbers.
+
+Verification holds two models at once: the trained one (the 4-bit base as training loaded it, plus the
+adapter) and the merged one (plain transformers, in the dtype it is served in), and scores them row by
+row, so beyond the two models it needs one row's logits from each and their difference. Each term comes
+from the files themselves: the parameter counts from the safetensors headers of the base, the 4-bit
+layers from the same rule the export uses, the adapter from its file. When the sum does not fit the
+memory available (RAM on CPU: MemAvailable and any cgroup limit; free GPU memory on a GPU), the export
+stops before writing anything, with every term, rather than swapping or being killed mid-way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from qlora_pipe.errors import UserError
+
+GiB = 2**30
+# NF4 with double quantization: 4 bits per weight, one 8-bit absmax per 64 weights, one fp32 absmax and
+# offset per 256 of those (bitsandbytes' defaults); without double quantization an fp32 absmax per 64.
+NF4_BYTES = {True: 0.5 + 1 / 64 + 8 / (64 * 256), False: 0.5 + 4 / 64}
+LOGIT_COPIES = 6  # per model and row: the logits, their fp32 copy and the log-softmax; both models at once
+HEADROOM = 1.10  # allocator slack and the libraries' working buffers
+AVAILABLE_ENV = "QLORA_PIPE_AVAILABLE_MEMORY"  # e.g. "8GiB": what a container's /proc does not say
+
+
+def available_memory(device: str) -> tuple[int, str]:
+    """Bytes this process may still use, and where the figure comes from."""
+    if os.environ.get(AVAILABLE_ENV):
+        from qlora_pipe.sizes import parse_size
+
+        return parse_size(os.environ[AVAILABLE_ENV], AVAILABLE_ENV), AVAILABLE_ENV
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.mem_get_info()[0], "free GPU memory"
+    meminfo = Path("/proc/meminfo")
+    if not meminfo.is_file():
+        return 1 << 62, "not known here"
+    fields = dict(line.split(":", 1) for line in meminfo.read_text().splitlines() if ":" in line)
+    available, source = int(fields["MemAvailable"].split()[0]) * 1024, "MemAvailable"
+    limit, used = Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory.current")
+    if limit.is_file() and used.is_file() and limit.read_text().strip() != "max":
+        room = int(limit.read_text()) - int(used.read_text())
+        if room < available:
+            available, source = room, "the cgroup's memory.max"
+    return available, source
+
+
+def verification_need(recipe, base: Path, adapter: Path, quantized: set[str], served_dtype, max_row: int):
+    """Bytes verification holds at its peak, term by term (``served_dtype``: the merged model's, as loaded)."""
+    from qlora_pipe.export.merge import base_shards
+    from qlora_pipe.export.tensor_files import TensorReader
+    from qlora_pipe.hardware import with_resolved_precision
+    from qlora_pipe.model import DTYPES
+
+    q = with_resolved_precision(recipe).quantization
+    compute = DTYPES[q.compute_dtype].itemsize
+    trained, merged = 0.0, 0
+    for shard in base_shards(base):
+        with TensorReader(shard) as reader:
+            for name in reader.names():
+                entry = reader.entry(name)
+                count = entry.nbytes // entry.dtype.itemsize
+                trained += count * NF4_BYTES[q.double_quant] if name in quantized else count * compute
+                merged += count * served_dtype.itemsize if entry.dtype.is_floating_point else entry.nbytes
+    vocab = json.loads((base / "config.json").read_text()).get("vocab_size", 0)
+    return {
+        "trained model (4-bit base + adapter)": int(trained) + adapter.stat().st_size,
+        "merged model": merged,
+        "logits of one row": LOGIT_COPIES * max_row * vocab * 4,
+    }
+
+
+def check_verification_fits(need: dict[str, int], device: str) -> dict[str, Any]:
+    """Refuse (one line, every number) when verification would not fit; else the figures for export_info."""
+    total = int(sum(need.values()) * HEADROOM)
+    available, source = available_memory(device)
+    if total > available:
+        terms = ", ".join(f"{name} {size / GiB:.2f} GiB" for name, size in need.items())
+        raise UserError(
+            f"export: verification needs about {total / GiB:.2f} GiB ({terms}, +{HEADROOM - 1:.0%}) but this "
+            f"machine has {available / GiB:.2f} GiB available ({source}); nothing was written. Free memory, or "
+            "export with --no-verify (the merge alone streams in the memory of one tensor)"
+        )
+    return {"verification_need_bytes": total, "available_bytes": available, "available_from": source}
+
+
+def preflight_verification(recipe, run, base: Path, dtype_name: str) -> dict[str, Any]:
+    """Before the merge: would verifying this export fit? Refuses with the numbers if not."""
+    import torch
+
+    from qlora_pipe.export.merge import quantized_weight_names
+    from qlora_pipe.hardware import dtype_for_inference
+    from qlora_pipe.model import training_device
+
+    quantized = quantized_weight_names(base, recipe)  # the trained model is always the 4-bit one
+    served = getattr(torch, dtype_for_inference(dtype_name))
+    max_length = recipe.data.max_length if isinstance(recipe.data.max_length, int) else 2048
+    need = verification_need(recipe, base, run.adapter_weights, quantized, served, max_length)
+    return {**check_verification_fits(need, str(training_device())), "terms": need}
