@@ -65,6 +65,24 @@ def test_preference_rows_are_checked_and_dropped_by_reason(tokenizer, tiny_model
     with pytest.raises(UserError, match=r"pairs\.jsonl: row 3: chosen and rejected are identical"):
         prepare_preference_data(validate_recipe(raw).data, tokenizer, 7)
 
+    # The prompt goes first, oldest turns first; answers are never cut. data.overlength decides the rest.
+    history = [{"role": "user", "content": "Earlier? " * 60}, {"role": "assistant", "content": "Yes. " * 30}]
+    system = {"role": "system", "content": "Be brief."}
+    last = {"role": "user", "content": "What is a lien?"}
+    long_rows = [
+        {"prompt": [system, *history, last], "chosen": "A claim on property.", "rejected": "A tort."},
+        {"prompt": "Long? " * 200, "chosen": "Yes.", "rejected": "No."},  # one user turn: cannot be cut
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in long_rows) + "\n")
+    raw["data"].update(on_bad_row="drop", overlength="truncate")
+    data = prepare_preference_data(validate_recipe(raw).data, tokenizer, 7)
+    assert data.train[0]["prompt"] == [system, last] and data.train[0]["chosen"][0]["content"] == "A claim on property."
+    assert data.reports[0].truncated == 1
+    assert dict(data.reports[0].dropped) == {"longer than data.max_length with the prompt cut": 1}
+    raw["data"]["overlength"] = "error"
+    with pytest.raises(UserError, match=r"train: row 1 is longer than data\.max_length 128"):
+        prepare_preference_data(validate_recipe(raw).data, tokenizer, 7)
+
 
 def test_hub_pairs_with_implicit_prompts_read_like_local_pairs(tokenizer, tiny_model_dir, tmp_path):
     """The Hub path (a local folder in a Hub dataset's layout, parquet, read by datasets.load_dataset) with the

@@ -5,8 +5,9 @@ user's); chosen and rejected are strings or assistant messages, or, with no prom
 conversations whose shared turns are the prompt. TRL's DPOTrainer renders them with the
 run's chat template, so the end-of-turn token closes each completion and is trained on. Rows are
 dropped, and counted by reason, when a completion is empty, chosen and rejected are the same, or the
-prompt with the longer completion does not fit data.max_length (dropped rather than truncated, so no
-completion loses its end of turn).
+prompt with the longer completion does not fit data.max_length. Answers are never cut (no completion
+loses its end of turn): with data.overlength: truncate the prompt's earliest turns go first, and the
+pair is dropped only when its last user turn with the answer still does not fit.
 """
 
 from __future__ import annotations
@@ -109,14 +110,43 @@ def lengths(pair: dict[str, Any], tokenizer) -> tuple[int, int, int]:
     )
 
 
-def check_split(pairs: list[dict[str, Any]], tokenizer, max_length: int, report: SplitReport):
+def shorten_prompt(pair: dict[str, Any], tokenizer, max_length: int) -> dict[str, Any] | None:
+    """The pair with its prompt's earliest turns removed (a system message kept; the prompt still starts
+    with a user turn) until it fits max_length; None when even the last user turn does not fit. Answers are
+    never cut: their end of turn is what preference tuning compares."""
+    prompt = pair["prompt"]
+    system = prompt[:1] if prompt[0]["role"] == "system" else []
+    turns = prompt[len(system) :]
+    while len(turns) > 1:
+        turns = turns[1:]
+        while turns[0]["role"] != "user":
+            turns = turns[1:]
+        shorter = {**pair, "prompt": system + turns}
+        if max(lengths(shorter, tokenizer)[1:]) <= max_length:
+            return shorter
+    return None
+
+
+def check_split(pairs: list[dict[str, Any]], tokenizer, data: DataSection, report: SplitReport):
     from datasets import Dataset
 
+    max_length = data.max_length
     kept, totals, trained = [], [], []
-    for pair in pairs:
+    for number, pair in enumerate(pairs, start=1):
         prompt, chosen, rejected = lengths(pair, tokenizer)
+        if max(chosen, rejected) > max_length and data.overlength == "truncate":
+            shorter = shorten_prompt(pair, tokenizer, max_length)
+            if shorter is not None:
+                pair, report.truncated = shorter, report.truncated + 1
+                prompt, chosen, rejected = lengths(pair, tokenizer)
         if max(chosen, rejected) > max_length:
-            report.dropped["longer than data.max_length"] += 1
+            if data.overlength == "error":
+                raise UserError(
+                    f"{report.name}: row {number} is longer than data.max_length {max_length} "
+                    f"({max(chosen, rejected)} tokens); set data.overlength: drop or truncate"
+                )
+            reason = "longer than data.max_length" + (" with the prompt cut" if data.overlength == "truncate" else "")
+            report.dropped[reason] += 1
             continue
         kept.append(pair)
         single = "completion" in pair
@@ -146,10 +176,10 @@ def prepare_preference_data(data: DataSection, tokenizer, seed: int = 42, method
     if len({frozenset(row) for row in train + held_out}) > 1:
         raise UserError("training data: mixes KTO rows (prompt/completion/label) and pairs (prompt/chosen/rejected)")
     train, held_out = hold_out(train, held_out, data, rng, eval_report)
-    train_ds = check_split(train, tokenizer, data.max_length, train_report)
+    train_ds = check_split(train, tokenizer, data, train_report)
     if train_ds is None:
         raise UserError(f"training data: no usable preference pairs ({train_report.line()})")
-    eval_ds = check_split(held_out, tokenizer, data.max_length, eval_report) if held_out else None
+    eval_ds = check_split(held_out, tokenizer, data, eval_report) if held_out else None
     reports = [train_report] + ([eval_report] if eval_ds is not None else [])
     first = train_ds[0]["prompt"]
     system = first[0]["content"] if first[0]["role"] == "system" else None
