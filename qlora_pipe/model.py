@@ -91,6 +91,13 @@ def ensure_distinct_pad(tokenizer) -> None:
             tokenizer.pad_token = candidate
             log.info("pad token: using %r (distinct from EOS %r)", candidate, tokenizer.eos_token)
             return
+    # A byte-level BPE (GPT-2 and its kin) has a token for the NUL byte, which text never contains. Padding is
+    # masked by position (attention mask, labels -100), so any token distinct from EOS pads correctly.
+    nul = tokenizer("\x00", add_special_tokens=False)["input_ids"]
+    if len(nul) == 1 and nul[0] != tokenizer.eos_token_id and tokenizer.decode(nul) == "\x00":
+        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(nul[0])
+        log.info("pad token: the tokenizer has none besides EOS; using the NUL byte's token (id %d)", nul[0])
+        return
     raise UserError(
         f"the tokenizer has no pad token distinct from EOS {tokenizer.eos_token!r} and none of "
         f"{', '.join(PAD_CANDIDATES)}; add one to the tokenizer"
