@@ -13,6 +13,7 @@ COMMANDS = {
     "data": ("benchmarks.data_prep", "data-stage speed vs a bare datasets.map"),
     "export-memory": ("benchmarks.export_memory", "peak memory of our export vs PEFT's merge_and_unload"),
     "quickstart": ("benchmarks.quickstart", "the offline quickstart's wall times (--emulate-avx2)"),
+    "methods": ("benchmarks.methods", "full, prompt, prefix, (IA)3, LoRA, QLoRA, DoRA: same model, data and steps"),
     "gguf": ("benchmarks.gguf_table", "trained vs merged vs each GGUF type (llama.cpp) on an exported run"),
 }
 
