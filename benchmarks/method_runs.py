@@ -138,18 +138,22 @@ def storage_bytes(model, key: str) -> int:
 
 
 @torch.no_grad()
-def generation_ms(model, prompt: torch.Tensor, new_tokens: int, repeats: int) -> float:
-    """Median milliseconds per generated token, greedy, exactly new_tokens tokens."""
-    model.eval()
-    times = []
-    for _ in range(repeats + 1):  # the first is a warm-up
-        started = time.perf_counter()
-        model.generate(
-            input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
-        )  # fmt: skip
-        times.append((time.perf_counter() - started) * 1000 / new_tokens)
-    return statistics.median(times[1:])
+def generation_ms(models: dict, prompt: torch.Tensor, new_tokens: int, repeats: int) -> dict[str, float]:
+    """Median milliseconds per generated token of each model, greedy, exactly new_tokens tokens; the models
+    take turns in every repeat (after one warm-up each), so drift in the machine's speed hits all alike."""
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for model in models.values():
+        model.eval()
+    for repeat in range(repeats + 1):
+        for name, model in models.items():
+            started = time.perf_counter()
+            model.generate(
+                input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+            )  # fmt: skip
+            if repeat:  # the first round is a warm-up
+                times[name].append((time.perf_counter() - started) * 1000 / new_tokens)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def merged_copy(model_dir: str, trained, key: str):
@@ -166,11 +170,6 @@ def merged_copy(model_dir: str, trained, key: str):
 def run_method(key: str, model_dir: str, train_rows: list[dict], eval_rows: list[dict], settings: dict) -> dict:
     from transformers import AutoModelForCausalLM
 
-    prompt = torch.tensor([settings["prompt_ids"]])
-    new, repeats = settings["new_tokens"], settings["latency_repeats"]
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=base_dtype())
-    base_ms = generation_ms(base, prompt, new, repeats)  # the reference, measured in the same process
-    del base
     torch.manual_seed(settings["seed"])
     reset_peak()
     started = time.time()
@@ -195,8 +194,14 @@ def run_method(key: str, model_dir: str, train_rows: list[dict], eval_rows: list
     seconds = time.time() - started
     del optimizer
     storage = storage_bytes(model, key)
-    unmerged = generation_ms(model.to(base_dtype()) if key == "full" else model, prompt, new, repeats)
-    merged = generation_ms(merged_copy(model_dir, model, key), prompt, new, repeats) if METHODS[key].mergeable else None
+    prompt = torch.tensor([settings["prompt_ids"]])
+    models = {
+        "base": AutoModelForCausalLM.from_pretrained(model_dir, dtype=base_dtype()),
+        "unmerged": model.to(base_dtype()) if key == "full" else model,
+    }
+    if METHODS[key].mergeable:
+        models["merged"] = merged_copy(model_dir, model, key)
+    ms = generation_ms(models, prompt, settings["new_tokens"], settings["latency_repeats"])
     return {
         "method": METHODS[key].name,
         "learning_rate": METHODS[key].learning_rate,
@@ -204,9 +209,9 @@ def run_method(key: str, model_dir: str, train_rows: list[dict], eval_rows: list
         "trainable_percent": 100 * trainable / total,
         "peak_rss_bytes": peak,
         "storage_bytes": storage,
-        "ms_per_token_base": base_ms,
-        "ms_per_token_unmerged": unmerged,
-        "ms_per_token_merged": merged,
+        "ms_per_token_base": ms["base"],
+        "ms_per_token_unmerged": ms["unmerged"],
+        "ms_per_token_merged": ms.get("merged"),
         "architecture_change": METHODS[key].architecture,
         "eval_loss_before": before,
         "eval_loss_after": after,
