@@ -92,6 +92,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         args.lm_eval,
         args.lm_eval_include,
     )
+    if result.get("task") == "classification":
+        from qlora_pipe.evaluate.classification_eval import classification_table
+
+        print(f"\n{classification_table(result)}\n\nwrote {result['path']} ({result['seconds']:.0f}s)")
+        return 0
     if result.get("method", "sft") != "sft":
         from qlora_pipe.evaluate.preference_eval import preference_table
 

@@ -196,7 +196,7 @@ def prepare_frozen_base(model: nn.Module, checkpointing: bool) -> nn.Module:
     return model
 
 
-def add_lora(model: nn.Module, recipe: Recipe) -> TrainableModel:
+def add_lora(model: nn.Module, recipe: Recipe, task_type: str = "CAUSAL_LM") -> TrainableModel:
     """Prepare the frozen base for training and wrap it with a fresh LoRA adapter."""
     from peft import LoraConfig, get_peft_model
 
@@ -212,7 +212,7 @@ def add_lora(model: nn.Module, recipe: Recipe) -> TrainableModel:
         use_dora=lora.use_dora,
         modules_to_save=lora.modules_to_save or None,
         bias="none",
-        task_type="CAUSAL_LM",
+        task_type=task_type,
     )
     peft_model = get_peft_model(model, config)
     trainable, total = peft_model.get_nb_trainable_parameters()

@@ -18,3 +18,4 @@ class PreparedData:
     system_prompt: str | None
     fingerprint: str | None = None
     cache_hit: bool = False
+    classes: list[str] | None = None  # task: classification: the class names, in label-index order

@@ -6,6 +6,7 @@ and stops at the end-of-turn token it was trained to emit.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -52,11 +53,18 @@ def load_chat_model(path: str | Path) -> ChatModel:
 
         run = resolve_run(path)
         recipe = load_recipe(run.resolved_recipe)
+        if recipe.task == "classification":
+            raise UserError(f"chat: {run.root} is a classifier (task: classification); score it with qlora-pipe eval")
         model = load_trained_model(recipe, run.root)
         tokenizer = load_run_tokenizer(run.root)
         source = f"{run.root} (4-bit base + adapter)"
         chat = ChatModel(model, tokenizer, training_system_prompt(run), source, recipe.generation)
     elif (path / "config.json").is_file():
+        if any(
+            a.endswith("ForSequenceClassification")
+            for a in json.loads((path / "config.json").read_text()).get("architectures", [])
+        ):
+            raise UserError(f"chat: {path} is a classifier; load it with AutoModelForSequenceClassification")
         dtype = load_dtype_for(path)  # fp32 on a CPU that emulates bf16
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": training_device()}).eval()
         tokenizer = AutoTokenizer.from_pretrained(path)

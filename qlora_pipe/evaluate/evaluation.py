@@ -210,6 +210,12 @@ def run_eval(
     if merged and not (merged_dir / "config.json").is_file():
         raise UserError(f"eval --merged: no merged model in {merged_dir}; run `qlora-pipe export {run.root}` first")
     recipe = load_recipe(run.resolved_recipe)
+    if recipe.task == "classification":
+        if lm_tasks:
+            raise UserError(f"eval {run.root}: --lm-eval is for text generation; a classifier is scored on labels")
+        from qlora_pipe.evaluate.classification_eval import run_classification_eval
+
+        return run_classification_eval(run, recipe, data, limit, merged)
     if recipe.method != "sft":  # preference pairs: reward accuracy of base, starting adapter and tuned adapter
         if merged or lm_tasks:
             raise UserError(

@@ -173,6 +173,10 @@ def export_merged(
     tokenizer.save_pretrained(partial)
     make_serving_files(partial)  # no {% generation %} markers; loadable by the transformers engines pin
     write_configs(base, partial, dtype_name, tokenizer, merged["untied"], generation_defaults(recipe))
+    if recipe.task == "classification":
+        from qlora_pipe.export.classifier_export import write_classifier_config
+
+        write_classifier_config(partial, recipe, tokenizer.pad_token_id)
     info = {
         "run": str(run.root),
         "base_model": recipe.model.name_or_path,

@@ -197,12 +197,12 @@ def conv1d_weight_names(base: Path, recipe: Recipe) -> set[str]:
     return {f"{n}.weight" for n, m in skeleton.named_modules() if isinstance(m, Conv1D)}
 
 
-def output_entries(readers: list[TensorReader], replaced: dict[str, torch.Tensor], dtype: torch.dtype):
+def output_entries(readers: list[TensorReader], replaced: dict[str, torch.Tensor], dtype: torch.dtype, skip=()):
     """Every tensor the export writes, in order, with its dtype and shape: the base checkpoint's (floating
     point ones in the export dtype), then trained replacements of tied weights (written as their own)."""
     entries, seen = [], set()
     for reader in readers:
-        for name in reader.names():
+        for name in (n for n in reader.names() if n not in skip):
             entry = reader.entry(name)
             shape = tuple(replaced[name].shape) if name in replaced else entry.shape
             out_dtype = dtype if name in replaced or entry.dtype.is_floating_point else entry.dtype
@@ -224,7 +224,8 @@ def merge_stream(
     recipe: Recipe, run: RunDir, base: Path, folder: Path, merge_base: str, dtype: torch.dtype, max_bytes: int
 ) -> dict[str, Any]:
     """Read base tensors one by one, merge, cast once and write each straight into its planned place in the
-    output shards. Peak memory: the libraries, the adapter and one tensor's merge; not the shard sizes."""
+    output shards. Peak memory: the libraries, the adapter and one tensor's merge; not the shard sizes.
+    A classifier leaves out the base tensors it does not have (the causal LM head)."""
     from tqdm.auto import tqdm
 
     deltas, replaced, _ = load_lora(run)
@@ -233,12 +234,17 @@ def merge_stream(
     shards = base_shards(base)
     readers = [TensorReader(shard) for shard in shards]
     counts = {"merged": 0, "dequantized": 0, "replaced": 0, "copied": 0}
+    skip = set()
+    if recipe.task == "classification":
+        from qlora_pipe.export.classifier_export import unused_base_tensors
+
+        skip = unused_base_tensors(base, shards, recipe)
     try:
-        entries, untied = output_entries(readers, replaced, dtype)
+        entries, untied = output_entries(readers, replaced, dtype, skip)
         writer = StreamingShardWriter(folder, entries, max_bytes)
         with tqdm(total=len(entries), desc="merging", unit="tensor") as bar:
             for reader in readers:
-                for name in reader.names():
+                for name in (n for n in reader.names() if n not in skip):
                     if name in replaced:
                         out, kind = replaced.pop(name).float(), "replaced"
                     elif name in quantized or name in deltas:

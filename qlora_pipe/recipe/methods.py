@@ -1,4 +1,4 @@
-"""The training method and its preference-tuning settings (DPO through TRL's DPOTrainer)."""
+"""The training method and its settings: preference tuning (TRL's DPO, ORPO, KTO) and the classification task."""
 
 from __future__ import annotations
 
@@ -38,3 +38,14 @@ class PreferenceSection(Section):
     precompute_ref_log_probs: bool = Field(
         False, description="Compute the reference log-probs once before training (no reference forward per step)."
     )
+
+
+TASKS = Literal["causal_lm", "classification"]
+
+
+class ClassificationSection(Section):
+    labels: list[str] | None = Field(
+        None, min_length=2, description="The classes, in order (None: the training data's labels, sorted)."
+    )
+    text_field: str = Field("text", min_length=1, description="Column holding the text to classify.")
+    label_field: str = Field("label", min_length=1, description="Column holding the label.")

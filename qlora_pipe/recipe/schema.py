@@ -13,7 +13,7 @@ import yaml
 from pydantic import Field, field_validator, model_validator
 
 from qlora_pipe.recipe.base import Section, _a_size
-from qlora_pipe.recipe.methods import METHODS, PreferenceSection
+from qlora_pipe.recipe.methods import METHODS, TASKS, ClassificationSection, PreferenceSection
 from qlora_pipe.recipe.output_sections import ExportSection, GenerationSection, HubSection
 
 ComputeDtype = Literal["auto", "bfloat16", "float16", "float32"]
@@ -232,6 +232,10 @@ class Recipe(Section):
     data: DataSection
     training: TrainingSection = Field(default_factory=TrainingSection)
     preference: PreferenceSection = Field(default_factory=PreferenceSection)
+    task: TASKS = Field(
+        "causal_lm", description="causal_lm (text generation) or classification (docs/classification.md)."
+    )
+    classification: ClassificationSection = Field(default_factory=ClassificationSection)
     export: ExportSection = Field(default_factory=ExportSection)
     generation: GenerationSection = Field(default_factory=GenerationSection)
     hub: HubSection = Field(default_factory=HubSection)
@@ -241,6 +245,14 @@ class Recipe(Section):
     source: str | None = Field(None, exclude=True, description="Path the recipe was loaded from (internal).")
     # The --set overrides it was loaded with, so a printed resume command reproduces the same recipe.
     overrides: list[str] = Field(default_factory=list, exclude=True, description="--set overrides (internal).")
+
+    @model_validator(mode="after")
+    def _task_fits(self) -> Recipe:
+        if self.task == "classification" and self.method != "sft":
+            raise ValueError(f"task classification trains a classifier with method sft, not {self.method}")
+        if self.task == "classification" and self.training.preview_prompts:
+            raise ValueError("training.preview_prompts: a classifier does not generate; leave it out")
+        return self
 
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.run_name

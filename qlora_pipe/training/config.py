@@ -19,9 +19,16 @@ log = logging.getLogger(__name__)
 def trainer_config(recipe: Recipe, run: RunDir, device: torch.device, batch: BatchChoice, resuming: bool = False):
     """SFTConfig, or the preference method's DPOConfig / KTOConfig / ORPOConfig: the same training arguments
     (those the config has; packing and padding-free are SFT's), plus the method's own."""
+    import dataclasses
+
+    if recipe.task == "classification":  # transformers' TrainingArguments: the shared fields, no SFT extras
+        from transformers import TrainingArguments
+
+        accepted = {f.name for f in dataclasses.fields(TrainingArguments)}
+        arguments = sft_arguments(recipe, run, device, batch, resuming)
+        return TrainingArguments(**{k: v for k, v in arguments.items() if k in accepted})
     if recipe.method == "sft":
         return sft_config(recipe, run, device, batch, resuming)
-    import dataclasses
 
     p = recipe.preference
     if recipe.method == "orpo":  # reference-free: beta is ORPO's lambda; no loss_type or reference settings

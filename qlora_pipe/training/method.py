@@ -20,6 +20,12 @@ log = logging.getLogger(__name__)
 
 
 def prepare_method_data(recipe: Recipe, tokenizer):
+    if recipe.task == "classification":
+        from qlora_pipe.data.classification import prepare_classification_data
+
+        data, classes = prepare_classification_data(recipe, tokenizer)
+        data.classes = classes
+        return data
     if recipe.method != "sft":
         from qlora_pipe.data.preference import prepare_preference_data
 
@@ -29,9 +35,20 @@ def prepare_method_data(recipe: Recipe, tokenizer):
     return prepare_data(recipe.data, tokenizer, recipe.seed)
 
 
-def trainer_class(recipe: Recipe):
-    from qlora_pipe.training.trainer import PipeTrainer, preference_trainer_class
+def with_data_classes(recipe: Recipe, data) -> Recipe:
+    """Classification: the classes found in the data become classification.labels (the resolved recipe
+    keeps them, so eval and export know the label order)."""
+    if recipe.task != "classification" or recipe.classification.labels == data.classes:
+        return recipe
+    section = recipe.classification.model_copy(update={"labels": data.classes})
+    return recipe.model_copy(update={"classification": section})
 
+
+def trainer_class(recipe: Recipe):
+    from qlora_pipe.training.trainer import PipeTrainer, classifier_trainer_class, preference_trainer_class
+
+    if recipe.task == "classification":
+        return classifier_trainer_class()
     return PipeTrainer if recipe.method == "sft" else preference_trainer_class(recipe.method)
 
 
@@ -58,6 +75,10 @@ def load_policy(recipe: Recipe, tokenizer):
     from qlora_pipe.model import TrainableModel, load_base_model, load_trainable_model, prepare_frozen_base
 
     folder = starting_adapter(recipe)
+    if recipe.task == "classification" and folder is None:
+        from qlora_pipe.classifier import load_classifier
+
+        return load_classifier(recipe, tokenizer, recipe.classification.labels)
     if folder is None:
         return load_trainable_model(recipe, tokenizer)[1]
     from peft import PeftModel
@@ -78,6 +99,10 @@ PREFERENCE_EVAL = "preference_eval.json"
 def method_callbacks(recipe: Recipe, run, tokenizer, data) -> list:
     """For preference runs with held-out rows: reward accuracy (pairs) or label separation (KTO's unpaired
     rows) before training and after it."""
+    if recipe.task == "classification" and data.eval is not None:
+        from qlora_pipe.training.classifier_scores import held_out_classifier_scores
+
+        return [held_out_classifier_scores(recipe, run, data)]
     if recipe.method == "sft" or data.eval is None:
         return []
     from transformers import TrainerCallback
@@ -104,6 +129,12 @@ def method_callbacks(recipe: Recipe, run, tokenizer, data) -> list:
 def method_summary(recipe: Recipe, run) -> dict:
     """The method and its settings for summary.json, with the held-out scores before/after: reward accuracy
     for pairs, label separation for KTO's unpaired rows."""
+    if recipe.task == "classification":
+        from qlora_pipe.training.classifier_scores import CLASSIFIER_EVAL
+
+        path = run.root / CLASSIFIER_EVAL
+        scores = json.loads(path.read_text()) if path.is_file() else {}
+        return {"method": "sft", "task": "classification", "labels": recipe.classification.labels, "held_out": scores}
     if recipe.method == "sft":
         return {"method": "sft"}
     path = run.root / PREFERENCE_EVAL

@@ -29,7 +29,7 @@ from qlora_pipe.training.callbacks import MetricsRecorder, PushCheckpoints
 from qlora_pipe.training.checkpoints import latest_valid_checkpoint, read_marker, step_of
 from qlora_pipe.training.compute import Compute, device_description, resolve_compute
 from qlora_pipe.training.config import check_trackers, trainer_config
-from qlora_pipe.training.method import load_policy, method_summary, prepare_method_data
+from qlora_pipe.training.method import load_policy, method_summary, prepare_method_data, with_data_classes
 from qlora_pipe.training.micro_batch import choose_batch
 from qlora_pipe.training.plots import plot_losses
 from qlora_pipe.training.preview_answers import answers_before, print_preview
@@ -149,6 +149,7 @@ def _run_training(recipe: Recipe, overwrite: bool, resume: bool | str, callbacks
     set_seed(recipe.seed)
     tokenizer = load_tokenizer(recipe)
     data = prepare_method_data(recipe, tokenizer)  # data errors surface before the model loads
+    recipe = with_data_classes(recipe, data)
     if checkpoint is not None:
         check_same_data(run, data.fingerprint)
     set_seed(recipe.seed)

@@ -122,7 +122,9 @@ class RunGuarantees:
         super().log(logs, *args, **kwargs)
 
     def compute_loss(self, model, inputs, *args, **kwargs):
-        if model.training and "labels" in inputs:
+        if model.training and "labels" in inputs and inputs["labels"].dim() == 1:  # a classifier: one label per row
+            self.supervised_tokens += int(inputs["labels"].numel())
+        elif model.training and "labels" in inputs:
             self.supervised_tokens += int((inputs["labels"][..., 1:] != -100).sum())
         elif model.training and "completion_mask" in inputs:  # DPO (chosen and rejected rows), KTO (each row)
             self.supervised_tokens += int(inputs["completion_mask"].sum())
@@ -191,3 +193,13 @@ def preference_trainer_class(method: str):
         pass
 
     return PipePreferenceTrainer
+
+
+def classifier_trainer_class():
+    """transformers' Trainer (task: classification: cross-entropy over the classes) with the same guarantees."""
+    from transformers import Trainer
+
+    class PipeClassifierTrainer(TrainerInternals, RunGuarantees, Trainer):
+        pass
+
+    return PipeClassifierTrainer

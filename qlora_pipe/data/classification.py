@@ -1,0 +1,97 @@
+"""The data stage for text classification (task: classification): text / label rows, checked and reported.
+
+Rows come from the same sources as every task (local files, Hub data sets, mixing, eval splits, dedupe);
+``classification.text_field`` and ``classification.label_field`` name the columns. The classes are
+``classification.labels`` in that order, or the training data's labels sorted. Rows are dropped, and
+counted by reason, when the text is missing or empty, the label is missing, or the label is not one of
+the classes (an eval row with a class the training data never had, say); rows longer than
+data.max_length follow data.overlength (drop, truncate, or error). The label is the training target:
+a row counts one supervised label, not tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+from typing import Any
+
+from qlora_pipe.data.prepare import collect, hold_out
+from qlora_pipe.data.prepared import PreparedData
+from qlora_pipe.data.report import SplitReport
+from qlora_pipe.dist import is_main_process
+from qlora_pipe.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def labelled_row(text_field: str, label_field: str):
+    def convert(row: dict[str, Any]) -> dict[str, str] | str:
+        text, label = row.get(text_field), row.get(label_field)
+        if not isinstance(text, str) or not text.strip():
+            return f"missing or empty {text_field}"
+        if label is None or isinstance(label, bool) or not isinstance(label, str | int):
+            return f"missing {label_field} (a string or an integer)"
+        return {"text": text, "label": str(label)}
+
+    return convert
+
+
+def class_names(recipe, train: list[dict[str, str]]) -> list[str]:
+    labels = recipe.classification.labels
+    if labels is not None:
+        if len(set(labels)) != len(labels):
+            raise UserError("classification.labels: a label is listed twice")
+        return list(labels)
+    found = sorted({row["label"] for row in train})
+    if len(found) < 2:
+        raise UserError(f"training data: classification needs at least two labels, found {found}")
+    return found
+
+
+def encode(rows: list[dict[str, str]], tokenizer, names: list[str], data, report: SplitReport):
+    """Token ids and the class index of each row; unknown classes and over-long rows handled and counted."""
+    from datasets import Dataset
+
+    index = {name: i for i, name in enumerate(names)}
+    kept, lengths = [], []
+    for number, row in enumerate(rows, start=1):
+        if row["label"] not in index:
+            report.dropped["label not in classification.labels"] += 1
+            continue
+        ids = tokenizer(row["text"])["input_ids"]
+        if len(ids) > data.max_length:
+            if data.overlength == "error":
+                raise UserError(f"{report.name}: row {number} is longer than data.max_length {data.max_length}")
+            if data.overlength == "drop":
+                report.dropped[f"longer than max_length {data.max_length}"] += 1
+                continue
+            ids, report.truncated = ids[: data.max_length], report.truncated + 1
+        kept.append({"input_ids": ids, "labels": index[row["label"]]})
+        lengths.append(len(ids))
+    report.add_lengths(lengths, [1] * len(lengths))
+    return Dataset.from_list(kept) if kept else None
+
+
+def prepare_classification_data(recipe, tokenizer) -> tuple[PreparedData, list[str]]:
+    """Read, check, split, tokenize and report labelled rows; returns the data and the class names."""
+    data, spec = recipe.data, recipe.classification
+    rng = random.Random(recipe.seed)
+    train_report, eval_report = SplitReport("train"), SplitReport("eval")
+    convert = labelled_row(spec.text_field, spec.label_field)
+    train = collect(data.train_sources(), data, rng, train_report, convert)[: data.max_train_samples]
+    held_out = collect(data.held_out_sources(), data, rng, eval_report, convert) if data.held_out_sources() else []
+    train, held_out = hold_out(train, held_out, data, rng, eval_report)
+    names = class_names(recipe, train)
+    train_ds = encode(train, tokenizer, names, data, train_report)
+    if train_ds is None:
+        raise UserError(f"training data: no usable labelled rows ({train_report.line()})")
+    eval_ds = encode(held_out, tokenizer, names, data, eval_report) if held_out else None
+    reports = [train_report] + ([eval_report] if eval_ds is not None else [])
+    for report in reports:
+        if is_main_process():
+            log.info("data: %s", report.line())
+    parts = [data.model_dump_json(), spec.model_dump_json(), getattr(tokenizer, "name_or_path", ""), recipe.seed]
+    fingerprint = hashlib.sha256(json.dumps([parts, names, train, held_out]).encode()).hexdigest()[:24]
+    return PreparedData(train_ds, eval_ds, reports, None, fingerprint), names

@@ -1,0 +1,114 @@
+"""task: classification on the same pipeline: a 4-bit sequence classifier (LoRA + trained head) on a tiny
+model, its rows checked and dropped by reason, trained above the majority class on held-out rows, resumed
+exactly, exported (merged, verified) and reloaded by plain transformers with the same predictions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from qlora_pipe.data.classification import labelled_row
+from qlora_pipe.errors import UserError
+from qlora_pipe.recipe import load_recipe, validate_recipe
+from qlora_pipe.runs import RunDir
+from qlora_pipe.training.stage import run_training
+from tests.conftest import recipe_dict
+from tests.test_resume import CrashAtStep, SimulatedCrash, losses
+
+WORDS = {
+    "contracts": ["contract", "offer", "acceptance", "consideration"],
+    "criminal": ["crime", "theft", "arrest", "prosecution"],
+    "property": ["land", "lease", "easement", "tenant"],
+}
+TRAIN_TEMPLATES = ["Tell me about the {}.", "What does {} mean?", "A question on {} for you."]
+HELD_OUT_TEMPLATES = ["Explain the idea of {} simply.", "Is {} important here?"]  # unseen wordings
+
+
+def write_rows(tmp_path: Path) -> tuple[Path, Path]:
+    train = [{"text": t.format(w), "label": k} for k, ws in WORDS.items() for w in ws for t in TRAIN_TEMPLATES]
+    train += [{"text": " ", "label": "criminal"}, {"text": "No label here."}]  # dropped with their reasons
+    held_out = [{"text": t.format(w), "label": k} for k, ws in WORDS.items() for w in ws for t in HELD_OUT_TEMPLATES]
+    held_out.append({"text": "What is a tax?", "label": "tax"})  # a class the training data never had
+    paths = tmp_path / "topics_train.jsonl", tmp_path / "topics_eval.jsonl"
+    for path, rows in zip(paths, (train, held_out), strict=True):
+        path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return paths
+
+
+def classifier_recipe(model_dir: Path, tmp_path: Path, name: str, **training):
+    train, held_out = write_rows(tmp_path)
+    raw = recipe_dict(model_dir, tmp_path / "runs", **{"learning_rate": 1e-2, "micro_batch_size": 8, **training})
+    raw.update(run_name=name, task="classification")
+    raw["quantization"] = {"compute_dtype": "float32"}
+    raw["training"]["precision"] = "fp32"
+    raw["data"].update(train_path=str(train), eval_path=str(held_out), max_length=32)
+    raw["data"].update(max_train_samples=None, max_eval_samples=None)
+    return validate_recipe(raw)
+
+
+def test_labelled_rows_are_checked():
+    convert = labelled_row("text", "label")
+    assert convert({"text": "A", "label": 3}) == {"text": "A", "label": "3"}
+    assert convert({"text": "", "label": "x"}) == "missing or empty text"
+    assert convert({"text": "A", "label": True}) == "missing label (a string or an integer)"
+    raw = {**recipe_dict(Path("m"), Path("o")), "task": "classification"}
+    raw["training"]["preview_prompts"] = ["What is a lien?"]
+    with pytest.raises(UserError, match="a classifier does not generate"):
+        validate_recipe(raw)
+    raw.update(training={}, method="dpo")
+    with pytest.raises(UserError, match="task classification trains a classifier with method sft, not dpo"):
+        validate_recipe(raw)
+
+
+def test_classifier_trains_resumes_exports_and_evaluates(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from qlora_pipe.classifier import load_trained_classifier, predict
+    from qlora_pipe.evaluate.classification_eval import classification_table, run_classification_eval
+    from qlora_pipe.export.command import export_merged
+    from qlora_pipe.model import load_run_tokenizer
+
+    settings = {"max_steps": 40, "save_steps": 20, "eval_steps": None, "preview_prompts": []}
+    straight = run_training(classifier_recipe(tiny_model_dir, tmp_path, "straight", **settings))
+    summary = straight.summary
+    assert summary["task"] == "classification" and summary["labels"] == sorted(WORDS)
+    reports = json.loads(straight.run_dir.data_report.read_text())
+    assert reports[0]["dropped"] == {"missing or empty text": 1, "missing label (a string or an integer)": 1}
+    assert reports[1]["dropped"] == {"label not in classification.labels": 1}
+    assert summary["supervised_tokens"] == 8 * 36  # one label per row: 40 steps of 5 batches per epoch of 36 rows
+    after = summary["held_out"]["after"]
+    assert after["rows"] == 24 and after["accuracy"] > after["majority_class_accuracy"] + 0.15, after
+
+    crashed = classifier_recipe(tiny_model_dir, tmp_path, "crashed", **settings)
+    with pytest.raises(SimulatedCrash):
+        run_training(crashed, callbacks=(CrashAtStep(25),))
+    resumed = run_training(crashed, resume=True)
+    assert losses(resumed.run_dir) == losses(straight.run_dir)  # fp32: bit for bit
+    a, b = load_file(straight.run_dir.adapter_weights), load_file(resumed.run_dir.adapter_weights)
+    assert a.keys() == b.keys() and any(".score." in k for k in a) and all(torch.equal(a[k], b[k]) for k in a)
+
+    exported = export_merged(straight.run_dir.root)  # bf16, verified on the held-out rows
+    assert exported.fidelity["passed"] and exported.info["replaced"] == 1  # the trained head
+    exact = export_merged(straight.run_dir.root, tmp_path / "merged32", dtype="float32", verify=False)
+    config = json.loads((exact.out / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForSequenceClassification"] and config["label2id"]["property"] == 2
+    merged = AutoModelForSequenceClassification.from_pretrained(exact.out)  # plain transformers, no peft
+    tokenizer = load_run_tokenizer(straight.run_dir.root)
+    recipe = load_recipe(straight.run_dir.resolved_recipe)
+    trained = load_trained_classifier(recipe, straight.run_dir.root, tokenizer)
+    rows = [{"input_ids": tokenizer(t.format(w))["input_ids"]} for ws in WORDS.values() for w in ws
+            for t in HELD_OUT_TEMPLATES]  # fmt: skip
+    assert predict(merged, rows)[0] == predict(trained, rows)[0]
+
+    result = run_classification_eval(RunDir(straight.run_dir.root), recipe, None, None, merged=False)
+    assert result["columns"]["tuned"]["accuracy"] == after["accuracy"]
+    table = classification_table(result)
+    assert "macro-F1" in table and "confusion matrix" in table
+    with pytest.raises(UserError, match="is a classifier"):
+        from qlora_pipe.evaluate.chat import load_chat_model
+
+        load_chat_model(straight.run_dir.root)
