@@ -18,6 +18,8 @@ import torch
 from qlora_pipe.errors import UserError
 from qlora_pipe.recipe import Recipe
 
+HEADS = ("score", "classifier")  # the classification heads of transformers' decoder and encoder classes
+
 
 def label_maps(classes: list[str]) -> dict[str, Any]:
     return {
@@ -37,12 +39,15 @@ def load_classifier_base(recipe: Recipe, tokenizer, classes: list[str]):
 
     check_model_source(recipe)
     name = recipe.model.name_or_path
+    quantized = quantization_config(recipe)
+    if quantized is not None:  # the new head is created at load: it stays out of 4-bit (all of it, for encoders)
+        quantized.llm_int8_skip_modules = list(HEADS)
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
             model_location(name),
             revision=recipe.model.revision,
             trust_remote_code=recipe.model.trust_remote_code,
-            quantization_config=quantization_config(recipe),
+            quantization_config=quantized,
             dtype=DTYPES[with_resolved_precision(recipe).quantization.compute_dtype],
             device_map={"": training_device()},
             pad_token_id=tokenizer.pad_token_id,
