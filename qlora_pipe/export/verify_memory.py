@@ -69,7 +69,7 @@ def verification_need(recipe, base: Path, adapter: Path, quantized: set[str], se
                 merged += count * served_dtype.itemsize if entry.dtype.is_floating_point else entry.nbytes
     vocab = json.loads((base / "config.json").read_text()).get("vocab_size", 0)
     return {
-        "trained model (4-bit base + adapter)": int(trained) + adapter.stat().st_size,
+        "trained model (4-bit base + adapter)": int(trained) + (adapter.stat().st_size if adapter.is_file() else 0),
         "merged model": merged,
         "logits of one row": LOGIT_COPIES * max_row * vocab * 4,
     }
