@@ -124,6 +124,11 @@ def cmd_data(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, overrides=args.overrides)
     recipe = resolve_max_length(recipe, memory_budget(recipe))
     tokenizer = load_tokenizer(recipe)
+    if recipe.task == "classification":
+        from qlora_pipe.data.classification import classification_preview
+
+        print(classification_preview(recipe, tokenizer, args.preview))
+        return 0
     if recipe.method != "sft":
         from qlora_pipe.data.preference import prepare_preference_data
         from qlora_pipe.data.preview import preference_preview_text

@@ -108,6 +108,10 @@ def test_classifier_trains_resumes_exports_and_evaluates(tiny_model_dir, tmp_pat
     assert result["columns"]["tuned"]["accuracy"] == after["accuracy"]
     table = classification_table(result)
     assert "macro-F1" in table and "confusion matrix" in table
+    from qlora_pipe.publish.model_card import adapter_card
+
+    card = adapter_card(RunDir(straight.run_dir.root), recipe, "me/topics")  # what a push uploads
+    assert "AutoModelForSequenceClassification" in card and "num_labels=3" in card and "macro-F1" in card
     with pytest.raises(UserError, match="is a classifier"):
         from qlora_pipe.evaluate.chat import load_chat_model
 
@@ -162,3 +166,13 @@ def test_an_encoder_classifier_uses_the_same_recipe_shape(tmp_path):
     rows = [{"input_ids": tokenizer(t.format(w))["input_ids"]} for ws in WORDS.values() for w in ws
             for t in HELD_OUT_TEMPLATES]  # fmt: skip
     assert predict(merged, rows)[0] == predict(trained, rows)[0]
+
+
+def test_preview_shows_each_row_with_its_class(tiny_model_dir, tokenizer, tmp_path):
+    from qlora_pipe.data.classification import classification_preview
+
+    recipe = classifier_recipe(tiny_model_dir, tmp_path, "preview", preview_prompts=[])
+    text = classification_preview(recipe, tokenizer, 2)
+    assert "3 classes: contracts, criminal, property" in text
+    assert "-> contracts ---\nTell me about the contract." in text
+    assert "missing or empty text" in text  # the report comes first

@@ -95,3 +95,17 @@ def prepare_classification_data(recipe, tokenizer) -> tuple[PreparedData, list[s
     parts = [data.model_dump_json(), spec.model_dump_json(), getattr(tokenizer, "name_or_path", ""), recipe.seed]
     fingerprint = hashlib.sha256(json.dumps([parts, names, train, held_out]).encode()).hexdigest()[:24]
     return PreparedData(train_ds, eval_ds, reports, None, fingerprint), names
+
+
+def classification_preview(recipe, tokenizer, count: int) -> str:
+    """`qlora-pipe data --preview N` of a classifier: the report, the classes, and N rows as the model sees
+    them (the text's tokens, then the class it is trained to give)."""
+    data, names = prepare_classification_data(recipe, tokenizer)
+    lines = ["data report:", *(f"  {report.line()}" for report in data.reports)]
+    lines += [f"\n{len(names)} classes: {', '.join(names)}"]
+    lines += [f"\n{min(count, len(data.train))} training row(s) as the model sees them:"]
+    for i in range(min(count, len(data.train))):
+        row = data.train[i]
+        text = tokenizer.decode(row["input_ids"])
+        lines.append(f"\n--- row {i + 1} ({len(row['input_ids'])} tokens) -> {names[row['labels']]} ---\n{text}")
+    return "\n".join(lines)

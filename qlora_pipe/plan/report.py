@@ -81,4 +81,7 @@ def run_plan_command(recipe_path: str, overrides: list[str], gpu_memory: str | N
         print(plan_table(plan, precision))
         print()
         print(advice_text(plan, advice))
+        if recipe.task == "classification":  # not silently wrong: the terms are a causal LM's
+            print("\ntask classification: planned as a causal LM of the same base; a classifier's head and loss")
+            print("are smaller than the LM head's chunked loss, so its peak is at or below this plan.")
     return 0

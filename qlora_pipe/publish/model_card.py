@@ -110,6 +110,10 @@ def _eval_section(run: RunDir, merged: Path | None = None) -> str:
     result = next((_json(p) for p in paths if p.is_file()), None)
     if not result:
         return ""
+    if result.get("task") == "classification":
+        from qlora_pipe.evaluate.classification_eval import classification_table
+
+        return f"## Evaluation\n\n```\n{classification_table(result)}\n```\n\n"
     if result.get("method", "sft") != "sft":
         from qlora_pipe.evaluate.preference_eval import preference_table
 
@@ -130,19 +134,23 @@ def peft_snippet(recipe: Recipe, repo_id: str) -> str:
     base = recipe.model.name_or_path
     q = recipe.quantization
     dtype = q.compute_dtype if q.compute_dtype != "auto" else "bfloat16"
+    auto = "AutoModelForSequenceClassification" if recipe.task == "classification" else "AutoModelForCausalLM"
+    labels = f"    num_labels={len(recipe.classification.labels or [])},\n" if recipe.task == "classification" else ""
     if not q.enabled:
-        load = f'base = AutoModelForCausalLM.from_pretrained("{base}", dtype=torch.{dtype})'
-        imports = "from transformers import AutoModelForCausalLM, AutoTokenizer"
+        inline = labels.strip().replace(",", ", ") if labels else ""
+        load = f'base = {auto}.from_pretrained("{base}", {inline}dtype=torch.{dtype})'
+        imports = f"from transformers import {auto}, AutoTokenizer"
     else:
         storage = f"\n        bnb_4bit_quant_storage=torch.{q.quant_storage}," if q.quant_storage != "uint8" else ""
+        skip = '\n        llm_int8_skip_modules=["score", "classifier"],' if recipe.task == "classification" else ""
         load = (
-            f'base = AutoModelForCausalLM.from_pretrained(\n    "{base}",\n'
+            f'base = {auto}.from_pretrained(\n    "{base}",\n{labels}'
             "    quantization_config=BitsAndBytesConfig(\n"
             f'        load_in_4bit=True,\n        bnb_4bit_quant_type="{q.quant_type}",\n'
             f"        bnb_4bit_use_double_quant={q.double_quant},\n        bnb_4bit_compute_dtype=torch.{dtype},"
-            f"{storage}\n    ),\n    dtype=torch.{dtype},\n)"
+            f"{storage}{skip}\n    ),\n    dtype=torch.{dtype},\n)"
         )
-        imports = "from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig"
+        imports = f"from transformers import {auto}, AutoTokenizer, BitsAndBytesConfig"
     return (
         f"import torch\nfrom peft import PeftModel\n{imports}\n\n{load}\n"
         f'model = PeftModel.from_pretrained(base, "{repo_id}")\n'
@@ -155,7 +163,7 @@ def adapter_card(run: RunDir, recipe: Recipe, repo_id: str) -> str:
 
     from qlora_pipe.export.serving import vllm_lora_notes
 
-    notes = vllm_lora_notes(recipe)
+    notes = vllm_lora_notes(recipe) + (["a classifier"] if recipe.task == "classification" else [])
     vllm = (
         f"Not servable as a vLLM LoRA ({'; '.join(notes)}): serve the merged model instead."
         if notes
@@ -178,7 +186,8 @@ With vLLM's LoRA serving (the base in 16-bit there, so answers can differ slight
     body = (
         f"# {repo_id.split('/')[-1]}\n\nA LoRA adapter for `{recipe.model.name_or_path}`, trained with "
         f"qlora-pipe (QLoRA: 4-bit base, LoRA adapters, supervised fine-tuning with TRL).\n\n"
-        f"{_training_section(run, recipe)}\n\n{_eval_section(run)}{usage}\n{_template_note()}\n"
+        f"{_training_section(run, recipe)}\n\n{_eval_section(run)}{usage}\n"
+        f"{_template_note() if recipe.task != 'classification' else ''}\n"
     )
     return ModelCard.from_template(
         _metadata(recipe, "peft"), template_str="---\n{{ card_data }}\n---\n\n" + body
