@@ -59,7 +59,10 @@ def test_labelled_rows_are_checked():
     raw["training"]["preview_prompts"] = ["What is a lien?"]
     with pytest.raises(UserError, match="a classifier does not generate"):
         validate_recipe(raw)
-    raw.update(training={}, method="dpo")
+    raw.update(training={}, model={"name_or_path": "m", "adapter": "runs/x"})
+    with pytest.raises(UserError, match="a classifier starts from a fresh adapter"):
+        validate_recipe(raw)
+    raw.update(model={"name_or_path": "m"}, method="dpo")
     with pytest.raises(UserError, match="task classification trains a classifier with method sft, not dpo"):
         validate_recipe(raw)
 

@@ -252,6 +252,8 @@ class Recipe(Section):
             raise ValueError(f"task classification trains a classifier with method sft, not {self.method}")
         if self.task == "classification" and self.training.preview_prompts:
             raise ValueError("training.preview_prompts: a classifier does not generate; leave it out")
+        if self.task == "classification" and self.model.adapter:
+            raise ValueError("model.adapter: a classifier starts from a fresh adapter and head; leave it out")
         return self
 
     def run_dir(self) -> Path:
