@@ -11,6 +11,8 @@ chat template exactly as TRL renders them for training.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -33,19 +35,26 @@ def answer_logprob(model, tokenizer, prompt: list[dict], answer: list[dict], per
     return float(answer_logps.mean() if per_token else answer_logps.sum())
 
 
-@torch.no_grad()
-def reward_accuracy(model, tokenizer, pairs) -> dict[str, Any]:
-    """Share of pairs where log p(chosen) > log p(rejected), and the mean margin."""
+@contextmanager
+def evaluating(model) -> Iterator:
+    """The model in eval mode without gradients, put back as it was."""
     was_training = model.training
     model.eval()
     try:
+        with torch.no_grad():
+            yield model
+    finally:
+        model.train(was_training)
+
+
+def reward_accuracy(model, tokenizer, pairs) -> dict[str, Any]:
+    """Share of pairs where log p(chosen) > log p(rejected), and the mean margin."""
+    with evaluating(model):
         margins = [
             answer_logprob(model, tokenizer, pair["prompt"], pair["chosen"])
             - answer_logprob(model, tokenizer, pair["prompt"], pair["rejected"])
             for pair in pairs
         ]
-    finally:
-        model.train(was_training)
     return {
         "pairs": len(margins),
         "reward_accuracy": sum(m > 0 for m in margins) / max(len(margins), 1),
@@ -53,18 +62,13 @@ def reward_accuracy(model, tokenizer, pairs) -> dict[str, Any]:
     }
 
 
-@torch.no_grad()
 def label_separation(model, tokenizer, rows) -> dict[str, Any]:
     """KTO rows: mean log-prob per token of desirable and undesirable completions, and the label AUC."""
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         scored = [
             (answer_logprob(model, tokenizer, row["prompt"], row["completion"], per_token=True), row["label"])
             for row in rows
         ]
-    finally:
-        model.train(was_training)
     good = [score for score, label in scored if label]
     bad = [score for score, label in scored if not label]
     wins = sum((g > b) + 0.5 * (g == b) for g in good for b in bad)

@@ -79,20 +79,17 @@ def _training_section(run: RunDir, recipe: Recipe) -> str:
             f"| eval loss after training | {_fmt(summary.get('final_eval_loss'))} |",
             f"| final train loss | {_fmt(summary.get('final_train_loss'))} |",
         ]
-        scores = summary.get("held_out_reward_accuracy") or {}
-        for when in ("before", "after"):
-            if when in scores:
-                lines.append(
-                    f"| held-out reward accuracy {when} training | {_fmt(scores[when]['reward_accuracy'])} "
-                    f"(mean margin {_fmt(scores[when]['mean_margin'])} nats) |"
-                )
-        separation = summary.get("held_out_label_separation") or {}
-        for when in ("before", "after"):
-            if when in separation:
-                lines.append(
-                    f"| held-out label AUC {when} training | {_fmt(separation[when]['label_auc'])} "
-                    f"(desirable vs undesirable log-prob per token) |"
-                )
+        held_out = [  # summary key, what is shown, its value and the note beside it
+            ("held_out_reward_accuracy", "reward accuracy", "reward_accuracy", "mean margin {mean_margin:.4f} nats"),
+            ("held_out_label_separation", "label AUC", "label_auc", "desirable vs undesirable log-prob per token"),
+            ("held_out", "accuracy", "accuracy", "macro-F1 {macro_f1:.4f}"),
+        ]
+        for key, name, value, note in held_out:
+            scores = summary.get(key) or {}
+            for when in ("before", "after"):
+                if when in scores:
+                    row = scores[when]
+                    lines.append(f"| held-out {name} {when} training | {_fmt(row[value])} ({note.format(**row)}) |")
     if run.loss_curve.is_file():
         lines += ["", "![loss curves](loss.png)"]
     return "\n".join(lines)
