@@ -232,13 +232,13 @@ def merge_stream(
     quantized = quantized_weight_names(base, recipe) if merge_base == "dequantized" else set()
     transposed = conv1d_weight_names(base, recipe)
     shards = base_shards(base)
-    readers = [TensorReader(shard) for shard in shards]
-    counts = {"merged": 0, "dequantized": 0, "replaced": 0, "copied": 0}
     skip = set()
     if recipe.task == "classification":
         from qlora_pipe.export.classifier_export import unused_base_tensors
 
         skip = unused_base_tensors(base, shards, recipe)
+    counts = {"merged": 0, "dequantized": 0, "replaced": 0, "copied": 0}
+    readers, writer = [TensorReader(shard) for shard in shards], None
     try:
         entries, untied = output_entries(readers, replaced, dtype, skip)
         writer = StreamingShardWriter(folder, entries, max_bytes)
@@ -281,6 +281,6 @@ def merge_stream(
     finally:
         for reader in readers:
             reader.close()
-        if "writer" in locals():
+        if writer is not None:
             writer.close()
     return {**counts, "untied": untied, "bytes": writer.total_bytes, "base_shards": len(shards)}

@@ -175,11 +175,6 @@ class StreamingShardWriter:
         self.file = open(self._path(number), "wb")  # noqa: SIM115 (closed when the shard is complete)
         self.file.write(struct.pack("<Q", len(encoded)) + encoded)
 
-    def expected(self) -> TensorEntry:
-        if self.position >= len(self.order):
-            raise RuntimeError("export: more tensors than planned")
-        return self.order[self.position][1]
-
     def write(self, name: str, piece: torch.Tensor) -> None:
         """Bytes of the next planned tensor: the whole tensor, or consecutive flat pieces of it."""
         number, entry = self.order[self.position]
