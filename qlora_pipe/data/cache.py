@@ -20,7 +20,7 @@ from qlora_pipe.runs import file_sha256
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 3  # bump when the tokenized layout or the masking rules change
+CACHE_FORMAT = 4  # bump when the tokenized layout or the masking rules change
 
 
 def data_fingerprint(data: DataSection, tokenizer, seed: int) -> str | None:
@@ -69,6 +69,7 @@ def load_cached(data: DataSection, fingerprint: str | None) -> PreparedData | No
         log.warning("data cache at %s is unreadable (%s); rebuilding", root, exc)
         return None
     reports = [SplitReport.from_dict(r) for r in meta["reports"]]
+    reports[0].marks = meta.get("preview_marks", [])
     log.info("data: reusing tokenized data from cache %s", root)
     return PreparedData(train, eval_ds, reports, meta["system_prompt"], fingerprint, cache_hit=True)
 
@@ -84,7 +85,11 @@ def save_cached(data: DataSection, prepared: PreparedData) -> None:
         prepared.train.save_to_disk(str(tmp / "train"))
         if prepared.eval is not None:
             prepared.eval.save_to_disk(str(tmp / "eval"))
-        meta = {"reports": [r.as_dict() for r in prepared.reports], "system_prompt": prepared.system_prompt}
+        meta = {
+            "reports": [r.as_dict() for r in prepared.reports],
+            "system_prompt": prepared.system_prompt,
+            "preview_marks": prepared.reports[0].marks,
+        }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         shutil.rmtree(root, ignore_errors=True)
         tmp.rename(root)

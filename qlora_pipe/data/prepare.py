@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from qlora_pipe.data.cache import data_fingerprint, load_cached, save_cached
+from qlora_pipe.data.chat_masks import check_template_for, encode_conversation, probe_template
 from qlora_pipe.data.chat_templates import require_chat_template
 from qlora_pipe.data.prepared import IGNORE, PreparedData
 from qlora_pipe.data.report import SplitReport
@@ -25,6 +26,8 @@ from qlora_pipe.errors import UserError
 from qlora_pipe.recipe import DataSection, SourceSection
 
 log = logging.getLogger(__name__)
+
+PREVIEW_MARKS = 20  # rows whose tool/reasoning marks are kept for `qlora-pipe data --preview`
 
 
 def training_chat_template(tokenizer) -> str:
@@ -98,20 +101,19 @@ def example_key(example: dict[str, Any]) -> str:
     return json.dumps(example, sort_keys=True)
 
 
-def encode(example: dict[str, Any], tokenizer, template: str | None, data: DataSection) -> dict[str, Any]:
-    """input_ids and labels of one example, with its length and a drop reason ('' when kept)."""
+def encode(
+    example: dict[str, Any], tokenizer, template: str | None, data: DataSection, empty_think: bool = False
+) -> dict[str, Any]:
+    """input_ids and labels of one example, with its length, a drop reason ('' when kept), its tool and
+    reasoning counts and its preview marks (JSON)."""
+    counts: dict[str, int] = {}
+    marks: list = []
     if example.get("messages"):
-        messages = example["messages"]
-        if data.loss_on == "all":
-            ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
-            mask = [1] * len(ids)
-        else:
-            out = tokenizer.apply_chat_template(
-                messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, chat_template=template
-            )
-            ids, mask = out["input_ids"], out["assistant_masks"]
-            if data.loss_on == "completion":
-                mask = last_run_only(mask)
+        conversation = {"messages": json.loads(example["messages"])}
+        if example.get("tools"):
+            conversation["tools"] = json.loads(example["tools"])
+        encoded = encode_conversation(conversation, tokenizer, template, data, empty_think)
+        ids, mask, counts, marks = encoded.input_ids, encoded.mask, encoded.counts, encoded.marks
     else:
         ids = tokenizer(example["text"])["input_ids"] + [tokenizer.eos_token_id]
         mask = [1] * len(ids)
@@ -119,6 +121,7 @@ def encode(example: dict[str, Any], tokenizer, template: str | None, data: DataS
     if len(ids) > data.max_length:
         if data.overlength == "truncate":
             ids, mask, truncated = ids[: data.max_length], mask[: data.max_length], True
+            marks = [m for m in marks if m[0] < data.max_length]
         else:
             reason = f"longer than max_length {data.max_length}"
     if not reason and not any(mask):
@@ -131,28 +134,22 @@ def encode(example: dict[str, Any], tokenizer, template: str | None, data: DataS
         "n_trained": sum(mask),
         "reason": reason,
         "truncated": truncated,
+        "counts": json.dumps(counts),
+        "marks": json.dumps(marks),
     }
 
 
-def last_run_only(mask: list[int]) -> list[int]:
-    """Keep only the last contiguous run of ones: the final assistant answer."""
-    out = [0] * len(mask)
-    end = max((i for i, m in enumerate(mask) if m), default=-1)
-    i = end
-    while i >= 0 and mask[i]:
-        out[i] = 1
-        i -= 1
-    return out
-
-
-def tokenize_split(examples: list[dict], tokenizer, template: str | None, data: DataSection, report: SplitReport):
+def tokenize_split(
+    examples: list[dict], tokenizer, template: str | None, data: DataSection, report: SplitReport, empty_think: bool
+):
     from datasets import Dataset
 
-    # Every row carries both keys, so conversation and text sources can be mixed in one table.
-    dataset = Dataset.from_list([{"messages": e.get("messages"), "text": e.get("text")} for e in examples])
+    # Every row carries every key, so conversation and text sources can be mixed in one table. Conversations
+    # travel as JSON: Arrow would merge the varying keys of tool-call arguments across rows into one schema.
+    dataset = Dataset.from_list([table_row(e) for e in examples])
     dataset = dataset.map(
         encode,
-        fn_kwargs={"tokenizer": tokenizer, "template": template, "data": data},
+        fn_kwargs={"tokenizer": tokenizer, "template": template, "data": data, "empty_think": empty_think},
         remove_columns=dataset.column_names,
         num_proc=data.num_proc,
         desc=f"Tokenizing {report.name}",
@@ -172,7 +169,18 @@ def tokenize_split(examples: list[dict], tokenizer, template: str | None, data: 
     dataset = dataset.select(keep)
     report.add_lengths(dataset["n_tokens"], dataset["n_trained"])
     report.truncated = sum(dataset["truncated"])
-    return dataset.remove_columns(["n_tokens", "n_trained", "reason", "truncated"])
+    report.add_counts([json.loads(c) for c in dataset["counts"]])
+    report.marks = [json.loads(m) for m in dataset.select(range(min(PREVIEW_MARKS, len(dataset))))["marks"]]
+    return dataset.remove_columns(["n_tokens", "n_trained", "reason", "truncated", "counts", "marks"])
+
+
+def table_row(example: dict[str, Any]) -> dict[str, str | None]:
+    messages, tools = example.get("messages"), example.get("tools")
+    return {
+        "messages": json.dumps(messages) if messages else None,
+        "tools": json.dumps(tools) if tools else None,
+        "text": example.get("text"),
+    }
 
 
 def prepare_data(data: DataSection, tokenizer, seed: int = 42) -> PreparedData:
@@ -196,14 +204,15 @@ def prepare_data(data: DataSection, tokenizer, seed: int = 42) -> PreparedData:
 
     if not train:
         raise UserError(f"training data: no usable rows after checks ({train_report.line()})")
-    template = None
+    template, empty_think = None, False
     if any("messages" in e for e in [*train, *held_out]):
         require_chat_template(tokenizer, getattr(tokenizer, "name_or_path", "the model"))
         template = training_chat_template(tokenizer) if data.loss_on != "all" else None
-    train_ds = tokenize_split(train, tokenizer, template, data, train_report)
+        empty_think = check_template_for(probe_template(tokenizer, template), [*train, *held_out], data)
+    train_ds = tokenize_split(train, tokenizer, template, data, train_report, empty_think)
     if len(train_ds) == 0:
         raise UserError(f"training data: no usable rows after tokenization ({train_report.line()})")
-    eval_ds = tokenize_split(held_out, tokenizer, template, data, eval_report) if held_out else None
+    eval_ds = tokenize_split(held_out, tokenizer, template, data, eval_report, empty_think) if held_out else None
     reports = [train_report] + ([eval_report] if eval_ds is not None else [])
     first = train[0].get("messages") or [{}]
     system = first[0]["content"] if first[0].get("role") == "system" else None

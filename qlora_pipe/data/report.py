@@ -25,6 +25,17 @@ class SplitReport:
     total_tokens: int = 0
     supervised_tokens: int = 0
     length_percentiles: dict[str, int] = field(default_factory=dict)
+    # tool calls, tool results and reasoning: how many, and trained or masked (data/chat_masks.py)
+    conversation_parts: Counter = field(default_factory=Counter)
+    marks: list = field(default_factory=list, repr=False)  # preview marks of the first rows (not reported)
+
+    def add_counts(self, rows: list[dict[str, int]]) -> None:
+        for counts in rows:
+            if any(counts.get(k) for k in ("tool_calls_trained", "tool_calls_masked")):
+                self.conversation_parts["rows_with_tool_calls"] += 1
+            if counts.get("reasoning_turns"):
+                self.conversation_parts["rows_with_reasoning"] += 1
+            self.conversation_parts.update({k: v for k, v in counts.items() if v})
 
     def add_lengths(self, lengths: list[int], trained: list[int]) -> None:
         ordered = sorted(lengths)
@@ -50,6 +61,7 @@ class SplitReport:
             "supervised_tokens": self.supervised_tokens,
             "supervised_share": round(self.supervised_share, 4),
             "length_percentiles": self.length_percentiles,
+            "conversation_parts": dict(self.conversation_parts),
         }
 
     @classmethod
@@ -64,6 +76,7 @@ class SplitReport:
             total_tokens=raw["total_tokens"],
             supervised_tokens=raw["supervised_tokens"],
             length_percentiles=raw["length_percentiles"],
+            conversation_parts=Counter(raw.get("conversation_parts", {})),
         )
 
     def line(self) -> str:
@@ -74,5 +87,29 @@ class SplitReport:
         return (
             f"{self.name}: {self.rows_kept}/{self.rows_read} rows kept (dropped: {dropped}{truncated}{duplicates}); "
             f"{self.total_tokens:,} tokens, {self.supervised_tokens:,} trained ({self.supervised_share:.0%}); "
-            f"length {lengths}"
+            f"length {lengths}{parts_line(self.conversation_parts)}"
         )
+
+
+# (count key, words) of the report's tool and reasoning clauses, in order
+PARTS = (
+    ("rows_with_tool_calls", "rows with tool calls"),
+    ("tool_calls_trained", "tool calls trained"),
+    ("tool_calls_masked", "tool calls masked"),
+    ("tool_results_masked", "tool results masked"),
+    ("tool_results_trained", "tool results trained"),
+    ("rows_with_reasoning", "rows with reasoning"),
+    ("reasoning_trained", "reasoning turns trained"),
+    ("reasoning_masked", "reasoning turns masked"),
+    ("reasoning_dropped", "reasoning turns dropped"),
+    ("reasoning_not_rendered", "earlier turns' reasoning left out by the template"),
+    ("empty_think_masked", "empty <think></think> blocks masked"),
+)
+
+
+def parts_line(parts: Counter) -> str:
+    """'; tools: ..., reasoning: ...' for a split with tool calls or reasoning, else ''."""
+    tools = [f"{parts[k]} {words}" for k, words in PARTS[:5] if parts.get(k)]
+    thinking = [f"{parts[k]} {words}" for k, words in PARTS[5:] if parts.get(k)]
+    out = f"; tools: {', '.join(tools)}" if tools else ""
+    return out + (f"; reasoning: {', '.join(thinking)}" if thinking else "")

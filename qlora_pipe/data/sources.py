@@ -16,14 +16,22 @@ import random
 from pathlib import Path
 from typing import Any
 
+from qlora_pipe.data.conversation import check_conversation
 from qlora_pipe.errors import UserError
 from qlora_pipe.recipe import SourceSection
 
 log = logging.getLogger(__name__)
 
 SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-ROLES = {"system", "user", "assistant"}
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "function_call": "assistant",  # a tool call, its value a JSON {"name", "arguments"}
+    "observation": "tool",  # a tool's result
+}
 # Format -> the columns that identify it, in detection order.
 SIGNATURES = {
     "messages": ("messages",),
@@ -163,24 +171,7 @@ def to_example(row: dict[str, Any], fmt: str) -> dict[str, Any] | str:
         messages = _from_prompt_completion(row)
     if isinstance(messages, str):
         return messages
-    return check_conversation(messages)
-
-
-def check_conversation(messages: Any) -> dict[str, Any] | str:
-    if not isinstance(messages, list) or not messages:
-        return "missing or non-string field"
-    clean = []
-    for message in messages:
-        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
-            return "missing or non-string field"
-        if message.get("role") not in ROLES:
-            return "unknown role"
-        if not message["content"].strip():
-            return "empty message"
-        clean.append({"role": message["role"], "content": message["content"]})
-    if not any(m["role"] == "assistant" for m in clean):
-        return "no assistant turn"
-    return {"messages": clean}
+    return check_conversation(messages, row.get("tools"))
 
 
 def _from_sharegpt(turns: Any) -> list[dict[str, Any]] | str:
@@ -193,8 +184,19 @@ def _from_sharegpt(turns: Any) -> list[dict[str, Any]] | str:
         role = SHAREGPT_ROLES.get(turn.get("from"))
         if role is None:
             return "unknown role"
-        messages.append({"role": role, "content": turn.get("value")})
+        if turn.get("from") == "function_call":
+            messages.append({"role": role, "content": "", "tool_calls": [_sharegpt_call(turn.get("value"))]})
+        else:
+            messages.append({"role": role, "content": turn.get("value")})
     return messages
+
+
+def _sharegpt_call(value: Any) -> Any:
+    """A ShareGPT function_call turn's JSON value as a tool call (checked with the rest of the row)."""
+    try:
+        return json.loads(value) if isinstance(value, str) else value
+    except json.JSONDecodeError:
+        return {"name": None}
 
 
 def _from_alpaca(row: dict[str, Any]) -> list[dict[str, Any]] | str:

@@ -111,6 +111,10 @@ class DataSection(Section):
     loss_on: Literal["assistant", "completion", "all"] = Field(
         "assistant", description="Train on assistant turns, on the final answer only, or on every token."
     )
+    reasoning: Literal["train", "mask", "drop"] = Field(
+        "train",
+        description="Reasoning traces (reasoning_content / <think>): train them, keep them as masked context, or drop.",
+    )
     dedupe: bool = Field(False, description="Drop rows that repeat an earlier row (always counted in the report).")
     packing: bool = Field(False, description="Pack rows into max_length sequences (TRL best-fit-decreasing).")
     num_proc: int | None = Field(None, ge=1, description="Processes for tokenization (datasets.map).")
