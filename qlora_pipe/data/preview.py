@@ -2,23 +2,35 @@
 
 from __future__ import annotations
 
-from itertools import groupby
+from itertools import groupby, pairwise
 
 from qlora_pipe.data.prepared import IGNORE, PreparedData
 
-GREEN, DIM, RESET = "\x1b[32m", "\x1b[2m", "\x1b[0m"
+GREEN, DIM, BOLD, RESET = "\x1b[32m", "\x1b[2m", "\x1b[1m", "\x1b[0m"
 OPEN, CLOSE = "[[", "]]"
 
 
-def render_example(input_ids: list[int], labels: list[int], tokenizer, color: bool) -> str:
-    """The decoded example; trained spans in green (terminal) or between [[ and ]] (otherwise)."""
+def render_example(input_ids: list[int], labels: list[int], tokenizer, color: bool, marks: list | None = None) -> str:
+    """The decoded example; trained spans in green (terminal) or between [[ and ]] (otherwise). ``marks``
+    ((token index, label) pairs) put a tag such as <<tool call, trained>> before the token they name, or
+    before the trained span that holds it."""
+    tags = {index: label for index, label in marks or []}
     pieces = []
-    for trained, run in groupby(zip(input_ids, labels, strict=True), key=lambda pair: pair[1] != IGNORE):
-        text = tokenizer.decode([token for token, _ in run])
-        if color:
-            pieces.append(f"{GREEN}{text}{RESET}" if trained else f"{DIM}{text}{RESET}")
-        else:
-            pieces.append(f"{OPEN}{text}{CLOSE}" if trained else text)
+    runs = groupby(enumerate(zip(input_ids, labels, strict=True)), key=lambda item: item[1][1] != IGNORE)
+    for trained, run in runs:
+        tokens = list(run)
+        inside = [i for i, (index, _) in enumerate(tokens) if index in tags]
+        cuts = [0] if trained else sorted({0, *inside})
+        for begin, end in pairwise([*cuts, len(tokens)]):
+            named = inside if trained else [i for i in inside if i == begin]
+            for i in named:
+                tag = f"<<{tags[tokens[i][0]]}>>"
+                pieces.append(f"{BOLD}{tag}{RESET}" if color else tag)
+            text = tokenizer.decode([token for _, (token, _) in tokens[begin:end]])
+            if color:
+                pieces.append(f"{GREEN}{text}{RESET}" if trained else f"{DIM}{text}{RESET}")
+            else:
+                pieces.append(f"{OPEN}{text}{CLOSE}" if trained else text)
     return "".join(pieces)
 
 
@@ -27,11 +39,15 @@ def preview_text(prepared: PreparedData, tokenizer, count: int, color: bool) -> 
     lines = [f"data report{' (from cache)' if prepared.cache_hit else ''}:"]
     lines += [f"  {report.line()}" for report in prepared.reports]
     shown = min(count, len(prepared.train))
+    marks = prepared.reports[0].marks
+    if any(marks[:shown]):
+        legend += "; tool calls, tool results and reasoning tagged <<part, trained or masked>>"
     lines.append(f"\n{shown} training example(s) as the model sees them ({legend}):")
     for index in range(shown):
         row = prepared.train[index]
         lines.append(f"\n--- example {index + 1} ({len(row['input_ids'])} tokens) ---")
-        lines.append(render_example(row["input_ids"], row["labels"], tokenizer, color))
+        row_marks = marks[index] if index < len(marks) else None
+        lines.append(render_example(row["input_ids"], row["labels"], tokenizer, color, row_marks))
     return "\n".join(lines)
 
 
