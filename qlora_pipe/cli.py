@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--temperature", type=float, metavar="T", help="sample with this temperature")
     chat.add_argument("--top-p", type=float, metavar="P", help="sample from the top-p nucleus")
     chat.add_argument("--greedy", action="store_true", help="always pick the most likely token")
+    chat.add_argument(
+        "--tools", metavar="FILE.json", help="functions (JSON schema) rendered into the prompt; calls shown, not run"
+    )
 
     evaluate = commands.add_parser("eval", help="base vs tuned on held-out data: loss, exact match, F1, ROUGE-L")
     evaluate.add_argument("run_dir", help="finished run directory")

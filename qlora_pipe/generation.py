@@ -53,9 +53,13 @@ def stop_token_ids(tokenizer, generation_config=None) -> list[int]:
     return stops
 
 
-def chat_prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
-    """The conversation rendered with the model's chat template, ending with the assistant's turn header."""
-    rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+def chat_prompt_ids(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+    """The conversation rendered with the model's chat template (and its tools, if any), ending with the
+    assistant's turn header."""
+    extra = {"tools": tools} if tools else {}
+    rendered = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, **extra
+    )
     return list(rendered["input_ids"])
 
 

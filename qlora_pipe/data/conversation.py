@@ -24,7 +24,7 @@ def check_conversation(messages: Any, tools: Any = None) -> dict[str, Any] | str
     """The normalized conversation, or the reason the row is unusable."""
     if not isinstance(messages, list) or not messages:
         return "missing or non-string field"
-    functions = _check_tools(tools)
+    functions = check_tools(tools)
     if isinstance(functions, str):
         return functions
     names = {tool["function"]["name"] for tool in functions} if functions is not None else None
@@ -63,7 +63,7 @@ def check_conversation(messages: Any, tools: Any = None) -> dict[str, Any] | str
     return {"messages": clean, "tools": functions} if functions is not None else {"messages": clean}
 
 
-def _check_tools(tools: Any) -> list[dict[str, Any]] | str | None:
+def check_tools(tools: Any) -> list[dict[str, Any]] | str | None:
     """The row's functions as ``{"type": "function", "function": {...}}``; None when the row lists none."""
     if tools is None or tools == "" or tools == []:
         return None

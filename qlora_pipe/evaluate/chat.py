@@ -12,7 +12,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from qlora_pipe.data.chat_masks import probe_template
+from qlora_pipe.data.conversation import check_tools
 from qlora_pipe.errors import UserError
+from qlora_pipe.evaluate.tool_calls import parse_tool_calls
 from qlora_pipe.generation import (
     DEFAULT_MAX_NEW_TOKENS,
     GenerationSettings,
@@ -32,6 +35,7 @@ class ChatModel:
     system: str | None  # the system prompt the run trained with, if known
     source: str  # what was loaded, for the banner
     defaults: object = None  # generation defaults: the recipe's generation section, or generation_config.json
+    tools: list[dict] | None = None  # --tools: functions rendered into every prompt; calls are shown, not run
 
 
 def _is_run_dir(path: Path) -> bool:
@@ -113,7 +117,7 @@ def stream_reply(chat: ChatModel, messages: list[dict[str, str]], settings: Gene
     from transformers import TextStreamer
 
     tokenizer = chat.tokenizer
-    ids = torch.tensor([chat_prompt_ids(tokenizer, messages)], device=chat.model.device)
+    ids = torch.tensor([chat_prompt_ids(tokenizer, messages, chat.tools)], device=chat.model.device)
     pieces: list[str] = []
 
     class Collector(TextStreamer):  # prints like TextStreamer and keeps the text for the conversation
@@ -134,7 +138,37 @@ def stream_reply(chat: ChatModel, messages: list[dict[str, str]], settings: Gene
     except KeyboardInterrupt:
         streamer.end()
         print("[stopped]", flush=True)
-    return "".join(pieces).strip()
+    reply = "".join(pieces).strip()
+    if chat.tools:
+        for call in parse_tool_calls(reply):
+            print(f"[tool call, not executed] {call.show()}", flush=True)
+    return reply
+
+
+def assistant_turn(reply: str, tools: list[dict] | None) -> dict:
+    """The reply as the conversation keeps it: with its parsed tool calls when it made any."""
+    calls = [c for c in parse_tool_calls(reply) if c.name is not None] if tools else []
+    if not calls:
+        return {"role": "assistant", "content": reply}
+    made = [{"type": "function", "function": {"name": c.name, "arguments": c.arguments or {}}} for c in calls]
+    return {"role": "assistant", "content": "", "tool_calls": made}
+
+
+def load_tools(path: str) -> list[dict]:
+    """--tools FILE.json: a list of JSON-schema functions, or {"tools": [...]}."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise UserError(f"chat --tools: file not found: {file}")
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"chat --tools: {file}: not valid JSON ({exc})") from exc
+    tools = check_tools(raw.get("tools") if isinstance(raw, dict) else raw)
+    if isinstance(tools, str) or not tools:
+        raise UserError(
+            f"chat --tools: {file}: {tools or 'no functions listed'} (give a list of JSON-schema functions)"
+        )
+    return tools
 
 
 def one_shot(chat: ChatModel, prompt: str, system: str | None, settings: GenerationSettings) -> str:
@@ -152,6 +186,8 @@ def chat_loop(
     history: list[dict[str, str]] = []
     print(f"chatting with {chat.source}; {settings.describe()}")
     print(f"system prompt: {system!r}" if system else "no system prompt")
+    if chat.tools:
+        print(f"tools: {', '.join(t['function']['name'] for t in chat.tools)}; /tool RESULT answers a tool call")
     print("/reset clears the conversation, /exit or Ctrl-D quits, Ctrl-C stops an answer", flush=True)
     while True:
         try:
@@ -170,16 +206,26 @@ def chat_loop(
             continue
         if not line:
             continue
-        history.append({"role": "user", "content": line})
+        if line.startswith("/tool ") and chat.tools:  # the result of the tool the model called, as you ran it
+            history.append({"role": "tool", "content": line.removeprefix("/tool ").strip()})
+        else:
+            history.append({"role": "user", "content": line})
         print("assistant> ", end="", flush=True)
         system_turn = [{"role": "system", "content": system}] if system else []
-        history.append({"role": "assistant", "content": stream_reply(chat, system_turn + history, settings)})
+        history.append(assistant_turn(stream_reply(chat, system_turn + history, settings), chat.tools))
 
 
-def run_chat(path: str, prompt: str | None, system: str | None, settings_flags: dict) -> int:
+def run_chat(
+    path: str, prompt: str | None, system: str | None, settings_flags: dict, tools_path: str | None = None
+) -> int:
     """The chat command: one answer for --prompt, else an interactive session."""
     check_generation_flags(settings_flags["max_new_tokens"], settings_flags["temperature"], settings_flags["top_p"])
+    tools = load_tools(tools_path) if tools_path else None
     chat = load_chat_model(path)
+    if tools:
+        if not probe_template(chat.tokenizer, None).renders_tools:
+            raise UserError(f"chat --tools: the chat template of {path} does not render tools")
+        chat.tools = tools
     settings = resolve_settings(chat.defaults or chat.model.generation_config, **settings_flags)
     system = chat.system if system is None else (system or None)  # --system "" drops the default
     if prompt is not None:

@@ -22,6 +22,7 @@ from qlora_pipe.data.prepared import IGNORE
 from qlora_pipe.errors import UserError
 from qlora_pipe.evaluate.lm_harness import parse_tasks
 from qlora_pipe.evaluate.metrics import score_answers
+from qlora_pipe.evaluate.tool_calls import score_tool_calls
 from qlora_pipe.generation import Generation, generate_greedy
 from qlora_pipe.hardware import load_dtype_for
 from qlora_pipe.recipe import Recipe
@@ -146,6 +147,7 @@ def score_model(
     metrics: dict[str, Any] = answer_loss(model, evalset.rows, batch_size, tokenizer.pad_token_id)
     answers = generate_greedy(model, tokenizer, evalset.prompts, max_new_tokens, batch_size, desc=f"answers ({name})")
     metrics.update(score_answers([a.text for a in answers], evalset.references))
+    metrics.update(score_tool_calls([a.text for a in answers], evalset.references))
     n = max(len(answers), 1)
     metrics["stopped_at_end_of_turn"] = sum(a.stopped for a in answers) / n
     metrics["mean_answer_tokens"] = sum(a.new_tokens for a in answers) / n

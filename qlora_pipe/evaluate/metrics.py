@@ -81,6 +81,8 @@ TABLE_ROWS = (
     ("token F1", "token_f1", "{:.1%}"),
     ("ROUGE-L", "rouge_l", "{:.1%}"),
     ("answers ending at end of turn", "stopped_at_end_of_turn", "{:.1%}"),
+    ("tool calls: function names right", "tool_name_accuracy", "{:.1%}"),
+    ("tool calls: arguments exact", "tool_arguments_exact", "{:.1%}"),
     ("mean answer length (tokens)", "mean_answer_tokens", "{:.1f}"),
 )
 
@@ -88,7 +90,11 @@ TABLE_ROWS = (
 def eval_table(result: dict, markdown: bool = False) -> str:
     """Base and tuned columns of an eval result, for the terminal or a markdown model card."""
     base, tuned = result["base"], result["tuned"]
-    rows = [(label, fmt.format(base[key]), fmt.format(tuned[key])) for label, key, fmt in TABLE_ROWS]
+    rows = [
+        (label, fmt.format(base[key]), fmt.format(tuned[key]))
+        for label, key, fmt in TABLE_ROWS
+        if key in base and key in tuned  # the tool-call rows: only where references call tools
+    ]
     if markdown:
         lines = ["| metric | base | tuned |", "|---|---|---|"]
         return "\n".join(lines + [f"| {label} | {b} | {t} |" for label, b, t in rows])
@@ -98,8 +104,10 @@ def eval_table(result: dict, markdown: bool = False) -> str:
 
 
 def eval_heading(result: dict) -> str:
+    tools = f"{result['base']['tool_rows']} of them call tools; " if "tool_rows" in result["base"] else ""
     return (
         f"{result['examples']} examples from {result['data']} ({result['base']['answer_tokens']} answer tokens); "
+        f"{tools}"
         f"{result['generated']} greedy answers of at most {result['max_new_tokens']} tokens; "
         f"base: the 4-bit base without the adapter; tuned: {result['tuned_model']}"
     )
