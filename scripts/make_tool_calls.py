@@ -8,9 +8,10 @@ Three functions a legal research assistant might call:
   for a statute database: the result is the opening sentence of the primer's section on that area.
 - ``compute_deadline(start_date, days)``: a date plus a number of days (computed here, so always right).
 
-Training rows: a question in one of several wordings, the assistant's call, and for half of them the
+Training rows: a question in one of six wordings per function, the assistant's call, and for half of them the
 tool's result and the assistant's answer from it; one row in five carries the assistant's reasoning
-(``reasoning_content``) before its call. Held-out rows: questions in wordings no training row uses,
+(``reasoning_content``) before its call. Held-out rows: questions in two other wordings per function (the same cue words, "define", "glossary",
+"statute", "legislation", a date and a number of days, in sentences no training row uses),
 ending at the call, so eval scores which function is called with which arguments. Deterministic.
 
     python scripts/make_tool_calls.py
@@ -57,20 +58,40 @@ TOOLS = [
 # (training wordings, held-out wordings) per function
 WORDINGS = {
     "define_term": (
-        ['Define the term "{term}".', 'What does the glossary say about "{term}"?', "Look up {term} for me."],
-        ['Could you check the glossary entry for "{term}"?', "I need the definition of {term}, please."],
+        [
+            'Define the term "{term}".',
+            'What does the glossary say about "{term}"?',
+            "Give me the definition of {term}.",
+            'What is the meaning of "{term}"?',
+            "Please define {term}.",
+            'Glossary: "{term}".',
+        ],
+        ['I need a definition: what does "{term}" mean?', "Find {term} in the glossary and define it."],
     ),
     "find_statute": (
-        ["Which statute covers {area}?", "Find the statute on {area}.", "Where is the law of {area} written down?"],
-        ["Look up the law that governs {area}, please.", "What statute should I read about {area}?"],
+        [
+            "Which statute covers {area}?",
+            "Find the statute on {area}.",
+            "Where is the law of {area} written down?",
+            "Show me the legislation for {area}.",
+            "Statute for {area}, please.",
+            "I need the code section on {area}.",
+        ],
+        ["What legislation governs {area}?", "Point me to the statute that deals with {area}."],
     ),
     "compute_deadline": (
         [
             "I was served on {start_date}. What is the deadline if I have {days} days?",
             "Count {days} days from {start_date} for me.",
             "What date is {days} days after {start_date}?",
+            "A filing is due {days} days after {start_date}. When is that?",
+            "Deadline: {start_date} plus {days} days?",
+            "Starting {start_date}, when do {days} days run out?",
         ],
-        ["My notice arrived on {start_date} and the period is {days} days. When does it end?"],
+        [
+            "My notice arrived on {start_date} and the period is {days} days. When does it end?",
+            "If the clock starts on {start_date}, what is the date {days} days later?",
+        ],
     ),
 }
 REASONING = {
