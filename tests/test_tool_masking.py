@@ -1,6 +1,6 @@
 """Tool calls and reasoning traces, token by token, on four template families.
 
-Families: our built-in chatml and llama-3, and Qwen2.5 and Qwen3 as released (their templates as TRL
+Families: our built-in chatml and llama-3, and Qwen2.5, Qwen3 and Llama 3.1 as released (their templates as TRL
 stores them to recognize the families), each on the tiny tokenizer. Each case checks which tokens are
 trained: the tool call is, the tool result and the tools list are not; reasoning follows data.reasoning;
 an empty thinking block is never trained; multi-turn reasoning follows the template's own convention.
@@ -64,8 +64,9 @@ MULTI_TURN = {
         {"role": "assistant", "content": "Thirty days.", "reasoning_content": LATER},
     ]
 }
-FAMILIES = ["chatml", "llama-3", "qwen2.5", "qwen3"]
-END_OF_TURN = {"chatml": "<|im_end|>", "llama-3": "<|eot_id|>", "qwen2.5": "<|im_end|>", "qwen3": "<|im_end|>"}
+FAMILIES = ["chatml", "llama-3", "qwen2.5", "qwen3", "llama-3.1"]
+END_OF_TURN = {"chatml": "<|im_end|>", "qwen2.5": "<|im_end|>", "qwen3": "<|im_end|>"}
+END_OF_TURN.update({"llama-3": "<|eot_id|>", "llama-3.1": "<|eot_id|>"})
 
 
 def released_template(name: str) -> str:
@@ -75,7 +76,7 @@ def released_template(name: str) -> str:
 
 
 def with_family(tokenizer, family: str):
-    if family == "llama-3":
+    if family.startswith("llama-3"):
         tokenizer.add_special_tokens(
             {
                 "additional_special_tokens": [
@@ -90,7 +91,9 @@ def with_family(tokenizer, family: str):
     if family in ("chatml", "llama-3"):
         select_chat_template(tokenizer, family)
     else:
-        tokenizer.chat_template = released_template({"qwen2.5": "qwen2_5", "qwen3": "qwen3"}[family])
+        tokenizer.chat_template = released_template(
+            {"qwen2.5": "qwen2_5", "qwen3": "qwen3", "llama-3.1": "llama3_1"}[family]
+        )
     return tokenizer
 
 
@@ -195,7 +198,7 @@ def test_multi_turn_reasoning_follows_each_templates_convention(tokenizer, tmp_p
     assert "1 earlier turns' reasoning left out by the template" in prepared.reports[0].line()
 
 
-@pytest.mark.parametrize("family", ["qwen2.5", "qwen3"])
+@pytest.mark.parametrize("family", ["qwen2.5", "qwen3", "llama-3.1"])
 def test_training_text_is_the_released_templates_text(tokenizer, tmp_path, family):
     """The masking template renders exactly what the model's own template serves (markers aside)."""
     tokenizer = with_family(tokenizer, family)
@@ -306,3 +309,15 @@ def test_preview_tags_tool_calls_results_and_reasoning_with_their_status(tokeniz
     assert (
         cached.cache_hit and preview_text(cached, tokenizer, 2, color=False).split("\n", 1)[1] == text.split("\n", 1)[1]
     )
+
+
+def test_a_row_the_template_itself_refuses_is_dropped_with_its_message(tokenizer, tmp_path):
+    """Llama 3.1's template raises on two calls in one turn: that row is dropped and counted, the rest train."""
+    tokenizer = with_family(tokenizer, "llama-3.1")
+    two_calls = json.loads(json.dumps(TOOL_ROW))
+    two_calls["messages"][1]["tool_calls"] = [CALL, CALL]
+    prepared = prepare(tmp_path, tokenizer, [TOOL_ROW, two_calls])
+    assert prepared.reports[0].dropped == {
+        "the chat template refuses the row: This model only supports single tool-calls at once!": 1
+    }
+    assert len(prepared.train) == 1

@@ -13,15 +13,16 @@ keep_adapter_fp32_unless_bf16
     created in train()), so nothing else holds the old tensors. Remove when TRL casts only for bf16.
     Caught by: tests/test_hardware.py::test_fp32_run_trains_like_bf16 (adapter dtypes on disk).
 
-training_template, stop_token_trained, qwen3_template
+training_template, stop_token_trained, our_training_copy
     The assistant-only loss masks with TRL's {% generation %} machinery from ``trl.chat_template_utils``
     (not part of TRL's top-level API): whether a template has the markers, TRL's training variant of a
-    known family's template, and TRL's check that the end-of-turn token falls inside the mask. Qwen3 is
-    recognized by TRL's stored copy of its template (``qwen3_chat_template``) and masked with our own
-    variant (data/template_files/qwen3-training.jinja), which only adds the markers: TRL's renders
-    every turn's thinking, which Qwen3 itself leaves out of earlier turns.
+    known family's template, and TRL's check that the end-of-turn token falls inside the mask. Qwen3 and
+    Llama 3.1 are recognized by TRL's stored copies of their templates (``qwen3_chat_template``,
+    ``llama3_1_chat_template``) and masked with our own copies (data/template_files/*-training.jinja),
+    which only add the markers: TRL's Qwen3 copy renders every turn's thinking, which Qwen3 itself
+    leaves out of earlier turns, and TRL has no Llama 3.1 copy.
     Caught by: tests/test_masking.py (masks checked token by token for each bundled family) and
-    tests/test_tool_masking.py (Qwen2.5 and Qwen3 as released, rendered like the originals).
+    tests/test_tool_masking.py (Qwen2.5, Qwen3 and Llama 3.1 as released, rendered like the originals).
 """
 
 from __future__ import annotations
@@ -46,18 +47,23 @@ def training_template(tokenizer, template: str) -> str:
 
     if has_generation_markers(template):
         return template
-    if template == qwen3_template():  # TRL's own variant renders every turn's thinking; ours keeps Qwen3's rule
+    ours = our_training_copy(template)
+    if ours is not None:
         from pathlib import Path
 
-        return (Path(__file__).parents[1] / "data/template_files/qwen3-training.jinja").read_text(encoding="utf-8")
+        return (Path(__file__).parents[1] / "data/template_files" / ours).read_text(encoding="utf-8")
     return get_training_chat_template(tokenizer) or template
 
 
-def qwen3_template() -> str:
-    """Qwen3's released chat template, as TRL stores it to recognize the family."""
-    from trl.chat_template_utils import qwen3_chat_template
+def our_training_copy(template: str) -> str | None:
+    """Our training copy (the released text with only {% generation %} markers added) of Qwen3's template
+    (TRL's own copy renders every turn's thinking, which Qwen3 leaves out of earlier turns) and of
+    Llama 3.1's (TRL keeps none). TRL's stored copies of the released texts recognize them."""
+    from trl.chat_template_utils import llama3_1_chat_template, qwen3_chat_template
 
-    return qwen3_chat_template
+    return {qwen3_chat_template: "qwen3-training.jinja", llama3_1_chat_template: "llama-3.1-training.jinja"}.get(
+        template
+    )
 
 
 def stop_token_trained(tokenizer, template: str) -> bool:

@@ -15,6 +15,8 @@ import random
 from collections.abc import Callable
 from typing import Any
 
+from jinja2.exceptions import TemplateError
+
 from qlora_pipe.data.cache import data_fingerprint, load_cached, save_cached
 from qlora_pipe.data.chat_masks import check_template_for, encode_conversation, probe_template
 from qlora_pipe.data.chat_templates import require_chat_template
@@ -112,7 +114,10 @@ def encode(
         conversation = {"messages": json.loads(example["messages"])}
         if example.get("tools"):
             conversation["tools"] = json.loads(example["tools"])
-        encoded = encode_conversation(conversation, tokenizer, template, data, empty_think)
+        try:
+            encoded = encode_conversation(conversation, tokenizer, template, data, empty_think)
+        except TemplateError as exc:  # the template's own raise_exception, e.g. one tool call per turn only
+            return dropped(f"the chat template refuses the row: {' '.join(str(exc).split())[:120]}")
         ids, mask, counts, marks = encoded.input_ids, encoded.mask, encoded.counts, encoded.marks
     else:
         ids = tokenizer(example["text"])["input_ids"] + [tokenizer.eos_token_id]
@@ -172,6 +177,12 @@ def tokenize_split(
     report.add_counts([json.loads(c) for c in dataset["counts"]])
     report.marks = [json.loads(m) for m in dataset.select(range(min(PREVIEW_MARKS, len(dataset))))["marks"]]
     return dataset.remove_columns(["n_tokens", "n_trained", "reason", "truncated", "counts", "marks"])
+
+
+def dropped(reason: str) -> dict[str, Any]:
+    """The encoded form of a row the data stage drops with ``reason``."""
+    empty = {"input_ids": [], "labels": [], "n_tokens": 0, "n_trained": 0, "truncated": False}
+    return {**empty, "reason": reason, "counts": "{}", "marks": "[]"}
 
 
 def table_row(example: dict[str, Any]) -> dict[str, str | None]:
