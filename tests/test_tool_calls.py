@@ -188,3 +188,20 @@ def test_bundled_tool_recipe_beats_the_base_on_held_out_function_names(tmp_path)
     recipe = load_recipe("recipes/quickstart-tools.yaml", [f"output_dir={tmp_path}"])
     result = run_eval(run_training(recipe).run_dir.root)
     assert result["tuned"]["tool_name_accuracy"] > result["base"]["tool_name_accuracy"] + 0.5
+
+
+def test_no_ollama_modelfile_for_a_run_trained_on_tool_calls(tool_run, tmp_path):
+    """Ollama's Go TEMPLATE renders plain messages only: a tool-trained run gets the reason, not a TEMPLATE
+    that would drop the tools list at serving."""
+    from qlora_pipe.export.gguf_command import tool_parts_trained, write_ollama_modelfile
+    from qlora_pipe.runs import resolve_run
+
+    run = resolve_run(tool_run)
+    assert tool_parts_trained(run) == "tool calls"
+    merged, folder = tmp_path / "merged", tmp_path / "gguf"
+    merged.mkdir()
+    folder.mkdir()
+    (merged / "chat_template.jinja").write_text((tool_run / "chat_template.jinja").read_text())
+    result = write_ollama_modelfile(run, merged, folder, folder / "never-read.gguf")
+    assert result["written"] is False and "trained on tool calls" in result["reason"]
+    assert "serve with llama.cpp" in result["reason"]

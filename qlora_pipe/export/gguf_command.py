@@ -42,6 +42,18 @@ def _tokens(merged: Path) -> tuple[str, str]:
     return text(config.get("bos_token")), text(config.get("eos_token"))
 
 
+def tool_parts_trained(run: RunDir) -> str:
+    """'tool calls' / 'reasoning' / both when the run's data had them (data_report.json), else ''."""
+    try:
+        reports = json.loads(run.data_report.read_text())
+    except (OSError, ValueError):
+        return ""
+    parts = {key for report in reports for key, n in report.get("conversation_parts", {}).items() if n}
+    found = ["tool calls"] if "rows_with_tool_calls" in parts else []
+    found += ["reasoning"] if parts & {"reasoning_trained", "reasoning_masked"} else []
+    return " and ".join(found)
+
+
 def write_ollama_modelfile(run: RunDir, merged: Path, folder: Path, gguf_file: Path) -> dict[str, Any]:
     """The Modelfile, or why none was written (a template it cannot translate is not an error)."""
     import gguf
@@ -51,6 +63,15 @@ def write_ollama_modelfile(run: RunDir, merged: Path, folder: Path, gguf_file: P
     template_file = merged / "chat_template.jinja"
     if not template_file.is_file():
         return {"written": False, "reason": "the merged folder has no chat template"}
+    trained_on = tool_parts_trained(run)
+    if trained_on:
+        reason = (
+            f"ollama: the run trained on {trained_on}, which the Modelfile's TEMPLATE cannot render; no Modelfile "
+            "was written (serve with llama.cpp, which reads the chat template from the GGUF, or write TEMPLATE by hand)"
+        )
+        log.warning("%s", reason)
+        (folder / "Modelfile").unlink(missing_ok=True)  # ours (the folder's marker): never a stale template
+        return {"written": False, "reason": reason}
     reader = gguf.GGUFReader(gguf_file)
     field = reader.fields.get("tokenizer.ggml.add_bos_token")
     add_bos = bool(field.contents()) if field is not None else False
