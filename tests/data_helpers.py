@@ -69,3 +69,12 @@ def numbered(prefix: str, count: int) -> list[dict]:
 
 def answers(dataset, tokenizer) -> list[str]:
     return [t.removesuffix("<|im_end|>") for t in trained_texts(dataset, tokenizer)]
+
+
+LLAMA_3_TOKENS = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|begin_of_text|>"]
+
+
+def add_llama_3_tokens(tokenizer) -> None:
+    """The tiny tokenizer gains Llama 3's header, end-of-turn and BOS tokens (for its chat templates)."""
+    tokenizer.add_special_tokens({"additional_special_tokens": LLAMA_3_TOKENS})
+    tokenizer.bos_token = "<|begin_of_text|>"

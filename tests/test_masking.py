@@ -20,6 +20,7 @@ from qlora_pipe.data.preview import DIM, GREEN, RESET, render_example
 from qlora_pipe.errors import UserError
 from qlora_pipe.model import ensure_distinct_pad, load_tokenizer
 from qlora_pipe.recipe import DataSection, SourceSection, validate_recipe
+from tests.data_helpers import add_llama_3_tokens
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,18 +56,8 @@ def with_template(tokenizer, name: str):
     if name == "own":
         return tokenizer, "<|im_end|>"
     if name == "llama-3":
-        tokenizer.add_special_tokens(
-            {
-                "additional_special_tokens": [
-                    "<|start_header_id|>",
-                    "<|end_header_id|>",
-                    "<|eot_id|>",
-                    "<|begin_of_text|>",
-                ]
-            }
-        )
+        add_llama_3_tokens(tokenizer)
         assert select_chat_template(tokenizer, "llama-3") == "built-in llama-3"
-        tokenizer.bos_token = "<|begin_of_text|>"
         assert tokenizer.eos_token == "<|eot_id|>"  # the built-in template makes its end-of-turn the EOS
         return tokenizer, "<|eot_id|>"
     assert name == "mistral"

@@ -18,6 +18,7 @@ from qlora_pipe.data.prepare import prepare_data
 from qlora_pipe.data.prepared import IGNORE
 from qlora_pipe.errors import UserError
 from qlora_pipe.recipe import DataSection
+from tests.data_helpers import add_llama_3_tokens
 
 TOOLS = [
     {
@@ -77,17 +78,7 @@ def released_template(name: str) -> str:
 
 def with_family(tokenizer, family: str):
     if family.startswith("llama-3"):
-        tokenizer.add_special_tokens(
-            {
-                "additional_special_tokens": [
-                    "<|start_header_id|>",
-                    "<|end_header_id|>",
-                    "<|eot_id|>",
-                    "<|begin_of_text|>",
-                ]
-            }
-        )
-        tokenizer.bos_token = "<|begin_of_text|>"
+        add_llama_3_tokens(tokenizer)
     if family in ("chatml", "llama-3"):
         select_chat_template(tokenizer, family)
     else:
