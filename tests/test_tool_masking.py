@@ -1,6 +1,6 @@
 """Tool calls and reasoning traces, token by token, on four template families.
 
-Families: our built-in chatml and llama-3, and Qwen2.5, Qwen3 and Llama 3.1 as released (their templates as TRL
+Families: our built-in chatml, llama-3 and mistral, and Qwen2.5, Qwen3 and Llama 3.1 as released (their templates as TRL
 stores them to recognize the families), each on the tiny tokenizer. Each case checks which tokens are
 trained: the tool call is, the tool result and the tools list are not; reasoning follows data.reasoning;
 an empty thinking block is never trained; multi-turn reasoning follows the template's own convention.
@@ -65,9 +65,9 @@ MULTI_TURN = {
         {"role": "assistant", "content": "Thirty days.", "reasoning_content": LATER},
     ]
 }
-FAMILIES = ["chatml", "llama-3", "qwen2.5", "qwen3", "llama-3.1"]
+FAMILIES = ["chatml", "llama-3", "mistral", "qwen2.5", "qwen3", "llama-3.1"]
 END_OF_TURN = {"chatml": "<|im_end|>", "qwen2.5": "<|im_end|>", "qwen3": "<|im_end|>"}
-END_OF_TURN.update({"llama-3": "<|eot_id|>", "llama-3.1": "<|eot_id|>"})
+END_OF_TURN.update({"llama-3": "<|eot_id|>", "llama-3.1": "<|eot_id|>", "mistral": "</s>"})
 
 
 def released_template(name: str) -> str:
@@ -79,8 +79,12 @@ def released_template(name: str) -> str:
 def with_family(tokenizer, family: str):
     if family.startswith("llama-3"):
         add_llama_3_tokens(tokenizer)
-    if family in ("chatml", "llama-3"):
+    if family == "mistral":
+        tokenizer.add_special_tokens({"additional_special_tokens": ["<s>", "</s>"]})
+    if family in ("chatml", "llama-3", "mistral"):
         select_chat_template(tokenizer, family)
+        if family == "mistral":
+            tokenizer.eos_token, tokenizer.bos_token = "</s>", "<s>"
     else:
         tokenizer.chat_template = released_template(
             {"qwen2.5": "qwen2_5", "qwen3": "qwen3", "llama-3.1": "llama3_1"}[family]
@@ -270,10 +274,8 @@ def test_sharegpt_function_call_and_observation_turns(tokenizer, tmp_path):
     assert '{"name": "compute_deadline", "arguments": {"days": 30}}' in trained and RESULT in masked
 
 
-@pytest.mark.parametrize("template", ["mistral", "plain"])
-def test_a_template_without_tool_support_is_refused(tokenizer, tmp_path, template):
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<s>", "</s>"]})
-    select_chat_template(tokenizer, template)
+def test_a_template_without_tool_support_is_refused(tokenizer, tmp_path):
+    select_chat_template(tokenizer, "plain")
     with pytest.raises(UserError, match=r"1 rows have tools or tool calls, but the chat template does not render"):
         prepare(tmp_path, tokenizer, [TOOL_ROW])
 
