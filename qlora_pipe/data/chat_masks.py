@@ -130,7 +130,7 @@ def check_template_for(traits: TemplateTraits, examples: list[dict[str, Any]], d
     if tools and not traits.renders_tools:
         raise UserError(
             f"data: {tools} rows have tools or tool calls, but the chat template does not render them (tools list, "
-            "tool_calls, tool turns); set data.chat_template: chatml, llama-3 or mistral, or use a template with tool support"
+            "tool_calls, tool turns); set data.chat_template: chatml, llama-3 or mistral, or a template with tools"
         )
     if thinking and data.reasoning != "drop" and not traits.renders_reasoning:
         raise UserError(
