@@ -10,8 +10,9 @@ Three functions a legal research assistant might call:
 
 Training rows: a question in one of six wordings per function, the assistant's call, and for half of them the
 tool's result and the assistant's answer from it; one row in five carries the assistant's reasoning
-(``reasoning_content``) before its call. Held-out rows: questions in two other wordings per function (the same cue words, "define", "glossary",
-"statute", "legislation", a date and a number of days, in sentences no training row uses),
+(``reasoning_content``) before its call. Held-out rows: questions in two other wordings per function (the same cue words, "define",
+"glossary", "statute", "legislation", a date and a number of days, in sentences no training row
+uses),
 ending at the call, so eval scores which function is called with which arguments. Deterministic.
 
     python scripts/make_tool_calls.py
