@@ -8,12 +8,12 @@ Three functions a legal research assistant might call:
   for a statute database: the result is the opening sentence of the primer's section on that area.
 - ``compute_deadline(start_date, days)``: a date plus a number of days (computed here, so always right).
 
-Training rows: a question in one of six wordings per function, the assistant's call, and for half of them the
-tool's result and the assistant's answer from it; one row in five carries the assistant's reasoning
-(``reasoning_content``) before its call. Held-out rows: questions in two other wordings per function (the same cue words, "define",
-"glossary", "statute", "legislation", a date and a number of days, in sentences no training row
-uses),
-ending at the call, so eval scores which function is called with which arguments. Deterministic.
+Training rows: a question in one of six wordings per function, the assistant's call, and for half
+of them the tool's result and the assistant's answer from it; one row in five carries the assistant's
+reasoning (``reasoning_content``) before its call. Held-out rows: questions in two other wordings per
+function (the same cue words, "define", "glossary", "statute", "legislation", a date and a number of
+days, in sentences no training row uses), ending at the call, so eval scores which function is called
+with which arguments. Deterministic.
 
     python scripts/make_tool_calls.py
 """
