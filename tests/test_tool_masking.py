@@ -314,3 +314,14 @@ def test_a_row_the_template_itself_refuses_is_dropped_with_its_message(tokenizer
         "the chat template refuses the row: This model only supports single tool-calls at once!": 1
     }
     assert len(prepared.train) == 1
+
+
+def test_a_template_that_drops_the_tools_list_is_refused(tokenizer, tmp_path):
+    """Calls and results rendered, the functions never shown: the model would learn calls it cannot see offered."""
+    chatml = (Path(__file__).parents[1] / "qlora_pipe/data/template_files/chatml.jinja").read_text()
+    start, end = chatml.index("{%- if tools -%}"), chatml.index("{%- for message in messages -%}")
+    template = tmp_path / "no-tools-list.jinja"
+    template.write_text(chatml[:start] + chatml[end:])
+    select_chat_template(tokenizer, str(template))
+    with pytest.raises(UserError, match=r"1 rows have tools or tool calls, but the chat template does not render"):
+        prepare(tmp_path, tokenizer, [TOOL_ROW])

@@ -48,20 +48,22 @@ class Encoded:
     marks: list[tuple[int, str]] = field(default_factory=list)  # (token index, label) for the preview
 
 
-def render(tokenizer, messages, tools, template, **kwargs) -> str:
+def render(tokenizer, messages, tools, template) -> str:
     extra = {"tools": tools} if tools else {}
-    return tokenizer.apply_chat_template(messages, tokenize=False, chat_template=template, **extra, **kwargs)
+    return tokenizer.apply_chat_template(messages, tokenize=False, chat_template=template, **extra)
 
 
 def probe_template(tokenizer, template: str | None) -> TemplateTraits:
+    """Render small conversations with sentinel texts and see which of them come out."""
     user = {"role": "user", "content": "q"}
     call = {"type": "function", "function": {"name": TOOL_PROBE["name"], "arguments": {TOOL_PROBE["argument"]: 1}}}
     tools = [{"type": "function", "function": {"name": TOOL_PROBE["name"], "parameters": {"type": "object"}}}]
     tool_turns = [user, {"role": "assistant", "content": "", "tool_calls": [call]}]
     tool_turns.append({"role": "tool", "name": TOOL_PROBE["name"], "content": TOOL_PROBE["result"]})
     try:
+        listed = TOOL_PROBE["name"] in render(tokenizer, [user], tools, template)  # the functions, before any call
         text = render(tokenizer, [*tool_turns, {"role": "assistant", "content": "a"}], tools, template)
-        renders_tools = all(value in text for value in TOOL_PROBE.values())
+        renders_tools = listed and all(value in text for value in TOOL_PROBE.values())
     except Exception:  # templates that reject the tool role or tool_calls (jinja raises many types)
         renders_tools = False
     thinking = {"role": "assistant", "content": "a", "reasoning_content": REASONING_PROBE}
