@@ -102,8 +102,7 @@ def encode_conversation(example: dict[str, Any], tokenizer, template: str | None
         if data.loss_on == "completion":
             mask = last_run_only(mask)
     encoded = Encoded(list(ids), mask, counts)
-    special = tools or any(m["role"] == "tool" or "tool_calls" in m for m in messages) or counts["reasoning_turns"]
-    if not (special or empty_think):
+    if not (has_tools(example) or counts["reasoning_turns"] or empty_think):
         return encoded
     text = render(tokenizer, messages, tools, template if data.loss_on != "all" else None)
     offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)

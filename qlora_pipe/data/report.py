@@ -92,12 +92,14 @@ class SplitReport:
 
 
 # (count key, words) of the report's tool and reasoning clauses, in order
-PARTS = (
+TOOL_PARTS = (
     ("rows_with_tool_calls", "rows with tool calls"),
     ("tool_calls_trained", "tool calls trained"),
     ("tool_calls_masked", "tool calls masked"),
     ("tool_results_masked", "tool results masked"),
     ("tool_results_trained", "tool results trained"),
+)
+REASONING_PARTS = (
     ("rows_with_reasoning", "rows with reasoning"),
     ("reasoning_trained", "reasoning turns trained"),
     ("reasoning_masked", "reasoning turns masked"),
@@ -109,7 +111,8 @@ PARTS = (
 
 def parts_line(parts: Counter) -> str:
     """'; tools: ..., reasoning: ...' for a split with tool calls or reasoning, else ''."""
-    tools = [f"{parts[k]} {words}" for k, words in PARTS[:5] if parts.get(k)]
-    thinking = [f"{parts[k]} {words}" for k, words in PARTS[5:] if parts.get(k)]
-    out = f"; tools: {', '.join(tools)}" if tools else ""
-    return out + (f"; reasoning: {', '.join(thinking)}" if thinking else "")
+    out = ""
+    for title, known in (("tools", TOOL_PARTS), ("reasoning", REASONING_PARTS)):
+        found = [f"{parts[key]} {words}" for key, words in known if parts.get(key)]
+        out += f"; {title}: {', '.join(found)}" if found else ""
+    return out
