@@ -13,6 +13,7 @@ from qlora_pipe.data.preference import prepare_preference_data, to_pair
 from qlora_pipe.errors import UserError
 from qlora_pipe.recipe import validate_recipe
 from tests.conftest import REPO, recipe_dict
+from tests.data_helpers import write_jsonl
 
 PAIRS_TRAIN = REPO / "data/legal-qa/preference_train.jsonl"
 
@@ -82,6 +83,36 @@ def test_preference_rows_are_checked_and_dropped_by_reason(tokenizer, tiny_model
     raw["data"]["overlength"] = "error"
     with pytest.raises(UserError, match=r"train: row 1 is longer than data\.max_length 128"):
         prepare_preference_data(validate_recipe(raw).data, tokenizer, 7)
+
+
+def test_prompt_turns_that_are_not_text_are_dropped_by_reason(tokenizer, tiny_model_dir, tmp_path):
+    """A prompt turn whose content is null, a number or a list (or whose role no template knows) is dropped
+    and counted, for pairs and KTO rows alike, instead of ending in the template's UndefinedError."""
+    good = {"prompt": "What is a tort?", "chosen": "A civil wrong.", "rejected": "A contract."}
+    bad_turns = [
+        {"role": "user", "content": None},
+        {"role": "user", "content": 42},
+        {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+    ]
+    rows = [good] + [{**good, "prompt": [{"role": "system", "content": "Hi."}, turn]} for turn in bad_turns]
+    rows.append({**good, "prompt": [{"role": "narrator", "content": "Once."}, {"role": "user", "content": "q"}]})
+    path = Path(write_jsonl(tmp_path / "pairs.jsonl", rows))
+    raw = recipe_dict(tiny_model_dir, tmp_path / "runs")
+    raw["method"] = "dpo"
+    raw["data"] = {"train_path": str(path), "max_length": 128}
+    report = prepare_preference_data(validate_recipe(raw).data, tokenizer, 7).reports[0]
+    assert (report.rows_read, report.rows_kept) == (5, 1)
+    assert dict(report.dropped) == {
+        "the prompt has a turn whose content is not text": 3,
+        "the prompt has a turn that is not system, user or assistant": 1,
+    }
+    kto = [
+        {"prompt": "q", "completion": "a", "label": True},
+        {"prompt": [bad_turns[0]], "completion": "a", "label": False},
+    ]
+    raw["data"]["train_path"] = write_jsonl(tmp_path / "kto.jsonl", kto)
+    report = prepare_preference_data(validate_recipe(raw).data, tokenizer, 7, method="kto").reports[0]
+    assert dict(report.dropped) == {"the prompt has a turn whose content is not text": 1}
 
 
 def test_hub_pairs_with_implicit_prompts_read_like_local_pairs(tokenizer, tiny_model_dir, tmp_path):

@@ -38,6 +38,19 @@ def _messages(value: Any, role: str) -> list[dict[str, str]] | None:
     return None
 
 
+PROMPT_ROLES = {"system", "user", "assistant"}
+
+
+def prompt_problem(prompt: list[dict[str, Any]]) -> str | None:
+    """Why the prompt's turns cannot be rendered, or None: every turn a known role with text content (a
+    null, number or list content would otherwise end in the chat template's UndefinedError mid-run)."""
+    if any(m["role"] not in PROMPT_ROLES for m in prompt):
+        return "the prompt has a turn that is not system, user or assistant"
+    if not all(isinstance(m["content"], str) for m in prompt):
+        return "the prompt has a turn whose content is not text"
+    return None
+
+
 def implicit_prompt(row: dict[str, Any]) -> dict[str, Any]:
     """Chosen and rejected as whole conversations with no prompt column (the layout of many Hub preference
     sets): the turns they share become the prompt (TRL's extract_prompt). Plain strings are left alone."""
@@ -60,6 +73,8 @@ def to_pair(row: dict[str, Any]) -> dict[str, Any] | str:
     chosen, rejected = _messages(row["chosen"], "assistant"), _messages(row["rejected"], "assistant")
     if prompt is None or chosen is None or rejected is None:
         return "prompt, chosen or rejected is not text or chat messages"
+    if problem := prompt_problem(prompt):
+        return problem
     if prompt[-1]["role"] != "user":
         return "the prompt does not end with a user turn"
     if any(m["role"] != "assistant" for m in chosen + rejected):
@@ -81,6 +96,8 @@ def to_kto_row(row: dict[str, Any]) -> dict[str, Any] | str:
     prompt, completion = _messages(row["prompt"], "user"), _messages(row["completion"], "assistant")
     if prompt is None or completion is None:
         return "prompt or completion is not text or chat messages"
+    if problem := prompt_problem(prompt):
+        return problem
     if prompt[-1]["role"] != "user":
         return "the prompt does not end with a user turn"
     if any(m["role"] != "assistant" for m in completion):
