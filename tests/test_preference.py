@@ -115,6 +115,48 @@ def test_prompt_turns_that_are_not_text_are_dropped_by_reason(tokenizer, tiny_mo
     assert dict(report.dropped) == {"the prompt has a turn whose content is not text": 1}
 
 
+REFUSED = [  # (method, recipe change, the key the one-line error names)
+    ("kto", {"training": {"micro_batch_size": 1}}, "training.micro_batch_size"),
+    ("dpo", {"lora": {"target_modules": ["q_proj", "lm_head"]}}, "lora.target_modules"),
+    ("kto", {"lora": {"target_modules": ["lm_head"]}}, "lora.target_modules"),
+    ("dpo", {"preference": {"loss_type": ["exo_pair"]}}, "preference.loss_type"),
+]
+
+
+@pytest.mark.parametrize(("method", "change", "key"), REFUSED, ids=[f"{m}-{k}" for m, _, k in REFUSED])
+def test_settings_trl_refuses_are_refused_by_validate(tiny_model_dir, tmp_path, method, change, key):
+    """Each setting a TRL trainer refuses in its constructor (after the run directory exists) is refused by
+    `qlora-pipe validate` and `train` in one line, before any run folder; and TRL still refuses it (the
+    recipe built without our check reaches the real trainer), so a rule TRL drops shows up here."""
+    import yaml
+
+    from qlora_pipe.recipe import load_recipe
+    from qlora_pipe.training.stage import run_training
+    from tests.test_bad_inputs import assert_one_line_error, cli
+
+    raw = dpo_recipe(tiny_model_dir, tmp_path, max_steps=1, micro_batch_size=2)
+    raw["method"] = method
+    if method == "kto":
+        rows = [{"prompt": f"Q{i}?", "completion": f"A{i}.", "label": i % 2 == 0} for i in range(8)]
+        raw["data"].update(train_path=write_jsonl(tmp_path / "kto.jsonl", rows), eval_path=None)
+    recipe = validate_recipe(raw)  # the same run without the refused setting is fine
+    for section, values in change.items():
+        raw.setdefault(section, {}).update(values)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(UserError, match=rf"/recipe\.yaml: recipe: {key}: [^\n]+$"):
+        load_recipe(path)
+    assert_one_line_error(cli("train", str(path)), key)
+    assert not recipe.run_dir().exists()
+
+    unchecked = recipe.model_copy(
+        update={section: getattr(recipe, section).model_copy(update=values) for section, values in change.items()}
+    )
+    with pytest.raises(ValueError) as refused:  # TRL's own refusal, whatever its wording
+        run_training(unchecked)
+    assert "/trl/" in refused.traceback[-1].path.as_posix()
+
+
 def test_hub_pairs_with_implicit_prompts_read_like_local_pairs(tokenizer, tiny_model_dir, tmp_path):
     """The Hub path (a local folder in a Hub dataset's layout, parquet, read by datasets.load_dataset) with the
     layout of many Hub preference sets: no prompt column, chosen and rejected as whole conversations, the

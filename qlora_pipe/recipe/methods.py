@@ -8,7 +8,7 @@ from pydantic import Field
 
 from qlora_pipe.recipe.base import Section
 
-METHODS = Literal["sft", "dpo", "orpo", "kto"]
+METHODS = Literal["sft", "dpo", "orpo", "kto", "grpo"]
 PAIR_METHODS = ("dpo", "orpo")  # trained on prompt / chosen / rejected pairs
 # TRL 1.16's DPOConfig.loss_type values (trl/trainer/dpo_config.py); several combine with loss_weights.
 DPO_LOSSES = Literal[

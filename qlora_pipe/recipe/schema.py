@@ -13,8 +13,10 @@ import yaml
 from pydantic import Field, field_validator, model_validator
 
 from qlora_pipe.recipe.base import Section, _a_size
+from qlora_pipe.recipe.grpo import GrpoSection, grpo_refusal
 from qlora_pipe.recipe.methods import METHODS, TASKS, ClassificationSection, PreferenceSection
 from qlora_pipe.recipe.output_sections import ExportSection, GenerationSection, HubSection
+from qlora_pipe.recipe.trainer_limits import trainer_refusal
 
 ComputeDtype = Literal["auto", "bfloat16", "float16", "float32"]
 
@@ -228,7 +230,7 @@ class Recipe(Section):
     output_dir: str = Field("runs", description="Parent directory of run directories.")
     seed: int = Field(42, ge=0, description="Seed for data order, LoRA init and dropout.")
     method: METHODS = Field(
-        "sft", description="sft (supervised); dpo, orpo or kto on preferences (docs/preference.md)."
+        "sft", description="sft (supervised); dpo, orpo, kto on preferences (docs/preference.md); grpo (docs/grpo.md)."
     )
     model: ModelSection
     quantization: QuantizationSection = Field(default_factory=QuantizationSection)
@@ -236,6 +238,7 @@ class Recipe(Section):
     data: DataSection
     training: TrainingSection = Field(default_factory=TrainingSection)
     preference: PreferenceSection = Field(default_factory=PreferenceSection)
+    grpo: GrpoSection = Field(default_factory=GrpoSection)
     task: TASKS = Field(
         "causal_lm", description="causal_lm (text generation) or classification (docs/classification.md)."
     )
@@ -258,6 +261,11 @@ class Recipe(Section):
             raise ValueError("training.preview_prompts: a classifier does not generate; leave it out")
         if self.task == "classification" and self.model.adapter:
             raise ValueError("model.adapter: a classifier starts from a fresh adapter and head; leave it out")
+        if refusal := trainer_refusal(self):
+            raise ValueError(refusal)
+        t = self.training
+        if refusal := grpo_refusal(self.method, self.grpo, t.micro_batch_size, t.gradient_accumulation_steps):
+            raise ValueError(refusal)
         return self
 
     def run_dir(self) -> Path:

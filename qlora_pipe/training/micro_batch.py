@@ -44,9 +44,11 @@ def try_micro_batch(model, size: int, length: int) -> None:
         model.train(was_training)
 
 
-def find_micro_batch(probe: Callable[[int], None], start: int) -> int:
+def find_micro_batch(probe: Callable[[int], None], start: int, smallest: int = 1) -> int:
+    """The first size from ``start`` down (halving) that fits; ``smallest`` is the least the method can
+    train with (KTO: 2, its KL term comes from the other rows of the micro batch)."""
     size = start
-    while size >= 1:
+    while size >= smallest:
         try:
             probe(size)
             return size
@@ -55,7 +57,9 @@ def find_micro_batch(probe: Callable[[int], None], start: int) -> int:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             size //= 2
-    raise UserError("training.micro_batch_size: even a micro batch of 1 runs out of memory at data.max_length")
+    raise UserError(
+        f"training.micro_batch_size: even a micro batch of {smallest} runs out of memory at data.max_length"
+    )
 
 
 def choose_batch(recipe: Recipe, run: RunDir, model, start: int | None = None) -> BatchChoice:
@@ -71,7 +75,8 @@ def choose_batch(recipe: Recipe, run: RunDir, model, start: int | None = None) -
         return choice
     length = recipe.data.max_length
     start = start or t.auto_micro_batch_start
-    size = find_micro_batch(lambda n: try_micro_batch(model, n, length), start)
+    smallest = 2 if recipe.method == "kto" else 1
+    size = find_micro_batch(lambda n: try_micro_batch(model, n, length), max(start, smallest), smallest)
     effective = t.effective_batch_size or t.gradient_accumulation_steps
     choice = BatchChoice(size, max(1, math.ceil(effective / size)))
     log.info(

@@ -1,0 +1,42 @@
+"""Settings TRL's trainers refuse only when they are built, refused here when the recipe is validated.
+
+A refusal from inside a trainer's constructor comes after the run directory exists, the data is
+prepared and the model is loaded, and ends in a ValueError traceback with the run marked failed. Each
+rule below mirrors one such check of TRL 1.16 (the file and condition named beside it); when TRL drops
+a check its rule can go. tests/test_preference.py::test_settings_trl_refuses_are_refused_by_validate
+runs every recipe refused here through the real trainer, so a rule TRL no longer needs shows up there.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from qlora_pipe.lora_targets import is_target
+
+if TYPE_CHECKING:
+    from qlora_pipe.recipe.schema import Recipe
+
+# The trainers that score completions with lm_head's weight directly (trl/trainer/dpo_trainer.py and
+# kto_trainer.py: "Applying a PEFT adapter to `lm_head` is not supported").
+LOGPROB_FROM_LM_HEAD = ("dpo", "kto")
+
+
+def trainer_refusal(recipe: Recipe) -> str | None:
+    """The one-line reason a trainer would refuse this recipe at construction, or None."""
+    targets = recipe.lora.target_modules
+    if recipe.method in LOGPROB_FROM_LM_HEAD and isinstance(targets, list) and is_target("lm_head", targets):
+        return (
+            f"lora.target_modules: method {recipe.method} computes log-probabilities from lm_head's weight "
+            "directly, so a LoRA adapter on lm_head would never train; remove lm_head"
+        )
+    # kto_trainer.py: "Actual (not effective) batch size must be > 1": the KL term is estimated from the
+    # other rows of the same micro batch.
+    if recipe.method == "kto" and recipe.training.micro_batch_size == 1:
+        return (
+            "training.micro_batch_size: KTO estimates its KL term from the other rows of a micro batch; "
+            "use 2 or more (or auto)"
+        )
+    # dpo_trainer.py: exo_pair needs label_smoothing > 0, which the recipe does not set (TRL's default is 0).
+    if recipe.method == "dpo" and "exo_pair" in recipe.preference.loss_type:
+        return "preference.loss_type: exo_pair needs label smoothing, which recipes do not set; choose another loss"
+    return None

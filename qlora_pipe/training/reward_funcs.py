@@ -1,0 +1,182 @@
+"""The rewards of a GRPO recipe as TRL reward functions: user rewards found and checked before anything
+loads, every reward guarded so that one that raises or returns a non-number stops the run in one line
+naming the reward and the row.
+
+TRL calls each reward with keyword arguments only: prompts, completions, completion_ids, every other
+column of the rows (one list each), trainer_state, log_extra and log_metric. A user reward therefore
+takes ``**kwargs`` (and may name any of these it uses) and returns one number per completion (None: not
+applicable to that row, as TRL allows).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import json
+import math
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from numbers import Real
+from pathlib import Path
+from typing import Any
+
+from qlora_pipe.errors import UserError
+from qlora_pipe.recipe import Recipe
+from qlora_pipe.recipe.grpo import BUILTIN_REWARDS, RewardSection
+from qlora_pipe.training.rewards import builtin_reward, completion_text
+
+TRL_ARGUMENTS = {"prompts", "completions", "completion_ids", "trainer_state", "log_extra", "log_metric"}
+
+
+@dataclass(frozen=True)
+class ResolvedReward:
+    spec: RewardSection
+    function: Callable[..., Any]
+    columns: tuple[str, ...]  # columns every row must have: the reference column, a user reward's required names
+
+    @property
+    def label(self) -> str:
+        return self.spec.label()
+
+
+def _load_user_function(where: str, spec: str) -> Callable[..., Any]:
+    target, _, name = spec.rpartition(":")
+    if target.endswith(".py"):
+        path = Path(target)
+        if not path.is_file():
+            raise UserError(f"{where}: file {target} not found (paths are relative to the working directory)")
+        module_name = f"qlora_pipe_user_rewards.{path.stem}"
+        loader = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(loader)
+        sys.modules[module_name] = module
+        try:
+            loader.loader.exec_module(module)
+        except Exception as exc:  # the user's module: any error it raises is theirs to see in one line
+            raise UserError(f"{where}: importing {target} failed: {type(exc).__name__}: {exc}") from exc
+    else:
+        if "" not in sys.path and str(Path.cwd()) not in sys.path:
+            sys.path.insert(0, str(Path.cwd()))  # `qlora-pipe` as a console script: find modules beside the recipe
+        try:
+            module = importlib.import_module(target)
+        except ModuleNotFoundError as exc:
+            raise UserError(f"{where}: module {target} not found ({exc})") from exc
+        except Exception as exc:
+            raise UserError(f"{where}: importing {target} failed: {type(exc).__name__}: {exc}") from exc
+    function = getattr(module, name, None)
+    if function is None:
+        raise UserError(f"{where}: {target} has no function {name}")
+    if not callable(function):
+        raise UserError(f"{where}: {spec} is a {type(function).__name__}, not a function")
+    return function
+
+
+def _required_names(where: str, spec: str, function: Callable[..., Any]) -> tuple[str, ...]:
+    """The names the function requires beyond TRL's own (they must be columns of every row); refuses a
+    signature TRL cannot call."""
+    if inspect.iscoroutinefunction(function):
+        raise UserError(f"{where}: {spec} is async; give a plain function")
+    try:
+        parameters = list(inspect.signature(function).parameters.values())
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"{where}: {spec} has no readable signature ({exc})") from exc
+    positional_only = [p.name for p in parameters if p.kind is p.POSITIONAL_ONLY]
+    if positional_only:
+        raise UserError(f"{where}: {spec} takes {positional_only[0]} positionally only; TRL passes keywords")
+    if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+        raise UserError(f"{where}: {spec} must accept **kwargs (TRL passes prompts, completions, columns, ...)")
+    required = [p.name for p in parameters if p.default is p.empty and p.kind is p.POSITIONAL_OR_KEYWORD]
+    required += [p.name for p in parameters if p.default is p.empty and p.kind is p.KEYWORD_ONLY]
+    return tuple(n for n in required if n not in TRL_ARGUMENTS)
+
+
+def resolve_rewards(recipe: Recipe) -> list[ResolvedReward]:
+    """Each reward of the recipe as a function: built-ins made, user functions imported and checked."""
+    resolved = []
+    for index, spec in enumerate(recipe.grpo.rewards):
+        where = f"grpo.rewards.{index}.function"
+        if spec.function in BUILTIN_REWARDS:
+            column = spec.reference_column()
+            resolved.append(ResolvedReward(spec, builtin_reward(spec), (column,) if column else ()))
+            continue
+        function = _load_user_function(where, spec.function)
+        resolved.append(ResolvedReward(spec, function, _required_names(where, spec.function, function)))
+    return resolved
+
+
+def _quote(prompt: Any) -> str:
+    text = prompt[-1].get("content", "") if isinstance(prompt, list) and prompt else completion_text(prompt)
+    text = " ".join(str(text).split())
+    return repr(text[:60] + ("..." if len(text) > 60 else ""))
+
+
+def _problem(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, Real):
+        return f"returned {type(value).__name__} {value!r:.40}, not a number"
+    if not math.isfinite(float(value)):
+        return f"returned {value}, not a finite number"
+    return None
+
+
+def guarded(reward: ResolvedReward, rows: dict[str, int], split: str = "training") -> Callable[..., list[float]]:
+    """The reward as TRL calls it, named by its label (TRL's metrics: rewards/<label>/mean). ``rows`` maps a
+    prompt's key to its row number, for the one-line error."""
+    function, label = reward.function, reward.label
+    source = reward.spec.function
+
+    def where(prompt: Any) -> str:
+        number = rows.get(prompt_key(prompt))
+        return f"{split} prompt {number}" if number else f"{split} prompt {_quote(prompt)}"
+
+    def call(prompts, completions, completion_ids, **columns) -> list[float]:
+        try:
+            values = function(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
+        except Exception as exc:
+            row = _failing_row(function, prompts, completions, completion_ids, columns)
+            raise UserError(
+                f"reward {label} ({source}) raised {type(exc).__name__}: {' '.join(str(exc).split())[:160]} "
+                f"on {where(prompts[row])} ({_quote(prompts[row])})"
+            ) from None
+        if not isinstance(values, list | tuple) or len(values) != len(completions):
+            got = f"{len(values)} values" if isinstance(values, list | tuple) else type(values).__name__
+            raise UserError(
+                f"reward {label} ({source}) returned {got} for {len(completions)} completions; "
+                f"it must return one number per completion (first: {where(prompts[0])})"
+            )
+        for index, value in enumerate(values):
+            if problem := _problem(value):
+                raise UserError(f"reward {label} ({source}) {problem} on {where(prompts[index])}")
+        return [None if v is None else float(v) for v in values]
+
+    call.__name__ = label
+    return call
+
+
+def _failing_row(function, prompts, completions, completion_ids, columns) -> int:
+    """The first completion the reward fails on alone (the whole batch's first when none fails alone)."""
+    for i in range(len(completions)):
+        one = {k: v[i : i + 1] if isinstance(v, list) and len(v) == len(completions) else v for k, v in columns.items()}
+        try:
+            function(
+                prompts=prompts[i : i + 1],
+                completions=completions[i : i + 1],
+                completion_ids=completion_ids[i : i + 1],
+                **one,
+            )
+        except Exception:
+            return i
+    return 0
+
+
+def prompt_key(prompt: Any) -> str:
+    return json.dumps(prompt, sort_keys=True)
+
+
+def trl_rewards(recipe: Recipe, prompts: list[Any], split: str = "training") -> tuple[list, list[float]]:
+    """TRL's reward_funcs and reward_weights for the recipe; ``prompts`` in row order (for error messages)."""
+    rows = {prompt_key(p): number for number, p in enumerate(prompts, start=1)}
+    resolved = resolve_rewards(recipe)
+    return [guarded(r, rows, split) for r in resolved], [r.spec.weight for r in resolved]
