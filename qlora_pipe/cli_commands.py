@@ -129,6 +129,11 @@ def cmd_data(args: argparse.Namespace) -> int:
 
         print(classification_preview(recipe, tokenizer, args.preview))
         return 0
+    if recipe.method == "grpo":
+        from qlora_pipe.data.prompts import prepare_prompt_data, prompt_preview_text
+
+        print(prompt_preview_text(prepare_prompt_data(recipe, tokenizer), tokenizer, recipe, args.preview))
+        return 0
     if recipe.method != "sft":
         from qlora_pipe.data.preference import prepare_preference_data
         from qlora_pipe.data.preview import preference_preview_text
@@ -159,6 +164,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if not args.recipe:
         raise UserError("validate: give a recipe path (or --explain)")
     recipe = load_recipe(args.recipe, overrides=args.overrides)
+    if recipe.method == "grpo":  # user rewards imported and their signatures checked, before anything loads
+        from qlora_pipe.training.reward_funcs import resolve_rewards
+
+        resolve_rewards(recipe)
     print(f"{args.recipe}: valid (run directory {recipe.run_dir()})")
     return 0
 

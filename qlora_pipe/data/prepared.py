@@ -19,3 +19,4 @@ class PreparedData:
     fingerprint: str | None = None
     cache_hit: bool = False
     classes: list[str] | None = None  # task: classification: the class names, in label-index order
+    held_out_prompts: Any | None = None  # method: grpo: held-out prompt rows, scored by greedy answers' rewards

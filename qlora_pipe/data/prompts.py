@@ -1,0 +1,143 @@
+"""The data stage of method: grpo: prompt rows, checked and reported; the model writes the answers.
+
+A row's ``prompt`` is a string (one user turn) or a conversation (system and earlier turns allowed, the
+last turn the user's); TRL renders it with the run's chat template and a generation prompt. Every other
+column is handed to the rewards (lists and objects as JSON text: Arrow would otherwise merge the keys of
+different rows' objects). Rows are dropped, and counted by reason, when the prompt is missing or not text,
+when a column a reward needs is missing, or when the rendered prompt leaves no room in data.max_length
+for grpo.max_completion_length generated tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+from typing import Any
+
+from qlora_pipe.data.prepare import collect, hold_out
+from qlora_pipe.data.prepared import PreparedData
+from qlora_pipe.data.report import SplitReport
+from qlora_pipe.dist import is_main_process
+from qlora_pipe.errors import UserError
+
+log = logging.getLogger(__name__)
+ROLES = {"system", "user", "assistant"}
+
+
+def to_prompt_row(row: dict[str, Any], needed: dict[str, str]) -> dict[str, Any] | str:
+    """The row as TRL's conversational prompt row (other columns kept), or the reason it is dropped.
+    ``needed``: column -> the reward that reads it."""
+    if "prompt" not in row:
+        return "no prompt column"
+    prompt = row["prompt"]
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    if not isinstance(prompt, list) or not prompt or not all(isinstance(m, dict) for m in prompt):
+        return "the prompt is not text or chat messages"
+    if any(m.get("role") not in ROLES or not isinstance(m.get("content"), str) for m in prompt):
+        return "the prompt has a turn that is not system, user or assistant text"
+    if prompt[-1]["role"] != "user" or not prompt[-1]["content"].strip():
+        return "the prompt does not end with a non-empty user turn"
+    for column, reward in needed.items():
+        if row.get(column) is None:
+            return f"no {column} column (reward {reward} reads it)"
+    extra = {k: json.dumps(v) if isinstance(v, dict | list) else v for k, v in row.items() if k != "prompt"}
+    return {"prompt": [{"role": m["role"], "content": m["content"]} for m in prompt], **extra}
+
+
+def prompt_length(prompt: list[dict[str, str]], tokenizer) -> int:
+    ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)
+    return len(ids["input_ids"])
+
+
+def check_split(rows: list[dict[str, Any]], tokenizer, recipe, report: SplitReport):
+    from datasets import Dataset
+
+    room = recipe.data.max_length - recipe.grpo.max_completion_length
+    kept, lengths = [], []
+    for number, row in enumerate(rows, start=1):
+        length = prompt_length(row["prompt"], tokenizer)
+        if length > room:
+            why = f"prompt longer than data.max_length - grpo.max_completion_length ({room} tokens)"
+            if recipe.data.overlength == "error":
+                raise UserError(f"{report.name}: row {number}: {why}: {length} tokens")
+            report.dropped[why] += 1
+            continue
+        kept.append(row)
+        lengths.append(length)
+    report.add_lengths(lengths, [0] * len(lengths))  # nothing is trained on the prompt
+    return Dataset.from_list(kept) if kept else None
+
+
+def needed_columns(recipe) -> dict[str, str]:
+    """Columns each row must have for the rewards: reference columns, and names a user reward requires."""
+    from qlora_pipe.training.reward_funcs import resolve_rewards
+
+    return {column: r.label for r in resolve_rewards(recipe) for column in r.columns}
+
+
+def prepare_prompt_data(recipe, tokenizer) -> PreparedData:
+    """Read, check, split and report prompt rows (no cache: TRL renders them at train start)."""
+    from qlora_pipe.data.chat_templates import require_chat_template
+
+    data = recipe.data
+    require_chat_template(tokenizer, getattr(tokenizer, "name_or_path", "the model"))
+    needed = needed_columns(recipe)
+    rng = random.Random(recipe.seed)
+    train_report, eval_report = SplitReport("train"), SplitReport("eval")
+
+    def convert(row: dict[str, Any]) -> dict[str, Any] | str:
+        return to_prompt_row(row, needed)
+
+    train = collect(data.train_sources(), data, rng, train_report, convert)[: data.max_train_samples]
+    held_out = collect(data.held_out_sources(), data, rng, eval_report, convert) if data.held_out_sources() else []
+    train, held_out = hold_out(train, held_out, data, rng, eval_report)
+    train_ds = check_split(train, tokenizer, recipe, train_report)
+    if train_ds is None:
+        raise UserError(f"training data: no usable prompt rows ({train_report.line()})")
+    eval_ds = check_split(held_out, tokenizer, recipe, eval_report) if held_out else None
+    reports = [train_report] + ([eval_report] if eval_ds is not None else [])
+    first = train_ds[0]["prompt"]
+    system = first[0]["content"] if first[0]["role"] == "system" else None
+    for report in reports:
+        if is_main_process():
+            log.info("data: %s", report.line())
+    parts = [data.model_dump_json(), recipe.grpo.model_dump_json(), str(tokenizer.chat_template), str(recipe.seed)]
+    digest = hashlib.sha256(json.dumps([parts, train, held_out], sort_keys=True).encode()).hexdigest()[:24]
+    # TRL would score held-out prompts by sampling num_generations each; the held-out rewards are greedy
+    # answers scored by this pipeline (training/grpo_scores.py), so TRL gets no eval split.
+    return PreparedData(train_ds, None, reports, system, digest, held_out_prompts=eval_ds)
+
+
+def prompt_preview_text(prepared: PreparedData, tokenizer, recipe, count: int) -> str:
+    """Each prompt as the model sees it (chat template and generation prompt), and what each reward reads."""
+    lines = ["data report:", *[f"  {report.line()}" for report in prepared.reports]]
+    shown = min(count, len(prepared.train))
+    lines.append(f"\n{shown} prompt(s) as rendered; the model writes the answer, the rewards score it:")
+    for index in range(shown):
+        row = prepared.train[index]
+        rendered = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=False)
+        lines.append(f"\n--- prompt {index + 1} ---\n{rendered}")
+        for reward in recipe.grpo.rewards:
+            lines.append(f"  reward {reward.label()} (x{reward.weight:g}): {reward_reads(reward, row)}")
+    return "\n".join(lines)
+
+
+def reward_reads(reward, row: dict[str, Any]) -> str:
+    f = reward.function
+    if f in ("exact_match", "token_f1"):
+        part = f"the first group of {reward.pattern!r}" if reward.pattern else "the whole answer"
+        return f"{f} of {part} against {reward.reference_column()} = {row.get(reward.reference_column())!r}"
+    if f == "regex":
+        return f"1 if the answer matches {reward.pattern!r}, else 0"
+    if f == "json":
+        return "1 if the answer is valid JSON, else 0"
+    if f == "tool_call":
+        return f"1 if the answer is a valid call of the row's tools ({'listed' if row.get('tools') else 'none listed'})"
+    if f == "length":
+        return f"minus (completion tokens - {reward.max_tokens}) / {reward.max_tokens} above {reward.max_tokens}"
+    columns = {k: v for k, v in row.items() if k != "prompt"}
+    shown = ", ".join(f"{k}={v!r:.40}" for k, v in columns.items()) or "no other columns"
+    return f"{f}(prompts, completions, completion_ids, {shown}, ...)"
