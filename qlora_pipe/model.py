@@ -21,12 +21,11 @@ from qlora_pipe.hardware import with_resolved_precision
 from qlora_pipe.lora_targets import unmatched_targets
 from qlora_pipe.model_source import check_model_files, local_path
 from qlora_pipe.recipe import Recipe
+from qlora_pipe.tokens import PAD_CANDIDATES, ensure_distinct_pad  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "uint8": torch.uint8}
-# Tokens that tokenizers of common model families reserve for padding, in order of preference.
-PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<|pad|>", "<pad>", "[PAD]", "<|endoftext|>", "<unk>")
 
 
 @dataclass
@@ -42,14 +41,20 @@ def training_device() -> torch.device:
 
 
 def model_location(name: str) -> str:
-    """What from_pretrained gets: the expanded local path, or the Hub id as written."""
+    """What from_pretrained gets: the expanded local path, the plain folder converted from a GGUF file (once,
+    cached), or the Hub id as written."""
+    from qlora_pipe.gguf_source import base_folder, gguf_file_of
+
+    gguf = gguf_file_of(name)
+    if gguf is not None:
+        return str(base_folder(gguf))
     path = local_path(name)
     return str(path) if path is not None else name
 
 
 def check_model_source(recipe: Recipe) -> None:
     """Fail before any download or load: a missing or broken local model, or one whose code would run."""
-    check_model_files(recipe.model.name_or_path, recipe.model.trust_remote_code)
+    check_model_files(model_location(recipe.model.name_or_path), recipe.model.trust_remote_code)
 
 
 def load_tokenizer(recipe: Recipe):
@@ -77,31 +82,6 @@ def load_run_tokenizer(run_root: str | Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(run_root))
-
-
-def ensure_distinct_pad(tokenizer) -> None:
-    """Pick a pad token that is not EOS: with pad == EOS the collator masks EOS and the model never stops."""
-    if tokenizer.eos_token is None:
-        raise UserError("the tokenizer defines no EOS token; cannot train the model to stop")
-    if tokenizer.pad_token is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
-        return
-    vocab = tokenizer.get_vocab()
-    for candidate in PAD_CANDIDATES:
-        if candidate in vocab and vocab[candidate] != tokenizer.eos_token_id:
-            tokenizer.pad_token = candidate
-            log.info("pad token: using %r (distinct from EOS %r)", candidate, tokenizer.eos_token)
-            return
-    # A byte-level BPE (GPT-2 and its kin) has a token for the NUL byte, which text never contains. Padding is
-    # masked by position (attention mask, labels -100), so any token distinct from EOS pads correctly.
-    nul = tokenizer("\x00", add_special_tokens=False)["input_ids"]
-    if len(nul) == 1 and nul[0] != tokenizer.eos_token_id and tokenizer.decode(nul) == "\x00":
-        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(nul[0])
-        log.info("pad token: the tokenizer has none besides EOS; using the NUL byte's token (id %d)", nul[0])
-        return
-    raise UserError(
-        f"the tokenizer has no pad token distinct from EOS {tokenizer.eos_token!r} and none of "
-        f"{', '.join(PAD_CANDIDATES)}; add one to the tokenizer"
-    )
 
 
 def quantization_config(recipe: Recipe):

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qlora_pipe.data.conversation import has_tools
+from qlora_pipe.data.turn_spans import TurnFormat, assistant_spans, span_mask
 from qlora_pipe.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -77,9 +78,12 @@ def probe_template(tokenizer, template: str | None) -> TemplateTraits:
     return TemplateTraits(renders_tools, REASONING_PROBE in text, EARLIER_PROBE in text, empty_think)
 
 
-def encode_conversation(example: dict[str, Any], tokenizer, template: str | None, data, empty_think: bool) -> Encoded:
+def encode_conversation(
+    example: dict[str, Any], tokenizer, template: str | None, data, empty_think: bool, turns: TurnFormat | None = None
+) -> Encoded:
     """input_ids, the loss mask (data.loss_on), the row's counts and its preview marks. ``empty_think``: the
-    template adds empty thinking blocks, so every row is searched for them."""
+    template adds empty thinking blocks, so every row is searched for them. ``turns``: the template has no
+    {% generation %} markers; its assistant turns are located by offsets (data/turn_spans.py)."""
     messages, tools = example["messages"], example.get("tools")
     counts = {"reasoning_turns": sum(1 for m in messages if m.get("reasoning_content"))}
     if data.reasoning == "drop" and counts["reasoning_turns"]:
@@ -89,6 +93,8 @@ def encode_conversation(example: dict[str, Any], tokenizer, template: str | None
     if data.loss_on == "all":
         ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **extra)["input_ids"]
         mask = [1] * len(ids)
+    elif turns is not None:
+        ids, mask = located_mask(tokenizer, messages, tools, template, turns)
     else:
         out = tokenizer.apply_chat_template(
             messages,
@@ -99,17 +105,42 @@ def encode_conversation(example: dict[str, Any], tokenizer, template: str | None
             **extra,
         )
         ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
-        if data.loss_on == "completion":
-            mask = last_run_only(mask)
+    if data.loss_on == "completion":
+        mask = last_run_only(mask)
     encoded = Encoded(list(ids), mask, counts)
     if not (has_tools(example) or counts["reasoning_turns"] or empty_think):
         return encoded
-    text = render(tokenizer, messages, tools, template if data.loss_on != "all" else None)
-    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    if list(offsets["input_ids"]) != encoded.input_ids:  # a deterministic template cannot; never guess a mask
-        raise ValueError("the chat template renders this row differently on two calls")
-    _Locator(text, [start for start, _ in offsets["offset_mapping"]], encoded, data.reasoning).walk(messages)
+    text, starts = rendered_offsets(tokenizer, messages, tools, template if data.loss_on != "all" else None, ids)
+    _Locator(text, starts, encoded, data.reasoning).walk(messages)
     return encoded
+
+
+def rendered_offsets(tokenizer, messages, tools, template, ids: list[int]) -> tuple[str, list[int]]:
+    """The rendered text and each token's first character; the tokens must be the ones training gets."""
+    text = render(tokenizer, messages, tools, template)
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    if list(offsets["input_ids"]) != list(ids):  # a deterministic template cannot; never guess a mask
+        raise ValueError("the chat template renders this row differently on two calls")
+    return text, [start for start, _ in offsets["offset_mapping"]]
+
+
+class TurnNotFound(ValueError):
+    """An assistant turn of this row is not where the template's probes said it would be."""
+
+
+def located_mask(tokenizer, messages, tools, template, turns: TurnFormat) -> tuple[list[int], list[int]]:
+    """Tokens of the rendered row and the mask of its assistant turns, found by character offsets."""
+    extra = {"tools": tools} if tools else {}
+    ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, chat_template=template, **extra)
+    ids = list(ids["input_ids"])
+    text = render(tokenizer, messages, tools, template)
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    if list(offsets["input_ids"]) != ids:
+        raise TurnNotFound("the rendered text does not tokenize to the template's tokens")
+    spans = assistant_spans(text, messages, turns)
+    if spans is None:
+        raise TurnNotFound("an assistant turn is not rendered verbatim")
+    return ids, span_mask(spans, [tuple(o) for o in offsets["offset_mapping"]])
 
 
 def last_run_only(mask: list[int]) -> list[int]:

@@ -18,18 +18,51 @@ from typing import Any
 from jinja2.exceptions import TemplateError
 
 from qlora_pipe.data.cache import data_fingerprint, load_cached, save_cached
-from qlora_pipe.data.chat_masks import check_template_for, encode_conversation, probe_template
+from qlora_pipe.data.chat_masks import TurnNotFound, check_template_for, encode_conversation, probe_template
 from qlora_pipe.data.chat_templates import require_chat_template
 from qlora_pipe.data.prepared import IGNORE, PreparedData
 from qlora_pipe.data.report import SplitReport
 from qlora_pipe.data.sources import detect_format, draw, read_source, rename_columns, to_example
+from qlora_pipe.data.turn_spans import TurnFormat, probe_turns
 from qlora_pipe.dist import is_main_process
 from qlora_pipe.errors import UserError
 from qlora_pipe.recipe import DataSection, SourceSection
+from qlora_pipe.tokens import ensure_distinct_pad
 
 log = logging.getLogger(__name__)
 
 PREVIEW_MARKS = 20  # rows whose tool/reasoning marks are kept for `qlora-pipe data --preview`
+
+
+def masking_plan(tokenizer) -> tuple[str, TurnFormat | None]:
+    """How assistant turns are found: {% generation %} markers (the template's own, or a training copy of a
+    known family) first; else the template as it is, its turns located by offsets (data/turn_spans.py)."""
+    from qlora_pipe.compat.trl import training_template
+
+    try:
+        training_template(tokenizer, tokenizer.chat_template)
+    except ValueError:
+        turns = probe_turns(tokenizer, tokenizer.chat_template)
+        adopt_end_of_turn(tokenizer, turns.end_of_turn)
+        return tokenizer.chat_template, turns
+    return training_chat_template(tokenizer), None
+
+
+def adopt_end_of_turn(tokenizer, end_of_turn: str) -> None:
+    """The token that closes an assistant turn is what the model learns to emit: make it the EOS, so that
+    generation (chat, eval, serving configs) stops there, as the built-in templates do."""
+    if tokenizer.eos_token == end_of_turn:
+        return
+    log.info("data: the chat template ends assistant turns with %s; it becomes the EOS token", end_of_turn)
+    tokenizer.eos_token = end_of_turn
+    ensure_distinct_pad(tokenizer)
+
+
+def masking_method(turns: TurnFormat | None) -> str:
+    """The report's words for how the loss mask was found."""
+    if turns is None:
+        return "{% generation %} markers"
+    return f"assistant turns located by offsets (closed by {turns.end_of_turn})"
 
 
 def training_chat_template(tokenizer) -> str:
@@ -104,7 +137,12 @@ def example_key(example: dict[str, Any]) -> str:
 
 
 def encode(
-    example: dict[str, Any], tokenizer, template: str | None, data: DataSection, empty_think: bool = False
+    example: dict[str, Any],
+    tokenizer,
+    template: str | None,
+    data: DataSection,
+    empty_think: bool = False,
+    turns: TurnFormat | None = None,
 ) -> dict[str, Any]:
     """input_ids and labels of one example, with its length, a drop reason ('' when kept), its tool and
     reasoning counts and its preview marks (JSON)."""
@@ -115,7 +153,9 @@ def encode(
         if example.get("tools"):
             conversation["tools"] = json.loads(example["tools"])
         try:
-            encoded = encode_conversation(conversation, tokenizer, template, data, empty_think)
+            encoded = encode_conversation(conversation, tokenizer, template, data, empty_think, turns)
+        except TurnNotFound as exc:
+            return dropped(f"assistant turn not located ({exc})")
         except TemplateError as exc:  # the template's own raise_exception, e.g. one tool call per turn only
             return dropped(f"the chat template refuses the row: {' '.join(str(exc).split())[:120]}")
         ids, mask, counts, marks = encoded.input_ids, encoded.mask, encoded.counts, encoded.marks
@@ -145,7 +185,13 @@ def encode(
 
 
 def tokenize_split(
-    examples: list[dict], tokenizer, template: str | None, data: DataSection, report: SplitReport, empty_think: bool
+    examples: list[dict],
+    tokenizer,
+    template: str | None,
+    data: DataSection,
+    report: SplitReport,
+    empty_think: bool,
+    turns: TurnFormat | None = None,
 ):
     from datasets import Dataset
 
@@ -154,7 +200,13 @@ def tokenize_split(
     dataset = Dataset.from_list([table_row(e) for e in examples])
     dataset = dataset.map(
         encode,
-        fn_kwargs={"tokenizer": tokenizer, "template": template, "data": data, "empty_think": empty_think},
+        fn_kwargs={
+            "tokenizer": tokenizer,
+            "template": template,
+            "data": data,
+            "empty_think": empty_think,
+            "turns": turns,
+        },
         remove_columns=dataset.column_names,
         num_proc=data.num_proc,
         desc=f"Tokenizing {report.name}",
@@ -215,15 +267,17 @@ def prepare_data(data: DataSection, tokenizer, seed: int = 42) -> PreparedData:
 
     if not train:
         raise UserError(f"training data: no usable rows after checks ({train_report.line()})")
-    template, empty_think = None, False
+    template, empty_think, turns = None, False, None
     if any("messages" in e for e in [*train, *held_out]):
         require_chat_template(tokenizer, getattr(tokenizer, "name_or_path", "the model"))
-        template = training_chat_template(tokenizer) if data.loss_on != "all" else None
+        if data.loss_on != "all":
+            template, turns = masking_plan(tokenizer)
+            train_report.masking = eval_report.masking = masking_method(turns)
         empty_think = check_template_for(probe_template(tokenizer, template), [*train, *held_out], data)
-    train_ds = tokenize_split(train, tokenizer, template, data, train_report, empty_think)
+    train_ds = tokenize_split(train, tokenizer, template, data, train_report, empty_think, turns)
     if len(train_ds) == 0:
         raise UserError(f"training data: no usable rows after tokenization ({train_report.line()})")
-    eval_ds = tokenize_split(held_out, tokenizer, template, data, eval_report, empty_think) if held_out else None
+    eval_ds = tokenize_split(held_out, tokenizer, template, data, eval_report, empty_think, turns) if held_out else None
     reports = [train_report] + ([eval_report] if eval_ds is not None else [])
     first = train[0].get("messages") or [{}]
     system = first[0]["content"] if first[0].get("role") == "system" else None

@@ -27,6 +27,7 @@ class SplitReport:
     length_percentiles: dict[str, int] = field(default_factory=dict)
     # tool calls, tool results and reasoning: how many, and trained or masked (data/chat_masks.py)
     conversation_parts: Counter = field(default_factory=Counter)
+    masking: str = ""  # how the assistant turns were found (markers, or offsets), for conversations
     marks: list = field(default_factory=list, repr=False)  # preview marks of the first rows (not reported)
 
     def add_counts(self, rows: list[dict[str, int]]) -> None:
@@ -62,6 +63,7 @@ class SplitReport:
             "supervised_share": round(self.supervised_share, 4),
             "length_percentiles": self.length_percentiles,
             "conversation_parts": dict(self.conversation_parts),
+            "masking": self.masking,
         }
 
     @classmethod
@@ -77,6 +79,7 @@ class SplitReport:
             supervised_tokens=raw["supervised_tokens"],
             length_percentiles=raw["length_percentiles"],
             conversation_parts=Counter(raw.get("conversation_parts", {})),
+            masking=raw.get("masking", ""),
         )
 
     def line(self) -> str:
@@ -88,6 +91,7 @@ class SplitReport:
             f"{self.name}: {self.rows_kept}/{self.rows_read} rows kept (dropped: {dropped}{truncated}{duplicates}); "
             f"{self.total_tokens:,} tokens, {self.supervised_tokens:,} trained ({self.supervised_share:.0%}); "
             f"length {lengths}{parts_line(self.conversation_parts)}"
+            f"{'; loss mask: ' + self.masking if self.masking else ''}"
         )
 
 

@@ -13,6 +13,7 @@ from typing import Any
 from qlora_pipe.errors import UserError
 from qlora_pipe.export.merge import base_checkpoint_dir, merge_stream
 from qlora_pipe.export.serving import make_serving_files
+from qlora_pipe.gguf_source import base_source
 from qlora_pipe.hardware import dtype_for_inference
 from qlora_pipe.model import DTYPES
 from qlora_pipe.recipe import load_recipe
@@ -180,6 +181,7 @@ def export_merged(
     info = {
         "run": str(run.root),
         "base_model": recipe.model.name_or_path,
+        "base_source": base_source(recipe),
         "merge_base": merge_base,
         "dtype": dtype_name,
         "quantization": recipe.quantization.model_dump(),

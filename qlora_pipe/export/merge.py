@@ -46,8 +46,11 @@ class LoraWeights:
 
 def base_checkpoint_dir(recipe: Recipe) -> Path:
     """The base model's files: a local directory, or the Hub snapshot (safetensors and configs only)."""
+    from qlora_pipe.gguf_source import base_folder, gguf_file_of
+
     name = recipe.model.name_or_path
-    local = local_path(name)
+    gguf = gguf_file_of(name)
+    local = base_folder(gguf) if gguf is not None else local_path(name)
     if local is not None:
         if not local.is_dir():
             raise UserError(f"base model not found: {name}")

@@ -60,7 +60,13 @@ def bundled_config_path(name: str) -> Path | None:
 
 
 def read_config(name_or_path: str, revision: str | None = None) -> dict[str, Any]:
-    """config.json of a local model directory, a bundled well-known model, or the Hub (config only)."""
+    """config.json of a local model directory, a GGUF file (read from its metadata, no conversion), a bundled
+    well-known model, or the Hub (config only)."""
+    from qlora_pipe.gguf_source import gguf_config, gguf_file_of
+
+    gguf = gguf_file_of(name_or_path)
+    if gguf is not None:
+        return gguf_config(gguf)
     local = local_path(name_or_path) or Path(name_or_path)
     if local.is_dir():
         path = local / "config.json"

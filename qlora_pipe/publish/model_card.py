@@ -45,6 +45,18 @@ def _metadata(recipe: Recipe, library: str) -> dict[str, Any]:
     return data
 
 
+def _gguf_line(recipe: Recipe) -> list[str]:
+    from qlora_pipe.gguf_source import base_source
+
+    source = base_source(recipe)
+    if source is None:
+        return []
+    return [
+        f"- Starting weights: the GGUF file `{Path(source['gguf']).name}` ({source['quantization']}, sha256 "
+        f"{source['sha256'][:16]}...), dequantized once to bf16; the 4-bit base was quantized from those"
+    ]
+
+
 def _training_section(run: RunDir, recipe: Recipe) -> str:
     summary = _json(run.summary)
     q, lora, t = recipe.quantization, recipe.lora, recipe.training
@@ -56,6 +68,7 @@ def _training_section(run: RunDir, recipe: Recipe) -> str:
         f"{' with double quantization' if q.double_quant else ''} (compute {q.compute_dtype})"
         if q.enabled
         else f"- Base model: `{recipe.model.name_or_path}` in 16-bit",
+        *_gguf_line(recipe),
         f"- LoRA: r={lora.r}, alpha={lora.alpha}, dropout={lora.dropout}, target modules {lora.target_modules}"
         f"{', rsLoRA' if lora.use_rslora else ''}{', DoRA' if lora.use_dora else ''}",
         f"- Data: {sources}; loss on {recipe.data.loss_on} tokens; max length {recipe.data.max_length}"

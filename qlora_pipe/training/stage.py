@@ -21,6 +21,7 @@ from qlora_pipe.data.prepared import PreparedData
 from qlora_pipe.dist import is_main_process, world_size
 from qlora_pipe.errors import Interrupted, TrainingAborted, UserError
 from qlora_pipe.generation import generate_answers
+from qlora_pipe.gguf_source import base_source
 from qlora_pipe.model import load_tokenizer, training_device
 from qlora_pipe.plan.auto_sizes import resolve_auto_sizes
 from qlora_pipe.recipe import Recipe
@@ -249,6 +250,7 @@ def _train_and_save(
     summary = {
         "run_name": recipe.run_name,
         "base_model": recipe.model.name_or_path,
+        "base_source": base_source(recipe),
         **method_summary(recipe, run),
         "steps": trainer.state.global_step,
         "epochs": trainer.state.epoch,

@@ -1,0 +1,205 @@
+"""A GGUF file as the base model: the model a user already runs in llama.cpp or Ollama.
+
+transformers reads a GGUF (tokenizer, chat template, config, weights dequantized to fp32) but refuses to
+save such a model, and every stage here reads a plain folder (the NF4 load, the streaming merge, the planner).
+So a GGUF is converted once into a plain bf16 safetensors folder in the cache, keyed by the file's path, size
+and modification time, and named by its content hash in ``source.json``; runs, cards and exports record
+that file (name, quantization type, sha256) as the starting point.
+
+The light checks (is this a GGUF, is its header whole) import nothing heavy; the conversion needs the
+``gguf`` extra and loads the whole model once in fp32 (4 bytes per parameter of RAM).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import struct
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from qlora_pipe.errors import UserError
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"GGUF"
+SOURCE_FILE = "source.json"  # written last: a cache folder without it is incomplete
+EXTRA_HINT = "pip install -e '.[gguf]'"
+
+
+def gguf_file_of(name: str) -> Path | None:
+    """The GGUF file ``name`` points at (a .gguf file, or a folder holding exactly one and no config.json),
+    or None for a plain model folder or a Hub id."""
+    path = Path(name).expanduser()
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise UserError(f"model.name_or_path: GGUF file not found: {name}")
+        return path
+    if not path.is_dir() or (path / "config.json").is_file():
+        return None
+    found = sorted(path.glob("*.gguf"))
+    if len(found) > 1:
+        names = ", ".join(p.name for p in found[:4])
+        raise UserError(f"model.name_or_path: {name} holds {len(found)} GGUF files ({names}); name one of them")
+    return found[0] if found else None
+
+
+def check_gguf_file(path: Path) -> None:
+    """A one-line refusal of a file that is not a whole GGUF: wrong magic, unknown version, cut short."""
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        head = handle.read(24)
+    if head[:4] != MAGIC:
+        raise UserError(f"model.name_or_path: {path} is not a GGUF file (it does not start with 'GGUF')")
+    if len(head) < 24:
+        raise UserError(f"model.name_or_path: {path} is truncated ({size} bytes)")
+    version, tensors, _ = struct.unpack("<IQQ", head[4:24])
+    if version not in (2, 3):
+        raise UserError(f"model.name_or_path: {path} is GGUF version {version}; versions 2 and 3 are supported")
+    if tensors == 0:
+        raise UserError(f"model.name_or_path: {path} holds no tensors (a vocabulary-only GGUF?)")
+    try:
+        reader = _reader(path)
+    except UserError:
+        raise
+    except Exception as exc:  # the gguf reader raises ValueError, IndexError, ... on a damaged file
+        raise UserError(f"model.name_or_path: {path} is damaged or truncated ({type(exc).__name__}: {exc})") from exc
+    end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
+    if end > size:
+        raise UserError(f"model.name_or_path: {path} is truncated ({size:,} of {end:,} bytes)")
+
+
+def _reader(path: Path):
+    try:
+        from gguf import GGUFReader
+    except ImportError as exc:
+        raise UserError(f"model.name_or_path: a GGUF base needs the gguf extra: {EXTRA_HINT}") from exc
+    return GGUFReader(str(path))
+
+
+def gguf_facts(path: Path) -> dict[str, Any]:
+    """What a card and a run say of the starting GGUF: its name, architecture and quantization."""
+    from gguf import LlamaFileType
+
+    reader = _reader(path)
+
+    def field(key: str) -> Any:
+        value = reader.fields.get(key)
+        return value.contents() if value is not None else None
+
+    file_type = field("general.file_type")
+    try:
+        quant = LlamaFileType(file_type).name.removeprefix("MOSTLY_") if file_type is not None else "unknown"
+    except ValueError:
+        quant = f"file type {file_type}"
+    return {"architecture": field("general.architecture"), "name": field("general.name"), "quantization": quant}
+
+
+def gguf_config(path: Path) -> dict[str, Any]:
+    """config.json of the model in a GGUF, from its metadata alone (the planner needs no weights)."""
+    from transformers import AutoConfig
+
+    check_gguf_file(path)
+    try:
+        config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    except (ValueError, KeyError, OSError) as exc:
+        reason = " ".join(str(exc).split())[:200]
+        raise UserError(f"model.name_or_path: {path.name}: transformers cannot read this GGUF ({reason})") from exc
+    config_dict = config.to_dict()
+    config_dict.pop("quantization_config", None)
+    return config_dict
+
+
+def cache_root() -> Path:
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return root / "qlora-pipe" / "gguf-bases"
+
+
+def cache_folder(path: Path) -> Path:
+    """One folder per file version: its resolved path, size and modification time (hashing a multi-GB file on
+    every command would cost seconds; the content hash is recorded once, at conversion)."""
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_root() / f"{path.stem}-{key}"
+
+
+def base_folder(path: Path) -> Path:
+    """The plain folder converted from this GGUF, converting it on first use."""
+    folder = cache_folder(path)
+    if (folder / SOURCE_FILE).is_file():
+        return folder
+    check_gguf_file(path)
+    log.info("model: converting %s into a plain bf16 folder, once (%s)", path.name, folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    try:
+        _convert(path, staging)
+        from qlora_pipe.runs import file_sha256, write_json_atomic
+
+        source = {"gguf": str(path.resolve()), "size": path.stat().st_size, "sha256": file_sha256(path)}
+        write_json_atomic(staging / SOURCE_FILE, {**source, **gguf_facts(path), "dtype": "bfloat16"})
+        if folder.exists():  # another process converted it meanwhile: keep theirs
+            shutil.rmtree(staging)
+        else:
+            os.replace(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # our own temporary folder, nothing else
+        raise
+    return folder
+
+
+def source_of(folder: str | Path) -> dict[str, Any] | None:
+    """``source.json`` of a converted base folder (the GGUF it came from), or None for any other folder."""
+    file = Path(folder).expanduser() / SOURCE_FILE
+    if not file.is_file():
+        return None
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def base_source(recipe) -> dict[str, Any] | None:
+    """The GGUF a recipe's base came from (file, sha256, quantization), or None for any other base."""
+    gguf = gguf_file_of(recipe.model.name_or_path)
+    return source_of(cache_folder(gguf)) if gguf is not None else None
+
+
+def _convert(path: Path, out: Path) -> None:
+    """Tokenizer (with the file's chat template), config and weights into ``out``. transformers' GGUF-loaded
+    model will not save itself, so its state dict moves into a plain model built from the same config."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from accelerate import init_empty_weights
+
+    _reader(path)  # the extra, before transformers says the same less clearly
+    folder, name = str(path.parent), path.name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        config = AutoConfig.from_pretrained(folder, gguf_file=name)
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    except (ValueError, KeyError, OSError, RuntimeError, NotImplementedError) as exc:
+        reason = " ".join(str(exc).split())[:200]
+        raise UserError(f"model.name_or_path: {path.name}: transformers cannot load this GGUF ({reason})") from exc
+    state = loaded.state_dict()
+    del loaded
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = torch.bfloat16
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise UserError(
+            f"model.name_or_path: {path.name}: the converted weights do not fit the model "
+            f"(missing {missing[:2]}, unexpected {unexpected[:2]})"
+        )
+    model.tie_weights()
+    model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
