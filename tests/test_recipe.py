@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -101,6 +102,53 @@ def test_overrides_are_validated_like_the_file(tmp_path):
         load_recipe(path, overrides=["lora.r=0"])
     with pytest.raises(UserError, match="expected KEY=VALUE"):
         load_recipe(path, overrides=["training.learning_rate"])
+
+
+def float_keys(model: type, prefix: str = "") -> list[str]:
+    """Every float key of the recipe (dotted), read from the schema itself so a new key is covered."""
+    from typing import get_args
+
+    from qlora_pipe.recipe.base import Section
+
+    keys = []
+    for name, field in model.model_fields.items():
+        kind = field.annotation
+        if isinstance(kind, type) and issubclass(kind, Section):
+            keys += float_keys(kind, f"{prefix}{name}.")
+        elif kind is float or float in get_args(kind):
+            keys.append(prefix + name)
+    return keys
+
+
+def test_every_float_key_refuses_non_finite_values(tmp_path):
+    """inf, 1e400 (read as inf) and nan pass a bound like gt=0 unless refused; every float key refuses them
+    in one line naming the key, from the file and from --set alike."""
+    import inspect
+
+    from pydantic import BaseModel
+
+    import qlora_pipe.recipe.schema
+    from qlora_pipe.recipe.base import Section
+
+    keys = float_keys(Recipe)
+    assert {"preference.beta", "training.learning_rate", "lora.alpha", "data.eval_fraction"} <= set(keys)
+    path = write(tmp_path, MINIMAL)
+    for key in keys:
+        for value in (".inf", "1e400", "-.inf", ".nan"):
+            with pytest.raises(UserError, match=re.escape(key) + ": .*finite number"):
+                load_recipe(path, overrides=[f"{key}={value}"])
+    file = write(tmp_path, MINIMAL + "preference:\n  beta: 1e400\n")
+    with pytest.raises(UserError, match=r"preference\.beta: Input should be a finite number \(got '1e400'\)$"):
+        load_recipe(file)
+    # Sections inside lists (data.sources, ...) are covered by the same base class.
+    modules = [m for n, m in vars(qlora_pipe.recipe).items() if inspect.ismodule(m)] + [qlora_pipe.recipe.schema]
+    models = {
+        c
+        for m in modules
+        for c in vars(m).values()
+        if isinstance(c, type) and issubclass(c, BaseModel) and c.__module__.startswith("qlora_pipe.recipe")
+    }
+    assert models and all(issubclass(c, Section) for c in models), models
 
 
 def test_missing_recipe_file(tmp_path):

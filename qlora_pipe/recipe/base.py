@@ -19,6 +19,7 @@ def _a_size(value: str | None) -> str | None:
 
 
 class Section(BaseModel):
-    """Base of every recipe section: unknown keys are errors, not silently ignored."""
+    """Base of every recipe section: unknown keys are errors, not silently ignored, and no float may be
+    infinite or NaN (YAML reads .inf, .nan and 1e400 as floats, and bounds like gt=0 let inf through)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
