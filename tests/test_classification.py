@@ -54,7 +54,7 @@ def test_labelled_rows_are_checked():
     convert = labelled_row("text", "label")
     assert convert({"text": "A", "label": 3}) == {"text": "A", "label": "3"}
     assert convert({"text": "", "label": "x"}) == "missing or empty text"
-    assert convert({"text": "A", "label": True}) == "missing label (a string or an integer)"
+    assert convert({"text": "A", "label": None}) == "missing label (a string or an integer)"
     raw = {**recipe_dict(Path("m"), Path("o")), "task": "classification"}
     raw["training"]["preview_prompts"] = ["What is a lien?"]
     with pytest.raises(UserError, match="a classifier does not generate"):
@@ -65,6 +65,40 @@ def test_labelled_rows_are_checked():
     raw.update(model={"name_or_path": "m"}, method="dpo")
     with pytest.raises(UserError, match="task classification trains a classifier with method sft, not dpo"):
         validate_recipe(raw)
+
+
+def test_label_edge_cases_are_named(tiny_model_dir, tokenizer, tmp_path, caplog):
+    """Labels that are there but unusable are dropped by what they are, not as missing; whole-number floats
+    (an integer column with a gap, as pandas writes it) are their integers; all rows dropped says why; and a
+    class left out of classification.labels is a warning with its row count, not only a report line."""
+    from qlora_pipe.data.classification import prepare_classification_data
+    from tests.data_helpers import write_jsonl
+
+    convert = labelled_row("text", "label")
+    assert convert({"text": "A", "label": 2.0}) == {"text": "A", "label": "2"}
+    assert convert({"text": "A", "label": float("nan")}) == "missing label (a string or an integer)"
+    assert convert({"text": "A", "label": True}) == "label is true/false; a class is a string or an integer"
+    assert convert({"text": "A", "label": 0.5}) == "label is not a whole number; a class is a string or an integer"
+    assert convert({"text": "A", "label": ["x"]}) == "label is a list; a class is a string or an integer"
+
+    raw = {**recipe_dict(tiny_model_dir, tmp_path / "runs"), "task": "classification"}
+    raw["data"] = {"train_path": write_jsonl(tmp_path / "empty.jsonl", [{"text": "", "label": "a"}] * 3)}
+    with pytest.raises(UserError, match=r"no usable labelled rows \(.*missing or empty text"):
+        prepare_classification_data(validate_recipe(raw), tokenizer)
+
+    rows = [{"text": f"Row {i}.", "label": ["a", "b", "c"][i % 3]} for i in range(9)]
+    rows += [{"text": "Odd.", "label": 1.5}, {"text": "Flag.", "label": False}]
+    raw["data"] = {"train_path": write_jsonl(tmp_path / "rows.jsonl", rows)}
+    raw["classification"] = {"labels": ["a", "b"]}
+    with caplog.at_level("WARNING", logger="qlora_pipe.data.classification"):
+        data, names = prepare_classification_data(validate_recipe(raw), tokenizer)
+    assert names == ["a", "b"] and len(data.train) == 6
+    assert dict(data.reports[0].dropped) == {
+        "label not in classification.labels": 3,
+        "label is not a whole number; a class is a string or an integer": 1,
+        "label is true/false; a class is a string or an integer": 1,
+    }
+    assert "train: 3 row(s) dropped, their class is not in classification.labels: 'c' (3)" in caplog.text
 
 
 def test_classifier_trains_resumes_exports_and_evaluates(tiny_model_dir, tmp_path):

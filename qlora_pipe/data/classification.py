@@ -14,7 +14,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import random
+from collections import Counter
 from typing import Any
 
 from qlora_pipe.data.prepare import collect, hold_out
@@ -26,14 +28,28 @@ from qlora_pipe.errors import UserError
 log = logging.getLogger(__name__)
 
 
+def label_name(label: Any) -> str | None:
+    """The class a label names, or None when it names none. A whole-number float is its integer: a column
+    of integers with a gap comes back from pandas, CSV and parquet as floats (3 -> 3.0)."""
+    if isinstance(label, float) and label.is_integer():
+        label = int(label)
+    if isinstance(label, str) and label.strip():
+        return label
+    return str(label) if isinstance(label, int) and not isinstance(label, bool) else None
+
+
 def labelled_row(text_field: str, label_field: str):
     def convert(row: dict[str, Any]) -> dict[str, str] | str:
         text, label = row.get(text_field), row.get(label_field)
         if not isinstance(text, str) or not text.strip():
             return f"missing or empty {text_field}"
-        if label is None or isinstance(label, bool) or not isinstance(label, str | int):
+        if label is None or label == "" or (isinstance(label, float) and math.isnan(label)):  # NaN: pandas' gap
             return f"missing {label_field} (a string or an integer)"
-        return {"text": text, "label": str(label)}
+        name = label_name(label)
+        if name is None:  # said by type: a boolean, a fraction or a list is there, just not a usable class
+            kind = {bool: "true/false", float: "not a whole number", str: "blank"}.get(type(label))
+            return f"{label_field} is {kind or 'a ' + type(label).__name__}; a class is a string or an integer"
+        return {"text": text, "label": name}
 
     return convert
 
@@ -46,8 +62,18 @@ def class_names(recipe, train: list[dict[str, str]]) -> list[str]:
         return list(labels)
     found = sorted({row["label"] for row in train})
     if len(found) < 2:
-        raise UserError(f"training data: classification needs at least two labels, found {found}")
+        raise UserError(f"training data: classification needs at least two labels among its usable rows, found {found}")
     return found
+
+
+def warn_unknown_classes(rows: list[dict[str, str]], names: list[str], report: SplitReport, listed: bool) -> None:
+    """Rows of a class the run does not train are dropped; say which classes and how many rows, since a
+    report line alone is easy to miss when a class was left out of classification.labels by mistake."""
+    unknown = Counter(row["label"] for row in rows if row["label"] not in names)
+    if unknown and is_main_process():
+        where = "classification.labels" if listed else "the training data's labels"
+        counts = ", ".join(f"{name!r} ({count})" for name, count in unknown.most_common())
+        log.warning("%s: %d row(s) dropped, their class is not in %s: %s", report.name, unknown.total(), where, counts)
 
 
 def encode(rows: list[dict[str, str]], tokenizer, names: list[str], data, report: SplitReport):
@@ -83,7 +109,11 @@ def prepare_classification_data(recipe, tokenizer) -> tuple[PreparedData, list[s
     train = collect(data.train_sources(), data, rng, train_report, convert)[: data.max_train_samples]
     held_out = collect(data.held_out_sources(), data, rng, eval_report, convert) if data.held_out_sources() else []
     train, held_out = hold_out(train, held_out, data, rng, eval_report)
+    if not train:  # every row dropped: say why, not "no labels"
+        raise UserError(f"training data: no usable labelled rows ({train_report.line()})")
     names = class_names(recipe, train)
+    for rows, report in ((train, train_report), (held_out, eval_report)):
+        warn_unknown_classes(rows, names, report, spec.labels is not None)
     train_ds = encode(train, tokenizer, names, data, train_report)
     if train_ds is None:
         raise UserError(f"training data: no usable labelled rows ({train_report.line()})")
