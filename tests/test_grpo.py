@@ -116,8 +116,51 @@ def test_builtin_rewards_score_what_they_say():
     f1 = score({"function": "token_f1"}, ["a binding promise", "nothing"], answer=["a binding agreement"] * 2)
     assert f1[0] == pytest.approx(0.5) and f1[1] == 0.0
     assert score({"function": "regex", "pattern": FORMAT}, ["Area: torts", "Area: torts, I think"]) == [1.0, 0.0]
-    assert score({"function": "json"}, ['{"a": 1}', '```json\n[1, 2]\n```', "{'a': 1}"]) == [1.0, 1.0, 0.0]
+    assert score({"function": "json"}, ['{"a": 1}', "```json\n[1, 2]\n```", "{'a': 1}"]) == [1.0, 1.0, 0.0]
     tools = json.dumps([{"type": "function", "function": {"name": "lookup", "parameters": {"required": ["term"]}}}])
     calls = ['<tool_call>{"name": "lookup", "arguments": {"term": "tort"}}</tool_call>', '{"name": "lookup"}', "no"]
     assert score({"function": "tool_call"}, calls, tools=[tools] * 3) == [1.0, 0.0, 0.0]
     assert score({"function": "length", "max_tokens": 2}, ["one two", "one two three four"]) == [0.0, -1.0]
+
+
+def test_grpo_trains_with_builtin_and_user_rewards_and_records_them(tiny_model_dir, tmp_path):
+    """Real GRPO steps (TRL's GRPOTrainer: sampling with transformers, the KL reference as a frozen adapter
+    copy, the clipped loss) on a tiny 4-bit model; each reward's mean and spread, completion length, KL and
+    the truncated share reach metrics.jsonl, and the held-out rewards before and after reach summary.json."""
+    from qlora_pipe.training.stage import run_training
+
+    result = run_training(validate_recipe(grpo_recipe(tiny_model_dir, tmp_path, max_steps=2)))
+    summary = result.summary
+    assert summary["method"] == "grpo" and summary["steps"] == 2
+    assert summary["supervised_tokens"] > 0  # completion tokens trained on
+    rows = [json.loads(line) for line in result.run_dir.metrics.read_text().splitlines()]
+    logged = {key for row in rows for key in row}
+    for name in ("format", "area", "mentions_area", "length"):
+        assert {f"rewards/{name}/mean", f"rewards/{name}/std"} <= logged, name
+    assert {"reward", "kl", "completions/mean_length", "completions/clipped_ratio", "loss"} <= logged
+    held = summary["held_out_rewards"]
+    assert held["before"]["prompts"] == held["after"]["prompts"] == 4
+    assert set(held["after"]["rewards"]) == {"format", "area", "mentions_area", "length"}
+    assert 0 <= held["after"]["fully_correct"] <= 1
+    assert (result.run_dir.root / "adapter_model.safetensors").is_file()
+
+
+def test_a_reward_that_fails_stops_the_run_in_one_line_naming_reward_and_row(tiny_model_dir, tmp_path, capsys):
+    """A user reward that raises, or returns a non-number, stops `train` with exit 2 and one line naming the
+    reward and the prompt row; the run is marked failed."""
+    from qlora_pipe.cli import main
+    from qlora_pipe.runs import RunDir
+
+    path = user_rewards(tmp_path)
+    for name, expected in (("broken", "raised ZeroDivisionError: division by zero"), ("text_score", "returned str")):
+        raw = grpo_recipe(tiny_model_dir, tmp_path, name, rewards=[{"function": f"{path}:{name}"}], max_steps=1)
+        raw["data"].update(max_train_samples=1, eval_path=None)  # row 1: "What is an offer?"
+        recipe_path = tmp_path / f"{name}.yaml"
+        recipe_path.write_text(json.dumps(raw))
+        assert main(["train", str(recipe_path)]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        line = err.strip().splitlines()[-1]  # the lines above it are progress bars
+        assert f"reward {name} ({path}:{name}) {expected}" in line
+        assert "on training prompt 1 ('..." in line and "Question: What is an offer?')" in line
+        assert RunDir(tmp_path / "runs" / name).state() == "failed"

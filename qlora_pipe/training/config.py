@@ -29,6 +29,10 @@ def trainer_config(recipe: Recipe, run: RunDir, device: torch.device, batch: Bat
         return TrainingArguments(**{k: v for k, v in arguments.items() if k in accepted})
     if recipe.method == "sft":
         return sft_config(recipe, run, device, batch, resuming)
+    if recipe.method == "grpo":
+        from qlora_pipe.training.grpo import grpo_config
+
+        return grpo_config(recipe, sft_arguments(recipe, run, device, batch, resuming))
 
     p = recipe.preference
     if recipe.method == "orpo":  # reference-free: beta is ORPO's lambda; no loss_type or reference settings

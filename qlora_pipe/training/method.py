@@ -26,6 +26,10 @@ def prepare_method_data(recipe: Recipe, tokenizer):
         data, classes = prepare_classification_data(recipe, tokenizer)
         data.classes = classes
         return data
+    if recipe.method == "grpo":
+        from qlora_pipe.data.prompts import prepare_prompt_data
+
+        return prepare_prompt_data(recipe, tokenizer)
     if recipe.method != "sft":
         from qlora_pipe.data.preference import prepare_preference_data
 
@@ -49,6 +53,10 @@ def trainer_class(recipe: Recipe):
 
     if recipe.task == "classification":
         return classifier_trainer_class()
+    if recipe.method == "grpo":
+        from qlora_pipe.training.grpo import grpo_trainer_class
+
+        return grpo_trainer_class(recipe)
     return PipeTrainer if recipe.method == "sft" else preference_trainer_class(recipe.method)
 
 
@@ -103,6 +111,10 @@ def method_callbacks(recipe: Recipe, run, tokenizer, data) -> list:
         from qlora_pipe.training.classifier_scores import held_out_classifier_scores
 
         return [held_out_classifier_scores(recipe, run, data)]
+    if recipe.method == "grpo":
+        from qlora_pipe.training.grpo import held_out_callback
+
+        return [held_out_callback(recipe, run, tokenizer, data)] if data.held_out_prompts is not None else []
     if recipe.method == "sft" or data.eval is None:
         return []
     from transformers import TrainerCallback
@@ -137,6 +149,10 @@ def method_summary(recipe: Recipe, run) -> dict:
         return {"method": "sft", "task": "classification", "labels": recipe.classification.labels, "held_out": scores}
     if recipe.method == "sft":
         return {"method": "sft"}
+    if recipe.method == "grpo":
+        from qlora_pipe.training.grpo import grpo_summary
+
+        return grpo_summary(recipe, run)
     path = run.root / PREFERENCE_EVAL
     scores = json.loads(path.read_text()) if path.is_file() else {}
     unpaired = "label_auc" in scores.get("before", {})

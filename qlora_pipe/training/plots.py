@@ -23,6 +23,12 @@ def plot_losses(metrics: Path, out: Path, title: str) -> Path | None:
         ax.plot(*zip(*train, strict=True), label="train loss", linewidth=1.5)
     if evals:
         ax.plot(*zip(*evals, strict=True), "o-", label="eval loss", linewidth=1.5)
+    rewards = [(r["step"], r["reward"]) for r in rows if "reward" in r]
+    if rewards:  # GRPO: its loss hovers near 0 by construction; the reward is the curve that says it learns
+        twin = ax.twinx()
+        twin.plot(*zip(*rewards, strict=True), color="tab:green", label="reward (mean)", linewidth=1.5)
+        twin.set_ylabel("reward")
+        twin.legend(loc="upper right")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.set_title(title)

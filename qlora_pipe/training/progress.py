@@ -56,6 +56,7 @@ class RunProgress(TrainerCallback):
             self.last["loss"] = f"{logs['loss']:.4f}"
         if "learning_rate" in logs:
             self.last["lr"] = f"{logs['learning_rate']:.2e}"
+        self.last.update(grpo_fields(logs))
         if "eval_loss" in logs:
             self.last["eval"] = f"{logs['eval_loss']:.4f}"
             self.bar.write(f"step {state.global_step}: eval loss {logs['eval_loss']:.4f}")
@@ -65,3 +66,17 @@ class RunProgress(TrainerCallback):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+def grpo_fields(logs: dict[str, float]) -> dict[str, str]:
+    """GRPO's numbers for the progress line: each reward's mean and spread, the weighted reward, mean
+    completion length, share of completions cut at max_completion_length, and KL to the reference."""
+    fields = {}
+    for key, value in logs.items():
+        if key.startswith("rewards/") and key.endswith("/mean"):
+            name = key[len("rewards/") : -len("/mean")]
+            fields[name] = f"{value:.2f}±{logs.get(f'rewards/{name}/std', 0.0):.2f}"
+    shown = (("reward", "reward", "{:.3f}"), ("completions/mean_length", "len", "{:.1f}"))
+    shown += (("completions/clipped_ratio", "trunc", "{:.0%}"), ("kl", "kl", "{:.4f}"))
+    fields.update({label: fmt.format(logs[key]) for key, label, fmt in shown if key in logs})
+    return fields

@@ -106,9 +106,10 @@ def resolve_rewards(recipe: Recipe) -> list[ResolvedReward]:
 
 
 def _quote(prompt: Any) -> str:
+    """The end of the prompt's last turn (prompts often share an instruction and differ at the end)."""
     text = prompt[-1].get("content", "") if isinstance(prompt, list) and prompt else completion_text(prompt)
     text = " ".join(str(text).split())
-    return repr(text[:60] + ("..." if len(text) > 60 else ""))
+    return repr(("..." if len(text) > 60 else "") + text[-60:])
 
 
 def _problem(value: Any) -> str | None:
@@ -129,7 +130,7 @@ def guarded(reward: ResolvedReward, rows: dict[str, int], split: str = "training
 
     def where(prompt: Any) -> str:
         number = rows.get(prompt_key(prompt))
-        return f"{split} prompt {number}" if number else f"{split} prompt {_quote(prompt)}"
+        return f"{split} prompt {number} ({_quote(prompt)})" if number else f"{split} prompt {_quote(prompt)}"
 
     def call(prompts, completions, completion_ids, **columns) -> list[float]:
         try:
@@ -138,7 +139,7 @@ def guarded(reward: ResolvedReward, rows: dict[str, int], split: str = "training
             row = _failing_row(function, prompts, completions, completion_ids, columns)
             raise UserError(
                 f"reward {label} ({source}) raised {type(exc).__name__}: {' '.join(str(exc).split())[:160]} "
-                f"on {where(prompts[row])} ({_quote(prompts[row])})"
+                f"on {where(prompts[row])}"
             ) from None
         if not isinstance(values, list | tuple) or len(values) != len(completions):
             got = f"{len(values)} values" if isinstance(values, list | tuple) else type(values).__name__
