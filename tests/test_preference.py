@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -257,7 +259,62 @@ def test_dpo_continues_an_sft_adapter_on_its_own_base(make_recipe, tiny_model_di
     with pytest.raises(UserError, match=r"model\.adapter: .* was trained on .*, not on model\.name_or_path"):
         starting_adapter(validate_recipe(raw))
     raw["model"]["adapter"] = str(tmp_path / "nowhere")
-    with pytest.raises(UserError, match=r"has no adapter_config\.json"):
+    with pytest.raises(UserError, match=r"model\.adapter: .*nowhere does not exist"):
+        starting_adapter(validate_recipe(raw))
+
+    # The SFT run deleted: eval scores what it can (base and the DPO adapter) and says what is missing.
+    shutil.rmtree(sft.run_dir.root)
+    assert main(["eval", str(result.run_dir.root), "--limit", "4"]) == 0
+    report = json.loads(result.run_dir.eval_report.read_text())
+    assert set(report["columns"]) == {"base", "dpo"}
+    assert "adapter_config.json is missing" in report["left_out"]["sft"]
+
+
+def damaged_runs(run: Path, tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    """Copies of a finished run, each damaged one way a user meets: (folder, what the refusal names)."""
+    from tests.test_bad_inputs import truncate
+
+    cases = {
+        "no weights": (lambda r: (r / "adapter_model.safetensors").unlink(), "adapter_model.safetensors is missing"),
+        "truncated weights": (lambda r: truncate(r / "adapter_model.safetensors"), "adapter_model.safetensors"),
+        "unfinished": (lambda r: (r / "summary.json").unlink(), "is not a finished run"),
+    }
+    out = {}
+    for name, (damage, expected) in cases.items():
+        copy = tmp_path / name.replace(" ", "-")
+        shutil.copytree(run, copy)
+        damage(copy)
+        out[name] = copy, expected
+    return out
+
+
+def test_model_adapter_refuses_what_export_refuses(make_recipe, tiny_model_dir, tmp_path):
+    """model.adapter naming a run export, eval and chat would refuse (adapter missing or truncated, the run
+    unfinished) or a classifier's run is refused in one line before any model loads; `train` exits 2."""
+    from qlora_pipe.training.method import starting_adapter
+    from qlora_pipe.training.stage import run_training
+    from tests.test_bad_inputs import assert_one_line_error, cli
+    from tests.test_classification import classifier_recipe
+
+    sft = run_training(make_recipe(max_steps=1))
+    raw = dpo_recipe(tiny_model_dir, tmp_path, "continued", max_steps=1)
+    raw["model"]["adapter"] = str(sft.run_dir.root)
+    assert starting_adapter(validate_recipe(raw)) == sft.run_dir.root
+    for name, (folder, expected) in damaged_runs(sft.run_dir.root, tmp_path).items():
+        raw["model"]["adapter"] = str(folder)
+        with pytest.raises(UserError, match=rf"^model\.adapter: .*{re.escape(expected)}[^\n]*$"):
+            starting_adapter(validate_recipe(raw))
+        if name == "truncated weights":  # the whole command: one line, exit 2, no run folder
+            import yaml
+
+            (tmp_path / "dpo.yaml").write_text(yaml.safe_dump(raw))
+            assert_one_line_error(cli("train", str(tmp_path / "dpo.yaml")), "model.adapter", expected)
+            assert not (tmp_path / "runs" / "continued").exists()
+
+    (tmp_path / "cls").mkdir()
+    classifier = run_training(classifier_recipe(tiny_model_dir, tmp_path / "cls", "classifier", max_steps=1))
+    raw["model"]["adapter"] = str(classifier.run_dir.root)
+    with pytest.raises(UserError, match=r"holds a classifier's adapter; method dpo continues a text-generation"):
         starting_adapter(validate_recipe(raw))
 
 

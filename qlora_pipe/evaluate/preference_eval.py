@@ -7,12 +7,15 @@ One 4-bit base is loaded; the columns are the same model with its adapter disabl
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any
 
 from qlora_pipe.errors import UserError
 from qlora_pipe.runs import RunDir, write_json_atomic
+
+log = logging.getLogger(__name__)
 
 
 def pairs_for(recipe, tokenizer, data: str | None, limit: int | None) -> tuple[list, str]:
@@ -37,6 +40,18 @@ def pairs_for(recipe, tokenizer, data: str | None, limit: int | None) -> tuple[l
     return rows, data or (f"held-out {kind}" if held else f"training {kind}")
 
 
+def starting_adapter_problem(folder: Path) -> str | None:
+    """Why the run's starting adapter (model.adapter, e.g. the SFT run) cannot be scored, or None: it may
+    have been deleted or damaged since the run trained from it."""
+    from qlora_pipe.model import check_adapter_files
+
+    try:
+        check_adapter_files(folder)
+    except UserError as exc:
+        return f"the starting adapter (model.adapter) is unusable: {exc}"
+    return None
+
+
 def run_preference_eval(run: RunDir, recipe, data: str | None, limit: int | None) -> dict[str, Any]:
     from qlora_pipe.evaluate.reward_accuracy import held_out_scores
     from qlora_pipe.model import load_run_tokenizer, load_trained_model
@@ -50,19 +65,33 @@ def run_preference_eval(run: RunDir, recipe, data: str | None, limit: int | None
     columns: dict[str, Any] = {}
     with model.disable_adapter():
         columns["base"] = held_out_scores(model, tokenizer, pairs)
+    left_out = {}
     if recipe.model.adapter:
-        model.load_adapter(str(Path(recipe.model.adapter)), adapter_name="start")
-        model.set_adapter("start")
-        columns["sft"] = held_out_scores(model, tokenizer, pairs)
-        model.set_adapter("default")
+        problem = starting_adapter_problem(Path(recipe.model.adapter))
+        if problem is None:
+            model.load_adapter(str(Path(recipe.model.adapter)), adapter_name="start")
+            model.set_adapter("start")
+            columns["sft"] = held_out_scores(model, tokenizer, pairs)
+            model.set_adapter("default")
+        else:  # the run still evaluates: its own adapter and the base do not need the starting one
+            left_out["sft"] = problem
+            log.warning("eval: the sft column is left out: %s", problem)
     columns[recipe.method] = held_out_scores(model, tokenizer, pairs)
     result = {"run": str(run.root), "method": recipe.method, "data": source, "columns": columns}
+    if left_out:
+        result["left_out"] = left_out
     path = run.eval_report
     write_json_atomic(path, result)
     return {**result, "path": str(path), "seconds": time.time() - started}
 
 
 def preference_table(result: dict[str, Any]) -> str:
+    """The columns side by side, then any column left out and why."""
+    notes = [f"{name}: left out ({why})" for name, why in result.get("left_out", {}).items()]
+    return "\n".join([score_table(result), *notes])
+
+
+def score_table(result: dict[str, Any]) -> str:
     names = list(result["columns"])
     columns = list(result["columns"].values())
     header = f"{'':24}" + "".join(f"{name:>12}" for name in names)

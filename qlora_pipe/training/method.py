@@ -64,10 +64,11 @@ def starting_adapter(recipe: Recipe) -> Path | None:
     """The adapter folder named by model.adapter, checked: it exists and was trained on this base."""
     if recipe.model.adapter is None:
         return None
+    from qlora_pipe.training.adapter_start import check_start_run
+
     folder = Path(recipe.model.adapter)
+    check_start_run(recipe, folder)  # a finished run, its adapter whole, a text-generation adapter
     config = folder / "adapter_config.json"
-    if not config.is_file():
-        raise UserError(f"model.adapter: {folder} has no adapter_config.json (a finished run directory?)")
     base = json.loads(config.read_text()).get("base_model_name_or_path", "")
     wanted = recipe.model.name_or_path
     same = base == wanted or (
