@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from qlora_pipe.compat.llama_cpp import PERMUTED_ARCHITECTURES, TRANSPOSED_WEIGHTS, permute_rows
+from qlora_pipe.finite import within, worst
 
 # Largest |dequantized - merged| / max|merged| per tensor: half a quantization step of the type at its
 # coarsest block, with margin (q8_0: 1/254 of the block's largest weight; k-quants: 6-bit scales too).
@@ -69,6 +70,7 @@ def check_gguf(merged: Path, gguf_file: Path, gguf_type: str) -> dict[str, Any]:
     if "output.weight" not in by_gguf_name and "token_embd.weight" in by_gguf_name:
         by_gguf_name["output.weight"] = by_gguf_name["token_embd.weight"]  # tied embeddings
     exact_diff, quant_error, unmatched, exact, quantized = 0.0, 0.0, [], 0, 0
+    non_finite = []  # tensors holding a NaN or an infinity: named, and the check fails
     for tensor in reader.tensors:
         if tensor.name not in by_gguf_name:
             unmatched.append(tensor.name)
@@ -79,14 +81,16 @@ def check_gguf(merged: Path, gguf_file: Path, gguf_type: str) -> dict[str, Any]:
         if got.shape != want.shape:
             unmatched.append(f"{tensor.name} (shape {tuple(got.shape)}, merged {tuple(want.shape)})")
             continue
+        if not bool(torch.isfinite(got).all()):
+            non_finite.append(tensor.name)
         kind = tensor.tensor_type.name
         if kind in EXACT_TYPES:
             exact += 1
-            exact_diff = max(exact_diff, (got - want.to(EXACT_TYPES[kind]).float()).abs().max().item())
+            exact_diff = worst(exact_diff, (got - want.to(EXACT_TYPES[kind]).float()).abs().max().item())
         else:
             quantized += 1
             scale = want.abs().max().item() or 1.0
-            quant_error = max(quant_error, (got - want).abs().max().item() / scale)
+            quant_error = worst(quant_error, (got - want).abs().max().item() / scale)
     eos = reader.fields.get("tokenizer.ggml.eos_token_id")
     template = reader.fields.get("tokenizer.chat_template")
     serving = (
@@ -103,6 +107,7 @@ def check_gguf(merged: Path, gguf_file: Path, gguf_type: str) -> dict[str, Any]:
         "exact_tensors": exact,
         "quantized_tensors": quantized,
         "unmatched_tensors": unmatched,
+        "non_finite_tensors": non_finite,
         "max_abs_diff_exact_tensors": exact_diff,
         "max_relative_quantization_error": quant_error,
         "eos_token_id": int(eos.contents()) if eos else None,
@@ -112,8 +117,9 @@ def check_gguf(merged: Path, gguf_file: Path, gguf_type: str) -> dict[str, Any]:
     tolerance = QUANT_TOLERANCE.get(gguf_type, 0.0)
     result["passed"] = (
         not unmatched
+        and not non_finite
         and exact_diff == 0.0
-        and quant_error <= tolerance
+        and within(quant_error, tolerance)
         and result["eos_token_id"] == end_of_turn
         and (serving is None or result["chat_template_is_serving_template"])
     )

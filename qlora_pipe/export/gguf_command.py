@@ -128,6 +128,8 @@ def export_gguf(run: RunDir, merged: Path, gguf_type: str) -> dict[str, Any]:
 def failure(result: dict[str, Any]) -> str:
     if result["unmatched_tensors"]:
         return f"tensors with no merged source: {', '.join(result['unmatched_tensors'][:5])}"
+    if result.get("non_finite_tensors"):
+        return f"tensors holding NaN or infinite values: {', '.join(result['non_finite_tensors'][:5])}"
     if result["max_abs_diff_exact_tensors"]:
         return f"16/32-bit tensors differ by up to {result['max_abs_diff_exact_tensors']:.3g}"
     if result["eos_token_id"] != result["end_of_turn_token_id"]:
