@@ -97,6 +97,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         print(f"\n{classification_table(result)}\n\nwrote {result['path']} ({result['seconds']:.0f}s)")
         return 0
+    if result.get("method") == "grpo":
+        from qlora_pipe.evaluate.reward_scores import rewards_table
+
+        print(f"\n{rewards_table(result['columns'])}\n\nwrote {result['path']} ({result['seconds']:.0f}s)")
+        return 0
     if result.get("method", "sft") != "sft":
         from qlora_pipe.evaluate.preference_eval import preference_table
 

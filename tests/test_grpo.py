@@ -30,6 +30,11 @@ def text_score(completions, **kwargs):
     return ["high" for _ in completions]
 
 
+def letters(completions, **kwargs):
+    """Varies with the sampled text even on a random model, so the advantages are not all zero."""
+    return [c[0]["content"].count("e") / 10 for c in completions]
+
+
 def no_kwargs(completions):
     return [0.0 for _ in completions]
 '''
@@ -164,3 +169,59 @@ def test_a_reward_that_fails_stops_the_run_in_one_line_naming_reward_and_row(tin
         assert f"reward {name} ({path}:{name}) {expected}" in line
         assert "on training prompt 1 ('..." in line and "Question: What is an offer?')" in line
         assert RunDir(tmp_path / "runs" / name).state() == "failed"
+
+
+def rewards_logged(run) -> list[tuple]:
+    rows = [json.loads(line) for line in run.metrics.read_text().splitlines()]
+    return [(r["step"], r["reward"], r["rewards/format/mean"], r["loss"]) for r in rows if "reward" in r]
+
+
+def test_grpo_resume_logs_the_same_rewards_and_ends_with_the_same_adapter(tiny_model_dir, tmp_path):
+    """A run that crashes after its step-2 checkpoint and resumes samples the same completions (the sampler
+    and the RNG state come back from the checkpoint): the same rewards and losses at every step and the same
+    adapter at the end as a run that was never stopped (fp32: bit for bit)."""
+    from safetensors.torch import load_file
+
+    from qlora_pipe.training.stage import run_training
+    from tests.test_resume import CrashAtStep, SimulatedCrash
+
+    def recipe(name: str):
+        rewards = [{"function": "regex", "pattern": FORMAT, "name": "format"}]
+        rewards.append({"function": f"{user_rewards(tmp_path)}:letters"})
+        raw = grpo_recipe(tiny_model_dir, tmp_path, name, rewards, max_steps=4, save_steps=2, logging_steps=1)
+        raw["quantization"] = {"compute_dtype": "float32"}
+        raw["training"]["precision"] = "fp32"
+        raw["lora"]["dropout"] = 0.1  # dropout draws from the RNG too
+        raw["data"]["eval_path"] = None
+        return validate_recipe(raw)
+
+    straight = run_training(recipe("straight"))
+    with pytest.raises(SimulatedCrash):
+        run_training(recipe("crashed"), callbacks=(CrashAtStep(3),))
+    resumed = run_training(recipe("crashed"), resume=True)
+    logged = rewards_logged(resumed.run_dir)
+    assert [row[0] for row in logged] == [1, 2, 3, 4]
+    assert logged == rewards_logged(straight.run_dir)
+    assert len({row[1] for row in logged}) > 1 and any(row[3] != 0 for row in logged)  # a comparison that can fail
+    a = load_file(straight.run_dir.root / "adapter_model.safetensors")
+    b = load_file(resumed.run_dir.root / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
+def test_grpo_eval_scores_base_start_and_tuned_adapters(make_recipe, tiny_model_dir, tmp_path, capsys):
+    """`qlora-pipe eval` of a GRPO run that continued an SFT adapter: the base, the starting adapter and the
+    tuned one on the held-out prompts; the tuned column is the run's own "after" (greedy is deterministic)."""
+    from qlora_pipe.cli import main
+    from qlora_pipe.training.stage import run_training
+
+    sft = run_training(make_recipe(max_steps=2))
+    raw = grpo_recipe(tiny_model_dir, tmp_path, max_steps=1)
+    raw["model"]["adapter"] = str(sft.run_dir.root)
+    grpo = run_training(validate_recipe(raw))
+    assert main(["eval", str(grpo.run_dir.root)]) == 0
+    report = json.loads(grpo.run_dir.eval_report.read_text())
+    assert list(report["columns"]) == ["base", "start", "grpo"]
+    assert report["columns"]["grpo"] == grpo.summary["held_out_rewards"]["after"]
+    assert report["columns"]["start"] == grpo.summary["held_out_rewards"]["before"]  # the run started there
+    out = capsys.readouterr().out
+    assert "reward area (mean)" in out and "fully correct" in out and "held-out prompts: 4 (greedy)" in out

@@ -218,6 +218,14 @@ def run_eval(
         from qlora_pipe.evaluate.classification_eval import run_classification_eval
 
         return run_classification_eval(run, recipe, data, limit, merged)
+    if recipe.method == "grpo":  # prompts: greedy answers' rewards of base, starting adapter and tuned adapter
+        if merged or lm_tasks:
+            raise UserError(
+                f"eval {run.root}: --merged and --lm-eval are for sft runs; a grpo run is scored by rewards"
+            )
+        from qlora_pipe.evaluate.grpo_eval import run_grpo_eval
+
+        return run_grpo_eval(run, recipe, data, limit, batch_size)
     if recipe.method != "sft":  # preference pairs: reward accuracy of base, starting adapter and tuned adapter
         if merged or lm_tasks:
             raise UserError(
