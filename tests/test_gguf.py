@@ -174,6 +174,38 @@ def test_an_architecture_the_converter_lacks_is_refused_with_the_reason(converte
     assert not (tmp_path / "odd.gguf").exists()
 
 
+FULL_DISK_CONVERT = """
+import sys
+from pathlib import Path
+from qlora_pipe.errors import UserError
+from qlora_pipe.export.gguf import convert
+try:
+    convert(Path(sys.argv[1]), Path(sys.argv[2]), "f16", Path(sys.argv[3]))
+except UserError as exc:
+    print(exc)
+"""
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux): every write fails with ENOSPC")
+def test_a_full_disk_during_conversion_is_named(converter, tiny_model_dir, tmp_path):
+    """The disk fills while the converter writes: the GGUF and the log both fail to write (each is /dev/full,
+    where every write ends in ENOSPC). The error names the cause and where, not an empty reason and an
+    empty log. In its own process with a time limit: reading a log that is /dev/full never ends."""
+    folder = tmp_path / "gguf"
+    folder.mkdir()
+    for name in ("model-f16.gguf", "convert-f16.log"):
+        (folder / name).symlink_to("/dev/full")
+    args = [str(tiny_model_dir), str(folder / "model-f16.gguf"), str(folder / "convert-f16.log")]
+    env = {**os.environ, "QLORA_PIPE_LLAMA_CPP": str(converter), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", FULL_DISK_CONVERT, *args], capture_output=True, text=True, timeout=300, env=env
+    )
+    line = done.stdout.strip()
+    assert line.startswith("export --format gguf: the conversion failed: no space left on the device holding "), line
+    assert str(folder) in line and line.endswith("(log not written: No space left on device)"), line
+    assert not (folder / "model-f16.gguf").is_symlink()  # the partial output, ours: removed
+
+
 @pytest.fixture
 def tokenizer_dir_for_gguf(tmp_path, tokenizer) -> Path:
     out = tmp_path / "tokenizer"

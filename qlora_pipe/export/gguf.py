@@ -9,8 +9,11 @@ The result is read back with the ``gguf`` library and compared tensor by tensor 
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -99,23 +102,65 @@ def convert(merged: Path, out_file: Path, gguf_type: str, log: Path) -> None:
     converter_type = gguf_type if gguf_type in CONVERTER_TYPES else "f16"
     target = out_file if gguf_type in CONVERTER_TYPES else out_file.with_suffix(".f16.tmp")
     command = [sys.executable, "-m", "qlora_pipe.compat.llama_cpp", str(converter_dir()), str(merged)]
-    with log.open("w") as handle:
-        done = subprocess.run([*command, str(target), converter_type], stdout=handle, stderr=subprocess.STDOUT)
+    # The output comes through a pipe and is written to the log afterwards: on a full disk the log cannot
+    # be written either, and the reason must still reach the error line.
+    done = subprocess.run(
+        [*command, str(target), converter_type], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    where = keep_log(log, done.stdout)
     if done.returncode != 0:
-        lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
-        reason = next((line for line in reversed(lines) if line.startswith("gguf:")), lines[-1] if lines else "")
         target.unlink(missing_ok=True)
-        if "tokenizer.model" in reason:
-            reason = (
-                "llama.cpp's converter reads this architecture's vocabulary from a SentencePiece tokenizer.model, "
-                "which the model does not have"
-            )
-        raise UserError(f"export --format gguf: the conversion failed: {reason.removeprefix('gguf: ')} (log: {log})")
+        reason = conversion_failure(done.stdout, done.returncode, target.parent)
+        raise UserError(f"export --format gguf: the conversion failed: {reason} ({where})")
     if target != out_file:
         try:
             quantize(target, out_file, gguf_type)
         finally:
             target.unlink(missing_ok=True)
+
+
+def keep_log(log: Path, output: str) -> str:
+    """Write the converter's output to its log, best effort; where to read it, or why it is not there."""
+    try:
+        log.write_text(output, errors="replace")
+    except OSError as exc:
+        log.unlink(missing_ok=True)  # ours, cut short
+        return f"log not written: {exc.strerror or exc}"
+    return f"log: {log}"
+
+
+def conversion_failure(output: str, returncode: int, folder: Path) -> str:
+    """The converter's reason in one line: a full disk named as such (its traceback ends in an OSError
+    deep in numpy or the gguf writer), else its last gguf: line or last line, else how it ended."""
+    lines = [line for line in output.splitlines() if line.strip()]
+    if any(NO_SPACE in line for line in lines) or (not lines and free_bytes(folder) < LOW_SPACE):
+        return disk_full(folder)
+    reason = next((line for line in reversed(lines) if line.startswith("gguf:")), lines[-1] if lines else "")
+    if "tokenizer.model" in reason:
+        return (
+            "llama.cpp's converter reads this architecture's vocabulary from a SentencePiece tokenizer.model, "
+            "which the model does not have"
+        )
+    if reason:
+        return reason.removeprefix("gguf: ")
+    if returncode < 0:
+        return f"the converter was killed by signal {signal.Signals(-returncode).name} (out of memory?)"
+    return f"the converter exited with code {returncode} and printed nothing"
+
+
+NO_SPACE = os.strerror(errno.ENOSPC)  # "No space left on device", as OSError prints it
+LOW_SPACE = 64 * 2**20  # with no output at all, this little free space is the likely cause
+
+
+def free_bytes(folder: Path) -> int:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return LOW_SPACE
+
+
+def disk_full(folder: Path) -> str:
+    return f"no space left on the device holding {folder} ({free_bytes(folder) / 2**20:.0f} MiB free); free some space"
 
 
 def quantize(source: Path, out_file: Path, gguf_type: str) -> None:
@@ -128,4 +173,5 @@ def quantize(source: Path, out_file: Path, gguf_type: str) -> None:
     code = llama_cpp.llama_model_quantize(str(source).encode(), str(out_file).encode(), ctypes.byref(params))
     if code != 0:
         out_file.unlink(missing_ok=True)
-        raise UserError(f"export --gguf-type {gguf_type}: llama.cpp's quantizer failed (code {code})")
+        space = f": {disk_full(out_file.parent)}" if free_bytes(out_file.parent) < LOW_SPACE else ""
+        raise UserError(f"export --gguf-type {gguf_type}: llama.cpp's quantizer failed (code {code}){space}")
