@@ -3,6 +3,7 @@ reloads with plain transformers, carries its tokenizer and configs, and passes v
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -74,8 +75,10 @@ def expected_weights(result, conv1d: bool) -> dict[str, torch.Tensor]:
         if hasattr(module, "get_delta_weight") and "default" in getattr(module, "lora_A", {}):
             base = module.base_layer
             weight = base.weight
-            if isinstance(base, bnb.nn.Linear4bit):
-                dense = bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float()
+            if isinstance(base, bnb.nn.Linear4bit):  # the exact NF4 values: dequantized in fp32
+                state = copy.copy(weight.quant_state)
+                state.dtype = torch.float32
+                dense = bnb.functional.dequantize_4bit(weight.data, state)
             else:
                 dense = weight.float()
             key = name.removeprefix("base_model.model.") + ".weight"

@@ -12,8 +12,11 @@ keep_plain_nf4_on_cpu
 quantized_like_loading, dequantized_fp32
     The export rebuilds dequant(quant(W)) for one tensor at a time with the same class and settings the
     training load used (``Params4bit`` moved to a device quantizes it), so the merge adds the LoRA delta
-    to exactly the weights the adapter was trained against.
-    Caught by: tests/test_export.py::test_merge_is_faithful_and_reloads_with_plain_transformers.
+    to exactly the weights the adapter was trained against. The dequant runs in fp32 by giving a copy of the
+    quant state ``dtype = float32`` (bitsandbytes writes its output in that dtype; verified: the bf16
+    dequant equals this fp32 one rounded to bf16, bit for bit).
+    Caught by: tests/test_export.py::test_merge_is_faithful_and_reloads_with_plain_transformers and
+    tests/test_merge_delta.py (a delta below one bf16 step is kept).
 """
 
 from __future__ import annotations
@@ -43,7 +46,14 @@ def quantized_like_loading(value: torch.Tensor, quant_type: str, double_quant: b
 
 
 def dequantized_fp32(param) -> torch.Tensor:
-    """dequant() of a quantized Params4bit, in its compute dtype as training saw it, then fp32."""
+    """dequant() of a quantized Params4bit computed in fp32: the exact NF4 values (code x absmax). Training's
+    dequant in the compute dtype is this value rounded once (bitsandbytes dequantizes into the quant state's
+    dtype); adding the LoRA delta to that already-rounded weight and rounding again would drop every delta
+    under half a 16-bit step, so the export adds it here and rounds once."""
+    import copy
+
     import bitsandbytes as bnb
 
-    return bnb.functional.dequantize_4bit(param.data, param.quant_state).float()
+    state = copy.copy(param.quant_state)  # a shallow copy: the packed data and constants are shared, not copied
+    state.dtype = torch.float32
+    return bnb.functional.dequantize_4bit(param.data, state)

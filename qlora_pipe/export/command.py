@@ -78,6 +78,17 @@ def write_configs(
     (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
 
 
+def require_delta_kept(fidelity: dict[str, Any], kept: dict[str, Any] | None, merge_base: str) -> None:
+    """A merge into the weights the adapter was trained against must carry (nearly) all of its delta."""
+    from qlora_pipe.export.delta_kept import MIN_MEAN_KEPT
+
+    fidelity["delta_kept"] = kept
+    if kept is None or merge_base != "dequantized":
+        return
+    fidelity["criteria"]["min_mean_delta_kept"] = MIN_MEAN_KEPT
+    fidelity["passed"] = fidelity["passed"] and kept["mean"] >= MIN_MEAN_KEPT
+
+
 def _original_fidelity(recipe, run: RunDir, base: Path, partial: Path, dtype_name: str, max_bytes: int) -> dict:
     """The same verification for a merge into the original 16-bit weights (written aside, then removed)."""
     from qlora_pipe.export.fidelity import verify_merged
@@ -195,6 +206,7 @@ def export_merged(
 
         fidelity = verify_merged(recipe, run, partial, DTYPES[dtype_name])
         fidelity["merge_base"] = merge_base
+        require_delta_kept(fidelity, merged["delta_kept"], merge_base)
         fidelity["memory"] = verify_memory
         if compare_original and merge_base == "dequantized":
             fidelity["original_merge_base"] = _original_fidelity(recipe, run, base, partial, dtype_name, max_bytes)

@@ -27,8 +27,14 @@ log = logging.getLogger(__name__)
 # near-tied tokens flip under any rounding (97.9% on the quickstart, 99.3% even for an fp32 export,
 # whose only difference is the bf16 arithmetic of the reference). A wrong merge (into the wrong
 # base, a dropped delta) moves loss and logits far outside these bounds.
+# Fixed bounds tuned on 2-layer models do not carry to real depth: on a 30-layer model the trained model in
+# bf16 compute differs from itself in fp32 compute by 0.23% in loss and 2.1% in mean logit. So the bounds are
+# calibrated per run: the reference's own precision noise (its compute dtype against fp32 compute, same rows)
+# times NOISE_MULTIPLE, never below the fixed floors below and never above CEILING_MULTIPLE times them.
 MAX_RELATIVE_LOSS_CHANGE = 0.01
 MAX_RELATIVE_LOGIT_DIFF = 0.02
+NOISE_MULTIPLE = 2.0
+CEILING_MULTIPLE = 3.0
 
 
 def _logits(model, row: dict[str, list[int]]) -> torch.Tensor:
@@ -67,15 +73,47 @@ def compare(reference, candidate, rows: list[dict[str, list[int]]]) -> dict[str,
         "eval_loss_trained": ref_loss,
         "eval_loss_merged": new_loss,
     }
-    relative = abs(new_loss - ref_loss) / max(abs(ref_loss), 1e-9)
-    result["relative_loss_change"] = relative
+    result["relative_loss_change"] = abs(new_loss - ref_loss) / max(abs(ref_loss), 1e-9)
     result["relative_logit_diff"] = result["mean_abs_logit_diff"] / max(result["mean_abs_logit"], 1e-9)
-    result["passed"] = relative <= MAX_RELATIVE_LOSS_CHANGE and result["relative_logit_diff"] <= MAX_RELATIVE_LOGIT_DIFF
-    result["criteria"] = {
-        "max_relative_loss_change": MAX_RELATIVE_LOSS_CHANGE,
-        "max_relative_logit_diff": MAX_RELATIVE_LOGIT_DIFF,
-    }
+    return judge(result, None)
+
+
+def judge(result: dict[str, Any], noise: dict[str, Any] | None) -> dict[str, Any]:
+    """Set the criteria (calibrated on the reference's own noise when measured) and whether they are met."""
+    loss_bound, logit_bound = MAX_RELATIVE_LOSS_CHANGE, MAX_RELATIVE_LOGIT_DIFF
+    if noise is not None:
+        loss_bound = min(max(loss_bound, NOISE_MULTIPLE * noise["relative_loss_change"]), CEILING_MULTIPLE * loss_bound)
+        logit_bound = min(
+            max(logit_bound, NOISE_MULTIPLE * noise["relative_logit_diff"]), CEILING_MULTIPLE * logit_bound
+        )
+        result["reference_noise"] = noise
+    result["criteria"] = {"max_relative_loss_change": loss_bound, "max_relative_logit_diff": logit_bound}
+    result["passed"] = result["relative_loss_change"] <= loss_bound and result["relative_logit_diff"] <= logit_bound
     return result
+
+
+def reference_noise(recipe: Recipe, run: RunDir, trained, rows: list[dict[str, list[int]]]) -> dict[str, Any]:
+    """The trained model in its compute dtype against itself in fp32 compute (4-bit base dequantized in fp32,
+    adapter in fp32), on the same rows: how far the reference is from itself. Zero when it computes in fp32."""
+    from qlora_pipe.hardware import with_resolved_precision
+    from qlora_pipe.model import load_trained_model
+
+    resolved = with_resolved_precision(recipe)
+    compute = resolved.quantization.compute_dtype if resolved.quantization.enabled else resolved.training.precision
+    if compute in ("float32", "fp32"):
+        return {"compute_dtype": "float32", "measured": False, "relative_loss_change": 0.0, "relative_logit_diff": 0.0}
+    exact = resolved.model_copy(deep=True)
+    exact.training.precision, exact.quantization.compute_dtype = "fp32", "float32"
+    if exact.quantization.quant_storage != "uint8":
+        exact.quantization.quant_storage = "float32"
+    reference32 = load_trained_model(exact, run.root)
+    for param in reference32.parameters():
+        if param.dtype in (torch.bfloat16, torch.float16) and param.is_floating_point():
+            param.data = param.data.float()  # the adapter and any 16-bit leftovers: fp32 throughout
+    numbers = compare(trained, reference32, rows)
+    del reference32
+    keys = ("relative_loss_change", "relative_logit_diff", "mean_abs_logit_diff", "top1_agreement")
+    return {"compute_dtype": compute, "measured": True, **{k: numbers[k] for k in keys}}
 
 
 def fidelity_rows(recipe: Recipe, tokenizer, limit: int) -> tuple[list[dict[str, list[int]]], str]:
@@ -107,8 +145,10 @@ def verify_merged(recipe: Recipe, run: RunDir, merged_dir: Path, dtype: torch.dt
     dtype = getattr(torch, dtype_for_inference(str(dtype).removeprefix("torch.")))
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=dtype, device_map={"": training_device()}).eval()
     result = compare(trained, merged, rows)
+    del merged
+    result = judge(result, reference_noise(recipe, run, trained, rows))
     result["split"] = split
-    del trained, merged
+    del trained
     return result
 
 
@@ -153,15 +193,7 @@ def verify_classifier(recipe, run, merged_dir, dtype: torch.dtype, limit: int = 
     }
     result["relative_loss_change"] = abs(loss_merged - loss_trained) / max(abs(loss_trained), 1e-9)
     result["relative_logit_diff"] = result["mean_abs_logit_diff"] / max(result["mean_abs_logit"], 1e-9)
-    result["passed"] = (
-        result["relative_loss_change"] <= MAX_RELATIVE_LOSS_CHANGE
-        and result["relative_logit_diff"] <= MAX_RELATIVE_LOGIT_DIFF
-    )
-    result["criteria"] = {
-        "max_relative_loss_change": MAX_RELATIVE_LOSS_CHANGE,
-        "max_relative_logit_diff": MAX_RELATIVE_LOGIT_DIFF,
-    }
-    return result
+    return judge(result, None)
 
 
 def fidelity_table(result: dict[str, Any]) -> str:
@@ -173,7 +205,22 @@ def fidelity_table(result: dict[str, Any]) -> str:
         f"  logit diff max {result['max_abs_logit_diff']:.4f}  mean {result['mean_abs_logit_diff']:.5f} "
         f"({100 * result['relative_logit_diff']:.2f}% of the mean logit)   "
         f"top-1 agreement {100 * result['top1_agreement']:.2f}%",
-        f"  {'PASSED' if result['passed'] else 'FAILED'} (needs loss change <= {100 * MAX_RELATIVE_LOSS_CHANGE:.0f}% "
-        f"and mean logit diff <= {100 * MAX_RELATIVE_LOGIT_DIFF:.0f}% of the mean logit)",
     ]
+    noise = result.get("reference_noise")
+    if noise and noise.get("measured"):
+        lines.append(
+            f"  reference noise ({noise['compute_dtype']} vs fp32 compute): "
+            f"loss {100 * noise['relative_loss_change']:.3f}%  mean logit {100 * noise['relative_logit_diff']:.2f}%"
+        )
+    if result.get("delta_kept"):
+        from qlora_pipe.export.delta_kept import kept_line
+
+        lines.append(kept_line(result["delta_kept"]))
+    criteria = result["criteria"]
+    lines.append(
+        f"  {'PASSED' if result['passed'] else 'FAILED'} (needs loss change <= "
+        f"{100 * criteria['max_relative_loss_change']:.2f}% and mean logit diff <= "
+        f"{100 * criteria['max_relative_logit_diff']:.2f}% of the mean logit"
+        f"{', and delta kept >= ' + str(criteria['min_mean_delta_kept']) if 'min_mean_delta_kept' in criteria else ''})"
+    )
     return "\n".join(lines)

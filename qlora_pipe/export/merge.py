@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 from qlora_pipe.compat.bitsandbytes import dequantized_fp32, quantized_like_loading
 from qlora_pipe.compat.transformers import modules_kept_unquantized
 from qlora_pipe.errors import UserError
+from qlora_pipe.export.delta_kept import DeltaKept
 from qlora_pipe.export.tensor_files import StreamingShardWriter, TensorEntry, TensorReader
 from qlora_pipe.hardware import with_resolved_precision
 from qlora_pipe.model import DTYPES
@@ -241,6 +242,7 @@ def merge_stream(
 
         skip = unused_base_tensors(base, shards, recipe)
     counts = {"merged": 0, "dequantized": 0, "replaced": 0, "copied": 0}
+    kept = DeltaKept()
     readers, writer = [TensorReader(shard) for shard in shards], None
     try:
         entries, untied = output_entries(readers, replaced, dtype, skip)
@@ -248,6 +250,7 @@ def merge_stream(
         with tqdm(total=len(entries), desc="merging", unit="tensor") as bar:
             for reader in readers:
                 for name in (n for n in reader.names() if n not in skip):
+                    before = None
                     if name in replaced:
                         out, kind = replaced.pop(name).float(), "replaced"
                     elif name in quantized or name in deltas:
@@ -258,6 +261,7 @@ def merge_stream(
                         )
                         counts["dequantized"] += name in quantized
                         lora = deltas.pop(name, None)
+                        before = tensor.float().clone() if lora is not None else None  # for the share kept
                         out = merge_tensor(tensor, lora, name in transposed) if lora is not None else tensor
                         del tensor
                         kind = "merged" if lora else "copied"
@@ -267,8 +271,12 @@ def merge_stream(
                         bar.update()
                         continue
                     check_finite(name, out)
-                    writer.write(name, out.to(dtype) if out.is_floating_point() else out)
-                    del out
+                    served = out.to(dtype) if out.is_floating_point() else out
+                    if kind == "merged":
+                        kept.add(name, before, out, served)
+                    before = None
+                    writer.write(name, served)
+                    del out, served
                     release_freed_memory()
                     counts[kind] += 1
                     bar.update()
@@ -286,4 +294,5 @@ def merge_stream(
             reader.close()
         if writer is not None:
             writer.close()
-    return {**counts, "untied": untied, "bytes": writer.total_bytes, "base_shards": len(shards)}
+    summary = {"untied": untied, "bytes": writer.total_bytes, "base_shards": len(shards), "delta_kept": kept.summary()}
+    return {**counts, **summary}
