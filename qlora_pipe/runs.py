@@ -130,32 +130,18 @@ class RunDir:
 
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:
-        """Hold this run directory for one process: a second one is refused at once. The lock is the
-        kernel's (flock on a file beside the directory), so a crashed process never leaves it stuck."""
-        import fcntl
+        """Hold this run directory for one training process: a second one is refused at once."""
+        busy = f"{self.root} is in use by another training ({{owner}}); wait for it to end or choose another run_name"
+        with held(self.lock, busy + " (--set run_name=NAME)"):
+            yield
 
-        lock_path = self.lock
-        lock_path.parent.mkdir(parents=True, exist_ok=True)
-        with lock_path.open("a+") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                handle.seek(0)
-                owner = handle.read().strip() or "another process"
-                raise UserError(
-                    f"{self.root} is in use by another training ({owner}); wait for it to end or choose another "
-                    "run_name (--set run_name=NAME)"
-                ) from None
-            handle.seek(0)
-            handle.truncate()
-            handle.write(f"pid {os.getpid()}\n")
-            handle.flush()
-            _HELD.add(lock_path)
-            try:
-                yield
-            finally:
-                _HELD.discard(lock_path)
-                fcntl.flock(handle, fcntl.LOCK_UN)
+    @contextlib.contextmanager
+    def exporting(self) -> Iterator[None]:
+        """One export of this run at a time: two would write the same merged folder and GGUF files, each
+        deleting the other's partial output. A second export is refused at once, naming the first."""
+        busy = f"{self.root} is being exported by another process ({{owner}}); wait for it to end"
+        with held(self.root.parent / f".{self.root.name}.export.lock", busy):
+            yield
 
     def is_run_directory(self) -> bool:
         """Made by qlora-pipe: its marker, or (runs from before the marker) its resolved recipe or status."""
@@ -200,6 +186,31 @@ class RunDir:
                 return False
         except UserError:
             return True
+
+
+@contextlib.contextmanager
+def held(lock_path: Path, busy: str) -> Iterator[None]:
+    """Hold ``lock_path`` for this process, or refuse with ``busy`` (its ``{owner}``: the holder's pid).
+    The lock is the kernel's (flock), so a crashed or killed process never leaves it stuck."""
+    import fcntl
+
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with lock_path.open("a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            raise UserError(busy.replace("{owner}", handle.read().strip() or "another process")) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}\n")
+        handle.flush()
+        _HELD.add(lock_path)
+        try:
+            yield
+        finally:
+            _HELD.discard(lock_path)
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def write_text_atomic(path: Path, text: str) -> None:

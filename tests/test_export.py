@@ -226,3 +226,46 @@ def test_export_never_deletes_what_it_did_not_write(tokenizer_dir, tmp_path):
     second = export_merged(run.root, tmp_path / "again", verify=False)  # our own export: replaced
     assert first.out == second.out and (second.out / "export_info.json").is_file()
     assert not (second.out / ".qlora-pipe-export").exists()
+
+
+def test_export_takes_back_its_own_leftovers_and_runs_one_at_a_time(tokenizer_dir, tmp_path):
+    """kill -9 between the marker's removal and the final rename leaves a verified `.partial` without its
+    marker (and the old export gone, or still there): the next export recognises it as its own and
+    replaces it. Two exports of one run at once: the second is refused in one line naming the first's pid,
+    and the first finishes with a merged model that loads."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from tests.test_bad_inputs import ENV
+
+    _, result = trained_run("llama", tokenizer_dir, tmp_path)
+    run = result.run_dir
+    out, partial = tmp_path / "out", tmp_path / "out.partial"
+    export_merged(run.root, out, verify=False)
+    shutil.copytree(out, partial)  # killed before the old export was removed: both are there
+    assert not (partial / ".qlora-pipe-export").exists() and (partial / "export_info.json").is_file()
+    export_merged(run.root, out, verify=False)
+    assert not partial.exists() and (out / "export_info.json").is_file()
+    out.rename(partial)  # killed after the old export was removed, before the rename
+    export_merged(run.root, out, verify=False)
+    assert not partial.exists() and (out / "model.safetensors").is_file()
+
+    env = {**ENV, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    first = subprocess.Popen(
+        [sys.executable, "-m", "qlora_pipe.cli", "export", str(run.root)], env=env, stderr=subprocess.PIPE, text=True
+    )
+    lock = run.root.parent / f".{run.root.name}.export.lock"
+    deadline = time.time() + 120
+    while not (lock.is_file() and lock.read_text().strip() == f"pid {first.pid}") and first.poll() is None:
+        assert time.time() < deadline
+        time.sleep(0.05)
+    assert first.poll() is None, first.stderr.read()[-2000:]
+    # In this process, at once (a second CLI process would spend seconds importing first).
+    with pytest.raises(UserError, match=rf"is being exported by another process \(pid {first.pid}\); wait"):
+        export_merged(run.root)
+    assert first.wait(timeout=300) == 0, first.stderr.read()[-2000:]
+    merged = AutoModelForCausalLM.from_pretrained(run.root / "merged")
+    assert merged.config.num_hidden_layers == 2 and not (run.root / "merged.partial").exists()
+    assert os.path.getsize(run.root / "merged" / "model.safetensors") > 0

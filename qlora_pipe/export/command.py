@@ -133,7 +133,9 @@ def check_export_target(out: Path, partial: Path) -> None:
             f"export --out {out}: the folder holds files that are not a merged model qlora-pipe wrote "
             f"(no {EXPORT_INFO}); choose a new or empty folder"
         )
-    if partial.exists() and not (partial / PARTIAL_MARKER).is_file():
+    # Ours: the marker of an export in progress, or export_info.json, written before the marker goes
+    # (a verified export killed between removing the marker and taking the final name).
+    if partial.exists() and not any((partial / name).is_file() for name in (PARTIAL_MARKER, EXPORT_INFO)):
         raise UserError(f"export: {partial} is in the way and was not written by qlora-pipe; move it or choose --out")
 
 
@@ -149,11 +151,25 @@ def export_merged(
 ) -> ExportResult:
     """Merge a finished run's adapter into its base and write (and by default verify) the result; then the
     GGUF files asked for (``gguf_types``: explicit, errors are errors; else the recipe's export.gguf, skipped
-    with a notice when the gguf extra or the converter is missing)."""
+    with a notice when the gguf extra or the converter is missing). One export of a run at a time."""
+    run = resolve_run(run_dir)
+    with run.exporting():
+        return _export_run(run, out, merge_base, dtype, max_shard_size, verify, compare_original, gguf_types)
+
+
+def _export_run(
+    run: RunDir,
+    out: str | Path | None,
+    merge_base: str | None,
+    dtype: str | None,
+    max_shard_size: str | None,
+    verify: bool | None,
+    compare_original: bool,
+    gguf_types: list[str] | None,
+) -> ExportResult:
     from qlora_pipe.model import load_run_tokenizer
 
     started = time.time()
-    run = resolve_run(run_dir)
     recipe = load_recipe(run.resolved_recipe)
     settings = recipe.export
     merge_base = merge_base or settings.merge_base
