@@ -225,3 +225,63 @@ def test_grpo_eval_scores_base_start_and_tuned_adapters(make_recipe, tiny_model_
     assert report["columns"]["start"] == grpo.summary["held_out_rewards"]["before"]  # the run started there
     out = capsys.readouterr().out
     assert "reward area (mean)" in out and "fully correct" in out and "held-out prompts: 4 (greedy)" in out
+
+
+def test_grpo_step_peak_and_kv_cache_match_the_plan(tiny_model_dir, tmp_path):
+    """The planner's GRPO terms against the real thing on CPU (fp32): one training step through TRL's GRPO
+    loss on a batch TRL generated (policy forward and backward over prompt + completion, the reference
+    adapter's forward), measured with the profiler's memory timeline as for SFT and DPO, within the same
+    15%; and the KV cache of a generation batch, counted tensor by tensor, against the formula."""
+    from dataclasses import replace
+
+    from qlora_pipe.model import load_tokenizer
+    from qlora_pipe.plan.advice import plan_for_recipe
+    from qlora_pipe.plan.grpo_terms import GENERATION_TERM, kv_cache_bytes
+    from qlora_pipe.runs import RunDir
+    from qlora_pipe.training.method import load_policy, prepare_method_data
+    from qlora_pipe.training.micro_batch import BatchChoice
+    from qlora_pipe.training.stage import build_trainer
+    from tests.test_plan import _step_peak
+
+    raw = grpo_recipe(tiny_model_dir, tmp_path, "measure", max_steps=1)
+    raw["quantization"] = {"compute_dtype": "float32"}
+    raw["training"]["precision"] = "fp32"
+    raw["data"]["eval_path"] = None
+    recipe = validate_recipe(raw)
+    tokenizer = load_tokenizer(recipe)
+    data = prepare_method_data(recipe, tokenizer)
+    model = load_policy(recipe, tokenizer).model
+    run = RunDir(recipe.run_dir())
+    run.root.mkdir(parents=True)
+    trainer = build_trainer(recipe, run, model, tokenizer, data, (), BatchChoice(4, 1))
+    model = trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1  # set by Trainer's loop, read when TRL generates
+    inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))  # TRL generates and scores
+    length = inputs["prompt_ids"].shape[1] + inputs["completion_ids"].shape[1]
+
+    def step():
+        trainer.compute_loss(model, inputs).backward()
+
+    step()  # gradients allocated once
+    model.zero_grad(set_to_none=True)
+    measured = _step_peak(step)
+    plan = plan_for_recipe(recipe, micro_batch_size=4, max_length=length)
+    predicted = plan.term("activations kept") + plan.term("transient peak") + plan.term("LoRA gradients")
+    assert abs(predicted - measured) <= 0.15 * measured, (predicted, measured)
+    assert plan.term("reference adapter (GRPO)") == plan.term("LoRA weights")  # beta > 0: TRL's frozen copy
+    assert GENERATION_TERM in dict(plan.terms)
+
+    prompt = inputs["prompt_ids"][:2]
+    out = model.generate(
+        input_ids=prompt,
+        attention_mask=inputs["prompt_mask"][:2],
+        max_new_tokens=6,
+        min_new_tokens=6,
+        do_sample=False,
+        return_dict_in_generate=True,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    cache = out.past_key_values
+    counted = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    settings = replace(plan.settings, micro_batch_size=2, generation_steps=1, max_length=prompt.shape[1] + 5)
+    assert counted == kv_cache_bytes(plan.shape, settings)  # the last token generated is never cached

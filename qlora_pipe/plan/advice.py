@@ -48,6 +48,8 @@ SWITCHES: list[tuple[str, Callable[[PlanSettings], PlanSettings]]] = [
     ("quantization.enabled=true", lambda s: replace(s, quantized=True)),
     ("lora.dropout=0", lambda s: replace(s, lora_dropout=0.0)),
     ("training.micro_batch_size=1", lambda s: replace(s, micro_batch_size=1)),
+    # GRPO: the generation batch is micro batch x accumulation completions, sampled at once (plan/grpo_terms.py)
+    ("training.gradient_accumulation_steps=1", lambda s: replace(s, generation_steps=min(s.generation_steps, 1))),
 ]
 
 

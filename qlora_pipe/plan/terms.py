@@ -20,10 +20,11 @@ sources are written beside each one. What is measured and how:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from qlora_pipe.hardware import planning_hardware, with_resolved_precision
 from qlora_pipe.lora_targets import is_target
+from qlora_pipe.plan.grpo_terms import generation_terms, grpo_settings
 from qlora_pipe.plan.shapes import Linear, ModelShape
 from qlora_pipe.recipe import Recipe
 
@@ -71,13 +72,15 @@ class PlanSettings:
     # rows, and TRL keeps a frozen copy of the starting adapter as the reference (no second base model).
     sequences_per_row: int = 1
     reference_adapter: bool = False
+    # GRPO (method: grpo): micro batches per generation batch (0: no generation phase); plan/grpo_terms.py
+    generation_steps: int = 0
 
     @classmethod
     def from_recipe(cls, recipe: Recipe, micro_batch_size: int, max_length: int) -> PlanSettings:
         # A recipe with precision auto is planned for the GPU it will run on (see planning_hardware).
         recipe = with_resolved_precision(recipe, planning_hardware())
         q, lora, t = recipe.quantization, recipe.lora, recipe.training
-        return cls(
+        settings = cls(
             micro_batch_size=micro_batch_size,
             max_length=max_length,
             quantized=q.enabled,
@@ -92,9 +95,10 @@ class PlanSettings:
             precision=t.precision,
             gradient_checkpointing=t.gradient_checkpointing,
             activation_offloading=t.activation_offloading,
-            sequences_per_row=1 if recipe.method == "sft" else 2,
+            sequences_per_row=2 if recipe.method in ("dpo", "orpo", "kto") else 1,
             reference_adapter=recipe.method in ("dpo", "kto"),
         )
+        return replace(settings, **grpo_settings(recipe))
 
 
 @dataclass
@@ -192,7 +196,8 @@ def trainable_terms(shape: ModelShape, s: PlanSettings) -> tuple[int, list[tuple
         (state_name, int(states), s.optimizer),
     ]
     if s.reference_adapter:
-        rows.append(("reference adapter (DPO)", lora_params * lora_bytes, "TRL's frozen copy of the starting adapter"))
+        label = "reference adapter (GRPO)" if s.generation_steps else "reference adapter (DPO)"
+        rows.append((label, lora_params * lora_bytes, "TRL's frozen copy of the starting adapter"))
     return lora_params + full, rows
 
 
@@ -263,6 +268,7 @@ def plan_memory(shape: ModelShape, s: PlanSettings, budget: int | None = None) -
     rows = weight_terms(shape, s)
     trainable, rows_t = trainable_terms(shape, s)
     rows += rows_t + activation_terms(shape, s)
+    rows += generation_terms(shape, s, rows)
     overhead = CUDA_CONTEXT + int(FRAGMENTATION * sum(b for _, b, _ in rows))
     rows.append((RUNTIME_TERM, overhead, "CUDA context (~0.5 GiB) + 5% allocator slack (assumed)"))
     terms = [(name, b) for name, b, _ in rows]
