@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from qlora_pipe.finite import within, worst
 from qlora_pipe.hardware import dtype_for_inference
 from qlora_pipe.recipe import Recipe
 from qlora_pipe.runs import RunDir
@@ -56,7 +57,7 @@ def compare(reference, candidate, rows: list[dict[str, list[int]]]) -> dict[str,
         for key, logits in (("trained", a), ("merged", b)):
             losses[key] += torch.nn.functional.cross_entropy(logits[:-1][mask], targets[mask], reduction="sum").item()
         diff = (a - b).abs_()
-        max_diff, diff_sum = max(max_diff, diff.max().item()), diff_sum + diff.sum().item()
+        max_diff, diff_sum = worst(max_diff, diff.max().item()), diff_sum + diff.sum().item()
         del diff
         abs_sum, count = abs_sum + a.abs().sum().item(), count + a.numel()
         agree += int((a[:-1].argmax(-1) == b[:-1].argmax(-1))[mask].sum())
@@ -88,7 +89,9 @@ def judge(result: dict[str, Any], noise: dict[str, Any] | None) -> dict[str, Any
         )
         result["reference_noise"] = noise
     result["criteria"] = {"max_relative_loss_change": loss_bound, "max_relative_logit_diff": logit_bound}
-    result["passed"] = result["relative_loss_change"] <= loss_bound and result["relative_logit_diff"] <= logit_bound
+    result["passed"] = within(result["relative_loss_change"], loss_bound) and within(
+        result["relative_logit_diff"], logit_bound
+    )
     return result
 
 
