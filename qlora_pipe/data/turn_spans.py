@@ -84,13 +84,23 @@ def probe_turns(tokenizer, template: str) -> TurnFormat:
 
 
 def _assistant_header(tokenizer, template: str) -> str:
-    """What add_generation_prompt appends: the assistant header, when the template writes one."""
+    """The text a template writes before every assistant answer: what add_generation_prompt appends, cut to
+    the part that an answered turn also has (a generation prompt may open a thinking block that an answered
+    turn closes or leaves out)."""
     prompt = [{"role": "user", "content": QUESTIONS[0]}]
+    answered = [*prompt, {"role": "assistant", "content": SENTINELS[0]}]
     try:
         plain, opened = _render(tokenizer, template, prompt), _render(tokenizer, template, prompt, True)
+        turn = _render(tokenizer, template, answered)
     except Exception:  # a template without a generation prompt of its own
         return ""
-    return opened[len(plain) :] if opened.startswith(plain) else ""
+    if not (opened.startswith(plain) and turn.startswith(plain)):
+        return ""
+    header, following = opened[len(plain) :], turn[len(plain) : turn.index(SENTINELS[0])]
+    common = 0
+    while common < min(len(header), len(following)) and header[common] == following[common]:
+        common += 1
+    return header[:common]
 
 
 def _refusal(reason: str) -> UserError:
@@ -110,18 +120,16 @@ def assistant_spans(text: str, messages: list[dict[str, Any]], turns: TurnFormat
             at = text.find(content, cursor) if content else -1
             cursor = at + len(content) if at >= 0 else cursor  # a template may leave a message out
             continue
-        begin = text.find(turns.header, cursor) if turns.header else -1
-        begin = begin + len(turns.header) if begin >= 0 else -1
         if content:
-            at = text.find(content, max(begin, cursor))
+            at = text.find(content, cursor)
             if at < 0:
                 return None
-            if begin < 0 or text.find(turns.end_of_turn, begin, at) >= 0:  # the header belongs to another turn
-                begin = at
+            begin = _header_end(text, cursor, at, turns) if turns.header else at
             cursor = at + len(content)
-        elif begin < 0:
-            return None
-        else:
+        else:  # a turn of tool calls only: its header says where it starts
+            begin = _header_end(text, cursor, len(text), turns) if turns.header else -1
+            if begin < 0:
+                return None
             cursor = begin
         close = text.find(turns.end_of_turn, cursor)
         if close < 0:
@@ -129,6 +137,15 @@ def assistant_spans(text: str, messages: list[dict[str, Any]], turns: TurnFormat
         spans.append((begin, close + len(turns.end_of_turn)))
         cursor = close + len(turns.end_of_turn)
     return spans
+
+
+def _header_end(text: str, start: int, content_at: int, turns: TurnFormat) -> int:
+    """The end of this turn's header, searched between ``start`` and the content; the content's own start (or
+    -1 without content) when no header of this turn is there."""
+    header = text.rfind(turns.header, start, content_at) if content_at < len(text) else text.find(turns.header, start)
+    if header < 0 or text.find(turns.end_of_turn, header, content_at if content_at < len(text) else header) >= 0:
+        return content_at if content_at < len(text) else -1
+    return header + len(turns.header)
 
 
 def span_mask(spans: list[tuple[int, int]], offsets: list[tuple[int, int]]) -> list[int]:
