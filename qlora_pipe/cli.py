@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import warnings
 
@@ -143,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
         set_up_cpu(args.command)
         return COMMANDS[args.command](args)
     except Interrupted as exc:
+        if exc.signal_name == "SIGTERM":
+            # The stop is recorded; a repeated SIGTERM during the exit (process managers send several) must
+            # not turn exit 143 into a death by signal. SIG_IGN, unlike a Python handler, outlives shutdown.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         print(str(exc), file=sys.stderr)
         return 143 if exc.signal_name == "SIGTERM" else 130
     except (UserError, RunStopped) as exc:
