@@ -177,7 +177,7 @@ def rewards_logged(run) -> list[tuple]:
 
 
 def test_grpo_resume_logs_the_same_rewards_and_ends_with_the_same_adapter(tiny_model_dir, tmp_path):
-    """A run that crashes after its step-2 checkpoint and resumes samples the same completions (the sampler
+    """A run that crashes at step 3, after its step-2 checkpoint, and resumes samples the same completions (the sampler
     and the RNG state come back from the checkpoint): the same rewards and losses at every step and the same
     adapter at the end as a run that was never stopped (fp32: bit for bit)."""
     from safetensors.torch import load_file
@@ -188,7 +188,7 @@ def test_grpo_resume_logs_the_same_rewards_and_ends_with_the_same_adapter(tiny_m
     def recipe(name: str):
         rewards = [{"function": "regex", "pattern": FORMAT, "name": "format"}]
         rewards.append({"function": f"{user_rewards(tmp_path)}:letters"})
-        raw = grpo_recipe(tiny_model_dir, tmp_path, name, rewards, max_steps=4, save_steps=2, logging_steps=1)
+        raw = grpo_recipe(tiny_model_dir, tmp_path, name, rewards, max_steps=3, save_steps=2, logging_steps=1)
         raw["quantization"] = {"compute_dtype": "float32"}
         raw["training"]["precision"] = "fp32"
         raw["lora"]["dropout"] = 0.1  # dropout draws from the RNG too
@@ -200,7 +200,7 @@ def test_grpo_resume_logs_the_same_rewards_and_ends_with_the_same_adapter(tiny_m
         run_training(recipe("crashed"), callbacks=(CrashAtStep(3),))
     resumed = run_training(recipe("crashed"), resume=True)
     logged = rewards_logged(resumed.run_dir)
-    assert [row[0] for row in logged] == [1, 2, 3, 4]
+    assert [row[0] for row in logged] == [1, 2, 3]
     assert logged == rewards_logged(straight.run_dir)
     assert len({row[1] for row in logged}) > 1 and any(row[3] != 0 for row in logged)  # a comparison that can fail
     a = load_file(straight.run_dir.root / "adapter_model.safetensors")
@@ -225,6 +225,13 @@ def test_grpo_eval_scores_base_start_and_tuned_adapters(make_recipe, tiny_model_
     assert report["columns"]["start"] == grpo.summary["held_out_rewards"]["before"]  # the run started there
     out = capsys.readouterr().out
     assert "reward area (mean)" in out and "fully correct" in out and "held-out prompts: 4 (greedy)" in out
+    # The model card names the method, the rewards and settings, and shows the eval table.
+    from qlora_pipe.publish.model_card import adapter_card
+    from qlora_pipe.recipe import load_recipe
+
+    card = adapter_card(grpo.run_dir, load_recipe(grpo.run_dir.resolved_recipe), "me/grpo")
+    assert "Method: GRPO on prompts (grpo_train.jsonl): rewards format (regex, weight 0.5)" in card
+    assert "held-out share fully correct after training" in card and "| reward area (mean) |" in card
 
 
 def test_grpo_step_peak_and_kv_cache_match_the_plan(tiny_model_dir, tmp_path):
@@ -285,3 +292,14 @@ def test_grpo_step_peak_and_kv_cache_match_the_plan(tiny_model_dir, tmp_path):
     counted = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
     settings = replace(plan.settings, micro_batch_size=2, generation_steps=1, max_length=prompt.shape[1] + 5)
     assert counted == kv_cache_bytes(plan.shape, settings)  # the last token generated is never cached
+
+
+def test_a_grpo_run_exports_and_verifies_like_any_run(tiny_model_dir, tmp_path):
+    """The merged model of a GRPO run against the trained adapter on the run's own prompts (rendered for
+    generation, every token compared): the export's fidelity check passes."""
+    from qlora_pipe.export.command import export_merged
+    from qlora_pipe.training.stage import run_training
+
+    grpo = run_training(validate_recipe(grpo_recipe(tiny_model_dir, tmp_path, max_steps=1)))
+    exported = export_merged(grpo.run_dir.root)
+    assert exported.fidelity["passed"] and exported.fidelity["examples"] == 8

@@ -141,3 +141,13 @@ def reward_reads(reward, row: dict[str, Any]) -> str:
     columns = {k: v for k, v in row.items() if k != "prompt"}
     shown = ", ".join(f"{k}={v!r:.40}" for k, v in columns.items()) or "no other columns"
     return f"{f}(prompts, completions, completion_ids, {shown}, ...)"
+
+
+def prompt_rows(rows, tokenizer) -> list[dict[str, list[int]]]:
+    """Each prompt as rendered for generation, every token scored: what the export's fidelity check compares
+    between the trained and the merged model (a GRPO row has no reference answer to score)."""
+    out = []
+    for row in rows:
+        ids = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=True, return_dict=True)
+        out.append({"input_ids": list(ids["input_ids"]), "labels": list(ids["input_ids"])})
+    return out

@@ -129,6 +129,10 @@ def fidelity_rows(recipe: Recipe, tokenizer, limit: int) -> tuple[list[dict[str,
     source = data.eval if data.eval is not None else data.train
     rows = [source[i] for i in range(min(limit, len(source)))]
     split = "eval" if data.eval is not None else "train"
+    if recipe.method == "grpo":  # prompt rows: the rendered prompt, every token compared
+        from qlora_pipe.data.prompts import prompt_rows
+
+        return prompt_rows(rows, tokenizer), split
     return (rows if recipe.method == "sft" else chosen_rows(rows, tokenizer)), split
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from qlora_pipe.model_source import is_local
 from qlora_pipe.recipe import Recipe
+from qlora_pipe.recipe.grpo import describe
 from qlora_pipe.runs import EVAL_REPORT, RunDir
 
 TAGS = ["qlora", "lora", "sft", "trl", "peft", "qlora-pipe"]
@@ -73,6 +74,9 @@ def _training_section(run: RunDir, recipe: Recipe) -> str:
         f"{', rsLoRA' if lora.use_rslora else ''}{', DoRA' if lora.use_dora else ''}",
         f"- Data: {sources}; loss on {recipe.data.loss_on} tokens; max length {recipe.data.max_length}"
         if recipe.method == "sft"
+        else f"- Method: GRPO on prompts ({sources}): {describe(recipe.grpo)}"
+        f"{', continuing the adapter of ' + recipe.model.adapter if recipe.model.adapter else ''}"
+        if recipe.method == "grpo"
         else f"- Method: {recipe.method.upper()} on preference pairs ({sources}), beta {recipe.preference.beta}, "
         f"loss {', '.join(recipe.preference.loss_type)}"
         f"{', continuing the adapter of ' + recipe.model.adapter if recipe.model.adapter else ''}",
@@ -96,6 +100,7 @@ def _training_section(run: RunDir, recipe: Recipe) -> str:
             ("held_out_reward_accuracy", "reward accuracy", "reward_accuracy", "mean margin {mean_margin:.4f} nats"),
             ("held_out_label_separation", "label AUC", "label_auc", "desirable vs undesirable log-prob per token"),
             ("held_out", "accuracy", "accuracy", "macro-F1 {macro_f1:.4f}"),
+            ("held_out_rewards", "share fully correct", "fully_correct", "weighted reward {weighted_reward:.4f}"),
         ]
         for key, name, value, note in held_out:
             scores = summary.get(key) or {}
@@ -124,6 +129,10 @@ def _eval_section(run: RunDir, merged: Path | None = None) -> str:
         from qlora_pipe.evaluate.classification_eval import classification_table
 
         return f"## Evaluation\n\n```\n{classification_table(result)}\n```\n\n"
+    if result.get("method") == "grpo":
+        from qlora_pipe.evaluate.reward_scores import rewards_table
+
+        return f"## Evaluation\n\n{rewards_table(result['columns'], markdown=True)}\n\n"
     if result.get("method", "sft") != "sft":
         from qlora_pipe.evaluate.preference_eval import preference_table
 

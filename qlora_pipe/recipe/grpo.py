@@ -129,3 +129,12 @@ def grpo_refusal(method: str, grpo: GrpoSection, micro_batch_size: int | str, ac
             f"a multiple of grpo.num_generations ({grpo.num_generations})"
         )
     return None
+
+
+def describe(grpo: GrpoSection) -> str:
+    """The rewards and settings in one line (model card, docs)."""
+    rewards = ", ".join(f"{r.label()} ({r.function}, weight {r.weight:g})" for r in grpo.rewards)
+    return (
+        f"rewards {rewards}; {grpo.num_generations} generations per prompt, at most {grpo.max_completion_length} "
+        f"tokens, temperature {grpo.temperature:g}, beta {grpo.beta:g}, loss {grpo.loss_type}"
+    )
