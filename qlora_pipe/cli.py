@@ -138,6 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     for noisy in ("httpx", "httpx2", "httpcore", "httpcore2"):  # one line per HTTP request is noise
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not args.debug:
+        from qlora_pipe.compat.bitsandbytes import quiet_hub_kernel_notice
+
+        quiet_hub_kernel_notice()  # a Hub-kernel notice at bitsandbytes' import, on every command otherwise
     try:
         from qlora_pipe.cpu_threads import set_up_cpu
 

@@ -6,12 +6,29 @@ Each handler imports its stage lazily, so `qlora-pipe --help` and the light comm
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from qlora_pipe.errors import UserError
 
 
+def needs_bitsandbytes(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """The commands that load or write 4-bit weights refuse in one line, before any work, when bitsandbytes
+    does not import (instead of a traceback from deep inside transformers or PEFT)."""
+
+    @functools.wraps(command)
+    def checked(args: argparse.Namespace) -> int:
+        from qlora_pipe.compat.bitsandbytes import require_bitsandbytes
+
+        require_bitsandbytes(f"qlora-pipe {args.command}")
+        return command(args)
+
+    return checked
+
+
+@needs_bitsandbytes
 def cmd_train(args: argparse.Namespace) -> int:
     from qlora_pipe.dist import close_process_group
     from qlora_pipe.recipe import load_recipe
@@ -37,6 +54,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+@needs_bitsandbytes
 def cmd_export(args: argparse.Namespace) -> int:
     from qlora_pipe.export.command import export_merged
 
@@ -71,6 +89,7 @@ def cmd_push(args: argparse.Namespace) -> int:
     return 0
 
 
+@needs_bitsandbytes
 def cmd_chat(args: argparse.Namespace) -> int:
     from qlora_pipe.evaluate.chat import run_chat
 
@@ -78,6 +97,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return run_chat(args.path, args.prompt, args.system, {**flags, "greedy": args.greedy}, args.tools)
 
 
+@needs_bitsandbytes
 def cmd_eval(args: argparse.Namespace) -> int:
     from qlora_pipe.evaluate.evaluation import run_eval
     from qlora_pipe.evaluate.metrics import eval_heading, eval_table

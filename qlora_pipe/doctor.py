@@ -55,13 +55,13 @@ def device_lines() -> list[str]:
         threads = choose_cpu_threads()
         lines.append(f"  no CUDA GPU: runs on the CPU with {threads.threads} threads ({threads.reason})")
     lines.append(f"  precision auto -> {choice.precision} ({choice.reason})")
-    try:
-        from bitsandbytes import cextension
+    from qlora_pipe.compat.bitsandbytes import INSTALL_HINT, kernel_description, load_problem
 
-        backend = getattr(cextension, "BNB_BACKEND", "unknown")
-        lines.append(f"  bitsandbytes backend: {backend}")
-    except Exception as exc:  # a broken install must be reported, not crash the doctor
-        lines.append(f"  warn bitsandbytes does not load: {type(exc).__name__}: {exc}")
+    problem = load_problem()  # a broken install is reported as a failure, not a crash of the doctor
+    if problem is None:
+        lines.append(f"  ok   bitsandbytes 4-bit kernel: {kernel_description()}")
+    else:
+        lines.append(f"  FAIL bitsandbytes does not load ({problem}): no 4-bit model can load; {INSTALL_HINT}")
     for module, what in OPTIONAL.items():
         found = importlib.util.find_spec(module) is not None
         lines.append(f"  {'ok  ' if found else '-   '} {what}: {'installed' if found else 'not installed (optional)'}")
@@ -85,4 +85,9 @@ def run_doctor(output_dir: str = "runs") -> int:
     print(disk_line(Path(output_dir)))
     if mismatches:
         print(f"{mismatches} version(s) differ from the tested set: pip install -c qlora_pipe/constraints.txt ...")
+    from qlora_pipe.compat.bitsandbytes import load_problem
+
+    if load_problem() is not None:  # the pipeline cannot run without it: not a warning
+        print("not ready: bitsandbytes does not load (see above)")
+        return 1
     return 0

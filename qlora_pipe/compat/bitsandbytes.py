@@ -17,14 +17,81 @@ quantized_like_loading, dequantized_fp32
     dequant equals this fp32 one rounded to bf16, bit for bit).
     Caught by: tests/test_export.py::test_merge_is_faithful_and_reloads_with_plain_transformers and
     tests/test_merge_delta.py (a delta below one bf16 step is kept).
+
+quiet_hub_kernel_notice
+    On a CPU with AVX512-BF16, importing bitsandbytes tries to fetch a CPU gemv kernel from the Hub
+    (``kernels-community/quantization-bitsandbytes``, backends/cpu/ops.py) and logs a warning when it
+    cannot (offline, no ``kernels``, an untrusted publisher): on every command. That kernel only serves
+    the CPU inference fast path keep_plain_nf4_on_cpu turns off, so the notice is dropped (shown with
+    --debug) by a filter on that module's logger, matched on the message's start. Remove when
+    bitsandbytes stops fetching at import. Caught by: tests/test_doctor.py::test_bitsandbytes_noise_and_failure.
+
+load_problem, kernel_description
+    Whether bitsandbytes imports at all (doctor fails, and the commands that load 4-bit weights refuse in
+    one line, when it does not), and which 4-bit kernel a run uses: ``cextension.BNB_BACKEND`` and the
+    native library's name. Caught by: tests/test_doctor.py::test_bitsandbytes_noise_and_failure.
 """
 
 from __future__ import annotations
 
-import torch
-from torch import nn
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from qlora_pipe.errors import UserError
+
+if TYPE_CHECKING:  # torch loads only when a function runs: the CLI installs the log filter before any command
+    import torch
+    from torch import nn
 
 VERIFIED = {"bitsandbytes": "0.50.2"}
+HUB_KERNEL_LOGGER = "bitsandbytes.backends.cpu.ops"
+HUB_KERNEL_NOTICE = "Failed to load CPU gemm_4bit_forward from kernels-community"
+INSTALL_HINT = "pip install -c qlora_pipe/constraints.txt bitsandbytes"
+
+
+class _DropHubKernelNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(HUB_KERNEL_NOTICE)
+
+
+def quiet_hub_kernel_notice() -> None:
+    """Drop bitsandbytes' import-time notice about its Hub CPU kernel (see above); idempotent."""
+    logger = logging.getLogger(HUB_KERNEL_LOGGER)
+    if not any(isinstance(f, _DropHubKernelNotice) for f in logger.filters):
+        logger.addFilter(_DropHubKernelNotice())
+
+
+def load_problem() -> str | None:
+    """Why bitsandbytes does not import (a broken install, a missing native library), or None."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as exc:  # any failure inside its import is the same answer: it cannot be used
+        return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+    return None
+
+
+def require_bitsandbytes(command: str) -> None:
+    """A one-line refusal, before any work, for a command that loads or writes 4-bit weights."""
+    problem = load_problem()
+    if problem is not None:
+        raise UserError(f"{command}: bitsandbytes does not load ({problem}); 4-bit models need it: {INSTALL_HINT}")
+
+
+def kernel_description() -> str:
+    """The 4-bit kernel this machine's runs use."""
+    import torch
+    from bitsandbytes import cextension
+
+    backend = getattr(cextension, "BNB_BACKEND", "unknown")
+    native = getattr(getattr(cextension, "lib", None), "_lib", None)  # the ctypes CDLL bitsandbytes loaded
+    library = Path(native._name).name if native is not None else "no native library"
+    if torch.cuda.is_available():
+        return f"{backend}: bitsandbytes' native 4-bit kernels ({library})"
+    return (
+        f"{backend}: NF4 dequantized by bitsandbytes ({library}), matmul by torch; its AVX512-BF16 inference path "
+        "and that path's Hub kernel stay off (they repack the 4-bit weights in place)"
+    )
 
 
 def keep_plain_nf4_on_cpu(model: nn.Module) -> None:
@@ -53,6 +120,7 @@ def dequantized_fp32(param) -> torch.Tensor:
     import copy
 
     import bitsandbytes as bnb
+    import torch
 
     state = copy.copy(param.quant_state)  # a shallow copy: the packed data and constants are shared, not copied
     state.dtype = torch.float32
