@@ -303,3 +303,45 @@ def test_a_grpo_run_exports_and_verifies_like_any_run(tiny_model_dir, tmp_path):
     grpo = run_training(validate_recipe(grpo_recipe(tiny_model_dir, tmp_path, max_steps=1)))
     exported = export_merged(grpo.run_dir.root)
     assert exported.fidelity["passed"] and exported.fidelity["examples"] == 8
+
+
+def test_prompt_rows_are_checked_dropped_by_reason_and_previewed(tiny_model_dir, tmp_path, capsys):
+    """Prompt rows: a string or a conversation ending with the user; the columns the rewards read present;
+    room left in data.max_length to generate. Dropped rows are counted by reason; `data --preview` shows
+    the prompt as rendered and what each reward reads."""
+    from qlora_pipe.cli import main
+    from qlora_pipe.data.prompts import prepare_prompt_data
+    from qlora_pipe.model import load_tokenizer
+    from tests.data_helpers import write_jsonl
+
+    rows = [
+        {"prompt": "What is an offer?", "answer": "contracts", "source": {"page": 3}},
+        {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tort?"}], "answer": "x"},
+        {"question": "no prompt column", "answer": "torts"},
+        {"prompt": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}], "answer": "x"},
+        {"prompt": "What is a tort?"},
+        {"prompt": "word " * 300, "answer": "torts"},
+    ]
+    path = tmp_path / "prompts.jsonl"
+    write_jsonl(path, rows)
+    raw = grpo_recipe(tiny_model_dir, tmp_path, rewards=[{"function": "exact_match", "name": "area"}])
+    raw["data"].update(train_path=str(path), eval_path=None, max_length=128, max_train_samples=None)
+    recipe = validate_recipe(raw)
+    data = prepare_prompt_data(recipe, load_tokenizer(recipe))
+    report = data.reports[0]
+    assert report.rows_kept == 2 and data.held_out_prompts is None
+    assert dict(report.dropped) == {
+        "no prompt column": 1,
+        "the prompt does not end with a non-empty user turn": 1,
+        "no answer column (reward area reads it)": 1,
+        "prompt longer than data.max_length - grpo.max_completion_length (120 tokens)": 1,
+    }
+    first = data.train[0]
+    assert first["prompt"] == [{"role": "user", "content": "What is an offer?"}]
+    assert json.loads(first["source"]) == {"page": 3}  # objects reach the rewards as JSON text
+    recipe_path = tmp_path / "prompts.yaml"
+    recipe_path.write_text(json.dumps(raw))
+    assert main(["data", str(recipe_path), "--preview", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "<|im_start|>user\nWhat is an offer?<|im_end|>\n<|im_start|>assistant\n" in out
+    assert "reward area (x1): exact_match of the whole answer against answer = 'contracts'" in out
