@@ -27,6 +27,8 @@ BUILTIN_TEMPLATES = {
         "llama-3.jinja", "<|eot_id|>", ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
     ),
     "mistral": BuiltinTemplate("mistral.jinja", None, ()),
+    # Gemma base models (Gemma 2, Gemma 3): the turn tokens are in the vocabulary, no template ships.
+    "gemma": BuiltinTemplate("gemma.jinja", "<end_of_turn>", ("<start_of_turn>", "<end_of_turn>")),
     # Instruction / response text ending in the tokenizer's own EOS: for base models with no chat tokens.
     "plain": BuiltinTemplate("plain.jinja", None, ()),
 }

@@ -101,7 +101,7 @@ class DataSection(Section):
     eval_sources: list[SourceSection] = Field(default_factory=list, description="Held-out sources.")
     eval_fraction: float = Field(0.0, ge=0, lt=0.5, description="Hold out this share of training rows (seeded).")
     chat_template: str | None = Field(
-        None, description="None: the tokenizer's own; or chatml, llama-3, mistral, plain, or a .jinja file."
+        None, description="None: the tokenizer's own; or chatml, llama-3, mistral, gemma, plain, or a .jinja file."
     )
     max_length: int | Literal["auto"] = Field(
         2048, description="Longest tokenized example, in tokens; 'auto' plans it from the GPU memory (see plan)."
