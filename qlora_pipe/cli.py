@@ -12,6 +12,8 @@ from qlora_pipe.cli_commands import COMMANDS  # the handlers, one per command
 from qlora_pipe.errors import Interrupted, RunStopped, UserError
 
 USER_ERROR_EXIT = 2
+# The commands that run datasets or transformers (and would show their progress bars).
+LIBRARY_COMMANDS = {"train", "export", "chat", "eval", "data", "plan", "build-quickstart-model"}
 
 
 def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
@@ -142,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
         from qlora_pipe.compat.bitsandbytes import quiet_hub_kernel_notice
 
         quiet_hub_kernel_notice()  # a Hub-kernel notice at bitsandbytes' import, on every command otherwise
+        if args.command in LIBRARY_COMMANDS:
+            from qlora_pipe.terminal import quiet_library_progress
+
+            quiet_library_progress()  # datasets', TRL's and transformers' bars: --debug shows them
     try:
         from qlora_pipe.cpu_threads import set_up_cpu
 

@@ -87,7 +87,7 @@ def generate_greedy(
     model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 8, desc: str | None = None
 ) -> list[Generation]:
     """Greedy answers to tokenized prompts, in batches of similar length, in the order given."""
-    from tqdm.auto import tqdm
+    from qlora_pipe.terminal import progress_bar
 
     stops = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
     kwargs = GenerationSettings(max_new_tokens).generate_kwargs(stops, tokenizer.pad_token_id)
@@ -96,7 +96,8 @@ def generate_greedy(
     was_training = model.training
     model.eval()
     try:
-        with left_padding(tokenizer), tqdm(total=len(prompts), desc=desc, unit="answer", leave=False) as bar:
+        bar = progress_bar(total=len(prompts), desc=desc or "answers", unit="answer", leave=False)
+        with left_padding(tokenizer), bar:
             for start in range(0, len(order), batch_size):
                 chunk = order[start : start + batch_size]
                 batch = tokenizer.pad({"input_ids": [prompts[i] for i in chunk]}, return_tensors="pt")

@@ -230,7 +230,7 @@ def merge_stream(
     """Read base tensors one by one, merge, cast once and write each straight into its planned place in the
     output shards. Peak memory: the libraries, the adapter and one tensor's merge; not the shard sizes.
     A classifier leaves out the base tensors it does not have (the causal LM head)."""
-    from tqdm.auto import tqdm
+    from qlora_pipe.terminal import progress_bar as tqdm  # plain lines when not on a terminal
 
     deltas, replaced, _ = load_lora(run)
     quantized = quantized_weight_names(base, recipe) if merge_base == "dequantized" else set()

@@ -106,7 +106,7 @@ def make_model(spec: BaseSpec, vocab_size: int):
 
 def pretrain(model, blocks: torch.Tensor, spec: BaseSpec) -> list[float]:
     """Plain next-token pretraining with AdamW and a cosine schedule; returns the loss curve."""
-    from tqdm.auto import tqdm
+    from qlora_pipe.terminal import progress_bar
 
     generator = torch.Generator().manual_seed(spec.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.learning_rate, weight_decay=0.01)
@@ -120,7 +120,7 @@ def pretrain(model, blocks: torch.Tensor, spec: BaseSpec) -> list[float]:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
     losses = []
     model.train()
-    bar = tqdm(range(spec.steps), desc="pretraining quickstart base", unit="step", mininterval=2)
+    bar = progress_bar(range(spec.steps), desc="pretraining quickstart base", unit="step", mininterval=2)
     for _ in bar:
         idx = torch.randint(0, blocks.shape[0], (spec.batch_size,), generator=generator)
         batch = blocks[idx]

@@ -1,4 +1,5 @@
-"""The training progress bar: step, loss, learning rate, trained tokens/s, ETA and peak memory."""
+"""The training progress bar: step, loss, learning rate, trained tokens/s, ETA and peak memory (plain lines
+at an interval when the output is not a terminal: qlora_pipe/terminal.py)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import resource
 import time
 
 import torch
-from tqdm.auto import tqdm
 from transformers import TrainerCallback
+
+from qlora_pipe.terminal import progress_bar
 
 
 def peak_memory_bytes() -> int:
@@ -30,7 +32,7 @@ class RunProgress(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
-            self.bar = tqdm(
+            self.bar = progress_bar(  # a bar on a terminal, plain lines in a log file
                 total=state.max_steps,
                 initial=state.global_step,
                 desc=f"training ({self.label})" if self.label else "training",
