@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 DATA = Path(__file__).resolve().parents[1] / "data/legal-qa"
+WARMUP_PER_AREA = 4  # the SFT warm-up that teaches the format: 4 answered training prompts of each area
 INSTRUCTION = "Which area of law is this question about? Answer with 'Area: ' and one of: {areas}."
 
 
@@ -35,9 +36,20 @@ def main() -> None:
                 continue
             prompt = f"{INSTRUCTION.format(areas=', '.join(areas))}\n\nQuestion: {question}"
             out.append({"prompt": prompt, "answer": area})
-        path = DATA / f"grpo_{split}.jsonl"
-        path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in out) + "\n", encoding="utf-8")
-        print(f"{path}: {len(out)} rows")
+        write(DATA / f"grpo_{split}.jsonl", out)
+        if split == "train":  # the warm-up: a few answers in the format, for SFT before GRPO
+            write(DATA / "grpo_warmup.jsonl", warmup(out, areas))
+
+
+def warmup(rows: list[dict], areas: list[str]) -> list[dict]:
+    """As many answered prompts of each area: a warm-up that leans to one area teaches GRPO to say it always."""
+    chosen = [r for area in areas for r in [r for r in rows if r["answer"] == area][:WARMUP_PER_AREA]]
+    return [{"prompt": r["prompt"], "completion": f"Area: {r['answer']}"} for r in chosen]
+
+
+def write(path: Path, rows: list[dict]) -> None:
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8")
+    print(f"{path}: {len(rows)} rows")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ errors, held-out rewards, eval, and exact resume."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -345,3 +346,23 @@ def test_prompt_rows_are_checked_dropped_by_reason_and_previewed(tiny_model_dir,
     out = capsys.readouterr().out
     assert "<|im_start|>user\nWhat is an offer?<|im_end|>\n<|im_start|>assistant\n" in out
     assert "reward area (x1): exact_match of the whole answer against answer = 'contracts'" in out
+
+
+@pytest.mark.skipif(
+    os.environ.get("QLORA_PIPE_SLOW_TESTS") != "1" or not Path("models/quickstart-base/config.json").is_file(),
+    reason="trains the bundled GRPO example (about 10 minutes): set QLORA_PIPE_SLOW_TESTS=1 after building the base",
+)
+def test_bundled_grpo_example_raises_the_held_out_reward(tmp_path):
+    from qlora_pipe.recipe import load_recipe
+    from qlora_pipe.training.stage import run_training
+
+    warmup = run_training(load_recipe("recipes/quickstart-grpo-warmup.yaml", [f"output_dir={tmp_path}"]))
+    recipe = load_recipe(
+        "recipes/quickstart-grpo.yaml", [f"output_dir={tmp_path}", f"model.adapter={warmup.run_dir.root}"]
+    )
+    held = run_training(recipe).summary["held_out_rewards"]
+    # measured on a 2-core AMD EPYC (fp32): format 0.0% -> 97.8%, weighted reward 0.000 -> 0.711 (docs/grpo.md);
+    # other CPUs sample differently, so the bars are lower
+    before, after = held["before"], held["after"]
+    assert after["rewards"]["format"] >= before["rewards"]["format"] + 0.5
+    assert after["weighted_reward"] >= before["weighted_reward"] + 0.35
