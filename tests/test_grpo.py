@@ -366,3 +366,17 @@ def test_bundled_grpo_example_raises_the_held_out_reward(tmp_path):
     before, after = held["before"], held["after"]
     assert after["rewards"]["format"] >= before["rewards"]["format"] + 0.5
     assert after["weighted_reward"] >= before["weighted_reward"] + 0.35
+
+
+def test_validating_a_grpo_recipe_checks_its_rewards_without_torch():
+    """`validate` resolves the rewards (built-ins made, user functions imported) and stays instant."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from qlora_pipe.cli import main; assert main(['validate', 'recipes/quickstart-grpo.yaml']) == 0; "
+        "print(sorted(m for m in ('torch', 'transformers', 'datasets', 'trl') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
