@@ -218,6 +218,15 @@ def vllm_rank(r: int) -> int:
     return next((size for size in (8, 16, 32, 64, 128, 256, 320, 512) if size >= r), r)
 
 
+def _kept_text(kept: dict[str, Any] | None) -> str:
+    if not kept:
+        return ""
+    return (
+        f" Share of the learned LoRA delta the merged weights carry: {kept['mean']:.4f} on average over "
+        f"{kept['layers']} layers, {kept['worst']:.4f} in the worst ({kept['worst_layer']})."
+    )
+
+
 def merged_card(run: RunDir, recipe: Recipe, repo_id: str, merged: Path) -> str:
     from huggingface_hub import ModelCard
 
@@ -231,7 +240,8 @@ def merged_card(run: RunDir, recipe: Recipe, repo_id: str, merged: Path) -> str:
             f"adapter) on {fidelity.get('examples')} held-out examples: eval loss "
             f"{_fmt(fidelity.get('eval_loss_trained'))}"
             f" vs {_fmt(fidelity.get('eval_loss_merged'))}, mean absolute logit difference "
-            f"{_fmt(fidelity.get('mean_abs_logit_diff'))}, top-1 agreement {_fmt(fidelity.get('top1_agreement'))}.\n"
+            f"{_fmt(fidelity.get('mean_abs_logit_diff'))}, top-1 agreement {_fmt(fidelity.get('top1_agreement'))}."
+            f"{_kept_text(info.get('delta_kept'))}\n"
         )
     usage = f"""## Usage
 
