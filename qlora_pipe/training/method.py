@@ -70,8 +70,10 @@ def starting_adapter(recipe: Recipe) -> Path | None:
     check_start_run(recipe, folder)  # a finished run, its adapter whole, a text-generation adapter
     config = folder / "adapter_config.json"
     base = json.loads(config.read_text()).get("base_model_name_or_path", "")
-    wanted = recipe.model.name_or_path
-    same = base == wanted or (
+    from qlora_pipe.model import model_location
+
+    wanted = model_location(recipe.model.name_or_path)  # a GGUF base: the folder converted from it
+    same = base in (wanted, recipe.model.name_or_path) or (
         Path(base).exists() and Path(wanted).exists() and Path(base).resolve() == Path(wanted).resolve()
     )
     if not same:
