@@ -157,7 +157,9 @@ def test_rslora_dora_and_modules_to_save_are_merged(tokenizer_dir, tmp_path):
     with safe_open(str(exact.out / "model.safetensors"), framework="pt") as handle:
         # DoRA: PEFT's own merge of the dequantized weight is the reference.
         layer = peft_model.base_model.model.model.layers[0].self_attn.q_proj
-        dense = bnb.functional.dequantize_4bit(layer.base_layer.weight.data, layer.base_layer.weight.quant_state)
+        state = copy.copy(layer.base_layer.weight.quant_state)  # the exact NF4 values: dequantized in fp32
+        state.dtype = torch.float32
+        dense = bnb.functional.dequantize_4bit(layer.base_layer.weight.data, state)
         delta = layer.scaling["default"] * (
             layer.lora_B["default"].weight.float() @ layer.lora_A["default"].weight.float()
         )

@@ -4,6 +4,7 @@ plain whole-tensor merge."""
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import subprocess
@@ -116,7 +117,9 @@ def test_streamed_tensors_are_the_bytes_of_a_whole_tensor_merge(tiny_model_dir, 
         if name.endswith("_proj.weight"):  # every linear but lm_head is 4-bit in training
             param = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=True, quant_type="nf4")
             param = param.to("cpu")
-            dense = bnb.functional.dequantize_4bit(param.data, param.quant_state).float()
+            state = copy.copy(param.quant_state)  # the exact NF4 values: dequantized in fp32
+            state.dtype = torch.float32
+            dense = bnb.functional.dequantize_4bit(param.data, state)
             module = "base_model.model." + name.removesuffix(".weight")
             delta = adapter[f"{module}.lora_B.weight"].float() @ adapter[f"{module}.lora_A.weight"].float()
             expected = (dense + scale * delta).to(torch.bfloat16)
