@@ -45,11 +45,11 @@ def fetched(name: str) -> Path:
         raise
 
 
-def short_recipe(model: Path, out: Path, run_name: str, **sections) -> dict:
+def short_recipe(gguf: Path, out: Path, run_name: str, **sections) -> dict:
     """The real-model recipe cut to a few steps on a slice of the bundled data (fp32 on a CPU without bf16)."""
     raw = yaml.safe_load((REPO / "recipes/smollm2-legal.yaml").read_text())
     raw.update(run_name=run_name, output_dir=str(out))
-    raw["model"]["name_or_path"] = str(model)
+    raw["model"]["name_or_path"] = str(gguf)
     raw["data"].update(
         train_path=str(DATA / "train.jsonl"),
         eval_path=str(DATA / "eval.jsonl"),
