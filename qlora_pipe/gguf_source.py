@@ -64,7 +64,7 @@ def check_gguf_file(path: Path) -> None:
         raise UserError(f"model.name_or_path: {path} holds no tensors (a vocabulary-only GGUF?)")
     try:
         reader = _reader(path)
-    except UserError:
+    except UserError:  # the missing extra: its own message
         raise
     except Exception as exc:  # the gguf reader raises ValueError, IndexError, ... on a damaged file
         raise UserError(f"model.name_or_path: {path} is damaged or truncated ({type(exc).__name__}: {exc})") from exc

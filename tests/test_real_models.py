@@ -45,6 +45,18 @@ def fetched(name: str) -> Path:
         raise
 
 
+def data_section(out: Path, stem: str, max_length: int, train: int, held_out: int) -> dict:
+    """The bundled ``stem``_train/_eval files, cut to a few rows."""
+    return {
+        "train_path": str(DATA / f"{stem}_train.jsonl"),
+        "eval_path": str(DATA / f"{stem}_eval.jsonl"),
+        "max_length": max_length,
+        "max_train_samples": train,
+        "max_eval_samples": held_out,
+        "cache_dir": str(out / "data-cache"),
+    }
+
+
 def short_recipe(gguf: Path, out: Path, run_name: str, **sections) -> dict:
     """The real-model recipe cut to a few steps on a slice of the bundled data (fp32 on a CPU without bf16)."""
     raw = yaml.safe_load((REPO / "recipes/smollm2-legal.yaml").read_text())
@@ -139,14 +151,7 @@ def test_smollm2_gguf_export_passes_its_check(smol_run, converter, capsys):
 def test_smollm2_dpo_continues_the_sft_adapter(smollm2, smol_run):
     sft, out = smol_run
     raw = short_recipe(smollm2, out, "smol-dpo", method="dpo", model={"adapter": str(sft.run_dir.root)})
-    raw["data"] = {
-        "train_path": str(DATA / "preference_train.jsonl"),
-        "eval_path": str(DATA / "preference_eval.jsonl"),
-        "max_length": 128,
-        "max_train_samples": 24,
-        "max_eval_samples": 8,
-        "cache_dir": str(out / "data-cache"),
-    }
+    raw["data"] = data_section(out, "preference", 128, 24, 8)
     raw["training"].update(max_steps=3, micro_batch_size=2, eval_steps=3, learning_rate=1e-4)
     raw["training"].pop("preview_prompts")
     result = run_training(validate_recipe(raw))
@@ -169,14 +174,7 @@ def test_gemma3_base_with_the_builtin_template_trains_and_exports(gemma3, tmp_pa
 def test_gemma3_classification_head(gemma3, tmp_path):
     raw = short_recipe(gemma3, tmp_path, "gemma-topics", task="classification")
     raw["classification"] = {"labels": None, "text_field": "text", "label_field": "label"}
-    raw["data"] = {
-        "train_path": str(DATA / "topics_train.jsonl"),
-        "eval_path": str(DATA / "topics_eval.jsonl"),
-        "max_length": 96,
-        "max_train_samples": 64,
-        "max_eval_samples": 16,
-        "cache_dir": str(tmp_path / "data-cache"),
-    }
+    raw["data"] = data_section(tmp_path, "topics", 96, 64, 16)
     raw["training"].update(max_steps=4, eval_steps=4, save_steps=4)
     raw["training"].pop("preview_prompts")
     result = run_training(validate_recipe(raw))
