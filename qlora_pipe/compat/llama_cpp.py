@@ -23,6 +23,11 @@ permute_rows, TRANSPOSED_WEIGHTS
     each head's rotary halves interleaved; the GGUF check undoes nothing, it applies the same reordering
     to the merged weights before comparing; likewise it transposes GPT-2's Conv1D weights.
     Caught by: tests/test_export.py (exact f16 tensor equality, each architecture).
+
+NORM_SHIFTED_ARCHITECTURES
+    Gemma's RMSNorm multiplies by ``1 + weight``; the converter writes ``weight + 1`` (added in fp32
+    after widening a bf16 tensor; norms are stored as F32), and the GGUF check adds the same before comparing.
+    Caught by: tests/test_real_models.py (Gemma 3 270M to f16 GGUF, slow suite).
 """
 
 from __future__ import annotations
@@ -39,6 +44,14 @@ VERIFIED = {"llama-cpp-python": "0.3.36"}
 PERMUTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 # Weights the converter transposes (conversion/gpt2.py: GPT-2's Conv1D layers are stored (in, out)).
 TRANSPOSED_WEIGHTS = {"GPT2LMHeadModel": (".c_attn.weight", ".c_proj.weight", ".c_fc.weight")}
+# Architectures whose RMSNorm scales by (1 + weight): the converter stores weight + 1, computed in fp32
+# (it widens bf16 tensors first) (conversion/gemma.py: GemmaModel, Gemma2Model, Gemma3Model.norm_shift).
+NORM_SHIFTED_ARCHITECTURES = (
+    "GemmaForCausalLM",
+    "Gemma2ForCausalLM",
+    "Gemma3ForCausalLM",
+    "Gemma3ForConditionalGeneration",
+)
 
 
 def permute_rows(weights: np.ndarray, n_head: int, n_head_kv: int) -> np.ndarray:

@@ -16,7 +16,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from qlora_pipe.compat.llama_cpp import PERMUTED_ARCHITECTURES, TRANSPOSED_WEIGHTS, permute_rows
+from qlora_pipe.compat.llama_cpp import (
+    NORM_SHIFTED_ARCHITECTURES,
+    PERMUTED_ARCHITECTURES,
+    TRANSPOSED_WEIGHTS,
+    permute_rows,
+)
 from qlora_pipe.finite import within, worst
 
 # Largest |dequantized - merged| / max|merged| per tensor: half a quantization step of the type at its
@@ -52,6 +57,8 @@ def expected_tensor(name: str, tensor: torch.Tensor, config: dict[str, Any]) -> 
         return torch.from_numpy(permute_rows(tensor.float().numpy(), heads, kv))
     if name.endswith(TRANSPOSED_WEIGHTS.get(architecture, ())):
         return tensor.T
+    if architecture in NORM_SHIFTED_ARCHITECTURES and name.endswith("norm.weight"):
+        return tensor.float() + 1  # the converter widens 16-bit tensors to fp32 before the shift
     return tensor
 
 
