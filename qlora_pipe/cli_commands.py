@@ -58,12 +58,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from qlora_pipe.export.command import export_merged
 
+    if args.unmerged:
+        return export_unmerged_command(args)
     gguf_types = None
     if args.format == "gguf":
         from qlora_pipe.export.gguf import check_gguf_type
 
-        check_gguf_type(args.gguf_type)  # before the merge: a missing extra or converter costs nothing
-        gguf_types = [args.gguf_type]
+        gguf_type = args.gguf_type or "q8_0"
+        check_gguf_type(gguf_type)  # before the merge: a missing extra or converter costs nothing
+        gguf_types = [gguf_type]
     result = export_merged(
         args.run_dir,
         args.out,
@@ -79,6 +82,28 @@ def cmd_export(args: argparse.Namespace) -> int:
         f"exported: {result.out} ({info['merged']} merged, {info['dequantized']} dequantized from NF4, "
         f"{info['bytes'] / 2**20:.1f} MiB {info['dtype']}, merge base {info['merge_base']})"
     )
+    return 0
+
+
+def export_unmerged_command(args: argparse.Namespace) -> int:
+    from qlora_pipe.export.unmerged import export_unmerged
+
+    for flag, value in (("--merge-base", args.merge_base), ("--max-shard-size", args.max_shard_size)):
+        if value is not None:
+            raise UserError(f"export --unmerged: {flag} applies to a merge; leave it out")
+    if args.compare_original:
+        raise UserError("export --unmerged: --compare-original applies to a merge; leave it out")
+    gguf_type = None
+    if args.format == "gguf":
+        from qlora_pipe.export.gguf import check_gguf_type
+
+        gguf_type = args.gguf_type or "auto"  # the base folder's own dtype: bit-equal
+        if gguf_type != "auto":
+            check_gguf_type(gguf_type)
+    elif args.gguf_type:
+        raise UserError("export --gguf-type: goes with --format gguf")
+    result = export_unmerged(args.run_dir, args.out, args.dtype, args.verify, gguf_type)
+    print(f"exported unmerged: {result.out} (base {result.info['dtype']}, {result.info['bytes'] / 2**20:.1f} MiB)")
     return 0
 
 

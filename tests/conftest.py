@@ -98,11 +98,11 @@ def tokenizer(tiny_model_dir):
 @pytest.fixture(scope="session")
 def converter() -> Path:
     """llama.cpp's converter, as a user gets it: QLORA_PIPE_LLAMA_CPP, or `qlora-pipe setup-gguf` (PyPI)."""
-    from qlora_pipe.export.gguf import ENV_CONVERTER, cache_dir, setup_converter
+    from qlora_pipe.export.gguf import ENV_CONVERTER, setup_converter
 
     if os.environ.get(ENV_CONVERTER):
         return Path(os.environ[ENV_CONVERTER])
-    return cache_dir() if (cache_dir() / "convert_hf_to_gguf.py").is_file() else setup_converter()
+    return setup_converter()  # at once when both converters are there
 
 
 # (family, config overrides): tiny and medium shapes; hidden and intermediate sizes are multiples of 64.

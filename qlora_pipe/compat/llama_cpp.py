@@ -1,7 +1,8 @@
 """Reaches into llama.cpp's converter. Verified with the converter vendored in llama-cpp-python 0.3.36
 (``vendor/llama.cpp``: ``convert_hf_to_gguf.py``, its ``conversion`` package and ``gguf-py``).
 
-Run as ``python -m qlora_pipe.compat.llama_cpp CONVERTER_DIR MODEL_DIR OUTFILE OUTTYPE``, in its own
+Run as ``python -m qlora_pipe.compat.llama_cpp CONVERTER_DIR MODEL_DIR OUTFILE OUTTYPE`` (or ``lora
+CONVERTER_DIR ADAPTER_DIR BASE_DIR OUTFILE OUTTYPE`` for ``convert_lora_to_gguf.py``), in its own
 process: the converter puts its own ``gguf-py`` first on ``sys.path``, which must not shadow the
 installed ``gguf`` package that qlora-pipe reads the result with.
 
@@ -23,6 +24,14 @@ permute_rows, TRANSPOSED_WEIGHTS
     each head's rotary halves interleaved; the GGUF check undoes nothing, it applies the same reordering
     to the merged weights before comparing; likewise it transposes GPT-2's Conv1D weights.
     Caught by: tests/test_export.py (exact f16 tensor equality, each architecture).
+
+lora_alpha_for_llama_cpp
+    llama.cpp scales a LoRA adapter by ``alpha / rank`` (the GGUF's ``adapter.lora.alpha`` over the rank of
+    ``lora_b``); ``convert_lora_to_gguf.py`` copies ``lora_alpha`` and ignores ``use_rslora``,
+    ``rank_pattern`` and ``alpha_pattern``. An rsLoRA adapter (scale alpha / sqrt(rank)) is converted with
+    alpha x sqrt(rank), so llama.cpp applies the trained scale; per-module patterns are refused. The
+    LoRA GGUF check multiplies the file's own alpha / rank by lora_b @ lora_a and compares with the trained
+    delta. Caught by: tests/test_unmerged.py.
 
 NORM_SHIFTED_ARCHITECTURES
     Gemma's RMSNorm multiplies by ``1 + weight``; the converter writes ``weight + 1`` (added in fp32
@@ -52,6 +61,14 @@ NORM_SHIFTED_ARCHITECTURES = (
     "Gemma3ForCausalLM",
     "Gemma3ForConditionalGeneration",
 )
+
+
+def lora_alpha_for_llama_cpp(config: dict) -> float:
+    """The ``lora_alpha`` that makes llama.cpp's alpha / rank equal the adapter's trained scale."""
+    import math
+
+    alpha, rank = float(config["lora_alpha"]), int(config["r"])
+    return alpha * math.sqrt(rank) if config.get("use_rslora") else alpha
 
 
 def permute_rows(weights: np.ndarray, n_head: int, n_head_kv: int) -> np.ndarray:
@@ -141,7 +158,13 @@ def supported(architecture: str) -> bool:
 
 
 def main(argv: list[str]) -> int:
-    converter, model_dir, outfile, outtype = Path(argv[0]), Path(argv[1]), argv[2], argv[3]
+    """``CONVERTER MODEL_DIR OUTFILE OUTTYPE`` (a model), or ``lora CONVERTER ADAPTER_DIR BASE_DIR OUTFILE
+    OUTTYPE`` (a PEFT LoRA adapter, with the base folder it is served on giving the architecture)."""
+    lora = argv[0] == "lora"
+    if lora:
+        converter, adapter_dir, model_dir, outfile, outtype = Path(argv[1]), argv[2], Path(argv[3]), argv[4], argv[5]
+    else:
+        converter, model_dir, outfile, outtype = Path(argv[0]), Path(argv[1]), argv[2], argv[3]
     sys.path[:0] = [str(converter), str(converter / "gguf-py")]
     architecture = (json.loads((model_dir / "config.json").read_text()).get("architectures") or ["?"])[0]
     if not supported(architecture):
@@ -149,8 +172,12 @@ def main(argv: list[str]) -> int:
         return 2
     known_pre_tokenizer(model_dir)
     gpt2_context_length()
-    script = converter / "convert_hf_to_gguf.py"
-    sys.argv = [str(script), str(model_dir), "--outfile", outfile, "--outtype", outtype]
+    if lora:
+        script = converter / "convert_lora_to_gguf.py"
+        sys.argv = [str(script), "--base", str(model_dir), "--outfile", outfile, "--outtype", outtype, adapter_dir]
+    else:
+        script = converter / "convert_hf_to_gguf.py"
+        sys.argv = [str(script), str(model_dir), "--outfile", outfile, "--outtype", outtype]
     runpy.run_path(str(script), run_name="__main__")
     return 0
 

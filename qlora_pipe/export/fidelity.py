@@ -140,19 +140,36 @@ def verify_merged(recipe: Recipe, run: RunDir, merged_dir: Path, dtype: torch.dt
     """Fidelity of the merged model against the trained model on the run's eval (or train) examples."""
     if recipe.task == "classification":
         return verify_classifier(recipe, run, merged_dir, dtype)
+    return verify_served(recipe, run, lambda: served_model(merged_dir, dtype), limit)
+
+
+def served_model(folder: Path, dtype: torch.dtype, adapter: Path | None = None):
+    """A served folder loaded with plain transformers (plus a PEFT adapter on it, for the unmerged export).
+    Where this CPU emulates 16-bit matmuls the weights are read into fp32 (exact) and run there."""
     from transformers import AutoModelForCausalLM
 
-    from qlora_pipe.model import load_run_tokenizer, load_trained_model, training_device
+    from qlora_pipe.model import training_device
+
+    dtype = getattr(torch, dtype_for_inference(str(dtype).removeprefix("torch.")))
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map={"": training_device()})
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    return model.eval()
+
+
+def verify_served(recipe: Recipe, run: RunDir, load_served, limit: int = 16) -> dict[str, Any]:
+    """The trained model against what ``load_served()`` returns, on the run's eval (or train) examples."""
+    from qlora_pipe.model import load_run_tokenizer, load_trained_model
 
     recipe = recipe.model_copy(deep=True)
     tokenizer = load_run_tokenizer(run.root)
     rows, split = fidelity_rows(recipe, tokenizer, limit)
     trained = load_trained_model(recipe, run.root)
-    # Where this CPU emulates 16-bit matmuls the merged weights are read into fp32 (exact) and run there.
-    dtype = getattr(torch, dtype_for_inference(str(dtype).removeprefix("torch.")))
-    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=dtype, device_map={"": training_device()}).eval()
-    result = compare(trained, merged, rows)
-    del merged
+    served = load_served()
+    result = compare(trained, served, rows)
+    del served
     result = judge(result, reference_noise(recipe, run, trained, rows))
     result["split"] = split
     del trained

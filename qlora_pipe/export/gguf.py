@@ -23,7 +23,7 @@ from pathlib import Path
 from qlora_pipe.compat.llama_cpp import VERIFIED
 from qlora_pipe.errors import UserError
 
-CONVERTER_TYPES = ("f16", "bf16", "q8_0")
+CONVERTER_TYPES = ("f16", "bf16", "q8_0", "f32")
 # llama.cpp's quantizer (llama_model_quantize), from an f16 GGUF: the name -> llama_cpp's LLAMA_FTYPE_* constant.
 K_QUANTS = {
     "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
@@ -57,6 +57,24 @@ def check_gguf_type(gguf_type: str) -> None:
     converter_dir()
 
 
+SCRIPTS = ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py")  # a model, and a PEFT LoRA adapter
+
+
+def lora_converter_dir() -> Path:
+    """The converter folder, with llama.cpp's LoRA converter (a setup before it was kept lacks it)."""
+    where = converter_dir()
+    if not (where / "convert_lora_to_gguf.py").is_file():
+        raise UserError(
+            f"export --unmerged --format gguf: {where} has no convert_lora_to_gguf.py; "
+            + (
+                "use a llama.cpp checkout that has it"
+                if os.environ.get(ENV_CONVERTER)
+                else "run `qlora-pipe setup-gguf`"
+            )
+        )
+    return where
+
+
 def converter_dir() -> Path:
     """llama.cpp's converter: QLORA_PIPE_LLAMA_CPP (a llama.cpp checkout), else the setup-gguf cache."""
     configured = os.environ.get(ENV_CONVERTER)
@@ -74,7 +92,7 @@ def converter_dir() -> Path:
 def setup_converter() -> Path:
     """Download llama-cpp-python's source release with pip and keep its llama.cpp converter (and only that)."""
     target = cache_dir()
-    if (target / "convert_hf_to_gguf.py").is_file():
+    if all((target / script).is_file() for script in SCRIPTS):
         print(f"llama.cpp's converter is already set up: {target}")
         return target
     with tempfile.TemporaryDirectory() as tmp:
@@ -87,11 +105,14 @@ def setup_converter() -> Path:
         partial = target.with_name(target.name + ".partial")
         with tarfile.open(archive) as tar:
             prefix = tar.getnames()[0].split("/")[0] + "/vendor/llama.cpp/"
-            keep = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "LICENSE")
+            keep = (*SCRIPTS, "conversion/", "gguf-py/", "LICENSE")
             members = [m for m in tar.getmembers() if m.name.startswith(tuple(prefix + k for k in keep))]
             for member in members:
                 member.name = member.name[len(prefix) :]
+            shutil.rmtree(partial, ignore_errors=True)  # ours: an extraction that was interrupted
             tar.extractall(partial, members=members, filter="data")
+        if target.is_dir():  # ours: a setup from before the LoRA converter was kept
+            shutil.rmtree(target)
         partial.rename(target)
     print(f"llama.cpp's converter: {target}")
     return target

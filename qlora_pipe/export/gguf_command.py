@@ -54,8 +54,11 @@ def tool_parts_trained(run: RunDir) -> str:
     return " and ".join(found)
 
 
-def write_ollama_modelfile(run: RunDir, merged: Path, folder: Path, gguf_file: Path) -> dict[str, Any]:
-    """The Modelfile, or why none was written (a template it cannot translate is not an error)."""
+def write_ollama_modelfile(
+    run: RunDir, merged: Path, folder: Path, gguf_file: Path, adapter: Path | None = None
+) -> dict[str, Any]:
+    """The Modelfile (``adapter``: a LoRA GGUF served on ``gguf_file``), or why none was written (a template
+    it cannot translate is not an error)."""
     import gguf
 
     from qlora_pipe.export.ollama import modelfile, write_modelfile
@@ -86,6 +89,7 @@ def write_ollama_modelfile(run: RunDir, merged: Path, folder: Path, gguf_file: P
             training_system_prompt(run),
             generation,
             add_bos,
+            adapter.name if adapter else None,
         )
     except UserError as exc:
         log.warning("%s", exc)

@@ -50,10 +50,12 @@ class LlamaCppLogits:
         return out
 
 
-def compare_runtime(run: RunDir, gguf_file: Path) -> dict[str, Any]:
-    """In its own process: a crash inside llama.cpp is reported, not fatal to the export."""
+def compare_runtime(run: RunDir, gguf_file: Path, lora: Path | None = None) -> dict[str, Any]:
+    """In its own process: a crash inside llama.cpp is reported, not fatal to the export. ``lora``: a LoRA
+    GGUF that llama.cpp applies on ``gguf_file`` (the unmerged export)."""
     out = gguf_file.with_name(gguf_file.name + ".runtime.json")
     command = [sys.executable, "-m", "qlora_pipe.export.gguf_runtime", str(run.root), str(gguf_file), str(out)]
+    command += [str(lora)] if lora else []
     done = subprocess.run(command, capture_output=True, text=True)
     try:
         if done.returncode == 0:
@@ -66,7 +68,7 @@ def compare_runtime(run: RunDir, gguf_file: Path) -> dict[str, Any]:
     return {"failed": f"the llama.cpp check stopped (exit {done.returncode}): {(lines or [''])[-1][:300]}"}
 
 
-def measure(run: RunDir, gguf_file: Path) -> dict[str, Any]:
+def measure(run: RunDir, gguf_file: Path, lora: Path | None = None) -> dict[str, Any]:
     from llama_cpp import Llama
 
     from qlora_pipe.cpu_threads import choose_cpu_threads
@@ -80,8 +82,14 @@ def measure(run: RunDir, gguf_file: Path) -> dict[str, Any]:
     rows, _ = fidelity_rows(recipe, tokenizer, ROWS)
     threads = choose_cpu_threads().threads  # QLORA_PIPE_CPU_THREADS, OMP_NUM_THREADS or the CPUs available
     longest = max(len(row["input_ids"]) for row in rows)
+    extra = {"lora_path": str(lora)} if lora else {}
     llm = Llama(
-        model_path=str(gguf_file), n_ctx=max(longest, 512) + 64, logits_all=True, verbose=False, n_threads=threads
+        model_path=str(gguf_file),
+        n_ctx=max(longest, 512) + 64,
+        logits_all=True,
+        verbose=False,
+        n_threads=threads,
+        **extra,
     )
     served = LlamaCppLogits(llm)
     texts = [tokenizer.decode(row["input_ids"]) for row in rows]
@@ -114,5 +122,6 @@ def measure(run: RunDir, gguf_file: Path) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    result = measure(RunDir(Path(sys.argv[1])), Path(sys.argv[2]))
+    lora_file = Path(sys.argv[4]) if len(sys.argv) > 4 else None
+    result = measure(RunDir(Path(sys.argv[1])), Path(sys.argv[2]), lora_file)
     Path(sys.argv[3]).write_text(json.dumps(result, indent=2, default=str))

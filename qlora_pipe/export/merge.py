@@ -185,6 +185,19 @@ def check_finite(name: str, tensor: torch.Tensor) -> None:
                 raise UserError(f"export: merged tensor {name} has NaN or Inf values")
 
 
+FLOAT16_MAX = torch.finfo(torch.float16).max
+
+
+def check_fits_float16(name: str, tensor: torch.Tensor) -> None:
+    """A merged weight beyond float16's range would be served as an infinity: refused, naming the tensor."""
+    largest = tensor.abs().max().item()
+    if largest > FLOAT16_MAX:
+        raise UserError(
+            f"export --dtype float16: {name} holds {largest:.4g}, beyond float16's largest value "
+            f"{FLOAT16_MAX:.0f}; export bfloat16 or float32"
+        )
+
+
 CHECK_CHUNK = 1 << 22  # elements per piece of the finiteness check
 
 
@@ -221,18 +234,29 @@ def copy_through(reader: TensorReader, name: str, writer: StreamingShardWriter, 
     written piece by piece, never whole (casting is elementwise: the same bits as casting it whole)."""
     for piece in reader.read_chunks(name):
         check_finite(name, piece)
+        if dtype == torch.float16 and piece.is_floating_point():
+            check_fits_float16(name, piece)
         writer.write(name, piece.to(dtype) if piece.is_floating_point() else piece)
 
 
 def merge_stream(
-    recipe: Recipe, run: RunDir, base: Path, folder: Path, merge_base: str, dtype: torch.dtype, max_bytes: int
+    recipe: Recipe,
+    run: RunDir,
+    base: Path,
+    folder: Path,
+    merge_base: str,
+    dtype: torch.dtype,
+    max_bytes: int,
+    with_adapter: bool = True,
 ) -> dict[str, Any]:
     """Read base tensors one by one, merge, cast once and write each straight into its planned place in the
     output shards. Peak memory: the libraries, the adapter and one tensor's merge; not the shard sizes.
-    A classifier leaves out the base tensors it does not have (the causal LM head)."""
+    A classifier leaves out the base tensors it does not have (the causal LM head). Without the adapter
+    (``with_adapter=False``) the output is the base as training saw it: the NF4 weights dequantized, nothing
+    added (the unmerged export's base, which the adapter is served on)."""
     from qlora_pipe.terminal import progress_bar as tqdm  # plain lines when not on a terminal
 
-    deltas, replaced, _ = load_lora(run)
+    deltas, replaced, _ = load_lora(run) if with_adapter else ({}, {}, {})
     quantized = quantized_weight_names(base, recipe) if merge_base == "dequantized" else set()
     transposed = conv1d_weight_names(base, recipe)
     shards = base_shards(base)
@@ -272,6 +296,8 @@ def merge_stream(
                         continue
                     check_finite(name, out)
                     served = out.to(dtype) if out.is_floating_point() else out
+                    if dtype == torch.float16:
+                        check_fits_float16(name, out)
                     if kind == "merged":
                         kept.add(name, before, out, served)
                     before = None

@@ -103,15 +103,25 @@ def recognise(template: str, bos: str, eos: str) -> tuple[Family, str | None]:
 
 
 def modelfile(
-    gguf_name: str, template: str, bos: str, eos: str, system: str | None, generation: dict, add_bos: bool
+    gguf_name: str,
+    template: str,
+    bos: str,
+    eos: str,
+    system: str | None,
+    generation: dict,
+    add_bos: bool,
+    adapter: str | None = None,
 ) -> str:
-    """The Modelfile text; raises UserError for a template it cannot translate."""
+    """The Modelfile text (with ``adapter``: the base GGUF plus a LoRA GGUF on it); raises UserError for a
+    template it cannot translate."""
     family, default_system = recognise(template, bos, eos)
     go = family.go_template.replace("{{ eos }}", eos)
     if not add_bos and render(template, PROBES[1], bos, eos).startswith(bos) and bos:
         go = bos + go  # the template starts with BOS and llama.cpp will not add it
     stop = eos if family.end_of_turn == "eos" else family.end_of_turn
     lines = [f"# Ollama: ollama create NAME -f Modelfile  ({family.name} chat format)", f"FROM ./{gguf_name}"]
+    if adapter:
+        lines.append(f"ADAPTER ./{adapter}")
     lines.append(f'TEMPLATE """{go}"""')
     system = system if system is not None else default_system
     if system:

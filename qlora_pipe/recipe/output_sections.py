@@ -10,7 +10,9 @@ from qlora_pipe.recipe.base import Section, _a_size
 
 
 class ExportSection(Section):
-    dtype: Literal["bfloat16", "float16"] = Field("bfloat16", description="Dtype of the merged model.")
+    dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="Dtype of the merged model (float32: the delta kept whole, twice the size)."
+    )
     merge_base: Literal["dequantized", "original"] = Field(
         "dequantized", description="Merge into the NF4 weights trained against (default) or the 16-bit ones."
     )
