@@ -44,7 +44,7 @@ METHODS = {
 
 def reset_peak() -> None:
     gc.collect()
-    from qlora_pipe.export.merge import release_freed_memory
+    from qlora_pipe.export.tensor_checks import release_freed_memory
 
     release_freed_memory()
     Path("/proc/self/clear_refs").write_text("5")

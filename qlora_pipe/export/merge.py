@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import platform
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from qlora_pipe.compat.bitsandbytes import dequantized_fp32, quantized_like_load
 from qlora_pipe.compat.transformers import modules_kept_unquantized
 from qlora_pipe.errors import UserError
 from qlora_pipe.export.delta_kept import DeltaKept
+from qlora_pipe.export.tensor_checks import check_finite, check_fits_float16, release_freed_memory
 from qlora_pipe.export.tensor_files import StreamingShardWriter, TensorEntry, TensorReader
 from qlora_pipe.hardware import with_resolved_precision
 from qlora_pipe.model import DTYPES
@@ -164,41 +164,6 @@ def merge_tensor(base: torch.Tensor, lora: LoraWeights, transposed: bool) -> tor
         norm = oriented.contiguous().norm(p=2, dim=1, keepdim=True)
         oriented.mul_(lora.magnitude.float().view(-1, 1) / norm)
     return merged
-
-
-def release_freed_memory() -> None:
-    """Hand freed heap memory back to the OS (glibc keeps large freed blocks otherwise, and the
-    resident size would creep up to the model size over a long export)."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if name and platform.system() == "Linux":
-        ctypes.CDLL(name).malloc_trim(0)
-
-
-def check_finite(name: str, tensor: torch.Tensor) -> None:
-    """NaN/Inf anywhere refuses the export; checked in pieces (no full-size boolean mask)."""
-    if tensor.is_floating_point():
-        for piece in tensor.reshape(-1).split(CHECK_CHUNK):
-            if not torch.isfinite(piece).all():
-                raise UserError(f"export: merged tensor {name} has NaN or Inf values")
-
-
-FLOAT16_MAX = torch.finfo(torch.float16).max
-
-
-def check_fits_float16(name: str, tensor: torch.Tensor) -> None:
-    """A merged weight beyond float16's range would be served as an infinity: refused, naming the tensor."""
-    largest = tensor.abs().max().item()
-    if largest > FLOAT16_MAX:
-        raise UserError(
-            f"export --dtype float16: {name} holds {largest:.4g}, beyond float16's largest value "
-            f"{FLOAT16_MAX:.0f}; export bfloat16 or float32"
-        )
-
-
-CHECK_CHUNK = 1 << 22  # elements per piece of the finiteness check
 
 
 def conv1d_weight_names(base: Path, recipe: Recipe) -> set[str]:
