@@ -16,7 +16,7 @@ from qlora_pipe.cli import main
 from qlora_pipe.errors import UserError
 from qlora_pipe.export.command import export_merged
 from qlora_pipe.export.lora_gguf import check_lora_gguf
-from qlora_pipe.export.unmerged import export_unmerged
+from qlora_pipe.export.unmerged import export_unmerged, trained_dtype
 from tests.test_export import tokenizer_dir, trained_run  # noqa: F401 (the module's tokenizer fixture)
 
 
@@ -27,23 +27,24 @@ def test_base_and_adapter_reproduce_the_trained_model_and_their_gguf_files_check
     monkeypatch,
 ):
     monkeypatch.setenv("QLORA_PIPE_LLAMA_CPP", str(converter))
-    _, result = trained_run("llama", tokenizer_dir, tmp_path, use_rslora=True)
+    recipe, result = trained_run("llama", tokenizer_dir, tmp_path, use_rslora=True)
     exported = export_unmerged(result.run_dir.root, gguf_type="auto")
     out = exported.out
     assert out == result.run_dir.root / "unmerged" and not out.with_name("unmerged.partial").exists()
 
-    # base/: the NF4 weights exactly as the adapter met them (this run computes in fp32), nothing added.
+    # base/: the NF4 weights dequantized in fp32, cast once to the dtype the run computed in, nothing added.
     layer = result.model.base_model.model.model.layers[0].self_attn.q_proj
     state = copy.copy(layer.base_layer.weight.quant_state)
     state.dtype = torch.float32
     dense = bnb.functional.dequantize_4bit(layer.base_layer.weight.data, state)
     base = load_file(out / "base" / "model.safetensors")
-    assert exported.info["dtype"] == "float32"
-    assert torch.equal(base["model.layers.0.self_attn.q_proj.weight"], dense)
+    dtype = trained_dtype(recipe)  # fp32 on a CPU without native bf16, bf16 with it
+    assert exported.info["dtype"] == dtype
+    assert torch.equal(base["model.layers.0.self_attn.q_proj.weight"], dense.to(getattr(torch, dtype)))
 
-    # transformers + PEFT on the two folders: the trained model, to fp32 rounding.
+    # transformers + PEFT on the two folders: the trained model, to the rounding of its compute dtype.
     fidelity = exported.fidelity
-    assert fidelity["passed"] and fidelity["relative_loss_change"] < 1e-4, fidelity
+    assert fidelity["passed"] and fidelity["relative_loss_change"] < 1e-3, fidelity
     adapter_config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"] == str((out / "base").resolve())
 
