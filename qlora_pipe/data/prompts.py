@@ -3,9 +3,11 @@
 A row's ``prompt`` is a string (one user turn) or a conversation (system and earlier turns allowed, the
 last turn the user's); TRL renders it with the run's chat template and a generation prompt. Every other
 column is handed to the rewards (lists and objects as JSON text: Arrow would otherwise merge the keys of
-different rows' objects). Rows are dropped, and counted by reason, when the prompt is missing or not text,
-when a column a reward needs is missing, or when the rendered prompt leaves no room in data.max_length
-for grpo.max_completion_length generated tokens.
+different rows' objects). A ``tools`` column (function schemas, as SFT tool rows list them) is rendered
+into the prompt by the chat template, so the model sees the functions it may call; a template that cannot
+render tools is refused in one line, as for SFT. Rows are dropped, and counted by reason, when the prompt
+is missing or not text, when the tools list is malformed, when a column a reward needs is missing, or
+when the rendered prompt leaves no room in data.max_length for grpo.max_completion_length generated tokens.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import logging
 import random
 from typing import Any
 
+from qlora_pipe.data.conversation import check_tools
 from qlora_pipe.data.prepare import collect, hold_out
 from qlora_pipe.data.prepared import PreparedData
 from qlora_pipe.data.report import SplitReport
@@ -44,21 +47,52 @@ def to_prompt_row(row: dict[str, Any], needed: dict[str, str]) -> dict[str, Any]
         if row.get(column) is None:
             return f"no {column} column (reward {reward} reads it)"
     extra = {k: json.dumps(v) if isinstance(v, dict | list) else v for k, v in row.items() if k != "prompt"}
+    if "tools" in row:
+        functions = check_tools(row["tools"])
+        if isinstance(functions, str):
+            return functions
+        extra["tools"] = json.dumps(functions) if functions else None
     return {"prompt": [{"role": m["role"], "content": m["content"]} for m in prompt], **extra}
 
 
-def prompt_length(prompt: list[dict[str, str]], tokenizer) -> int:
-    ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)
-    return len(ids["input_ids"])
+def row_tools(row: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The functions of a prompt row (stored as JSON text), as the chat template takes them; None: none."""
+    tools = row.get("tools")
+    return (json.loads(tools) if isinstance(tools, str) else tools) or None
+
+
+def render_prompt(row: dict[str, Any], tokenizer, tokenize: bool = True) -> list[int] | str:
+    """The prompt as the model sees it: the chat template with the row's tools and the generation prompt."""
+    tools = row_tools(row)
+    extra = {"tools": tools} if tools else {}
+    if not tokenize:
+        return tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=False, **extra)
+    out = tokenizer.apply_chat_template(
+        row["prompt"], add_generation_prompt=True, tokenize=True, return_dict=True, **extra
+    )
+    return list(out["input_ids"])
+
+
+def check_tools_render(rows: list[dict[str, Any]], tokenizer, data) -> None:
+    """Refuse rows with tools on a template that cannot render them (the SFT check, the same line)."""
+    from dataclasses import replace
+
+    from qlora_pipe.data.chat_masks import check_template_for, probe_template
+
+    with_tools = [{"tools": row_tools(r), "messages": r["prompt"]} for r in rows if row_tools(r)]
+    if with_tools:  # a prompt is never trained: an empty thinking block the template adds is no concern here
+        check_template_for(replace(probe_template(tokenizer, None), adds_empty_think=False), with_tools, data)
 
 
 def check_split(rows: list[dict[str, Any]], tokenizer, recipe, report: SplitReport):
     from datasets import Dataset
 
     room = recipe.data.max_length - recipe.grpo.max_completion_length
+    columns = list(dict.fromkeys(k for row in rows for k in row))  # Arrow keeps only the first row's keys
+    rows = [{k: row.get(k) for k in columns} for row in rows]
     kept, lengths = [], []
     for number, row in enumerate(rows, start=1):
-        length = prompt_length(row["prompt"], tokenizer)
+        length = len(render_prompt(row, tokenizer))
         if length > room:
             why = f"prompt longer than data.max_length - grpo.max_completion_length ({room} tokens)"
             if recipe.data.overlength == "error":
@@ -68,14 +102,24 @@ def check_split(rows: list[dict[str, Any]], tokenizer, recipe, report: SplitRepo
         kept.append(row)
         lengths.append(length)
     report.add_lengths(lengths, [0] * len(lengths))  # nothing is trained on the prompt
+    report.prompt_rows = True
+    report.columns = [c for c in columns if c != "prompt"]
+    if with_tools := sum(1 for row in kept if row_tools(row)):
+        report.conversation_parts["prompts_with_tools"] = with_tools
     return Dataset.from_list(kept) if kept else None
 
 
-def needed_columns(recipe) -> dict[str, str]:
-    """Columns each row must have for the rewards: reference columns, and names a user reward requires."""
-    from qlora_pipe.training.reward_funcs import resolve_rewards
+def reward_columns(recipe) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """What the rewards read: each reward's label -> the row columns it reads (a built-in's reference column,
+    tool_call's tools, the names a user reward requires; a user reward gets every column through **kwargs),
+    and the columns every row must have -> the reward that needs it (a row's tools are optional)."""
+    from qlora_pipe.user_rewards import reward_columns as required
 
-    return {column: r.label for r in resolve_rewards(recipe) for column in r.columns}
+    needs = dict(required(recipe.grpo.rewards))  # imports the user rewards to read their signatures
+    reads = {r.label(): list(needs[r.label()]) for r in recipe.grpo.rewards}
+    for r in recipe.grpo.rewards:
+        reads[r.label()] += ["tools"] if r.function == "tool_call" else []
+    return reads, {column: label for label, columns in needs.items() for column in columns}
 
 
 def prepare_prompt_data(recipe, tokenizer) -> PreparedData:
@@ -84,7 +128,7 @@ def prepare_prompt_data(recipe, tokenizer) -> PreparedData:
 
     data = recipe.data
     require_chat_template(tokenizer, getattr(tokenizer, "name_or_path", "the model"))
-    needed = needed_columns(recipe)
+    reads, needed = reward_columns(recipe)
     rng = random.Random(recipe.seed)
     train_report, eval_report = SplitReport("train"), SplitReport("eval")
 
@@ -94,11 +138,14 @@ def prepare_prompt_data(recipe, tokenizer) -> PreparedData:
     train = collect(data.train_sources(), data, rng, train_report, convert)[: data.max_train_samples]
     held_out = collect(data.held_out_sources(), data, rng, eval_report, convert) if data.held_out_sources() else []
     train, held_out = hold_out(train, held_out, data, rng, eval_report)
+    check_tools_render(train + held_out, tokenizer, data)
     train_ds = check_split(train, tokenizer, recipe, train_report)
     if train_ds is None:
         raise UserError(f"training data: no usable prompt rows ({train_report.line()})")
     eval_ds = check_split(held_out, tokenizer, recipe, eval_report) if held_out else None
     reports = [train_report] + ([eval_report] if eval_ds is not None else [])
+    for report in reports:
+        report.reward_columns = reads
     first = train_ds[0]["prompt"]
     system = first[0]["content"] if first[0]["role"] == "system" else None
     for report in reports:
@@ -118,7 +165,7 @@ def prompt_preview_text(prepared: PreparedData, tokenizer, recipe, count: int) -
     lines.append(f"\n{shown} prompt(s) as rendered; the model writes the answer, the rewards score it:")
     for index in range(shown):
         row = prepared.train[index]
-        rendered = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=False)
+        rendered = render_prompt(row, tokenizer, tokenize=False)
         lines.append(f"\n--- prompt {index + 1} ---\n{rendered}")
         for reward in recipe.grpo.rewards:
             lines.append(f"  reward {reward.label()} (x{reward.weight:g}): {reward_reads(reward, row)}")
@@ -148,6 +195,6 @@ def prompt_rows(rows, tokenizer) -> list[dict[str, list[int]]]:
     between the trained and the merged model (a GRPO row has no reference answer to score)."""
     out = []
     for row in rows:
-        ids = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=True, return_dict=True)
-        out.append({"input_ids": list(ids["input_ids"]), "labels": list(ids["input_ids"])})
+        ids = render_prompt(row, tokenizer)
+        out.append({"input_ids": ids, "labels": list(ids)})
     return out

@@ -1,4 +1,6 @@
-"""What the data stage did to each split: rows in and out by reason, lengths, trained-token share."""
+"""What the data stage did to each split: rows in and out by reason, lengths, trained-token share; for
+GRPO's prompt rows (nothing trained: the model writes the answers) the prompts, their tokens and the
+columns each reward reads."""
 
 from __future__ import annotations
 
@@ -29,6 +31,10 @@ class SplitReport:
     conversation_parts: Counter = field(default_factory=Counter)
     masking: str = ""  # how the assistant turns were found (markers, or offsets), for conversations
     marks: list = field(default_factory=list, repr=False)  # preview marks of the first rows (not reported)
+    # GRPO prompt rows: the row columns handed to every reward, and what each reward reads (label -> columns)
+    prompt_rows: bool = False
+    columns: list[str] = field(default_factory=list)
+    reward_columns: dict[str, list[str]] = field(default_factory=dict)
 
     def add_counts(self, rows: list[dict[str, int]]) -> None:
         for counts in rows:
@@ -64,6 +70,11 @@ class SplitReport:
             "length_percentiles": self.length_percentiles,
             "conversation_parts": dict(self.conversation_parts),
             "masking": self.masking,
+            **(
+                {"prompt_rows": True, "columns": self.columns, "reward_columns": self.reward_columns}
+                if self.prompt_rows
+                else {}
+            ),
         }
 
     @classmethod
@@ -80,6 +91,9 @@ class SplitReport:
             length_percentiles=raw["length_percentiles"],
             conversation_parts=Counter(raw.get("conversation_parts", {})),
             masking=raw.get("masking", ""),
+            prompt_rows=raw.get("prompt_rows", False),
+            columns=raw.get("columns", []),
+            reward_columns=raw.get("reward_columns", {}),
         )
 
     def line(self) -> str:
@@ -87,11 +101,24 @@ class SplitReport:
         lengths = " ".join(f"{k}={v}" for k, v in self.length_percentiles.items())
         truncated = f", {self.truncated} truncated" if self.truncated else ""
         duplicates = f", {self.duplicate_rows} duplicate rows" if self.duplicate_rows else ""
+        if self.prompt_rows:
+            return self.prompt_line(dropped, lengths, duplicates)
         return (
             f"{self.name}: {self.rows_kept}/{self.rows_read} rows kept (dropped: {dropped}{truncated}{duplicates}); "
             f"{self.total_tokens:,} tokens, {self.supervised_tokens:,} trained ({self.supervised_share:.0%}); "
             f"length {lengths}{parts_line(self.conversation_parts)}"
             f"{'; loss mask: ' + self.masking if self.masking else ''}"
+        )
+
+    def prompt_line(self, dropped: str, lengths: str, duplicates: str) -> str:
+        """GRPO: nothing in a prompt row is trained (the model writes the answers, the rewards score them)."""
+        tools = self.conversation_parts.get("prompts_with_tools", 0)
+        reads = ", ".join(f"{label} ({', '.join(c) or 'the answer alone'})" for label, c in self.reward_columns.items())
+        return (
+            f"{self.name}: {self.rows_kept}/{self.rows_read} prompts kept (dropped: {dropped}{duplicates}); "
+            f"{self.total_tokens:,} prompt tokens (none trained: the model writes the answers); prompt length "
+            f"{lengths}{f'; {tools} with tools' if tools else ''}; columns to the rewards: "
+            f"{', '.join(self.columns) or 'none'}{f'; rewards read: {reads}' if reads else ''}"
         )
 
 

@@ -104,6 +104,16 @@ class GrpoSection(Section):
         False, description="Leave completions cut at max_completion_length out of the loss (DAPO)."
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_vllm(cls, raw: object) -> object:
+        if isinstance(raw, dict) and any(k in raw for k in ("use_vllm", "vllm_mode")):
+            raise ValueError(
+                "use_vllm: vLLM generation is not supported (vLLM could not be installed where this pipeline is built "
+                "and tested, so the switch was never run); generation is transformers' generate: remove the key"
+            )
+        return raw
+
     @model_validator(mode="after")
     def _unique_names(self) -> GrpoSection:
         names = [r.label() for r in self.rewards]
@@ -113,14 +123,24 @@ class GrpoSection(Section):
         return self
 
 
-def grpo_refusal(method: str, grpo: GrpoSection, micro_batch_size: int | str, accumulation: int) -> str | None:
-    """Why a recipe's GRPO settings cannot run, or None (TRL's GRPOConfig would refuse them at train start)."""
+def grpo_refusal(
+    method: str, grpo: GrpoSection, micro_batch_size: int | str, accumulation: int, effective: int | None = None
+) -> str | None:
+    """Why a recipe's GRPO settings cannot run, or None (TRL's GRPOConfig would refuse them at train start).
+    ``effective``: training.effective_batch_size or gradient_accumulation_steps, the completions per step with
+    micro_batch_size auto (checked when given; training checks it again before probing)."""
     if (method == "grpo") != bool(grpo.rewards):
         return "grpo.rewards: method grpo needs at least one reward; other methods take none"
     if method != "grpo":
         return None
     if micro_batch_size == "auto":
-        return "training.micro_batch_size: method grpo needs a number (completions per forward pass), not auto"
+        # auto picks a micro batch that divides the completions per step; those must be whole groups
+        if effective is not None and effective % grpo.num_generations:
+            return (
+                f"training.effective_batch_size (default gradient_accumulation_steps): {effective} completions per "
+                f"step with micro_batch_size auto must be a multiple of grpo.num_generations ({grpo.num_generations})"
+            )
+        return None
     # TRL samples a generation batch of micro_batch_size x accumulation completions: whole groups only.
     completions = micro_batch_size * accumulation
     if completions % grpo.num_generations:

@@ -4,6 +4,13 @@ Each candidate runs a real forward and backward pass on ``size`` sequences of ``
 tokens (the worst case the data can produce); on out-of-memory the size halves. Gradient
 accumulation is then set so the effective batch stays what the recipe asked for. The choice is
 recorded in the run directory and reused on resume, so a resumed run sees the same batches.
+
+GRPO (sizes count completions) has a second phase: TRL samples the whole generation batch, micro batch x
+accumulation = the completions per step (training.effective_batch_size, default gradient_accumulation_steps),
+at once, whatever the micro batch. That phase is probed first, once, at its largest: the KV cache of every
+completion at the full max_length and the sampling of a token in fp32. The micro batch then backs off over
+the sizes that divide the completions per step, so micro batch x accumulation is exactly that many whole
+groups (a multiple of grpo.num_generations, checked at validate) and TRL accepts it.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import torch
 
 from qlora_pipe.errors import UserError
 from qlora_pipe.recipe import Recipe
+from qlora_pipe.recipe.grpo import grpo_refusal
 from qlora_pipe.runs import RunDir, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -44,19 +52,46 @@ def try_micro_batch(model, size: int, length: int) -> None:
         model.train(was_training)
 
 
-def find_micro_batch(probe: Callable[[int], None], start: int, smallest: int = 1) -> int:
+def try_generation(model, completions: int, length: int) -> int:
+    """GRPO's generation phase at its largest: ``completions`` sequences of ``length`` tokens prefilled
+    into the KV cache (generate's own prefill is the shorter prompt, its decoding steps one token each) and
+    the next token sampled from fp32 probabilities. Returns the KV cache's bytes; raises
+    torch.OutOfMemoryError when it does not fit."""
+    device = next(model.parameters()).device
+    ids = torch.randint(0, model.config.vocab_size, (completions, length), device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+            torch.multinomial(torch.softmax(out.logits[:, -1].float(), dim=-1), 1)
+            layers = out.past_key_values.layers
+            return sum(t.numel() * t.element_size() for layer in layers for t in (layer.keys, layer.values))
+    finally:
+        model.train(was_training)
+
+
+def largest_divisor(total: int, size: int) -> int:
+    """The largest micro batch up to ``size`` that divides ``total`` (0 for 0)."""
+    return next((n for n in range(min(size, total), 0, -1) if total % n == 0), 0)
+
+
+def find_micro_batch(
+    probe: Callable[[int], None], start: int, smallest: int = 1, allowed: Callable[[int], int] = lambda n: n
+) -> int:
     """The first size from ``start`` down (halving) that fits; ``smallest`` is the least the method can
-    train with (KTO: 2, its KL term comes from the other rows of the micro batch)."""
-    size = start
+    train with (KTO: 2, its KL term comes from the other rows of the micro batch). ``allowed`` rounds each
+    candidate down to a size the method takes (GRPO: a divisor of the completions per step)."""
+    size = allowed(start)
     while size >= smallest:
         try:
             probe(size)
             return size
         except torch.OutOfMemoryError:
-            log.warning("micro batch %d does not fit in memory; trying %d", size, size // 2)
+            log.warning("micro batch %d does not fit in memory; trying %d", size, allowed(size // 2))
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            size //= 2
+            size = allowed(size // 2)
     raise UserError(
         f"training.micro_batch_size: even a micro batch of {smallest} runs out of memory at data.max_length"
     )
@@ -76,8 +111,14 @@ def choose_batch(recipe: Recipe, run: RunDir, model, start: int | None = None) -
     length = recipe.data.max_length
     start = start or t.auto_micro_batch_start
     smallest = 2 if recipe.method == "kto" else 1
-    size = find_micro_batch(lambda n: try_micro_batch(model, n, length), max(start, smallest), smallest)
     effective = t.effective_batch_size or t.gradient_accumulation_steps
+    allowed: Callable[[int], int] = lambda n: n  # noqa: E731
+    if recipe.method == "grpo":  # the generation batch first; then micro batches that divide it
+        if refusal := grpo_refusal("grpo", recipe.grpo, "auto", t.gradient_accumulation_steps, effective):
+            raise UserError(refusal)
+        probe_generation(model, effective, length)
+        allowed = lambda n: largest_divisor(effective, n)  # noqa: E731
+    size = find_micro_batch(lambda n: try_micro_batch(model, n, length), max(start, smallest), smallest, allowed)
     choice = BatchChoice(size, max(1, math.ceil(effective / size)))
     log.info(
         "micro batch: %d fits (x %d accumulation = %d sequences per step)",
@@ -89,3 +130,20 @@ def choose_batch(recipe: Recipe, run: RunDir, model, start: int | None = None) -
         recorded, {"micro_batch_size": size, "gradient_accumulation_steps": choice.gradient_accumulation_steps}
     )
     return choice
+
+
+def probe_generation(model, completions: int, length: int) -> None:
+    """GRPO: the generation batch (every completion of a step, sampled at once) must fit; no micro batch
+    makes it smaller."""
+    try:
+        cache = try_generation(model, completions, length)
+    except torch.OutOfMemoryError:
+        raise UserError(
+            f"training.micro_batch_size auto: generating a step's {completions} completions at once (TRL samples "
+            f"micro batch x accumulation together) at data.max_length {length} runs out of memory; lower "
+            "training.effective_batch_size (or gradient_accumulation_steps), data.max_length or max_completion_length"
+        ) from None
+    finally:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    log.info("generation batch: %d completions x %d tokens fit (KV cache %.1f MiB)", completions, length, cache / 2**20)

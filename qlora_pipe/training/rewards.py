@@ -21,12 +21,21 @@ Reward = Callable[..., list[float]]
 
 
 def completion_text(completion: Any) -> str:
-    """A completion as TRL hands it over: a string, or a list of messages (the assistant's turn)."""
+    """A completion as TRL hands it over: a string, or a list of messages (the assistant's turn). Calls that
+    TRL parsed out of the text (a tokenizer with a response schema) come back as <tool_call> blocks."""
     if isinstance(completion, str):
         return completion
     if isinstance(completion, list):
-        return "".join(str(m.get("content") or "") for m in completion if isinstance(m, dict))
+        return "".join(_message_text(m) for m in completion if isinstance(m, dict))
     return str(completion)
+
+
+def _message_text(message: dict) -> str:
+    calls = []
+    for call in message.get("tool_calls") or []:
+        function = call.get("function", call) if isinstance(call, dict) else {}
+        calls.append({"name": function.get("name"), "arguments": function.get("arguments")})
+    return str(message.get("content") or "") + "".join(f"<tool_call>{json.dumps(c)}</tool_call>" for c in calls)
 
 
 def _answer(text: str, pattern: re.Pattern | None) -> str | None:
