@@ -118,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_args(plan)
     plan.add_argument("--gpu-memory", metavar="SIZE", help="memory budget, e.g. 24GiB (default 24GiB)")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.add_argument("--gpus", metavar="N", help="FSDP-QLoRA on N GPUs: each GPU's peak (default 1)")
+    plan.add_argument(
+        "--cpu-offload", action="store_true", help="with --gpus: FSDP keeps shards and optimizer in CPU RAM"
+    )
 
     validate = commands.add_parser("validate", help="check a recipe without loading anything")
     validate.add_argument("recipe", nargs="?", help="path to a recipe YAML file")

@@ -200,7 +200,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     from qlora_pipe.plan.report import run_plan_command
 
-    return run_plan_command(args.recipe, args.overrides, args.gpu_memory, args.json)
+    return run_plan_command(args.recipe, args.overrides, args.gpu_memory, args.json, args.gpus, args.cpu_offload)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

@@ -77,6 +77,16 @@ def advise(plan: MemoryPlan) -> Advice:
     return advice
 
 
+def fewest_gpus(plan: MemoryPlan, limit: int = 64) -> int | None:
+    """The fewest GPUs (2 or more, FSDP) on which this plan's settings fit its budget per GPU."""
+    if plan.budget is None:
+        return None
+    budget, shape = plan.budget, plan.shape
+    # Memory falls as GPUs are added, so bisect over n = limit + 2 - gpus, which fits for small n.
+    n = largest(lambda n: plan_memory(shape, replace(plan.settings, gpus=limit + 2 - n)).total <= budget, 2, limit)
+    return None if n is None else limit + 2 - n
+
+
 def recipe_shape(recipe: Recipe, config: dict | None = None) -> ModelShape:
     """The exact parameter shapes of the recipe's model, from its config.json (a meta-device build)."""
     return shape_from_config(config or read_config(recipe.model.name_or_path, recipe.model.revision))
@@ -89,14 +99,17 @@ def recipe_plan(
     micro_batch_size: int | None = None,
     max_length: int | None = None,
     shape: ModelShape | None = None,
+    gpus: int = 1,
+    cpu_offload: bool = False,
 ) -> MemoryPlan:
     """The plan of a recipe; 'auto' sizes resolve to the largest that fit the budget (1 / 2048 without one).
-    ``shape``: the model's shapes when the caller already has them (building them takes a meta-device model)."""
+    ``shape``: the model's shapes when the caller already has them (building them takes a meta-device model).
+    ``gpus`` > 1: one GPU's share of an FSDP-QLoRA run (plan/fsdp.py), the budget per GPU."""
     shape = shape or recipe_shape(recipe, config)
     t, d = recipe.training, recipe.data
     batch = micro_batch_size or (t.micro_batch_size if t.micro_batch_size != "auto" else None)
     length = max_length or (d.max_length if d.max_length != "auto" else None)
-    s = PlanSettings.from_recipe(recipe, batch or 1, length or 2048)
+    s = replace(PlanSettings.from_recipe(recipe, batch or 1, length or 2048), gpus=gpus, cpu_offload=cpu_offload)
     if budget is not None and length is None:
         s = replace(s, max_length=longest_sequence(shape, s, budget) or LENGTH_STEP)
     if budget is not None and batch is None:

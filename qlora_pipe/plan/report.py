@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Any
 
+from qlora_pipe.errors import UserError
 from qlora_pipe.hardware import PrecisionChoice, planning_hardware, resolve_recipe_precision
-from qlora_pipe.plan.advice import Advice, advise, parse_size, recipe_plan
-from qlora_pipe.plan.terms import GiB, MemoryPlan
+from qlora_pipe.plan.advice import Advice, advise, fewest_gpus, parse_size, recipe_plan
+from qlora_pipe.plan.fsdp import fsdp_header
+from qlora_pipe.plan.terms import GiB, MemoryPlan, plan_memory
 from qlora_pipe.recipe import load_recipe
 
 DEFAULT_BUDGET = "24GiB"
@@ -26,13 +29,16 @@ def plan_table(plan: MemoryPlan, precision: PrecisionChoice | None = None) -> st
     ]
     if precision is not None:
         lines.append(f"precision: {precision.precision}, compute {precision.compute_dtype} ({precision.reason})")
+    if s.gpus > 1:
+        lines.append(fsdp_header(s))
     lines.append("")
     for name, size in plan.terms:
         lines.append(f"  {name:<{width}} {gib(size):>11}   {plan.notes.get(name, '')}")
     lines.append(f"  {'total (predicted peak)':<{width}} {gib(plan.total):>11}")
     if plan.budget is not None:
         verdict = "fits" if plan.fits else "does NOT fit"
-        lines.append(f"  {'budget':<{width}} {gib(plan.budget):>11}   {verdict}, headroom {gib(plan.headroom)}")
+        label = "budget per GPU" if s.gpus > 1 else "budget"
+        lines.append(f"  {label:<{width}} {gib(plan.budget):>11}   {verdict}, headroom {gib(plan.headroom)}")
     return "\n".join(lines)
 
 
@@ -45,11 +51,18 @@ def advice_text(plan: MemoryPlan, advice: Advice) -> str:
     if advice.best_switch:
         outcome = "fits" if advice.switch_fits else "still does not fit"
         lines.append(f"biggest saving: --set {advice.best_switch} (-{gib(advice.best_saving)}, {outcome})")
+    if s.gpus > 1:
+        fewest = fewest_gpus(plan)
+        lines.append(f"fewest GPUs that fit at these settings: {fewest or 'more than 64'}")
+        if not plan.fits and not s.cpu_offload:
+            offload = plan_memory(plan.shape, replace(s, cpu_offload=True), plan.budget)
+            outcome = "fits" if offload.fits else "still does not fit"
+            lines.append(f"with --cpu-offload (fsdp_offload_params: true): {gib(offload.total)}, {outcome}")
     return "\n".join(lines)
 
 
 def plan_json(plan: MemoryPlan, advice: Advice, precision: PrecisionChoice | None = None) -> dict[str, Any]:
-    return {
+    report = {
         "precision": precision.as_dict() if precision else None,
         "model_type": plan.shape.model_type,
         "params": plan.shape.total_params,
@@ -65,15 +78,43 @@ def plan_json(plan: MemoryPlan, advice: Advice, precision: PrecisionChoice | Non
         "longest_sequence": advice.max_length,
         "best_switch": advice.best_switch,
     }
+    if plan.settings.gpus > 1:  # per GPU; one GPU's JSON stays as it was
+        report |= {
+            "gpus": plan.settings.gpus,
+            "cpu_offload": plan.settings.cpu_offload,
+            "fewest_gpus": fewest_gpus(plan),
+        }
+    return report
 
 
-def run_plan_command(recipe_path: str, overrides: list[str], gpu_memory: str | None, as_json: bool) -> int:
+def parse_gpus(text: str | None, cpu_offload: bool = False) -> int:
+    """--gpus: a whole number of GPUs, 1 or more (1: the one-GPU plan)."""
+    if text is None:
+        gpus = 1
+    elif not text.strip().isdigit() or int(text) < 1:
+        raise UserError(f"--gpus: expected a whole number of GPUs, 1 or more (got {text!r})")
+    else:
+        gpus = int(text)
+    if cpu_offload and gpus < 2:
+        raise UserError("--cpu-offload: FSDP's CPU offload needs --gpus 2 or more")
+    return gpus
+
+
+def run_plan_command(
+    recipe_path: str,
+    overrides: list[str],
+    gpu_memory: str | None,
+    as_json: bool,
+    gpus: str | None = None,
+    cpu_offload: bool = False,
+) -> int:
+    n_gpus = parse_gpus(gpus, cpu_offload)
     recipe, precision = resolve_recipe_precision(load_recipe(recipe_path, overrides=overrides), planning_hardware())
     if gpu_memory:
         budget = parse_size(gpu_memory, "--gpu-memory")
     else:
         budget = parse_size(recipe.training.memory_budget or DEFAULT_BUDGET, "training.memory_budget")
-    plan = recipe_plan(recipe, budget)
+    plan = recipe_plan(recipe, budget, gpus=n_gpus, cpu_offload=cpu_offload)
     advice = advise(plan)
     if as_json:
         print(json.dumps(plan_json(plan, advice, precision), indent=2))

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, replace
 
 from qlora_pipe.hardware import planning_hardware, with_resolved_precision
 from qlora_pipe.lora_targets import is_target
+from qlora_pipe.plan.fsdp import fsdp_rows
 from qlora_pipe.plan.grpo_terms import generation_terms, grpo_settings
 from qlora_pipe.plan.shapes import Linear, ModelShape
 from qlora_pipe.recipe import Recipe
@@ -74,6 +75,9 @@ class PlanSettings:
     reference_adapter: bool = False
     # GRPO (method: grpo): micro batches per generation batch (0: no generation phase); plan/grpo_terms.py
     generation_steps: int = 0
+    # FSDP-QLoRA (`plan --gpus N`): each GPU's share of a FULL_SHARD run, and CPU offload (plan/fsdp.py)
+    gpus: int = 1
+    cpu_offload: bool = False
 
     @classmethod
     def from_recipe(cls, recipe: Recipe, micro_batch_size: int, max_length: int) -> PlanSettings:
@@ -183,8 +187,7 @@ def trainable_terms(shape: ModelShape, s: PlanSettings) -> tuple[int, list[tuple
     adapted = adapted_linears(shape.linears, s.target_modules)
     lora_params = sum(s.lora_r * (lin.in_features + lin.out_features) for lin in adapted)
     lora_params += sum(lin.out_features for lin in adapted) if s.use_dora else 0
-    # TRL casts the adapter of a 4-bit model to bf16 when training in bf16; otherwise PEFT keeps it in fp32.
-    lora_bytes = 2 if s.quantized and s.precision == "bf16" else 4
+    lora_bytes = lora_param_bytes(s)
     full = _saved_module_params(shape, s.modules_to_save)  # trained copies, in the compute dtype
     weights = lora_params * lora_bytes + full * s.compute_bytes
     states = optimizer_bytes_per_param(s.optimizer, lora_bytes) * lora_params
@@ -199,6 +202,17 @@ def trainable_terms(shape: ModelShape, s: PlanSettings) -> tuple[int, list[tuple
         label = "reference adapter (GRPO)" if s.generation_steps else "reference adapter (DPO)"
         rows.append((label, lora_params * lora_bytes, "TRL's frozen copy of the starting adapter"))
     return lora_params + full, rows
+
+
+def lora_param_bytes(s: PlanSettings) -> int:
+    """TRL casts the adapter of a 4-bit model to bf16 when training in bf16; otherwise PEFT keeps it in fp32."""
+    return 2 if s.quantized and s.precision == "bf16" else 4
+
+
+def layer_lora_params(shape: ModelShape, s: PlanSettings) -> int:
+    """The adapter parameters of one decoder layer."""
+    adapted = adapted_linears([lin for lin in shape.linears if ".0." in lin.name], s.target_modules)
+    return sum(s.lora_r * (lin.in_features + lin.out_features) + lin.out_features * s.use_dora for lin in adapted)
 
 
 def layer_saved_bytes_per_token(shape: ModelShape, s: PlanSettings) -> int:
@@ -267,10 +281,14 @@ def plan_memory(shape: ModelShape, s: PlanSettings, budget: int | None = None) -
     """Every peak-memory term for these settings, and the total against ``budget``."""
     rows = weight_terms(shape, s)
     trainable, rows_t = trainable_terms(shape, s)
-    rows += rows_t + activation_terms(shape, s)
+    rows += rows_t
+    if s.gpus > 1:  # FSDP: this GPU's share, plus the units it gathers (plan/fsdp.py)
+        rows = fsdp_rows(shape, s, rows, layer_lora_params(shape, s), lora_param_bytes(s))
+    rows += activation_terms(shape, s)
     rows += generation_terms(shape, s, rows)
     overhead = CUDA_CONTEXT + int(FRAGMENTATION * sum(b for _, b, _ in rows))
-    rows.append((RUNTIME_TERM, overhead, "CUDA context (~0.5 GiB) + 5% allocator slack (assumed)"))
+    nccl = "; NCCL's buffers not counted" if s.gpus > 1 else ""
+    rows.append((RUNTIME_TERM, overhead, f"CUDA context (~0.5 GiB) + 5% allocator slack (assumed){nccl}"))
     terms = [(name, b) for name, b, _ in rows]
     notes = {name: note for name, _, note in rows}
     return MemoryPlan(terms, notes, s, shape, trainable, budget)
