@@ -471,8 +471,9 @@ def test_grpo_auto_generation_probe_holds_the_planned_kv_cache_and_refuses_what_
     tiny_model_dir, tmp_path, monkeypatch
 ):
     """The generation probe really holds the KV cache the planner counts for the generation batch (every
-    completion at data.max_length); a generation batch that does not fit stops the run in one line naming
-    what to lower, and completions per step that are not whole groups are refused before any probe."""
+    completion at data.max_length) and peaks above a real sampling of that batch (profiler's memory
+    timeline, CPU); a generation batch that does not fit stops the run in one line naming what to lower,
+    and completions per step that are not whole groups are refused before any probe."""
     from dataclasses import replace
 
     import torch
@@ -483,13 +484,31 @@ def test_grpo_auto_generation_probe_holds_the_planned_kv_cache_and_refuses_what_
     from qlora_pipe.training import micro_batch as autobatch
     from qlora_pipe.training.method import load_policy
     from qlora_pipe.training.stage import run_training
+    from tests.test_plan import _step_peak
 
     recipe = auto_recipe(tiny_model_dir, tmp_path, "probe", 8, max_steps=1)
-    model = load_policy(recipe, load_tokenizer(recipe)).model
-    length = 64
+    tokenizer = load_tokenizer(recipe)
+    model = load_policy(recipe, tokenizer).model
+    length, new = 64, 16
     held = autobatch.try_generation(model, 8, length)
     plan = plan_for_recipe(recipe, micro_batch_size=1, max_length=length)
     assert held == kv_cache_bytes(plan.shape, replace(plan.settings, micro_batch_size=8, generation_steps=1))
+    # an upper bound of the real thing: sampling 8 completions of 16 tokens after 48-token prompts
+    ids = torch.randint(0, model.config.vocab_size, (8, length - new))
+
+    def generate() -> None:
+        with torch.no_grad():
+            model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=new,
+                min_new_tokens=new,
+                do_sample=True,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+
+    model.eval()
+    assert _step_peak(lambda: autobatch.try_generation(model, 8, length)) >= _step_peak(generate)
 
     def no_room(model, completions, length):
         raise torch.OutOfMemoryError("simulated: CUDA out of memory")

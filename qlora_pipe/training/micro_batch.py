@@ -65,7 +65,8 @@ def try_generation(model, completions: int, length: int) -> int:
         with torch.no_grad():
             out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
             torch.multinomial(torch.softmax(out.logits[:, -1].float(), dim=-1), 1)
-            layers = out.past_key_values.layers
+            cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values  # older name
+            layers = cache.layers
             return sum(t.numel() * t.element_size() for layer in layers for t in (layer.keys, layer.values))
     finally:
         model.train(was_training)
