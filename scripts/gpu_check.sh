@@ -8,7 +8,107 @@
 #   bash scripts/gpu_check.sh            # on a machine with a CUDA GPU
 #   bash scripts/gpu_check.sh --dry      # rehearsal on CPU with tiny shapes (about a minute)
 # = python -m benchmarks gpu [--dry] from the repository root.
+#
+# Multi-GPU stage, only where nvidia-smi lists more than one GPU (not with --dry; about 5 minutes): a short
+# FSDP-QLoRA run launched as a user launches it (accelerate launch --config_file accelerate/fsdp_qlora.yaml),
+# on a 1.3B Llama-shaped model with random weights, beside the same run on one GPU. It prints and writes
+# benchmarks/results/gpu-fsdp-<date>-<N>gpus.json: each run's peak torch.cuda.max_memory_allocated (rank 0's
+# summary.json; FSDP gives every rank the same shapes) against `qlora-pipe plan --gpus N` (its allocated part),
+# and trained tokens/s on N GPUs against one GPU. Skip it with QLORA_PIPE_SKIP_FSDP=1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false TQDM_MININTERVAL=10
-exec timeout 480 python -m benchmarks gpu "$@"
+
+# The FSDP stage's recipe: the quickstart recipe on the wider model, packed to full 1024-token sequences (the
+# planner plans full sequences), 12 steps.
+FSDP_SETS=(
+    --set model.name_or_path=models/fsdp-base --set data.packing=true --set data.max_length=1024
+    --set training.micro_batch_size=2 --set training.max_steps=12 --set training.eval_steps=1000
+    --set training.save_steps=1000 --set training.preview_prompts=[] --set training.optimizer=adamw_torch
+    --set quantization.compute_dtype=bfloat16 --set quantization.quant_storage=bfloat16
+    --set training.precision=bf16 --set training.report_to=[]
+)
+
+fsdp_stage() {
+    local gpus=$1 work out
+    work=$(mktemp -d)
+    out="$PWD/benchmarks/results/gpu-fsdp-$(date +%F)-${gpus}gpus.json"
+    for item in data recipes accelerate; do ln -s "$PWD/$item" "$work/$item"; done
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+    (cd "$work" && python -m qlora_pipe.cli build-quickstart-model --out models/quickstart-base --steps 5 >build.log 2>&1)
+    # 1.3B parameters, the quickstart tokenizer: big enough that the shards, not the CUDA context, show.
+    (cd "$work" && python - <<'EOF'
+import shutil
+from pathlib import Path
+
+import torch
+import transformers
+
+base = Path("models/quickstart-base")
+config = transformers.AutoConfig.from_pretrained(base)
+config.update(dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=20, num_attention_heads=16,
+                   num_key_value_heads=8, head_dim=128, max_position_embeddings=4096, tie_word_embeddings=False))
+torch.manual_seed(0)
+with torch.device("cuda"):
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+model.save_pretrained("models/fsdp-base")
+for path in base.iterdir():
+    if "token" in path.name or path.name.endswith(".jinja"):
+        shutil.copy(path, Path("models/fsdp-base") / path.name)
+EOF
+    )
+    local one=0 many=0
+    (cd "$work" && python -m qlora_pipe.cli train recipes/quickstart.yaml "${FSDP_SETS[@]}" \
+        --set run_name=one-gpu >one-gpu.log 2>&1) || one=$?
+    (cd "$work" && accelerate launch --config_file accelerate/fsdp_qlora.yaml --num_processes "$gpus" \
+        -m qlora_pipe.cli train recipes/quickstart.yaml "${FSDP_SETS[@]}" \
+        --set run_name=fsdp >fsdp.log 2>&1) || many=$?
+    (cd "$work" && python -m qlora_pipe.cli plan recipes/quickstart.yaml "${FSDP_SETS[@]}" --json >plan-1.json)
+    (cd "$work" && python -m qlora_pipe.cli plan recipes/quickstart.yaml "${FSDP_SETS[@]}" --gpus "$gpus" \
+        --json >plan-n.json)
+    (cd "$work" && python - "$gpus" "$one" "$many" "$out" <<'EOF'
+import json
+import sys
+from pathlib import Path
+
+gpus, one_rc, many_rc, out = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])
+
+
+def run(name: str, rc: int, plan_file: str) -> dict:
+    plan = json.loads(Path(plan_file).read_text())
+    row = {"exit": rc, "planned_allocated_bytes": plan["allocated"], "planned_total_bytes": plan["total"]}
+    summary = Path("runs") / name / "summary.json"
+    if summary.is_file():
+        data = json.loads(summary.read_text())
+        keys = ("peak_memory_bytes", "peak_memory_kind", "supervised_tokens_per_second", "device")
+        row.update({key: data.get(key) for key in keys})
+        if row.get("peak_memory_bytes"):
+            row["measured_over_planned"] = round(row["peak_memory_bytes"] / plan["allocated"], 3)
+    else:
+        row["log_tail"] = " ".join(Path(f"{name}.log").read_text(errors="replace")[-600:].split())
+    return row
+
+
+result = {"gpus": gpus, "one_gpu": run("one-gpu", one_rc, "plan-1.json"), "fsdp": run("fsdp", many_rc, "plan-n.json")}
+speeds = [result[k].get("supervised_tokens_per_second") for k in ("one_gpu", "fsdp")]
+if all(speeds):
+    result["fsdp_speedup_over_one_gpu"] = round(speeds[1] / speeds[0], 2)  # per rank-0 count; see docs
+out.parent.mkdir(parents=True, exist_ok=True)
+out.write_text(json.dumps(result, indent=2) + "\n")
+print(json.dumps(result, indent=2))
+print(f"written: {out}")
+EOF
+    )
+}
+
+status=0
+timeout 480 python -m benchmarks gpu "$@" || status=$?
+
+gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ' || true)
+if [[ " $* " == *" --dry "* || "${QLORA_PIPE_SKIP_FSDP:-0}" == 1 || "${gpus:-0}" -lt 2 ]]; then
+    echo "multi-GPU stage: skipped (${gpus:-0} GPU(s) listed by nvidia-smi)"
+else
+    export -f fsdp_stage
+    timeout 420 bash -c "$(declare -p FSDP_SETS); fsdp_stage $gpus" || echo "multi-GPU stage failed (exit $?)"
+fi
+exit "$status"

@@ -1,23 +1,27 @@
 """Print (or write into docs/planner.md) the memory plan of well-known models at 2k and 8k tokens.
 
     python scripts/plan_known_models.py            # markdown table on stdout
-    python scripts/plan_known_models.py --docs     # rewrite docs/planner.md between the markers (or --readme)
+    python scripts/plan_known_models.py --gpus     # the FSDP table (per GPU, 2 / 4 / 8 GPUs) on stdout
+    python scripts/plan_known_models.py --docs     # rewrite docs/planner.md and docs/long-runs.md between markers
 
-Uses the bundled configs (qlora_pipe/plan/model_configs/), so it works offline. The recipe is
-recipes/qa-legal.yaml with only the model and the sequence length changed.
+Uses the bundled configs (qlora_pipe/plan/model_configs/), so it works offline. The one-GPU recipe is
+recipes/qa-legal.yaml with only the model and the sequence length changed; the FSDP one is
+recipes/llama3-70b-fsdp.yaml with only the model changed.
 """
 
 import argparse
 import re
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "planner.md"
+LONG_RUNS = ROOT / "docs" / "long-runs.md"
 sys.path.insert(0, str(ROOT))
 
 from qlora_pipe.hardware import ASSUMED_GPU, resolve_recipe_precision  # noqa: E402
-from qlora_pipe.plan.advice import advise, parse_size, recipe_plan  # noqa: E402
+from qlora_pipe.plan.advice import advise, fewest_gpus, parse_size, recipe_plan, recipe_shape  # noqa: E402
 from qlora_pipe.plan.report import advice_text, plan_table  # noqa: E402
 from qlora_pipe.plan.terms import GiB  # noqa: E402
 from qlora_pipe.recipe import load_recipe  # noqa: E402
@@ -32,6 +36,11 @@ MODELS = [
 BUDGET = "24GiB"
 START, END = "<!-- plan-table:start -->\n", "<!-- plan-table:end -->\n"
 EXAMPLE_START, EXAMPLE_END = "<!-- plan-example:start -->\n", "<!-- plan-example:end -->\n"
+FSDP_RECIPE = "recipes/llama3-70b-fsdp.yaml"
+FSDP_MODELS = ["meta-llama/Llama-3.1-70B-Instruct", "meta-llama/Llama-2-70b-hf", "meta-llama/Llama-3.1-405B"]
+FSDP_GPUS = (2, 4, 8)
+FSDP_START, FSDP_END = "<!-- fsdp-table:start -->\n", "<!-- fsdp-table:end -->\n"
+FSDP_EXAMPLE_START, FSDP_EXAMPLE_END = "<!-- fsdp-example:start -->\n", "<!-- fsdp-example:end -->\n"
 
 
 def example() -> str:
@@ -41,6 +50,33 @@ def example() -> str:
     plan = recipe_plan(recipe, parse_size(BUDGET))
     body = f"{plan_table(plan, precision)}\n\n{advice_text(plan, advise(plan))}\n"
     return f"```text\n$ qlora-pipe plan recipes/qa-legal.yaml\n{body}```\n"
+
+
+def fsdp_example(gpus: int = 2) -> str:
+    """What `qlora-pipe plan recipes/llama3-70b-fsdp.yaml --gpus 2` prints, as a markdown code block."""
+    recipe, precision = resolve_recipe_precision(load_recipe(ROOT / FSDP_RECIPE), ASSUMED_GPU)
+    plan = recipe_plan(recipe, parse_size(BUDGET), gpus=gpus)
+    body = f"{plan_table(plan, precision)}\n\n{advice_text(plan, advise(plan))}\n"
+    return f"```text\n$ qlora-pipe plan {FSDP_RECIPE} --gpus {gpus}\n{body}```\n"
+
+
+def fsdp_table() -> str:
+    """Each GPU's peak for 2, 4 and 8 GPUs (micro batch 1 x 2048 tokens), and the fewest 24 / 80 GiB GPUs."""
+    rows = [
+        "| model | CPU offload | 2 GPUs | 4 GPUs | 8 GPUs | fewest 24 GiB GPUs | fewest 80 GiB GPUs |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in FSDP_MODELS:
+        recipe = load_recipe(ROOT / FSDP_RECIPE, [f"model.name_or_path={name}"])
+        shape = recipe_shape(recipe)
+        for offload in (False, True):
+            plans = [recipe_plan(recipe, None, shape=shape, gpus=n, cpu_offload=offload) for n in FSDP_GPUS]
+            cells = " | ".join(f"{p.total / GiB:.1f} GiB" for p in plans)
+            fewest = [fewest_gpus(replace(plans[0], budget=parse_size(b))) for b in ("24GiB", "80GiB")]
+            counts = " | ".join(str(n) if n else "none up to 64" for n in fewest)
+            size = f"{plans[0].shape.total_params / 1e9:.0f}B"
+            rows.append(f"| {name} ({size}) | {'yes' if offload else 'no'} | {cells} | {counts} |")
+    return "\n".join(rows) + "\n"
 
 
 def replace_between(text: str, start: str, end: str, body: str) -> str:
@@ -78,11 +114,13 @@ if __name__ == "__main__":
     parser.add_argument(
         "--docs", "--readme", dest="docs", action="store_true", help="rewrite the example and table in docs/planner.md"
     )
+    parser.add_argument("--gpus", action="store_true", help="print the FSDP table (per GPU) instead")
     args = parser.parse_args()
-    text = table()
     if args.docs:
-        updated = replace_between(DOC.read_text(), START, END, text)
+        updated = replace_between(DOC.read_text(), START, END, table())
         DOC.write_text(replace_between(updated, EXAMPLE_START, EXAMPLE_END, example()))
-        print(f"updated {DOC}")
+        long_runs = replace_between(LONG_RUNS.read_text(), FSDP_START, FSDP_END, fsdp_table())
+        LONG_RUNS.write_text(replace_between(long_runs, FSDP_EXAMPLE_START, FSDP_EXAMPLE_END, fsdp_example()))
+        print(f"updated {DOC} and {LONG_RUNS}")
     else:
-        print(text, end="")
+        print(fsdp_table() if args.gpus else table(), end="")

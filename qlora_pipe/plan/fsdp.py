@@ -1,6 +1,7 @@
 """Per-GPU peak memory under FSDP-QLoRA (`qlora-pipe plan RECIPE --gpus N`).
 
-FSDP (FULL_SHARD) splits every parameter N ways and gathers a wrapped unit whole only while it runs.
+FSDP (FSDP1's FULL_SHARD, FSDP2's reshard_after_forward) splits every parameter N ways and gathers a
+wrapped unit (here: one decoder layer) whole only while it runs.
 With QLoRA the 4-bit weights are stored in the compute dtype (quantization.quant_storage = bfloat16),
 so a packed NF4 weight keeps its n/2 bytes and FSDP shards it like any bf16 tensor. Per GPU:
 
@@ -11,17 +12,18 @@ so a packed NF4 weight keeps its n/2 bytes and FSDP shards it like any bf16 tens
   and ``Linear4bit.forward`` restores it onto the gathered weight
   (``bitsandbytes.nn.modules.fix_4bit_weight_quant_state_from_module``);
 - FSDP's root unit whole: the embeddings, lm_head and final norm are not inside a decoder layer, so they
-  belong to the outermost wrapped module, which FSDP does not reshard after forward (FSDP1
-  ``_post_forward_reshard``: "Do not free the root's parameters ... for FULL_SHARD"): gathered from
-  the first forward to the end of backward;
-- two decoder layers gathered whole (the one running and the one prefetched, ``BACKWARD_PRE``), in the
+  belong to the outermost wrapped module. FSDP1 never reshards the root after forward
+  (``_post_forward_reshard``: "Do not free the root's parameters ... for FULL_SHARD"); FSDP2 gathers it
+  in the root's pre-forward until its post-forward, and again from the start of backward until the final
+  callback at its end (frozen parameters, no earlier post-backward): either way it is whole at the peak;
+- two decoder layers gathered whole (the one running and the one prefetched for backward), in the
   storage dtype, with their LoRA weights;
 - one decoder layer's LoRA gradients whole, the input of the reduce-scatter;
 - activations and the transient peak per micro batch, as on one GPU: each GPU runs its own micro batch.
 
-With CPU offload (accelerate's ``fsdp_offload_params: true``) the shards, their gradients and the
-optimizer step live in CPU RAM; what a GPU holds is the gathered units, the quantization state and the
-activations. NCCL's own buffers are outside PyTorch's allocator and not counted.
+With CPU offload (accelerate's ``fsdp_offload_params: true``; FSDP2's ``CPUOffloadPolicy``) the shards,
+their gradients and the optimizer step live in CPU RAM; what a GPU holds is the gathered units, the
+quantization state and the activations. NCCL's own buffers are outside PyTorch's allocator, not counted.
 """
 
 from __future__ import annotations
@@ -106,6 +108,6 @@ def fsdp_rows(
 def fsdp_header(s: PlanSettings) -> str:
     offload = ", CPU offload (fsdp_offload_params)" if s.cpu_offload else ""
     return (
-        f"FSDP on {s.gpus} GPUs: FULL_SHARD, 4-bit weights stored as bfloat16 (quant_storage){offload}; "
+        f"FSDP on {s.gpus} GPUs: fully sharded, 4-bit weights stored as bfloat16 (quant_storage){offload}; "
         f"every figure is per GPU, each GPU runs its own micro batch"
     )

@@ -53,7 +53,7 @@ def advice_text(plan: MemoryPlan, advice: Advice) -> str:
         lines.append(f"biggest saving: --set {advice.best_switch} (-{gib(advice.best_saving)}, {outcome})")
     if s.gpus > 1:
         fewest = fewest_gpus(plan)
-        lines.append(f"fewest GPUs that fit at these settings: {fewest or 'more than 64'}")
+        lines.append(f"fewest GPUs that fit at these settings: {fewest or 'none up to 64'}")
         if not plan.fits and not s.cpu_offload:
             offload = plan_memory(plan.shape, replace(s, cpu_offload=True), plan.budget)
             outcome = "fits" if offload.fits else "still does not fit"
