@@ -60,6 +60,13 @@ class TrainerInternals:
     adapter_dtypes: dict[str, Any]
     skip_this_step: bool
 
+    def create_accelerator_and_postprocess(self) -> None:
+        from qlora_pipe.compat.accelerate import fsdp_on_cpu
+
+        super().create_accelerator_and_postprocess()
+        if fsdp_on_cpu(self.accelerator):
+            self.is_fsdp_enabled = True
+
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         for name, param in (model or self.model).named_parameters():

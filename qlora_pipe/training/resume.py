@@ -122,17 +122,34 @@ def resume_command(recipe: Recipe, run: RunDir) -> str:
 
 
 def resolve_checkpoint(run: RunDir, path: str | None) -> Path:
-    """The checkpoint to resume from: the given one (checked) or the latest complete one."""
+    """The checkpoint to resume from: the given one (checked) or the latest complete one, written by a
+    launch of as many processes as this one."""
     if path:
         checkpoint = Path(path)
         problem = checkpoint_problem(checkpoint) if checkpoint.is_dir() else "not a directory"
         if problem:
             raise UserError(f"cannot resume from {checkpoint}: {problem}")
-        return checkpoint
-    checkpoint = latest_valid_checkpoint(run.checkpoints)
-    if checkpoint is None:
-        raise UserError(f"nothing to resume: no complete checkpoint under {run.checkpoints}")
+    else:
+        checkpoint = latest_valid_checkpoint(run.checkpoints)
+        if checkpoint is None:
+            raise UserError(f"nothing to resume: no complete checkpoint under {run.checkpoints}")
+    check_same_processes(checkpoint)
     return checkpoint
+
+
+def check_same_processes(checkpoint: Path) -> None:
+    """A checkpoint resumes only under as many processes as wrote it: each process's batches (so the
+    effective batch and the data order), its RNG state and, under FSDP, its shard depend on that number."""
+    from qlora_pipe.dist import world_size
+
+    marker = read_marker(checkpoint)
+    saved, now = marker.get("processes"), world_size()
+    if saved is not None and saved != now:
+        launch = f"{marker['sharding'].upper()} " if marker.get("sharding") else ""
+        raise UserError(
+            f"cannot resume from {checkpoint}: it was saved by a {launch}launch of {saved} processes, this "
+            f"launch has {now}; resume with {saved} processes (--num_processes {saved} / --nproc_per_node {saved})"
+        )
 
 
 def check_trainable_count(checkpoint: Path, trainable_params: int) -> None:

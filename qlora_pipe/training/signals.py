@@ -23,17 +23,43 @@ class StopRequest:
     signal_name: str | None = None
 
 
+def signal_of_any_process(signal_name: str | None) -> str | None:
+    """The signal any process of a multi-process launch received (a collective: every process calls it at
+    each step end), so that a SIGTERM sent to one rank stops them all at the same step boundary."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return signal_name
+    from qlora_pipe.model import training_device
+
+    number = torch.tensor([signal.Signals[signal_name].value if signal_name else 0], device=training_device())
+    dist.all_reduce(number, op=dist.ReduceOp.MAX)
+    return signal.Signals(int(number.item())).name if int(number.item()) else None
+
+
 class StopAtStepBoundary(TrainerCallback):
-    """When a stop was requested, save a checkpoint at the end of this step and end training."""
+    """When a stop was requested (of this process or any other of the launch), save a checkpoint at the end
+    of this step and end training."""
 
     def __init__(self, request: StopRequest) -> None:
         self.request = request
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.request.signal_name:
+        # Every process acts on the agreed answer, never on its own flag alone: a signal that lands after the
+        # agreement is acted on at the next step end, by all processes together.
+        received = signal_of_any_process(self.request.signal_name)
+        if received and not self.request.signal_name:
+            log.warning("%s received by another process: finishing this step and saving a checkpoint", received)
+        if received:
+            self.request.signal_name = received
             control.should_save = True
             control.should_training_stop = True
         return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        # A signal after the last step's agreement: every process reports the same outcome.
+        self.request.signal_name = signal_of_any_process(self.request.signal_name)
 
 
 @contextmanager

@@ -9,12 +9,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import shutil
 import sys
 import time
 from dataclasses import dataclass
 from importlib.metadata import version
-from pathlib import Path
 from typing import Any
 
 from qlora_pipe.data.prepared import PreparedData
@@ -44,6 +42,7 @@ from qlora_pipe.training.resume import (
     resume_command,
     truncate_metrics,
 )
+from qlora_pipe.training.saving import full_adapter_state, is_sharded, save_adapter
 from qlora_pipe.training.signals import StopAtStepBoundary, graceful_stop
 from qlora_pipe.training.speed_switches import check_speed_switches
 
@@ -89,28 +88,6 @@ def build_trainer(
     if "tensorboard" in recipe.training.report_to:
         trainer.add_callback(tensorboard_callback(run.tensorboard))
     return trainer
-
-
-def absolute_base_path(adapter_config: Path) -> None:
-    """A local base is named by its absolute path, so PEFT finds it from any working directory (a push
-    replaces it with the base's public name)."""
-    config = json.loads(adapter_config.read_text())
-    base = config.get("base_model_name_or_path")
-    if base and Path(base).is_dir() and not Path(base).is_absolute():
-        config["base_model_name_or_path"] = str(Path(base).resolve())
-        adapter_config.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-
-def save_adapter(model, tokenizer, run: RunDir) -> None:
-    """Write adapter and tokenizer to a temporary directory, then move them into the run."""
-    tmp = run.root / ".adapter.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
-    tokenizer.save_pretrained(str(tmp))
-    absolute_base_path(tmp / "adapter_config.json")
-    for item in tmp.iterdir():
-        item.replace(run.root / item.name)
-    tmp.rmdir()
 
 
 def run_training(
@@ -232,17 +209,19 @@ def _train_and_save(
         )
     eval_after = trainer.evaluate()["eval_loss"] if data.eval is not None else None
     supervised_tokens = trainer.total_supervised_tokens()  # a collective: every process calls it
+    sharded = is_sharded(model)  # FSDP: gathering the adapter and each forward pass are collectives
+    adapter = full_adapter_state(model) if sharded else None
+    if sharded or is_main_process():
+        after = generate_answers(model, tokenizer, prompts, data.system_prompt, recipe.training.preview_max_new_tokens)
     if not is_main_process():
         return {}
-
-    after = generate_answers(model, tokenizer, prompts, data.system_prompt, recipe.training.preview_max_new_tokens)
     if prompts:
         pairs = zip(prompts, before, after, strict=True)
         rows = [{"prompt": p, "before": b, "after": a} for p, b, a in pairs]
         write_json_atomic(run.preview, rows)
         print_preview(rows)
 
-    save_adapter(model, tokenizer, run)
+    save_adapter(model, tokenizer, run, adapter)
     curve = plot_losses(run.metrics, run.loss_curve, f"{recipe.run_name}: {recipe.model.name_or_path}")
     evals = [(row["eval_loss"], row["step"]) for row in trainer.state.log_history if "eval_loss" in row]
     best_loss, best_step = min(evals) if evals else (None, None)

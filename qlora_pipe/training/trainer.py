@@ -153,6 +153,9 @@ class RunGuarantees:
             "trainable_params": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
             "supervised_tokens": self.supervised_tokens,
             "skipped_steps": self.skipped_steps,
+            # The launch that wrote it: the data order and the sharded files depend on both.
+            "processes": self.accelerator.num_processes,
+            "sharding": "fsdp" if self.is_fsdp_enabled else ("deepspeed" if self.is_deepspeed_enabled else None),
         }
 
     def rotate_checkpoints(self) -> None:

@@ -1,0 +1,59 @@
+"""The run's final adapter: written once, by the first process, in PEFT's format, whatever the launch.
+
+Under FSDP each process holds a shard of every trainable (LoRA) parameter; ``full_adapter_state`` gathers
+them (a collective: every process calls it, in the same order) into whole tensors on the first process,
+which writes them with PEFT's own ``save_pretrained``. Only the trainable parameters are gathered, never
+the frozen 4-bit base, so the gather costs the adapter's size, not the model's.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from qlora_pipe.dist import is_main_process
+from qlora_pipe.runs import RunDir
+
+
+def is_sharded(model: Any) -> bool:
+    """Whether FSDP2 (torch's fully_shard, applied by accelerate) manages this model."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule) or any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def full_adapter_state(model: Any) -> dict[str, Any] | None:
+    """The whole trainable parameters, by their usual names, on the first process (None elsewhere)."""
+    from torch.distributed.tensor import DTensor
+
+    state = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            whole = param.full_tensor() if isinstance(param, DTensor) else param
+            state[name] = whole.detach().to("cpu").clone()
+    return state if is_main_process() else None
+
+
+def absolute_base_path(adapter_config: Path) -> None:
+    """A local base is named by its absolute path, so PEFT finds it from any working directory (a push
+    replaces it with the base's public name)."""
+    config = json.loads(adapter_config.read_text())
+    base = config.get("base_model_name_or_path")
+    if base and Path(base).is_dir() and not Path(base).is_absolute():
+        config["base_model_name_or_path"] = str(Path(base).resolve())
+        adapter_config.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def save_adapter(model: Any, tokenizer: Any, run: RunDir, state_dict: dict[str, Any] | None = None) -> None:
+    """Write adapter and tokenizer to a temporary directory, then move them into the run. ``state_dict``: the
+    gathered trainable parameters of a sharded model (full_adapter_state); None reads them from the model."""
+    tmp = run.root / ".adapter.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp), **({"state_dict": state_dict} if state_dict is not None else {}))
+    tokenizer.save_pretrained(str(tmp))
+    absolute_base_path(tmp / "adapter_config.json")
+    for item in tmp.iterdir():
+        item.replace(run.root / item.name)
+    tmp.rmdir()
