@@ -278,6 +278,18 @@ def test_readme_plan_table_is_current():
     )
 
 
+def test_long_runs_fsdp_example_and_table_are_current():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("plan_known_models", REPO / "scripts/plan_known_models.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    page = (REPO / "docs" / "long-runs.md").read_text()
+    stale = "docs/long-runs.md's FSDP {} is stale: run python scripts/plan_known_models.py --docs"
+    assert module.FSDP_EXAMPLE_START + module.fsdp_example() + module.FSDP_EXAMPLE_END in page, stale.format("example")
+    assert module.FSDP_START + module.fsdp_table() + module.FSDP_END in page, stale.format("table")
+
+
 # Published FSDP-QLoRA runs against `plan --gpus N` (sources and settings: docs/long-runs.md).
 ANSWERAI_BENCHMARKS = "https://github.com/AnswerDotAI/fsdp_qlora/blob/main/benchmarks_03_2024.md"
 TORCHTUNE_README = "https://github.com/pytorch/torchtune/blob/main/README.md#memory-and-training-speed"
