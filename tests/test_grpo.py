@@ -244,7 +244,8 @@ def test_grpo_step_peak_and_kv_cache_match_the_plan(tiny_model_dir, tmp_path):
     """The planner's GRPO terms against the real thing on CPU (fp32): one training step through TRL's GRPO
     loss on a batch TRL generated (policy forward and backward over prompt + completion, the reference
     adapter's forward), measured with the profiler's memory timeline as for SFT and DPO, within the same
-    15%; and the KV cache of a generation batch, counted tensor by tensor, against the formula."""
+    15%; micro_batch_size auto's probe of that step within 5% of it; and the KV cache of a generation
+    batch, counted tensor by tensor, against the formula."""
     from dataclasses import replace
 
     from qlora_pipe.model import load_tokenizer
@@ -252,7 +253,7 @@ def test_grpo_step_peak_and_kv_cache_match_the_plan(tiny_model_dir, tmp_path):
     from qlora_pipe.plan.grpo_terms import GENERATION_TERM, kv_cache_bytes
     from qlora_pipe.runs import RunDir
     from qlora_pipe.training.method import load_policy, prepare_method_data
-    from qlora_pipe.training.micro_batch import BatchChoice
+    from qlora_pipe.training.micro_batch import BatchChoice, try_grpo_step
     from qlora_pipe.training.stage import build_trainer
     from tests.test_plan import _step_peak
 
@@ -278,6 +279,10 @@ def test_grpo_step_peak_and_kv_cache_match_the_plan(tiny_model_dir, tmp_path):
     step()  # gradients allocated once
     model.zero_grad(set_to_none=True)
     measured = _step_peak(step)
+    # micro_batch_size auto probes this step the same way (random tokens, TRL's fused LM head): the same peak
+    completion = inputs["completion_ids"].shape[1]
+    probed = _step_peak(lambda: try_grpo_step(model, 4, length, completion, True, recipe.grpo.temperature))
+    assert abs(probed - measured) <= 0.05 * measured, (probed, measured)
     plan = plan_for_recipe(recipe, micro_batch_size=4, max_length=length)
     predicted = plan.term("activations kept") + plan.term("transient peak") + plan.term("LoRA gradients")
     assert abs(predicted - measured) <= 0.15 * measured, (predicted, measured)
@@ -437,20 +442,20 @@ def test_grpo_auto_micro_batch_probes_generation_then_the_step_and_is_reused_on_
     from qlora_pipe.training.stage import run_training
     from tests.test_resume import CrashAtStep, SimulatedCrash
 
-    real_step, real_generation = autobatch.try_micro_batch, autobatch.try_generation
+    real_step, real_generation = autobatch.try_grpo_step, autobatch.try_generation
     probed, generated = [], []
 
-    def limited_memory(model, size, length):
+    def limited_memory(model, size, length, *args):
         probed.append(size)
         if size > 2:  # this "card" fits two sequences of max_length in a training step
             raise torch.OutOfMemoryError("simulated: CUDA out of memory")
-        real_step(model, size, length)
+        real_step(model, size, length, *args)
 
     def generation(model, completions, length):
         generated.append((completions, length))
         return real_generation(model, completions, length)
 
-    monkeypatch.setattr(autobatch, "try_micro_batch", limited_memory)
+    monkeypatch.setattr(autobatch, "try_grpo_step", limited_memory)
     monkeypatch.setattr(autobatch, "try_generation", generation)
     recipe = auto_recipe(tiny_model_dir, tmp_path, "auto", 8, max_steps=3, save_steps=2)
     with pytest.raises(SimulatedCrash):

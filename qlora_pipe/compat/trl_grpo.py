@@ -10,11 +10,22 @@ RowToolsPrompts
     Nothing is executed: the ``tool_call`` reward scores the calls the model writes.
     Caught by: tests/test_grpo_tools.py::test_grpo_renders_each_prompts_tools_in_training (the prompt
     ids TRL generated from, compared with the row rendered with its tools).
+
+fused_lm_head
+    GRPOTrainer scores completions through TRL's fused LM head (``trl.trainer.utils.add_fused_lm_head``
+    patches the model's forward: ``fused_lm_head=True`` returns per-token log-probs computed in tiles that
+    are 32768 vocabulary entries wide, never the full logits). micro_batch_size auto probes the training
+    step before the trainer exists, so it patches the model the same way for the probe and restores the
+    forward afterwards (the trainer patches it again when it is built).
+    Caught by: tests/test_grpo.py::test_grpo_step_peak_and_kv_cache_match_the_plan (the probe's profiled
+    peak within 5% of a real GRPO step's) and the auto run beside it (a real run through the probe).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 VERIFIED = {"trl": "1.16.0"}
@@ -53,3 +64,20 @@ class RowToolsPrompts:
             )
             ids.append(list(rendered["input_ids"]))
         return ids, None, {}
+
+
+@contextmanager
+def fused_lm_head(model, temperature: float) -> Iterator[None]:
+    """The model's forward takes ``fused_lm_head=True`` as in GRPOTrainer, for as long as this lasts."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    before = base.__dict__.get("forward")  # an instance forward: already patched
+    add_fused_lm_head(base, temperature=temperature, outputs=("log_probs", "entropy"))
+    try:
+        yield
+    finally:
+        if before is None:
+            del base.forward
+        else:
+            base.forward = before

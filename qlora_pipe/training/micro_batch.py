@@ -8,9 +8,10 @@ recorded in the run directory and reused on resume, so a resumed run sees the sa
 GRPO (sizes count completions) has a second phase: TRL samples the whole generation batch, micro batch x
 accumulation = the completions per step (training.effective_batch_size, default gradient_accumulation_steps),
 at once, whatever the micro batch. That phase is probed first, once, at its largest: the KV cache of every
-completion at the full max_length and the sampling of a token in fp32. The micro batch then backs off over
-the sizes that divide the completions per step, so micro batch x accumulation is exactly that many whole
-groups (a multiple of grpo.num_generations, checked at validate) and TRL accepts it.
+completion at the full max_length and the sampling of a token in fp32. The training step is then probed as
+GRPOTrainer runs it (the completion scored through TRL's fused LM head, the reference's forward first), and
+the micro batch backs off over the sizes that divide the completions per step, so micro batch x
+accumulation is exactly that many whole groups (a multiple of grpo.num_generations) and TRL accepts it.
 """
 
 from __future__ import annotations
@@ -47,6 +48,30 @@ def try_micro_batch(model, size: int, length: int) -> None:
     model.train()
     try:
         model(input_ids=ids, labels=ids).loss.backward()
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+
+
+def try_grpo_step(model, size: int, length: int, completion: int, reference: bool, temperature: float) -> None:
+    """GRPO's training step at this size: ``size`` sequences of ``length`` tokens, the last ``completion`` of
+    them scored through TRL's fused LM head (log-probs and entropy), forward and backward; with a reference
+    (grpo.beta > 0) a forward without gradients first. Raises torch.OutOfMemoryError when it does not fit."""
+    from qlora_pipe.compat.trl_grpo import fused_lm_head
+
+    device = next(model.parameters()).device
+    ids = torch.randint(0, model.config.vocab_size, (size, length), device=device)
+    labels = ids.clone()
+    labels[:, : max(0, length - completion)] = -100  # only the completion is scored
+    was_training = model.training
+    model.train()
+    try:
+        with fused_lm_head(model, temperature):
+            if reference:
+                with torch.no_grad():
+                    model(input_ids=ids, labels=labels, fused_lm_head=True)
+            out = model(input_ids=ids, labels=labels, fused_lm_head=True)
+            (-out.log_probs.sum()).backward()
     finally:
         model.zero_grad(set_to_none=True)
         model.train(was_training)
@@ -114,12 +139,16 @@ def choose_batch(recipe: Recipe, run: RunDir, model, start: int | None = None) -
     smallest = 2 if recipe.method == "kto" else 1
     effective = t.effective_batch_size or t.gradient_accumulation_steps
     allowed: Callable[[int], int] = lambda n: n  # noqa: E731
+    probe: Callable[[int], None] = lambda n: try_micro_batch(model, n, length)  # noqa: E731
     if recipe.method == "grpo":  # the generation batch first; then micro batches that divide it
-        if refusal := grpo_refusal("grpo", recipe.grpo, "auto", t.gradient_accumulation_steps, effective):
+        g = recipe.grpo
+        if refusal := grpo_refusal("grpo", g, "auto", t.gradient_accumulation_steps, effective):
             raise UserError(refusal)
         probe_generation(model, effective, length)
         allowed = lambda n: largest_divisor(effective, n)  # noqa: E731
-    size = find_micro_batch(lambda n: try_micro_batch(model, n, length), max(start, smallest), smallest, allowed)
+        completion = g.max_completion_length
+        probe = lambda n: try_grpo_step(model, n, length, completion, g.beta > 0, g.temperature)  # noqa: E731
+    size = find_micro_batch(probe, max(start, smallest), smallest, allowed)
     choice = BatchChoice(size, max(1, math.ceil(effective / size)))
     log.info(
         "micro batch: %d fits (x %d accumulation = %d sequences per step)",
