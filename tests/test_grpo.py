@@ -96,6 +96,11 @@ def test_rewards_are_checked_at_validate(tiny_model_dir, tmp_path, capsys):
     assert "must accept **kwargs" in problem([{"function": f"{path}:no_kwargs"}])
     assert "multiple of grpo.num_generations (3)" in problem([{"function": "json"}], num_generations=3)
     raw = grpo_recipe(tiny_model_dir, tmp_path, rewards=[{"function": "json"}])
+    raw["training"].update(micro_batch_size="auto", effective_batch_size=6)
+    raw["grpo"]["num_generations"] = 4
+    with pytest.raises(UserError, match=r"6 completions per step with micro_batch_size auto must be a multiple"):
+        validate_recipe(raw)  # at validate, before the model loads
+    raw = grpo_recipe(tiny_model_dir, tmp_path, rewards=[{"function": "json"}])
     raw["method"] = "sft"
     with pytest.raises(UserError, match="other methods take none"):
         validate_recipe(raw)

@@ -148,6 +148,18 @@ def test_smollm2_gguf_export_passes_its_check(smol_run, converter, capsys):
     assert fidelity["gguf"]["q8_0"]["passed"]
 
 
+def test_smollm2_served_unmerged_and_as_a_lora_gguf(smol_run, converter):
+    """The base (NF4 dequantized, in the run's compute dtype) plus the adapter: the trained model, exactly; the
+    base GGUF bit-equal to it and the LoRA GGUF's deltas equal to the trained ones, on all 210 adapted layers."""
+    result, _ = smol_run
+    assert main(["export", str(result.run_dir.root), "--unmerged", "--format", "gguf"]) == 0
+    fidelity = json.loads((result.run_dir.root / "unmerged/fidelity.json").read_text())
+    assert fidelity["passed"] and abs(fidelity["relative_loss_change"]) <= 1e-3, fidelity
+    base, lora = fidelity["gguf"]["base"], fidelity["gguf"]["lora"]
+    assert base["passed"] and base["exact_tensors"] == base["tensors"]
+    assert lora["passed"] and lora["adapted_weights"] == 30 * 7
+
+
 def test_smollm2_dpo_continues_the_sft_adapter(smollm2, smol_run):
     sft, out = smol_run
     raw = short_recipe(smollm2, out, "smol-dpo", method="dpo", model={"adapter": str(sft.run_dir.root)})

@@ -7,6 +7,8 @@ the test that fails first when a new version breaks it. Upgrading a library star
     transformers.py   Trainer: checkpoint load/save hooks, the skippable LR scheduler, default
                       callbacks, TensorBoard's log folder, the modules loaded unquantized
     trl.py            SFTTrainer's bf16 cast of QLoRA adapters; the {% generation %} template helpers
+    trl_grpo.py       GRPOTrainer: each prompt rendered with its row's tools; its fused LM head for the
+                      auto probe
     torch.py          the fused per-tensor norm of the bad-step check
     bitsandbytes.py   the CPU inference fast path; quantizing one tensor as loading does
     llama_cpp.py      llama.cpp's GGUF converter (run as its own process): pre-tokenizer names for

@@ -24,11 +24,12 @@ def _best(function: str, value: float | None) -> bool:
 
 def held_out_rewards(model, tokenizer, recipe: Recipe, rows, batch_size: int = 8) -> dict[str, Any]:
     """Greedy answers (grpo.max_completion_length tokens at most) to ``rows`` (prompt rows), rewarded."""
+    from qlora_pipe.data.prompts import row_tools
     from qlora_pipe.training.reward_funcs import guarded, prompt_key, resolve_rewards
 
     rows = list(rows)
     prompts = [row["prompt"] for row in rows]
-    ids = [chat_prompt_ids(tokenizer, prompt) for prompt in prompts]
+    ids = [chat_prompt_ids(tokenizer, row["prompt"], row_tools(row)) for row in rows]
     answers = generate_greedy(model, tokenizer, ids, recipe.grpo.max_completion_length, batch_size, "rewards")
     completions = [[{"role": "assistant", "content": a.text}] for a in answers]
     completion_ids = [tokenizer(a.text, add_special_tokens=False)["input_ids"] for a in answers]

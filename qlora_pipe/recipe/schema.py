@@ -264,7 +264,9 @@ class Recipe(Section):
         if refusal := trainer_refusal(self):
             raise ValueError(refusal)
         t = self.training
-        if refusal := grpo_refusal(self.method, self.grpo, t.micro_batch_size, t.gradient_accumulation_steps):
+        effective = (t.effective_batch_size or t.gradient_accumulation_steps) if t.micro_batch_size == "auto" else None
+        accumulation = t.gradient_accumulation_steps
+        if refusal := grpo_refusal(self.method, self.grpo, t.micro_batch_size, accumulation, effective):
             raise ValueError(refusal)
         return self
 
