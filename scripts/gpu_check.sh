@@ -92,7 +92,7 @@ def run(name: str, rc: int, plan_file: str) -> dict:
 result = {"gpus": gpus, "one_gpu": run("one-gpu", one_rc, "plan-1.json"), "fsdp": run("fsdp", many_rc, "plan-n.json")}
 speeds = [result[k].get("supervised_tokens_per_second") for k in ("one_gpu", "fsdp")]
 if all(speeds):
-    result["fsdp_speedup_over_one_gpu"] = round(speeds[1] / speeds[0], 2)  # per rank-0 count; see docs
+    result["fsdp_speedup_over_one_gpu"] = round(speeds[1] / speeds[0], 2)  # summary.json counts every rank
 out.parent.mkdir(parents=True, exist_ok=True)
 out.write_text(json.dumps(result, indent=2) + "\n")
 print(json.dumps(result, indent=2))
