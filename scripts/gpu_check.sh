@@ -9,9 +9,9 @@
 #   bash scripts/gpu_check.sh --dry      # rehearsal on CPU with tiny shapes (about a minute)
 # = python -m benchmarks gpu [--dry] from the repository root.
 #
-# Multi-GPU stage, only where nvidia-smi lists more than one GPU (not with --dry; about 5 minutes): a short
-# FSDP-QLoRA run launched as a user launches it (accelerate launch --config_file accelerate/fsdp_qlora.yaml),
-# on a 1.3B Llama-shaped model with random weights, beside the same run on one GPU. It prints and writes
+# Multi-GPU stage, only where nvidia-smi -L (or torch.cuda.device_count()) shows more than one GPU (not with
+# --dry; about 5 minutes): a short FSDP-QLoRA run launched as a user launches it (accelerate launch
+# --config_file accelerate/fsdp_qlora.yaml), on a 1.3B Llama-shaped model with random weights, beside the same run on one GPU. It prints and writes
 # benchmarks/results/gpu-fsdp-<date>-<N>gpus.json: each run's peak torch.cuda.max_memory_allocated (rank 0's
 # summary.json; FSDP gives every rank the same shapes) against `qlora-pipe plan --gpus N` (its allocated part),
 # and trained tokens/s on N GPUs against one GPU. Skip it with QLORA_PIPE_SKIP_FSDP=1.
@@ -58,7 +58,8 @@ for path in base.iterdir():
 EOF
     )
     local one=0 many=0
-    (cd "$work" && python -m qlora_pipe.cli train recipes/quickstart.yaml "${FSDP_SETS[@]}" \
+    # One GPU for the baseline: a plain process that sees several would get transformers' DataParallel.
+    (cd "$work" && CUDA_VISIBLE_DEVICES=0 python -m qlora_pipe.cli train recipes/quickstart.yaml "${FSDP_SETS[@]}" \
         --set run_name=one-gpu >one-gpu.log 2>&1) || one=$?
     (cd "$work" && accelerate launch --config_file accelerate/fsdp_qlora.yaml --num_processes "$gpus" \
         -m qlora_pipe.cli train recipes/quickstart.yaml "${FSDP_SETS[@]}" \
@@ -104,9 +105,13 @@ EOF
 status=0
 timeout 480 python -m benchmarks gpu "$@" || status=$?
 
-gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ' || true)
+if command -v nvidia-smi >/dev/null; then
+    gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ' || true)
+else
+    gpus=$(python -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
+fi
 if [[ " $* " == *" --dry "* || "${QLORA_PIPE_SKIP_FSDP:-0}" == 1 || "${gpus:-0}" -lt 2 ]]; then
-    echo "multi-GPU stage: skipped (${gpus:-0} GPU(s) listed by nvidia-smi)"
+    echo "multi-GPU stage: skipped (${gpus:-0} GPU(s) seen)"
 else
     export -f fsdp_stage
     timeout 420 bash -c "$(declare -p FSDP_SETS); fsdp_stage $gpus" || echo "multi-GPU stage failed (exit $?)"
