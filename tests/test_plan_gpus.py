@@ -256,3 +256,29 @@ def test_fsdp2_on_two_processes_matches_the_per_gpu_terms(tmp_path):
         assert measured["quant_state"] == plan.term(QUANT_STATE_TERM)
         sharding = measured["fsdp_peak"] - measured["plain_peak"]
         assert abs(sharding - added) <= 0.10 * added, (rank, sharding, added)
+
+
+def test_auto_sizes_plan_one_gpus_share_under_an_fsdp_launch(monkeypatch):
+    """data.max_length / micro_batch_size auto under `accelerate launch` with FSDP: planned per GPU, as
+    `plan --gpus N` plans (a 70B model fits no sequence on one 24 GiB GPU, and 2,048+ tokens on four)."""
+    from qlora_pipe.plan.advice import recipe_plan
+    from qlora_pipe.plan.auto_sizes import fsdp_launch, micro_batch_start, resolve_max_length
+    from qlora_pipe.recipe import load_recipe
+
+    budget = 24 * 2**30
+    recipe = load_recipe(FSDP_RECIPE, ["data.max_length=auto", "training.micro_batch_size=auto"])
+    for name in ("ACCELERATE_USE_FSDP", "WORLD_SIZE", "FSDP_OFFLOAD_PARAMS"):
+        monkeypatch.delenv(name, raising=False)
+    assert fsdp_launch() == (1, False)
+    alone = resolve_max_length(recipe, budget).data.max_length
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert fsdp_launch() == (4, False)
+    sharded = resolve_max_length(recipe, budget)
+    assert sharded.data.max_length == recipe_plan(recipe, budget, gpus=4).settings.max_length
+    assert sharded.data.max_length >= 2048 > alone
+    assert micro_batch_start(sharded, budget) >= 1
+    monkeypatch.setenv("FSDP_OFFLOAD_PARAMS", "true")
+    assert fsdp_launch() == (4, True)
+    offloaded = resolve_max_length(recipe, budget).data.max_length
+    assert offloaded == recipe_plan(recipe, budget, gpus=4, cpu_offload=True).settings.max_length > 2048

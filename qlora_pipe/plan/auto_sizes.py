@@ -3,11 +3,14 @@
 The budget is ``training.memory_budget`` when set, else the GPU's total memory. Without either
 (a CPU run) there is nothing to plan against: max_length falls back to 2048 tokens (or the
 model's positions, if fewer) and the micro batch search starts at ``auto_micro_batch_start``.
+Under an FSDP launch (accelerate sets ACCELERATE_USE_FSDP, WORLD_SIZE and FSDP_OFFLOAD_PARAMS) the
+plan is one GPU's share of the sharded run (plan/fsdp.py), as `qlora-pipe plan --gpus N` prints it.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 from qlora_pipe.plan.advice import largest_micro_batch, parse_size, recipe_plan, recipe_shape
@@ -29,6 +32,15 @@ def memory_budget(recipe: Recipe) -> int | None:
     if torch.cuda.is_available():
         return torch.cuda.mem_get_info()[1]
     return None
+
+
+def fsdp_launch() -> tuple[int, bool]:
+    """(processes sharding the model, CPU offload) under accelerate's FSDP launch; (1, False) otherwise."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return 1, False
+    world = os.environ.get("WORLD_SIZE", "1")
+    gpus = int(world) if world.isdigit() and int(world) > 0 else 1
+    return gpus, gpus > 1 and os.environ.get("FSDP_OFFLOAD_PARAMS", "false").lower() == "true"
 
 
 @dataclass(frozen=True)
@@ -55,17 +67,19 @@ def resolve_max_length(recipe: Recipe, budget: int | None, shape: ModelShape | N
     """The recipe with data.max_length 'auto' replaced by a number (unchanged otherwise)."""
     if recipe.data.max_length != "auto":
         return recipe
-    plan = recipe_plan(recipe, budget, shape=shape)
+    gpus, offload = fsdp_launch()
+    plan = recipe_plan(recipe, budget, shape=shape, gpus=gpus, cpu_offload=offload)
     if budget is None:
         length = min(NO_BUDGET_LENGTH, plan.shape.max_positions or NO_BUDGET_LENGTH)
         log.info("data.max_length auto: %d tokens (no GPU and no training.memory_budget to plan against)", length)
     else:
         length = plan.settings.max_length
         log.info(
-            "data.max_length auto: %d tokens, the longest the planner fits in %.1f GiB at micro batch %d",
+            "data.max_length auto: %d tokens, the longest the planner fits in %.1f GiB at micro batch %d%s",
             length,
             budget / GiB,
             plan.settings.micro_batch_size,
+            f" (per GPU, FSDP over {gpus})" if gpus > 1 else "",
         )
     return recipe.model_copy(update={"data": recipe.data.model_copy(update={"max_length": length})})
 
@@ -74,7 +88,8 @@ def micro_batch_start(recipe: Recipe, budget: int | None, shape: ModelShape | No
     """Where the OOM back-off of micro_batch_size auto starts: the planner's largest fit, if it can plan."""
     if budget is None or recipe.data.max_length == "auto":
         return recipe.training.auto_micro_batch_start
-    plan = recipe_plan(recipe, budget, micro_batch_size=1, shape=shape)
+    gpus, offload = fsdp_launch()
+    plan = recipe_plan(recipe, budget, micro_batch_size=1, shape=shape, gpus=gpus, cpu_offload=offload)
     planned = largest_micro_batch(plan.shape, plan.settings, budget) or 1
     log.info("micro batch auto: the planner fits %d in %.1f GiB; probing from there", planned, budget / GiB)
     return planned
