@@ -220,7 +220,8 @@ def _fsdp_rank(rank: int, model_dir: str, out: str, port: int) -> None:
 def test_fsdp2_on_two_processes_matches_the_per_gpu_terms(tmp_path):
     """Measured per rank: the parameter shards, the gradient shards and the quant state equal the plan's terms to
     the byte; what sharding adds to a step's peak (root unit and two layers gathered, the reduce-scatter buffer,
-    less half the adapter's gradients) is within 10% of the plan (measured 2% on torch 2.13 + bitsandbytes 0.50)."""
+    less half the adapter's gradients) is within 10% of the plan (measured +2% on torch 2.13 + bitsandbytes
+    0.50) or, in runs where the root's all-gather output outlives its copy (CPU timing), one root unit more."""
     import socket
 
     import torch.multiprocessing as mp
@@ -255,7 +256,10 @@ def test_fsdp2_on_two_processes_matches_the_per_gpu_terms(tmp_path):
         assert measured["grads"] == plan.term("LoRA gradients")
         assert measured["quant_state"] == plan.term(QUANT_STATE_TERM)
         sharding = measured["fsdp_peak"] - measured["plain_peak"]
-        assert abs(sharding - added) <= 0.10 * added, (rank, sharding, added)
+        # Two outcomes, by timing: the plan's terms (measured +2%), or those plus the root unit's all-gather
+        # output still alive at the peak (gloo's async work keeps it a while): exactly one root-unit more.
+        lingering = plan.term(ROOT_TERM)
+        assert min(abs(sharding - added), abs(sharding - added - lingering)) <= 0.10 * added, (rank, sharding, added)
 
 
 def test_auto_sizes_plan_one_gpus_share_under_an_fsdp_launch(monkeypatch):
