@@ -351,10 +351,11 @@ def test_torchtune_405b_on_eight_a100s():
     batch 2, packed to 2048 tokens; their config: LoRA r=16 on q, v, output and the MLP, torch AdamW, bf16,
     activation checkpointing. It ran, so the plan must fit 80 GB; it must not be below the published peak
     (a plan below a measured peak would let a run run out of memory); and it may be up to 50% above, because
-    that stated setting cannot give 44.8 GiB in any FSDP-QLoRA: 1/8 of the packed 4-bit weights, 1/8 of the
-    bf16 rest, every layer's checkpointed input at 4096 tokens, two gathered layers and one layer's recomputed
-    tensors already come to more (checked below). bitsandbytes also keeps the quantization state whole on each
-    GPU (5.9 GiB here) where torchao's NF4 tensor shards it."""
+    with per-layer checkpointing and FSDP's layer prefetch that stated setting does not seem able to give
+    44.8 GiB: 1/8 of the packed 4-bit weights, 1/8 of the bf16 rest, every layer's checkpointed input at 4096
+    tokens, two gathered layers and one layer's recomputed tensors already come to more (checked below).
+    bitsandbytes also keeps the quantization state whole on each GPU (5.9 GiB here) where torchao's NF4 tensor
+    shards it."""
     sets = [
         "model.name_or_path=meta-llama/Llama-3.1-405B",
         "lora.r=16",
