@@ -13,6 +13,7 @@ def held_out_classifier_scores(recipe, run, data):
     from qlora_pipe.classifier import predict, scores
     from qlora_pipe.dist import is_main_process
     from qlora_pipe.runs import write_json_atomic
+    from qlora_pipe.training.sharded import is_sharded, runs_model_passes
 
     path = run.root / CLASSIFIER_EVAL
     gold = list(data.eval["labels"])
@@ -28,11 +29,15 @@ def held_out_classifier_scores(recipe, run, data):
 
     class HeldOutClassifierScores(TrainerCallback):
         def on_train_begin(self, args, state, control, model=None, **kwargs):
-            if state.global_step == 0 and is_main_process():  # a resumed run keeps its "before"
-                write_json_atomic(path, {"before": measure(model)})
+            if state.global_step == 0 and runs_model_passes(model):  # a resumed run keeps its "before"
+                before = measure(model)
+                if is_main_process():
+                    write_json_atomic(path, {"before": before})
 
         def on_train_end(self, args, state, control, model=None, **kwargs):
-            if is_main_process() and path.is_file():
-                write_json_atomic(path, {**json.loads(path.read_text()), "after": measure(model)})
+            if is_sharded(model) or (is_main_process() and path.is_file()):
+                after = measure(model)
+                if is_main_process() and path.is_file():
+                    write_json_atomic(path, {**json.loads(path.read_text()), "after": after})
 
     return HeldOutClassifierScores()

@@ -67,6 +67,7 @@ def held_out_callback(recipe: Recipe, run, tokenizer, data):
     from qlora_pipe.dist import is_main_process
     from qlora_pipe.evaluate.reward_scores import held_out_rewards
     from qlora_pipe.runs import write_json_atomic
+    from qlora_pipe.training.sharded import is_sharded, runs_model_passes
 
     path = run.root / GRPO_EVAL
 
@@ -75,12 +76,16 @@ def held_out_callback(recipe: Recipe, run, tokenizer, data):
 
     class HeldOutRewards(TrainerCallback):
         def on_train_begin(self, args, state, control, model=None, **kwargs):
-            if state.global_step == 0 and is_main_process():  # a resumed run keeps its "before"
-                write_json_atomic(path, {"before": score(model)})
+            if state.global_step == 0 and runs_model_passes(model):  # a resumed run keeps its "before"
+                before = score(model)
+                if is_main_process():
+                    write_json_atomic(path, {"before": before})
 
         def on_train_end(self, args, state, control, model=None, **kwargs):
-            if is_main_process() and path.is_file():
-                write_json_atomic(path, {**json.loads(path.read_text()), "after": score(model)})
+            if is_sharded(model) or (is_main_process() and path.is_file()):
+                after = score(model)
+                if is_main_process() and path.is_file():
+                    write_json_atomic(path, {**json.loads(path.read_text()), "after": after})
 
     return HeldOutRewards()
 

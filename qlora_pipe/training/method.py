@@ -125,18 +125,22 @@ def method_callbacks(recipe: Recipe, run, tokenizer, data) -> list:
     from qlora_pipe.dist import is_main_process
     from qlora_pipe.evaluate.reward_accuracy import held_out_scores
     from qlora_pipe.runs import write_json_atomic
+    from qlora_pipe.training.sharded import is_sharded, runs_model_passes
 
     path = run.root / PREFERENCE_EVAL
 
     class HeldOutRewardAccuracy(TrainerCallback):
         def on_train_begin(self, args, state, control, model=None, **kwargs):
-            if state.global_step == 0 and is_main_process():  # a resumed run keeps its "before"
-                write_json_atomic(path, {"before": held_out_scores(model, tokenizer, data.eval)})
+            if state.global_step == 0 and runs_model_passes(model):  # a resumed run keeps its "before"
+                before = held_out_scores(model, tokenizer, data.eval)
+                if is_main_process():
+                    write_json_atomic(path, {"before": before})
 
         def on_train_end(self, args, state, control, model=None, **kwargs):
-            if is_main_process() and path.is_file():
-                scores = json.loads(path.read_text())
-                write_json_atomic(path, {**scores, "after": held_out_scores(model, tokenizer, data.eval)})
+            if is_sharded(model) or (is_main_process() and path.is_file()):
+                after = held_out_scores(model, tokenizer, data.eval)
+                if is_main_process() and path.is_file():
+                    write_json_atomic(path, {**json.loads(path.read_text()), "after": after})
 
     return [HeldOutRewardAccuracy()]
 

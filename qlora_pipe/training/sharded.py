@@ -1,5 +1,10 @@
-"""The run's final adapter: written once, by the first process, in PEFT's format, whatever the launch.
+"""What changes when FSDP shards the model: passes that only the first process records, and the final adapter.
 
+Under FSDP every forward pass is a collective (each process gathers the layer's shards from the others), so
+a pass whose result only the first process keeps (held-out scores, preview answers) runs on every process,
+in step, with the same inputs: ``runs_model_passes``.
+
+The run's final adapter is written once, by the first process, in PEFT's format, whatever the launch.
 Under FSDP each process holds a shard of every trainable (LoRA) parameter; ``full_adapter_state`` gathers
 them (a collective: every process calls it, in the same order) into whole tensors on the first process,
 which writes them with PEFT's own ``save_pretrained``. Only the trainable parameters are gathered, never
@@ -22,6 +27,11 @@ def is_sharded(model: Any) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(model, FSDPModule) or any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def runs_model_passes(model: Any) -> bool:
+    """Whether this process runs a model pass whose result the first process records (see above)."""
+    return is_main_process() or is_sharded(model)
 
 
 def full_adapter_state(model: Any) -> dict[str, Any] | None:

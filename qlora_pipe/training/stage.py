@@ -42,7 +42,7 @@ from qlora_pipe.training.resume import (
     resume_command,
     truncate_metrics,
 )
-from qlora_pipe.training.saving import full_adapter_state, is_sharded, save_adapter
+from qlora_pipe.training.sharded import full_adapter_state, is_sharded, save_adapter
 from qlora_pipe.training.signals import StopAtStepBoundary, graceful_stop
 from qlora_pipe.training.speed_switches import check_speed_switches
 
