@@ -529,3 +529,29 @@ def test_grpo_auto_generation_probe_holds_the_planned_kv_cache_and_refuses_what_
     assert "generating a step's 8 completions at once" in str(caught.value) and "\n" not in str(caught.value)
     with pytest.raises(UserError, match=r"6 completions per step .* multiple of grpo.num_generations \(4\)"):
         run_training(auto_recipe(tiny_model_dir, tmp_path, "groups", 6, max_steps=1))
+
+
+def test_plan_of_grpo_auto_picks_whole_groups_like_training(tiny_model_dir, tmp_path):
+    """`plan` on a GRPO recipe with micro_batch_size auto: a micro batch that divides the completions per step,
+    the generation batch all of them (never a micro batch above the completions, as before)."""
+    from dataclasses import replace
+
+    from qlora_pipe.plan.advice import recipe_plan
+    from qlora_pipe.plan.grpo_terms import generation_batch
+    from qlora_pipe.plan.terms import plan_memory
+
+    raw = grpo_recipe(tiny_model_dir, tmp_path)
+    raw["training"].update(micro_batch_size="auto", effective_batch_size=8)
+    recipe = validate_recipe(raw)
+    roomy = recipe_plan(recipe, budget=64 * 2**30)
+    assert roomy.settings.micro_batch_size == 8 and generation_batch(roomy.settings) == 8
+    one = recipe_plan(recipe, budget=None)
+    assert one.settings.micro_batch_size == 1 and generation_batch(one.settings) == 8
+    # A budget between the plans of micro batch 2 and 4 (each sampling all 8) picks 2: 4 does not fit, 3 does not
+    # divide 8.
+    two, four = (
+        plan_memory(one.shape, replace(one.settings, micro_batch_size=b, generation_steps=8 // b)) for b in (2, 4)
+    )
+    assert two.total < four.total
+    tight = recipe_plan(recipe, budget=(two.total + four.total) // 2)
+    assert tight.settings.micro_batch_size == 2 and generation_batch(tight.settings) == 8

@@ -112,9 +112,25 @@ def recipe_plan(
     s = replace(PlanSettings.from_recipe(recipe, batch or 1, length or 2048), gpus=gpus, cpu_offload=cpu_offload)
     if budget is not None and length is None:
         s = replace(s, max_length=longest_sequence(shape, s, budget) or LENGTH_STEP)
+    if batch is None and recipe.method == "grpo":
+        completions = t.effective_batch_size or t.gradient_accumulation_steps  # per step, sampled at once
+        return plan_memory(shape, grpo_auto_batch(shape, s, budget, completions), budget)
     if budget is not None and batch is None:
         s = replace(s, micro_batch_size=largest_micro_batch(shape, s, budget) or 1)
     return plan_memory(shape, s, budget)
+
+
+def grpo_auto_batch(shape: ModelShape, s: PlanSettings, budget: int | None, completions: int) -> PlanSettings:
+    """GRPO with micro_batch_size auto, as training picks it: the largest micro batch that divides the completions
+    per step (whole groups) and fits, the generation batch being all the step's completions (1 without a budget)."""
+    smallest = replace(s, micro_batch_size=1, generation_steps=completions)
+    if budget is None:
+        return smallest
+    for b in (b for b in range(completions, 0, -1) if completions % b == 0):
+        candidate = replace(s, micro_batch_size=b, generation_steps=completions // b)
+        if plan_memory(shape, candidate).total <= budget:
+            return candidate
+    return smallest
 
 
 def plan_for_recipe(
