@@ -128,13 +128,19 @@ def load_base_model(recipe: Recipe, device: torch.device | None = None) -> nn.Mo
 
 
 def check_sharded_quantization(recipe: Recipe) -> None:
-    """FSDP and ZeRO-3 can only shard 4-bit weights stored in the same float dtype as the rest of the model."""
+    """FSDP and ZeRO-3 can only shard 4-bit weights stored in the same float dtype as the rest of the model, and
+    FSDP's checkpoints hold shards, not an adapter to push (ZeRO-3's also hold the gathered adapter)."""
     q = with_resolved_precision(recipe).quantization
     launch = sharded_launch()
     if launch and q.enabled and q.quant_storage != q.compute_dtype:
         raise UserError(
             f"quantization.quant_storage: {launch} with 4-bit weights needs quant_storage = compute_dtype "
             f"({q.compute_dtype}), got {q.quant_storage}"
+        )
+    if launch == "fsdp" and recipe.hub.push_checkpoints:
+        raise UserError(
+            "hub.push_checkpoints: under fsdp a checkpoint holds each process's shard of the adapter, not a "
+            "PEFT adapter to push; the finished run's adapter is pushed with hub.push_adapter_at_end"
         )
 
 

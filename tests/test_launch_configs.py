@@ -30,3 +30,22 @@ def test_sharded_launch_needs_matching_quant_storage(make_recipe, monkeypatch, v
         check_sharded_quantization(recipe)
     recipe.quantization.quant_storage = "bfloat16"
     check_sharded_quantization(recipe)
+
+
+def test_sharded_launch_refuses_pushing_checkpoints(make_recipe, monkeypatch):
+    """Under FSDP a checkpoint holds per-process shards (torch.distributed.checkpoint), not a PEFT adapter."""
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    recipe = make_recipe(quantization={"compute_dtype": "float32", "quant_storage": "float32"})
+    recipe.hub.repo_id, recipe.hub.push_checkpoints = "someone/adapter", True
+    with pytest.raises(UserError, match=r"hub.push_checkpoints: under fsdp a checkpoint holds each process's shard"):
+        check_sharded_quantization(recipe)
+    recipe.hub.push_checkpoints, recipe.hub.push_adapter_at_end = False, True
+    check_sharded_quantization(recipe)
+
+
+def test_fsdp_config_is_fsdp2_without_rank0_only_loading():
+    """FSDP2 (accelerate's fsdp2_prepare_model shards 4-bit weights stored as floats); rank-0-only loading off,
+    since accelerate's FSDP2 path does not broadcast rank 0's weights for a 4-bit model."""
+    fsdp = ClusterConfig.from_yaml_file(CONFIGS / "fsdp_qlora.yaml").fsdp_config
+    assert fsdp["fsdp_version"] == 2 and fsdp["fsdp_cpu_ram_efficient_loading"] is False
+    assert fsdp["fsdp_state_dict_type"] == "SHARDED_STATE_DICT"

@@ -1,11 +1,12 @@
-"""What changes when FSDP shards the model: passes that only the first process records, and the final adapter.
+"""What changes when FSDP or DeepSpeed ZeRO-3 shards the model: passes only the first process records, the adapter.
 
-Under FSDP every forward pass is a collective (each process gathers the layer's shards from the others), so
-a pass whose result only the first process keeps (held-out scores, preview answers) runs on every process,
-in step, with the same inputs: ``runs_model_passes``.
+Under FSDP every forward pass is a collective (each process gathers the layer's shards from the others;
+under ZeRO-3 alike, and transformers synchronises each generation step across processes), so a pass whose
+result only the first process keeps (held-out scores, preview answers) runs on every process, in step,
+with the same inputs: ``runs_model_passes``.
 
 The run's final adapter is written once, by the first process, in PEFT's format, whatever the launch.
-Under FSDP each process holds a shard of every trainable (LoRA) parameter; ``full_adapter_state`` gathers
+Sharded, each process holds a part of every trainable (LoRA) parameter; ``full_adapter_state`` gathers
 them (a collective: every process calls it, in the same order) into whole tensors on the first process,
 which writes them with PEFT's own ``save_pretrained``. Only the trainable parameters are gathered, never
 the frozen 4-bit base, so the gather costs the adapter's size, not the model's.
@@ -23,10 +24,13 @@ from qlora_pipe.runs import RunDir
 
 
 def is_sharded(model: Any) -> bool:
-    """Whether FSDP2 (torch's fully_shard, applied by accelerate) manages this model."""
+    """Whether FSDP2 (torch's fully_shard, applied by accelerate) or DeepSpeed ZeRO-3 (parameters partitioned
+    in place, each carrying its ``ds_id``) holds this model in shards."""
     from torch.distributed.fsdp import FSDPModule
 
-    return isinstance(model, FSDPModule) or any(isinstance(m, FSDPModule) for m in model.modules())
+    if any(isinstance(m, FSDPModule) for m in model.modules()):
+        return True
+    return any(hasattr(p, "ds_id") for p in model.parameters())
 
 
 def runs_model_passes(model: Any) -> bool:
@@ -38,11 +42,17 @@ def full_adapter_state(model: Any) -> dict[str, Any] | None:
     """The whole trainable parameters, by their usual names, on the first process (None elsewhere)."""
     from torch.distributed.tensor import DTensor
 
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if any(hasattr(p, "ds_id") for _, p in trainable):  # ZeRO-3: gathered in place for the copy
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([p for _, p in trainable]):
+            state = {name: p.detach().to("cpu").clone() for name, p in trainable}
+        return state if is_main_process() else None
     state = {}
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            whole = param.full_tensor() if isinstance(param, DTensor) else param
-            state[name] = whole.detach().to("cpu").clone()
+    for name, param in trainable:
+        whole = param.full_tensor() if isinstance(param, DTensor) else param
+        state[name] = whole.detach().to("cpu").clone()
     return state if is_main_process() else None
 
 

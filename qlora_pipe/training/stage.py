@@ -20,7 +20,7 @@ from qlora_pipe.dist import is_main_process, world_size
 from qlora_pipe.errors import Interrupted, TrainingAborted, UserError
 from qlora_pipe.generation import generate_answers
 from qlora_pipe.gguf_source import base_source
-from qlora_pipe.model import load_tokenizer, training_device
+from qlora_pipe.model import check_sharded_quantization, load_tokenizer, training_device
 from qlora_pipe.plan.auto_sizes import resolve_auto_sizes
 from qlora_pipe.recipe import Recipe
 from qlora_pipe.runs import RunDir, write_json_atomic, write_text_atomic
@@ -124,6 +124,7 @@ def _run_training(recipe: Recipe, overwrite: bool, resume: bool | str, callbacks
         run.check_available(overwrite=overwrite)
     check_trackers(recipe)
     check_speed_switches(recipe)
+    check_sharded_quantization(recipe)  # FSDP / ZeRO-3: before the data and the model load
     set_seed(recipe.seed)
     tokenizer = load_tokenizer(recipe)
     data = prepare_method_data(recipe, tokenizer)  # data errors surface before the model loads
