@@ -137,6 +137,11 @@ def check_sharded_quantization(recipe: Recipe) -> None:
             f"quantization.quant_storage: {launch} with 4-bit weights needs quant_storage = compute_dtype "
             f"({q.compute_dtype}), got {q.quant_storage}"
         )
+    if launch and recipe.method == "grpo":
+        raise UserError(
+            f"method: grpo under a {launch} launch is not supported (TRL's GRPOTrainer generating from sharded "
+            "weights failed in qlora-pipe's CPU check); launch it with accelerate/ddp.yaml or torchrun"
+        )
     if launch == "fsdp" and recipe.hub.push_checkpoints:
         raise UserError(
             "hub.push_checkpoints: under fsdp a checkpoint holds each process's shard of the adapter, not a "

@@ -49,3 +49,12 @@ def test_fsdp_config_is_fsdp2_without_rank0_only_loading():
     fsdp = ClusterConfig.from_yaml_file(CONFIGS / "fsdp_qlora.yaml").fsdp_config
     assert fsdp["fsdp_version"] == 2 and fsdp["fsdp_cpu_ram_efficient_loading"] is False
     assert fsdp["fsdp_state_dict_type"] == "SHARDED_STATE_DICT"
+
+
+@pytest.mark.parametrize("variable", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
+def test_sharded_launch_refuses_grpo(make_recipe, monkeypatch, variable):
+    monkeypatch.setenv(variable, "true")
+    recipe = make_recipe(quantization={"compute_dtype": "float32", "quant_storage": "float32"})
+    recipe = recipe.model_copy(update={"method": "grpo"})  # the refusal reads the method alone
+    with pytest.raises(UserError, match=r"method: grpo under a (fsdp|deepspeed) launch is not supported"):
+        check_sharded_quantization(recipe)

@@ -10,6 +10,7 @@ the test that fails first when a new version breaks it. Upgrading a library star
     trl_grpo.py       GRPOTrainer: each prompt rendered with its row's tools; its fused LM head for the
                       auto probe
     torch.py          the fused per-tensor norm of the bad-step check
+    accelerate.py     an FSDP launch on a machine without a GPU runs accelerate's FSDP2 path (not DDP)
     bitsandbytes.py   the CPU inference fast path; quantizing one tensor as loading does
     llama_cpp.py      llama.cpp's GGUF converter (run as its own process): pre-tokenizer names for
                       tokenizers it has no hash for, GPT-2's n_ctx, the q/k row order it writes
