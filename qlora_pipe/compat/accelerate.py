@@ -11,6 +11,10 @@ fsdp_on_cpu
     take this path. Remove once accelerate honours FSDP on CPU launches.
     Caught by: tests/test_fsdp.py::test_two_process_fsdp_matches_one_process (the run must report FSDP,
     and its checkpoint holds per-rank shards).
+
+quiet_sharded_save_messages
+    accelerate logs four INFO lines per FSDP checkpoint ("[RANK 0] Saving model to ...", its logger
+    ``accelerate.utils.fsdp_utils``) between the progress line's updates; they are shown with --debug only.
 """
 
 from __future__ import annotations
@@ -34,3 +38,11 @@ def fsdp_on_cpu(accelerator: Any) -> bool:
     state.fsdp_plugin = FullyShardedDataParallelPlugin()  # from the launch's FSDP_* environment, as accelerate does
     state.distributed_type = DistributedType.FSDP
     return True
+
+
+def quiet_sharded_save_messages() -> None:
+    """accelerate's per-checkpoint FSDP save/load lines, unless the run logs at DEBUG (--debug)."""
+    import logging
+
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        logging.getLogger("accelerate.utils.fsdp_utils").setLevel(logging.WARNING)

@@ -12,6 +12,10 @@ TrainerInternals (a mixin before SFTTrainer)
     create_scheduler: wraps the LR scheduler so that an update skipped for a non-finite loss or
         gradient is not a scheduler step (Trainer steps the scheduler unconditionally). Caught by:
         tests/test_resume.py::test_a_non_finite_step_is_skipped_without_optimizer_or_scheduler_step.
+    create_accelerator_and_postprocess: after the Trainer builds its Accelerator, an FSDP launch on a
+        machine without a GPU is made FSDP again (compat/accelerate.py, verified with transformers 5.25.0:
+        ``is_fsdp_enabled`` is read from the accelerator's state once, here). Caught by:
+        tests/test_fsdp.py::test_two_process_fsdp_matches_one_process.
 replace_progress_callbacks
     Trainer always adds its own progress bar and log printer; qlora-pipe shows one line instead.
 tensorboard_callback
@@ -61,11 +65,13 @@ class TrainerInternals:
     skip_this_step: bool
 
     def create_accelerator_and_postprocess(self) -> None:
-        from qlora_pipe.compat.accelerate import fsdp_on_cpu
+        from qlora_pipe.compat.accelerate import fsdp_on_cpu, quiet_sharded_save_messages
 
         super().create_accelerator_and_postprocess()
         if fsdp_on_cpu(self.accelerator):
             self.is_fsdp_enabled = True
+        if self.is_fsdp_enabled:
+            quiet_sharded_save_messages()
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
