@@ -3,8 +3,8 @@
 The shipped accelerate/fsdp_qlora.yaml is launched as a user launches it (only ``--mixed_precision no``: fp32
 compute and fp32 4-bit storage, so the run can be compared with one process bit for bit up to reduction
 order). Compared with one process on the same global batch: the per-step losses, the eval losses and the
-adapter; then the FSDP run's adapter is exported and verified like any other run's, and its checkpoint
-refuses a resume by a different number of processes.
+adapter; then the FSDP run is exported (and verified) and chatted with like any other run, and its
+checkpoint refuses a resume by a different number of processes.
 """
 
 from __future__ import annotations
@@ -135,6 +135,8 @@ def test_two_process_fsdp_matches_one_process(tiny_model_dir, tmp_path):
     exported = cli("export", str(run2))
     assert exported.returncode == 0, exported.stderr[-2000:]
     assert json.loads((run2 / "merged/fidelity.json").read_text())["passed"]
+    chat = cli("chat", str(run2), "--prompt", "What is an offer?", "--greedy", "--max-new-tokens", "4")
+    assert chat.returncode == 0 and chat.stdout.strip(), chat.stderr[-2000:]
 
     # A checkpoint of two processes resumed by one: refused in one line before anything loads.
     (run2 / "summary.json").unlink()
