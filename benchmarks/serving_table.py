@@ -67,6 +67,9 @@ def table(rows: list[dict[str, Any]]) -> str:
         if "relative_loss_change" not in row:
             lines.append(f"| {row['served as']} | {size} | {row.get('llama_cpp', '')} | | | | |")
             continue
+        if row.get("refused"):
+            lines.append(f"| {row['served as']} | {size} | refused: {row['refused']} | | | | |")
+            continue
         kept = row.get("delta_kept")
         kept_text = f"{kept['mean']:.4f} / {kept['worst']:.4f}" if isinstance(kept, dict) else ("all" if kept else "")
         lines.append(
@@ -78,6 +81,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from qlora_pipe.errors import UserError
     from qlora_pipe.export.command import export_merged
     from qlora_pipe.export.unmerged import export_unmerged
     from qlora_pipe.hardware import machine_description
@@ -101,8 +105,15 @@ def main(argv: list[str] | None = None) -> int:
         for dtype in ("float16", "float32"):
             with tempfile.TemporaryDirectory(dir=run.root.parent) as tmp:
                 started = time.time()
-                aside = export_merged(run.root, Path(tmp) / "merged", dtype=dtype)
                 name = f"merged {'fp16' if dtype == 'float16' else 'fp32'}"
+                try:
+                    aside = export_merged(run.root, Path(tmp) / "merged", dtype=dtype)
+                except UserError as refused:  # a failed check is a result too: its numbers, and why
+                    partial = Path(tmp) / "merged.partial"
+                    fidelity = json.loads((partial / "fidelity.json").read_text())
+                    row = fidelity_row(name, fidelity, folder_bytes(partial), time.time() - started)
+                    rows.append({**row, "refused": str(refused).split(". See ")[0]})
+                    continue
                 rows.append(fidelity_row(name, aside.fidelity, folder_bytes(aside.out), time.time() - started))
     if has_gguf:
         from qlora_pipe.export.gguf_command import export_gguf

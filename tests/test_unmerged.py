@@ -81,7 +81,7 @@ def test_unmerged_refusals_are_one_line(tokenizer_dir, tmp_path, converter, monk
     assert not (result.run_dir.root / "unmerged.partial").exists()
 
 
-def test_a_float16_merge_that_would_overflow_is_refused_naming_the_tensor(tokenizer_dir, tmp_path):  # noqa: F811
+def test_a_float16_merge_that_would_overflow_is_refused_naming_the_tensor(tokenizer_dir, tmp_path, monkeypatch):  # noqa: F811
     _, result = trained_run("llama", tokenizer_dir, tmp_path)
     checkpoint = tmp_path / "llama-base" / "model.safetensors"
     tensors = load_file(checkpoint)
@@ -90,3 +90,17 @@ def test_a_float16_merge_that_would_overflow_is_refused_naming_the_tensor(tokeni
     with pytest.raises(UserError, match=r"model\.norm\.weight holds 7\.0\d*e\+04, beyond float16's largest value"):
         export_merged(result.run_dir.root, dtype="float16", verify=False)
     assert not (result.run_dir.root / "merged").exists()
+    # Weights that fit float16 but activations that do not (as Gemma 3 270M's fp16 merge measured: NaN logits):
+    # the check, which runs the merged model in its own dtype, names the overflow.
+    tensors["model.norm.weight"][:] = 6e4  # fits float16; the logits it scales do not
+    save_file(tensors, checkpoint, metadata={"format": "pt"})
+    with pytest.raises(UserError, match=r"activations overflow float16 .*export bfloat16 or float32"):
+        export_merged(result.run_dir.root, dtype="float16")
+    assert not (result.run_dir.root / "merged").exists()
+    # Where the CPU checks float16 weights in fp32 (no native 16-bit matmuls, as when oneDNN is capped at AVX2),
+    # the largest activation is watched instead, and named.
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    with pytest.raises(UserError, match=r"activations overflow float16"):
+        export_merged(result.run_dir.root, dtype="float16")
+    fidelity = json.loads((result.run_dir.root / "merged.partial" / "fidelity.json").read_text())
+    assert fidelity["float16_overflow"]["largest_activation"] > 65504 and fidelity["float16_overflow"]["module"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -235,9 +236,17 @@ def _export_run(
             # The user asked for the 16-bit weights the adapter was not trained against: report, don't refuse.
             log.warning("merge base 'original' differs from the trained model by the numbers above (expected)")
         elif not fidelity["passed"]:
+            overflow = dtype_name == "float16" and (
+                "float16_overflow" in fidelity or not math.isfinite(fidelity["eval_loss_merged"])
+            )
             raise UserError(
-                f"export: the merged model does not reproduce the trained model (see {partial / FIDELITY}); "
-                "it was left in that .partial folder"
+                (
+                    "export --dtype float16: the merged model's activations overflow float16 (NaN or infinite logits "
+                    "on held-out rows; its weights fit); export bfloat16 or float32. "
+                    if overflow
+                    else "export: the merged model does not reproduce the trained model. "
+                )
+                + f"See {partial / FIDELITY}; it was left in that .partial folder"
             )
     (partial / PARTIAL_MARKER).unlink()
     if out.is_dir():

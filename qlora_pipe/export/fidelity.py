@@ -140,7 +140,15 @@ def verify_merged(recipe: Recipe, run: RunDir, merged_dir: Path, dtype: torch.dt
     """Fidelity of the merged model against the trained model on the run's eval (or train) examples."""
     if recipe.task == "classification":
         return verify_classifier(recipe, run, merged_dir, dtype)
-    return verify_served(recipe, run, lambda: served_model(merged_dir, dtype), limit)
+    if dtype != torch.float16 or dtype_for_inference("float16") == "float16":
+        return verify_served(recipe, run, lambda: served_model(merged_dir, dtype), limit)
+    from qlora_pipe.export.float16_range import ActivationRange
+
+    watch = ActivationRange()  # fp16 weights checked in fp32 here: would float16 hold the activations?
+    result = verify_served(recipe, run, lambda: watch.attach(served_model(merged_dir, dtype)), limit)
+    if overflow := watch.overflow():
+        result["float16_overflow"], result["passed"] = overflow, False
+    return result
 
 
 def served_model(folder: Path, dtype: torch.dtype, adapter: Path | None = None):
@@ -240,6 +248,11 @@ def fidelity_table(result: dict[str, Any]) -> str:
         from qlora_pipe.export.delta_kept import kept_line
 
         lines.append(kept_line(result["delta_kept"]))
+    if overflow := result.get("float16_overflow"):
+        lines.append(
+            f"  float16 overflow: {overflow['module']} outputs {overflow['largest_activation']:.4g} "
+            f"(float16 holds {overflow['float16_max']:.0f})"
+        )
     criteria = result["criteria"]
     lines.append(
         f"  {'PASSED' if result['passed'] else 'FAILED'} (needs loss change <= "
