@@ -142,6 +142,11 @@ def check_sharded_quantization(recipe: Recipe) -> None:
             f"method: grpo under a {launch} launch is not supported (TRL's GRPOTrainer generating from sharded "
             "weights failed in qlora-pipe's CPU check); launch it with accelerate/ddp.yaml or torchrun"
         )
+    if launch and recipe.training.micro_batch_size == "auto":
+        raise UserError(
+            f"training.micro_batch_size: auto probes one process's step, not a {launch} step across processes; "
+            "give a number (qlora-pipe plan RECIPE --gpus N shows what fits)"
+        )
     if launch == "fsdp" and recipe.hub.push_checkpoints:
         raise UserError(
             "hub.push_checkpoints: under fsdp a checkpoint holds each process's shard of the adapter, not a "

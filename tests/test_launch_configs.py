@@ -58,3 +58,12 @@ def test_sharded_launch_refuses_grpo(make_recipe, monkeypatch, variable):
     recipe = recipe.model_copy(update={"method": "grpo"})  # the refusal reads the method alone
     with pytest.raises(UserError, match=r"method: grpo under a (fsdp|deepspeed) launch is not supported"):
         check_sharded_quantization(recipe)
+
+
+@pytest.mark.parametrize("variable", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
+def test_sharded_launch_refuses_an_auto_micro_batch(make_recipe, monkeypatch, variable):
+    monkeypatch.setenv(variable, "true")
+    recipe = make_recipe(quantization={"compute_dtype": "float32", "quant_storage": "float32"})
+    recipe.training.micro_batch_size = "auto"
+    with pytest.raises(UserError, match=r"micro_batch_size: auto probes one process's step, not a (fsdp|deepspeed)"):
+        check_sharded_quantization(recipe)
