@@ -172,7 +172,7 @@ def test_smollm2_dpo_continues_the_sft_adapter(smollm2, smol_run):
     assert result.summary["steps"] == 3 and result.run_dir.adapter_weights.is_file()
 
 
-def test_gemma3_base_with_the_builtin_template_trains_and_exports(gemma3, tmp_path, converter):
+def test_gemma3_base_with_the_builtin_template_trains_exports_evaluates_and_chats(gemma3, tmp_path, converter):
     raw = short_recipe(gemma3, tmp_path, "gemma", data={"chat_template": "gemma"})
     raw["training"].update(max_steps=6, eval_steps=6, save_steps=6)
     result = run_training(validate_recipe(raw))
@@ -183,6 +183,9 @@ def test_gemma3_base_with_the_builtin_template_trains_and_exports(gemma3, tmp_pa
     assert main(["export", str(result.run_dir.root), "--format", "gguf", "--gguf-type", "f16"]) == 0
     gguf = json.loads((result.run_dir.root / "merged/fidelity.json").read_text())["gguf"]["f16"]
     assert gguf["passed"] and gguf["chat_template_is_serving_template"]
+    root = str(result.run_dir.root)
+    assert main(["eval", root, "--limit", "4", "--max-new-tokens", "16"]) == 0
+    assert main(["chat", root, "--prompt", "What is a tort?", "--max-new-tokens", "12", "--greedy"]) == 0
 
 
 def test_gemma3_classification_head(gemma3, tmp_path):
