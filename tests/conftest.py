@@ -150,6 +150,25 @@ def family_dirs(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
+def free_port() -> int:
+    """A free local TCP port for a multi-process launch's rendezvous."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def save_random_llama(folder: Path, **dims) -> Path:
+    """A Llama with random bf16 weights (seed 0) and the given config values, saved to ``folder``."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**dims)).to(torch.bfloat16).save_pretrained(folder)
+    return folder
+
+
 def plan_recipe(model_dir: Path, tmp_path: Path, lora: dict | None = None, **training):
     """A bf16 recipe for one of these models, for planning (and training) at the test's sizes."""
     from qlora_pipe.recipe import validate_recipe

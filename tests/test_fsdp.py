@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import recipe_dict
+from tests.conftest import free_port, recipe_dict
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "accelerate" / "fsdp_qlora.yaml"
@@ -39,12 +38,6 @@ TORCHRUN_FSDP_ENV = {
     "FSDP_STATE_DICT_TYPE": "SHARDED_STATE_DICT",
     "FSDP_RESHARD_AFTER_FORWARD": "true",
 }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def env(**extra: str) -> dict[str, str]:

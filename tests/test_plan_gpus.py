@@ -17,7 +17,7 @@ from qlora_pipe.cli import main
 from qlora_pipe.plan.fsdp import LAYERS_TERM, QUANT_STATE_TERM, REDUCE_TERM, ROOT_TERM, packed_bytes
 from qlora_pipe.plan.shapes import read_config, shape_from_config
 from qlora_pipe.plan.terms import PlanSettings, nf4_tensor_bytes, plan_memory
-from tests.conftest import plan_recipe
+from tests.conftest import free_port, plan_recipe, save_random_llama
 
 REPO = Path(__file__).resolve().parents[1]
 FSDP_RECIPE = str(REPO / "recipes/llama3-70b-fsdp.yaml")
@@ -222,15 +222,12 @@ def test_fsdp2_on_two_processes_matches_the_per_gpu_terms(tmp_path):
     the byte; what sharding adds to a step's peak (root unit and two layers gathered, the reduce-scatter buffer,
     less half the adapter's gradients) is within 10% of the plan (measured +2% on torch 2.13 + bitsandbytes
     0.50) or, in runs where the root's all-gather output outlives its copy (CPU timing), one root unit more."""
-    import socket
-
     import torch.multiprocessing as mp
-    import transformers
 
     from qlora_pipe.plan.advice import recipe_plan
 
-    model_dir = tmp_path / "model"
-    config = transformers.LlamaConfig(
+    model_dir = save_random_llama(
+        tmp_path / "model",
         vocab_size=FSDP_VOCAB,
         hidden_size=512,
         intermediate_size=1536,
@@ -239,11 +236,7 @@ def test_fsdp2_on_two_processes_matches_the_per_gpu_terms(tmp_path):
         num_key_value_heads=4,
         max_position_embeddings=1024,
     )
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(model_dir)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     mp.spawn(_fsdp_rank, args=(str(model_dir), str(tmp_path), port), nprocs=2)
     plan = recipe_plan(
         _fsdp_recipe(model_dir, tmp_path), None, micro_batch_size=FSDP_BATCH, max_length=FSDP_LENGTH, gpus=2
