@@ -62,32 +62,15 @@ def grpo_trainer_class(recipe: Recipe):
 
 def held_out_callback(recipe: Recipe, run, tokenizer, data):
     """Held-out rewards of greedy answers before training and after it (grpo_eval.json)."""
-    from transformers import TrainerCallback
-
-    from qlora_pipe.dist import is_main_process
     from qlora_pipe.evaluate.reward_scores import held_out_rewards
-    from qlora_pipe.runs import write_json_atomic
-    from qlora_pipe.training.sharded import is_sharded, runs_model_passes
+    from qlora_pipe.training.callbacks import HeldOutBeforeAfter
 
     path = run.root / GRPO_EVAL
 
     def score(model) -> dict:
         return held_out_rewards(model, tokenizer, recipe, data.held_out_prompts)
 
-    class HeldOutRewards(TrainerCallback):
-        def on_train_begin(self, args, state, control, model=None, **kwargs):
-            if state.global_step == 0 and runs_model_passes(model):  # a resumed run keeps its "before"
-                before = score(model)
-                if is_main_process():
-                    write_json_atomic(path, {"before": before})
-
-        def on_train_end(self, args, state, control, model=None, **kwargs):
-            if is_sharded(model) or (is_main_process() and path.is_file()):
-                after = score(model)
-                if is_main_process() and path.is_file():
-                    write_json_atomic(path, {**json.loads(path.read_text()), "after": after})
-
-    return HeldOutRewards()
+    return HeldOutBeforeAfter(path, score)
 
 
 def grpo_summary(recipe: Recipe, run) -> dict:

@@ -120,29 +120,12 @@ def method_callbacks(recipe: Recipe, run, tokenizer, data) -> list:
         return [held_out_callback(recipe, run, tokenizer, data)] if data.held_out_prompts is not None else []
     if recipe.method == "sft" or data.eval is None:
         return []
-    from transformers import TrainerCallback
-
-    from qlora_pipe.dist import is_main_process
     from qlora_pipe.evaluate.reward_accuracy import held_out_scores
-    from qlora_pipe.runs import write_json_atomic
-    from qlora_pipe.training.sharded import is_sharded, runs_model_passes
+    from qlora_pipe.training.callbacks import HeldOutBeforeAfter
 
     path = run.root / PREFERENCE_EVAL
 
-    class HeldOutRewardAccuracy(TrainerCallback):
-        def on_train_begin(self, args, state, control, model=None, **kwargs):
-            if state.global_step == 0 and runs_model_passes(model):  # a resumed run keeps its "before"
-                before = held_out_scores(model, tokenizer, data.eval)
-                if is_main_process():
-                    write_json_atomic(path, {"before": before})
-
-        def on_train_end(self, args, state, control, model=None, **kwargs):
-            if is_sharded(model) or (is_main_process() and path.is_file()):
-                after = held_out_scores(model, tokenizer, data.eval)
-                if is_main_process() and path.is_file():
-                    write_json_atomic(path, {**json.loads(path.read_text()), "after": after})
-
-    return [HeldOutRewardAccuracy()]
+    return [HeldOutBeforeAfter(path, lambda model: held_out_scores(model, tokenizer, data.eval))]
 
 
 def method_summary(recipe: Recipe, run) -> dict:
