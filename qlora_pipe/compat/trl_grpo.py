@@ -23,16 +23,13 @@ fused_lm_head
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from qlora_pipe.data.prompts import row_tools
+
 VERIFIED = {"trl": "1.16.0"}
-
-
-def _functions(tools: Any) -> list[dict[str, Any]] | None:
-    return (json.loads(tools) if isinstance(tools, str) else tools) or None
 
 
 class RowToolsPrompts:
@@ -41,7 +38,7 @@ class RowToolsPrompts:
     _row_tools: list | None = None
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
-        self._row_tools = [_functions(row.get("tools")) for row in inputs]
+        self._row_tools = [row_tools(row) for row in inputs]
         try:
             return super()._generate_and_score_completions(inputs)
         finally:

@@ -127,8 +127,8 @@ def grpo_refusal(
     method: str, grpo: GrpoSection, micro_batch_size: int | str, accumulation: int, effective: int | None = None
 ) -> str | None:
     """Why a recipe's GRPO settings cannot run, or None (TRL's GRPOConfig would refuse them at train start).
-    ``effective``: training.effective_batch_size or gradient_accumulation_steps, the completions per step with
-    micro_batch_size auto (checked when given; training checks it again before probing)."""
+    ``effective``: with micro_batch_size auto, the completions per step (training.effective_batch_size, default
+    gradient_accumulation_steps), which auto divides into micro batches."""
     if (method == "grpo") != bool(grpo.rewards):
         return "grpo.rewards: method grpo needs at least one reward; other methods take none"
     if method != "grpo":

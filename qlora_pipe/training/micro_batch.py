@@ -26,7 +26,6 @@ import torch
 
 from qlora_pipe.errors import UserError
 from qlora_pipe.recipe import Recipe
-from qlora_pipe.recipe.grpo import grpo_refusal
 from qlora_pipe.runs import RunDir, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -141,9 +140,7 @@ def choose_batch(recipe: Recipe, run: RunDir, model, start: int | None = None) -
     allowed: Callable[[int], int] = lambda n: n  # noqa: E731
     probe: Callable[[int], None] = lambda n: try_micro_batch(model, n, length)  # noqa: E731
     if recipe.method == "grpo":  # the generation batch first; then micro batches that divide it
-        g = recipe.grpo
-        if refusal := grpo_refusal("grpo", g, "auto", t.gradient_accumulation_steps, effective):
-            raise UserError(refusal)
+        g = recipe.grpo  # whole groups per step: checked at validate (recipe/grpo.py, grpo_refusal)
         probe_generation(model, effective, length)
         allowed = lambda n: largest_divisor(effective, n)  # noqa: E731
         completion = g.max_completion_length
