@@ -256,8 +256,9 @@ def test_fsdp2_on_two_processes_matches_the_per_gpu_terms(tmp_path):
 
 
 def test_auto_sizes_plan_one_gpus_share_under_an_fsdp_launch(monkeypatch):
-    """data.max_length / micro_batch_size auto under `accelerate launch` with FSDP: planned per GPU, as
-    `plan --gpus N` plans (a 70B model fits no sequence on one 24 GiB GPU, and 2,048+ tokens on four)."""
+    """data.max_length auto under `accelerate launch` with FSDP: planned per GPU, as `plan --gpus N` plans (a
+    70B model fits no sequence on one 24 GiB GPU, and 2,048+ tokens on four); micro_batch_size auto is refused
+    under a sharded launch (tests/test_launch_configs.py)."""
     from qlora_pipe.plan.advice import recipe_plan
     from qlora_pipe.plan.auto_sizes import fsdp_launch, micro_batch_start, resolve_max_length
     from qlora_pipe.recipe import load_recipe

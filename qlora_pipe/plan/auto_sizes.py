@@ -3,8 +3,9 @@
 The budget is ``training.memory_budget`` when set, else the GPU's total memory. Without either
 (a CPU run) there is nothing to plan against: max_length falls back to 2048 tokens (or the
 model's positions, if fewer) and the micro batch search starts at ``auto_micro_batch_start``.
-Under an FSDP launch (accelerate sets ACCELERATE_USE_FSDP, WORLD_SIZE and FSDP_OFFLOAD_PARAMS) the
-plan is one GPU's share of the sharded run (plan/fsdp.py), as `qlora-pipe plan --gpus N` prints it.
+Under an FSDP launch (accelerate sets ACCELERATE_USE_FSDP, WORLD_SIZE and FSDP_OFFLOAD_PARAMS) max_length
+is planned on one GPU's share of the sharded run (plan/fsdp.py), as `qlora-pipe plan --gpus N` prints it;
+micro_batch_size auto is refused there (its probe runs one process's step).
 """
 
 from __future__ import annotations
@@ -88,8 +89,7 @@ def micro_batch_start(recipe: Recipe, budget: int | None, shape: ModelShape | No
     """Where the OOM back-off of micro_batch_size auto starts: the planner's largest fit, if it can plan."""
     if budget is None or recipe.data.max_length == "auto":
         return recipe.training.auto_micro_batch_start
-    gpus, offload = fsdp_launch()
-    plan = recipe_plan(recipe, budget, micro_batch_size=1, shape=shape, gpus=gpus, cpu_offload=offload)
+    plan = recipe_plan(recipe, budget, micro_batch_size=1, shape=shape)  # one process (refused when sharded)
     planned = largest_micro_batch(plan.shape, plan.settings, budget) or 1
     log.info("micro batch auto: the planner fits %d in %.1f GiB; probing from there", planned, budget / GiB)
     return planned
