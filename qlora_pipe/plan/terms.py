@@ -185,8 +185,7 @@ def weight_terms(shape: ModelShape, s: PlanSettings) -> list[tuple[str, int, str
 
 def trainable_terms(shape: ModelShape, s: PlanSettings) -> tuple[int, list[tuple[str, int, str]]]:
     adapted = adapted_linears(shape.linears, s.target_modules)
-    lora_params = sum(s.lora_r * (lin.in_features + lin.out_features) for lin in adapted)
-    lora_params += sum(lin.out_features for lin in adapted) if s.use_dora else 0
+    lora_params = adapter_params(adapted, s)
     lora_bytes = lora_param_bytes(s)
     full = _saved_module_params(shape, s.modules_to_save)  # trained copies, in the compute dtype
     weights = lora_params * lora_bytes + full * s.compute_bytes
@@ -209,10 +208,14 @@ def lora_param_bytes(s: PlanSettings) -> int:
     return 2 if s.quantized and s.precision == "bf16" else 4
 
 
+def adapter_params(adapted: list[Linear], s: PlanSettings) -> int:
+    """The adapter parameters on these adapted layers: A and B of rank r, and DoRA's magnitude vector."""
+    return sum(s.lora_r * (lin.in_features + lin.out_features) + lin.out_features * s.use_dora for lin in adapted)
+
+
 def layer_lora_params(shape: ModelShape, s: PlanSettings) -> int:
     """The adapter parameters of one decoder layer."""
-    adapted = adapted_linears([lin for lin in shape.linears if ".0." in lin.name], s.target_modules)
-    return sum(s.lora_r * (lin.in_features + lin.out_features) + lin.out_features * s.use_dora for lin in adapted)
+    return adapter_params(adapted_linears([lin for lin in shape.linears if ".0." in lin.name], s.target_modules), s)
 
 
 def layer_saved_bytes_per_token(shape: ModelShape, s: PlanSettings) -> int:
