@@ -4,6 +4,7 @@ reward that fails stopping the run in one line naming the reward and the row."""
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 
@@ -116,3 +117,41 @@ def test_validating_a_grpo_recipe_checks_its_rewards_without_torch():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_a_reward_that_applies_to_no_row_shows_n_a_and_training_goes_on(
+    tiny_model_dir, tmp_path, capsys, caplog, monkeypatch
+):
+    """A reward returning None (not applicable, as TRL allows) for every row of a step: training goes on; the
+    progress line shows n/a, metrics.jsonl records null, loss.png is drawn, the held-out rewards are None
+    (not 0, not "fully correct") in the summary and the model card, and no library warning is shown."""
+    from qlora_pipe.cli import main
+    from qlora_pipe.publish.model_card import adapter_card
+    from qlora_pipe.recipe import load_recipe
+    from qlora_pipe.runs import RunDir
+
+    caplog.set_level(logging.INFO)
+    monkeypatch.setenv("QLORA_PIPE_PROGRESS_SECONDS", "0")  # a progress line at every step
+    path = tmp_path / "na_rewards.py"
+    path.write_text("def not_applicable(completions, **kwargs):\n    return [None for _ in completions]\n")
+    raw = grpo_recipe(tiny_model_dir, tmp_path, "na", rewards=[{"function": f"{path}:not_applicable"}], max_steps=2)
+    raw["training"]["logging_steps"] = 1
+    recipe_path = tmp_path / "na.yaml"
+    recipe_path.write_text(json.dumps(raw))
+    assert main(["train", str(recipe_path)]) == 0
+    err = capsys.readouterr().err
+    logged = err + caplog.text
+    assert "Traceback" not in err and "All reward functions returned None" not in logged
+    assert "attempting to log a value" not in logged  # TensorBoard's callback on a None metric
+    progress = [line for line in err.splitlines() if line.startswith("training") and "2/2" in line]
+    assert progress and "not_applicable=n/a" in progress[-1] and "reward=n/a" in progress[-1]
+    run = tmp_path / "runs" / "na"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in rows if "rewards/not_applicable/mean" in r]
+    assert len(logged) == 2 and all(r["rewards/not_applicable/mean"] is None and r["reward"] is None for r in logged)
+    assert (run / "loss.png").is_file()
+    after = json.loads((run / "summary.json").read_text())["held_out_rewards"]["after"]
+    assert after["prompts"] == 4 and after["rewards"] == {"not_applicable": None}
+    assert after["weighted_reward"] is None and after["fully_correct"] is None
+    card = adapter_card(RunDir(run), load_recipe(recipe_path), "user/na")
+    assert "| held-out share fully correct after training | n/a (weighted reward n/a) |" in card

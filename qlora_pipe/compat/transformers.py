@@ -22,6 +22,11 @@ tensorboard_callback
     TensorBoardCallback takes its folder from TrainingArguments.logging_dir, which transformers 5 no
     longer sets; the callback's ``logging_dir`` attribute puts the events in the run directory.
     Caught by: tests/test_train.py::test_training_lowers_loss_and_writes_a_complete_run (tensorboard/).
+trackers_skip_missing_values
+    TRL logs None for a metric with no value in the logged steps (a GRPO reward that applied to no row);
+    the trackers' callbacks (TensorBoard, MLflow, ...) warn on every such log and drop the key. Their
+    ``on_log`` gets the logs without the None values (metrics.jsonl keeps them as null). Caught by:
+    tests/test_grpo_rewards.py::test_a_reward_that_applies_to_no_row_shows_n_a_and_training_goes_on.
 modules_kept_unquantized
     Which modules a 4-bit load leaves in 16-bit (lm_head, tied or output embeddings), from the
     quantizer's own helper, so the export quantizes exactly the weights training quantized.
@@ -118,6 +123,20 @@ def tensorboard_callback(logging_dir: Path) -> Any:
     callback = TensorBoardCallback()
     callback.logging_dir = str(logging_dir)
     return callback
+
+
+def trackers_skip_missing_values(trainer: Any) -> None:
+    """Each tracker callback (transformers.integrations) sees a log without its None values."""
+    for callback in trainer.callback_handler.callbacks:
+        if not type(callback).__module__.startswith("transformers.integrations"):
+            continue
+        on_log = callback.on_log
+
+        def present_only(args, state, control, logs=None, _on_log=on_log, **kwargs):
+            logs = {k: v for k, v in logs.items() if v is not None} if logs else logs
+            return _on_log(args, state, control, logs=logs, **kwargs)
+
+        callback.on_log = present_only
 
 
 def modules_kept_unquantized(skeleton: Any) -> set[str]:

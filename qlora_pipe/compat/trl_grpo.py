@@ -19,10 +19,17 @@ fused_lm_head
     forward afterwards (the trainer patches it again when it is built).
     Caught by: tests/test_grpo.py::test_grpo_step_peak_and_kv_cache_match_the_plan (the probe's profiled
     peak within 5% of a real GRPO step's) and the auto run beside it (a real run through the probe).
+
+quiet_unscorable_rows_notice
+    A completion every reward returned None for (not applicable) makes GRPOTrainer warn with the row's
+    every column, prompt and completion, at each such step. The run shows n/a for that reward instead
+    (training/progress.py); the warning is dropped unless the run logs at DEBUG (--debug).
+    Caught by: tests/test_grpo_rewards.py::test_a_reward_that_applies_to_no_row_shows_n_a_and_training_goes_on.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -30,6 +37,8 @@ from typing import Any
 from qlora_pipe.data.prompts import row_tools
 
 VERIFIED = {"trl": "1.16.0"}
+GRPO_LOGGER = "trl.trainer.grpo_trainer"
+UNSCORABLE_NOTICE = "All reward functions returned None for the following kwargs"
 
 
 class RowToolsPrompts:
@@ -78,3 +87,16 @@ def fused_lm_head(model, temperature: float) -> Iterator[None]:
             del base.forward
         else:
             base.forward = before
+
+
+class _DropUnscorableNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return UNSCORABLE_NOTICE not in str(record.msg)
+
+
+def quiet_unscorable_rows_notice() -> None:
+    """Drop GRPOTrainer's warning for a row no reward applied to (see above), unless logging at DEBUG."""
+    logger = logging.getLogger(GRPO_LOGGER)
+    quiet = logging.getLogger().getEffectiveLevel() > logging.DEBUG
+    if quiet and not any(isinstance(f, _DropUnscorableNotice) for f in logger.filters):
+        logger.addFilter(_DropUnscorableNotice())

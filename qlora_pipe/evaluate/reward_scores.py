@@ -2,7 +2,8 @@
 
 A prompt is fully correct when every reward is at its best: 1 for exact_match, token_f1, regex, json,
 tool_call and user rewards (a user reward that scores on another scale is reported by its mean alone and
-counts as correct at 1 or more), 0 for the length penalty. Used by training (before and after, in
+counts as correct at 1 or more), 0 for the length penalty; a reward that returned None (not applicable)
+does not count against it. A prompt no reward applied to is in no mean. Used by training (before and after, in
 summary.json) and by `qlora-pipe eval` (base, starting adapter, tuned).
 """
 
@@ -49,17 +50,16 @@ def held_out_rewards(model, tokenizer, recipe: Recipe, rows, batch_size: int = 8
         )
         scores[reward.label] = values
     specs = {r.label(): r for r in recipe.grpo.rewards}
-    correct = [
-        all(_best(specs[label].function, values[i]) for label, values in scores.items()) for i in range(len(rows))
-    ]
-    weighted = [
-        sum(specs[label].weight * (values[i] or 0.0) for label, values in scores.items()) for i in range(len(rows))
-    ]
+    # A prompt no reward applied to (each returned None) is unscorable: TRL leaves it out of the reward's
+    # mean, and so do the weighted reward and the share fully correct (None when no prompt was scorable).
+    scored = [i for i in range(len(rows)) if any(values[i] is not None for values in scores.values())]
+    correct = [all(_best(specs[label].function, values[i]) for label, values in scores.items()) for i in scored]
+    weighted = [sum(specs[label].weight * (values[i] or 0.0) for label, values in scores.items()) for i in scored]
     return {
         "prompts": len(rows),
         "rewards": {label: _mean(values) for label, values in scores.items()},
-        "weighted_reward": sum(weighted) / len(rows),
-        "fully_correct": sum(correct) / len(rows),
+        "weighted_reward": _mean(weighted),
+        "fully_correct": _mean([float(c) for c in correct]),
         "truncated": sum(not a.stopped for a in answers) / len(rows),
         "examples": [
             {"prompt": prompts[i][-1]["content"], "answer": answers[i].text, **{k: v[i] for k, v in scores.items()}}
@@ -68,7 +68,7 @@ def held_out_rewards(model, tokenizer, recipe: Recipe, rows, batch_size: int = 8
     }
 
 
-def _mean(values: list[float | None]) -> float | None:
+def _mean(values: list) -> float | None:
     present = [v for v in values if v is not None]
     return sum(present) / len(present) if present else None
 

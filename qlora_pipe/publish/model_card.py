@@ -97,24 +97,35 @@ def _training_section(run: RunDir, recipe: Recipe) -> str:
             f"| final train loss | {_fmt(summary.get('final_train_loss'))} |",
         ]
         held_out = [  # summary key, what is shown, its value and the note beside it
-            ("held_out_reward_accuracy", "reward accuracy", "reward_accuracy", "mean margin {mean_margin:.4f} nats"),
+            ("held_out_reward_accuracy", "reward accuracy", "reward_accuracy", "mean margin {mean_margin} nats"),
             ("held_out_label_separation", "label AUC", "label_auc", "desirable vs undesirable log-prob per token"),
-            ("held_out", "accuracy", "accuracy", "macro-F1 {macro_f1:.4f}"),
-            ("held_out_rewards", "share fully correct", "fully_correct", "weighted reward {weighted_reward:.4f}"),
+            ("held_out", "accuracy", "accuracy", "macro-F1 {macro_f1}"),
+            ("held_out_rewards", "share fully correct", "fully_correct", "weighted reward {weighted_reward}"),
         ]
         for key, name, value, note in held_out:
             scores = summary.get(key) or {}
             for when in ("before", "after"):
                 if when in scores:
                     row = scores[when]
-                    lines.append(f"| held-out {name} {when} training | {_fmt(row[value])} ({note.format(**row)}) |")
+                    lines.append(
+                        f"| held-out {name} {when} training | {_fmt(row[value])} ({note.format_map(_Shown(row))}) |"
+                    )
     if run.loss_curve.is_file():
         lines += ["", "![loss curves](loss.png)"]
     return "\n".join(lines)
 
 
 def _fmt(value: Any) -> str:
+    if value is None:
+        return "n/a"
     return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+class _Shown(dict):
+    """A held-out row's values as the card shows them (floats to 4 places; None, no value: n/a)."""
+
+    def __getitem__(self, key: str) -> str:
+        return _fmt(super().__getitem__(key))
 
 
 def _eval_section(run: RunDir, merged: Path | None = None) -> str:

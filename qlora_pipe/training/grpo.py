@@ -48,9 +48,11 @@ def grpo_trainer_class(recipe: Recipe):
     from trl import GRPOTrainer
 
     from qlora_pipe.compat.transformers import TrainerInternals
-    from qlora_pipe.compat.trl_grpo import RowToolsPrompts
+    from qlora_pipe.compat.trl_grpo import RowToolsPrompts, quiet_unscorable_rows_notice
     from qlora_pipe.training.reward_funcs import trl_rewards
     from qlora_pipe.training.trainer import RunGuarantees
+
+    quiet_unscorable_rows_notice()
 
     class PipeGrpoTrainer(TrainerInternals, RunGuarantees, RowToolsPrompts, GRPOTrainer):
         def __init__(self, *args, train_dataset=None, **kwargs):

@@ -9,8 +9,7 @@ from pathlib import Path
 def plot_losses(metrics: Path, out: Path, title: str) -> Path | None:
     """Train and eval loss against the optimizer step; None when nothing was logged."""
     rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    train, evals, rewards = (_points(rows, key) for key in ("loss", "eval_loss", "reward"))
     if not train and not evals:
         return None
     import matplotlib
@@ -23,7 +22,6 @@ def plot_losses(metrics: Path, out: Path, title: str) -> Path | None:
         ax.plot(*zip(*train, strict=True), label="train loss", linewidth=1.5)
     if evals:
         ax.plot(*zip(*evals, strict=True), "o-", label="eval loss", linewidth=1.5)
-    rewards = [(r["step"], r["reward"]) for r in rows if "reward" in r]
     if rewards:  # GRPO: its loss hovers near 0 by construction; the reward is the curve that says it learns
         twin = ax.twinx()
         twin.plot(*zip(*rewards, strict=True), color="tab:green", label="reward (mean)", linewidth=1.5)
@@ -40,3 +38,8 @@ def plot_losses(metrics: Path, out: Path, title: str) -> Path | None:
     plt.close(fig)
     tmp.replace(out)
     return out
+
+
+def _points(rows: list[dict], key: str) -> list[tuple[int, float]]:
+    """(step, value) where the value was logged; null where it had none (a GRPO step no reward applied to)."""
+    return [(r["step"], r[key]) for r in rows if r.get(key) is not None]

@@ -70,15 +70,22 @@ class RunProgress(TrainerCallback):
             self.bar = None
 
 
-def grpo_fields(logs: dict[str, float]) -> dict[str, str]:
+def grpo_fields(logs: dict[str, float | None]) -> dict[str, str]:
     """GRPO's numbers for the progress line: each reward's mean and spread, the weighted reward, mean
-    completion length, share of completions cut at max_completion_length, and KL to the reference."""
+    completion length, share of completions cut at max_completion_length, and KL to the reference. A reward
+    that applied to no row of the logged steps (it returned None for each, as TRL allows) shows n/a."""
     fields = {}
     for key, value in logs.items():
         if key.startswith("rewards/") and key.endswith("/mean"):
             name = key[len("rewards/") : -len("/mean")]
-            fields[name] = f"{value:.2f}±{logs.get(f'rewards/{name}/std', 0.0):.2f}"
+            spread = logs.get(f"rewards/{name}/std")
+            fields[name] = "n/a" if value is None else f"{value:.2f}±{_shown(spread, '{:.2f}')}"
     shown = (("reward", "reward", "{:.3f}"), ("completions/mean_length", "len", "{:.1f}"))
     shown += (("completions/clipped_ratio", "trunc", "{:.0%}"), ("kl", "kl", "{:.4f}"))
-    fields.update({label: fmt.format(logs[key]) for key, label, fmt in shown if key in logs})
+    fields.update({label: _shown(logs[key], fmt) for key, label, fmt in shown if key in logs})
     return fields
+
+
+def _shown(value: float | None, fmt: str) -> str:
+    """TRL logs None for a metric with no value in the logged steps (every row's reward None)."""
+    return "n/a" if value is None else fmt.format(value)

@@ -70,7 +70,11 @@ def build_trainer(
     resuming=False,
     label: str = "",
 ):
-    from qlora_pipe.compat.transformers import replace_progress_callbacks, tensorboard_callback
+    from qlora_pipe.compat.transformers import (
+        replace_progress_callbacks,
+        tensorboard_callback,
+        trackers_skip_missing_values,
+    )
     from qlora_pipe.training.method import method_callbacks, trainer_class
     from qlora_pipe.training.progress import RunProgress
 
@@ -87,6 +91,7 @@ def build_trainer(
     replace_progress_callbacks(trainer, RunProgress(trainer, label))
     if "tensorboard" in recipe.training.report_to:
         trainer.add_callback(tensorboard_callback(run.tensorboard))
+    trackers_skip_missing_values(trainer)
     return trainer
 
 
