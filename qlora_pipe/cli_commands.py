@@ -248,6 +248,23 @@ def cmd_get_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_wheelhouse(args: argparse.Namespace) -> int:
+    from qlora_pipe.wheelhouse.command import run_wheelhouse
+
+    sources = (*(["--no-index"] if args.no_index else []), *(f"--find-links={link}" for link in args.find_links))
+    return run_wheelhouse(
+        Path(args.dir),
+        args.purpose,
+        args.python_version,
+        args.platform,
+        args.have,
+        args.have_file,
+        args.extra,
+        args.max_size,
+        sources,
+    )
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from qlora_pipe.doctor import run_doctor
 
@@ -256,6 +273,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "doctor": cmd_doctor,
+    "wheelhouse": cmd_wheelhouse,
     "export": cmd_export,
     "push": cmd_push,
     "chat": cmd_chat,

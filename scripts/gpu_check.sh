@@ -3,8 +3,9 @@
 # weights, built in 4-bit on the GPU, capped to 24 GB: our default recipe at 2k/4k/8k tokens, the longest
 # sequence that fits, the quickstart and a SIGTERM + resume through the CLI, torchtune's and unsloth's
 # settings, flash-attention and the speed switches (docs/performance.md lists the stages).
-# Result, written after every measurement: benchmarks/results/gpu-<date>-<gpu>.json; a second run with
-# --resume measures only what the first did not.
+# Result, written after every measurement: benchmarks/results/gpu-<date>-<gpu>.json (or into the folder
+# $QLORA_PIPE_RESULTS names); a second run with --resume measures only what the first did not.
+# On a GPU machine with no network: qlora-pipe wheelhouse (docs/performance.md) carries what it lacks.
 #   bash scripts/gpu_check.sh            # on a machine with a CUDA GPU
 #   bash scripts/gpu_check.sh --dry      # rehearsal on CPU with tiny shapes (about a minute)
 # = python -m benchmarks gpu [--dry] from the repository root.
@@ -32,7 +33,7 @@ FSDP_SETS=(
 fsdp_stage() {
     local gpus=$1 work out
     work=$(mktemp -d)
-    out="$PWD/benchmarks/results/gpu-fsdp-$(date +%F)-${gpus}gpus.json"
+    out="${QLORA_PIPE_RESULTS:-$PWD/benchmarks/results}/gpu-fsdp-$(date +%F)-${gpus}gpus.json"
     for item in data recipes accelerate; do ln -s "$PWD/$item" "$work/$item"; done
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
     (cd "$work" && python -m qlora_pipe.cli build-quickstart-model --out models/quickstart-base --steps 5 >build.log 2>&1)
