@@ -188,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
             # The stop is recorded; a repeated SIGTERM during the exit (process managers send several) must
             # not turn exit 143 into a death by signal. SIG_IGN, unlike a Python handler, outlives shutdown.
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        print(str(exc), file=sys.stderr)
+        if is_main_process():  # every process stopped at the same step: the first one says how to resume
+            print(str(exc), file=sys.stderr)
         return 143 if exc.signal_name == "SIGTERM" else 130
     except (UserError, RunStopped) as exc:
         if args.debug:

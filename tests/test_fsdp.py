@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -160,6 +161,32 @@ def _worker(launcher: subprocess.Popen, rank: int) -> int:
     raise AssertionError(f"no worker of rank {rank}")
 
 
+def test_a_stopped_launch_prints_the_launch_that_resumes_it(tiny_model_dir, tmp_path):
+    """SIGTERM to one process of an accelerate FSDP launch: the resume command is printed once, by the first
+    process, and it is the same accelerate launch with --resume (run as printed in the torchrun test below);
+    a resume by one process is refused with that command."""
+    path = write_recipe(tiny_model_dir, tmp_path, "stopped", 2, max_steps=400, save_steps=1000)
+    launch = accelerate_fsdp(path)
+    run = tmp_path / "runs/stopped"
+    launcher = subprocess.Popen(launch, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_step(run, 1, launcher)
+    os.kill(_worker(launcher, 1), signal.SIGTERM)
+    _, stderr = launcher.communicate(timeout=300)
+    printed = [line for line in stderr.splitlines() if "Resume with: " in line]
+    assert len(printed) == 1, stderr[-3000:]
+    command = printed[0].split("Resume with: ", 1)[1]
+    assert shlex.split(command) == [*launch, "--resume"]
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "interrupted" and status["resume_command"] == command
+
+    from qlora_pipe import UserError, load_recipe
+    from qlora_pipe.training.stage import run_training
+
+    with pytest.raises(UserError, match=r"this launch has 1; resume with 2 processes: ") as refused:
+        run_training(load_recipe(path), resume=True)  # one process: refused before anything loads
+    assert str(refused.value).endswith(f"2 processes: {command}")
+
+
 @pytest.mark.skipif(os.environ.get("QLORA_PIPE_SLOW_TESTS") != "1", reason="slow: set QLORA_PIPE_SLOW_TESTS=1")
 def test_sigterm_on_one_rank_stops_all_and_the_resume_is_exact(tiny_model_dir, tmp_path):
     """torchrun, FSDP from the environment: SIGTERM to rank 1 alone stops both ranks at the same step
@@ -187,9 +214,12 @@ def test_sigterm_on_one_rank_stops_all_and_the_resume_is_exact(tiny_model_dir, t
     marker = json.loads((run / "checkpoints" / checkpoints[0] / "checkpoint_complete.json").read_text())
     assert marker["processes"] == 2 and {f"pytorch_model_fsdp_0/__{r}_0.distcp" for r in (0, 1)} <= set(marker["files"])
 
-    resumed = subprocess.run(
-        torchrun(stopped, "--resume"), cwd=REPO, env=fsdp_env, capture_output=True, text=True, timeout=600
-    )
+    # Run as printed, through a shell: the FSDP settings come first, as the variables torchrun's processes need.
+    printed = [line for line in stderr.splitlines() if "Resume with: " in line]
+    assert len(printed) == 1, stderr[-3000:]
+    command = printed[0].split("Resume with: ", 1)[1]
+    assert "ACCELERATE_USE_FSDP=true " in command and "-m torch.distributed.run --nproc_per_node 2 " in command
+    resumed = subprocess.run(command, shell=True, cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert metrics(run) == metrics(tmp_path / "runs/straight")
     a, b = adapter(run), adapter(tmp_path / "runs/straight")

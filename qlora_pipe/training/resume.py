@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shlex
 from pathlib import Path
 from typing import Any
 
@@ -114,11 +113,17 @@ def check_resumable(recipe: Recipe, run: RunDir) -> None:
 
 def resume_command(recipe: Recipe, run: RunDir) -> str:
     """The command that resumes this run: the recipe file with the same --set overrides, or, for a recipe
-    that was not loaded from a file (the Python API), the run's own resolved recipe."""
+    that was not loaded from a file (the Python API), the run's own resolved recipe; launched as this run
+    was (the same torchrun / accelerate launch, whose process count the checkpoint needs)."""
+    from qlora_pipe.launch import cli_command, several_machines
+
     if recipe.source and Path(recipe.source).is_file():
-        sets = [f"--set {shlex.quote(item)}" for item in recipe.overrides]
-        return " ".join(["qlora-pipe train", shlex.quote(recipe.source), *sets, "--resume"])
-    return f"qlora-pipe train {shlex.quote(str(run.resolved_recipe))} --resume"
+        sets = [part for item in recipe.overrides for part in ("--set", item)]
+        args = ["train", recipe.source, *sets, "--resume"]
+    else:
+        args = ["train", str(run.resolved_recipe), "--resume"]
+    command = cli_command(args)
+    return f"{command} (on every machine, with its own --machine_rank / --node_rank)" if several_machines() else command
 
 
 def resolve_checkpoint(run: RunDir, path: str | None) -> Path:
@@ -133,11 +138,11 @@ def resolve_checkpoint(run: RunDir, path: str | None) -> Path:
         checkpoint = latest_valid_checkpoint(run.checkpoints)
         if checkpoint is None:
             raise UserError(f"nothing to resume: no complete checkpoint under {run.checkpoints}")
-    check_same_processes(checkpoint)
+    check_same_processes(checkpoint, run)
     return checkpoint
 
 
-def check_same_processes(checkpoint: Path) -> None:
+def check_same_processes(checkpoint: Path, run: RunDir) -> None:
     """A checkpoint resumes only under as many processes as wrote it: each process's batches (so the
     effective batch and the data order), its RNG state and, under FSDP, its shard depend on that number."""
     from qlora_pipe.dist import world_size
@@ -146,10 +151,20 @@ def check_same_processes(checkpoint: Path) -> None:
     saved, now = marker.get("processes"), world_size()
     if saved is not None and saved != now:
         launch = f"{marker['sharding'].upper()} " if marker.get("sharding") else ""
+        recorded = _recorded_resume_command(run)
+        how = f": {recorded}" if recorded else f" (--num_processes {saved} / --nproc_per_node {saved})"
         raise UserError(
             f"cannot resume from {checkpoint}: it was saved by a {launch}launch of {saved} processes, this "
-            f"launch has {now}; resume with {saved} processes (--num_processes {saved} / --nproc_per_node {saved})"
+            f"launch has {now}; resume with {saved} processes{how}"
         )
+
+
+def _recorded_resume_command(run: RunDir) -> str | None:
+    """The launch an interrupted run printed (status.json), if it stopped that way."""
+    try:
+        return json.loads(run.status.read_text()).get("resume_command")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def check_trainable_count(checkpoint: Path, trainable_params: int) -> None:

@@ -160,7 +160,9 @@ def _run_training(recipe: Recipe, overwrite: bool, resume: bool | str, callbacks
         )
     except Interrupted as exc:
         if main:
-            run.record_outcome("interrupted", step=exc.step, signal=exc.signal_name)
+            run.record_outcome(
+                "interrupted", step=exc.step, signal=exc.signal_name, resume_command=resume_command(recipe, run)
+            )
         raise
     except BaseException as exc:
         if main:
