@@ -156,6 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _OwnInfoOnly(logging.Filter):
+    """The libraries' INFO records tell their internals (matplotlib's new font cache, ...): --debug shows them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or record.name.partition(".")[0] in ("qlora_pipe", "__main__")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not args.debug:
@@ -164,9 +171,13 @@ def main(argv: list[str] | None = None) -> int:
     from qlora_pipe.dist import is_main_process
 
     quiet = not is_main_process()  # under torchrun, one process speaks for the run
+    handler = logging.StreamHandler()
+    if not args.debug:
+        handler.addFilter(_OwnInfoOnly())
     logging.basicConfig(
         level=logging.DEBUG if args.debug else (logging.WARNING if quiet else logging.INFO),
         format="%(levelname)s %(name)s: %(message)s" if args.debug else "%(message)s",
+        handlers=[handler],
     )
     for noisy in ("httpx", "httpx2", "httpcore", "httpcore2"):  # one line per HTTP request is noise
         logging.getLogger(noisy).setLevel(logging.WARNING)

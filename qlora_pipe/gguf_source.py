@@ -176,13 +176,15 @@ def _convert(path: Path, out: Path) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from accelerate import init_empty_weights
+    from qlora_pipe.compat.transformers import gguf_bar_follows_switch
 
     _reader(path)  # the extra, before transformers says the same less clearly
     folder, name = str(path.parent), path.name
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         config = AutoConfig.from_pretrained(folder, gguf_file=name)
-        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        with gguf_bar_follows_switch():  # its own bar, blind to the switch --debug turns on
+            loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     except (ValueError, KeyError, OSError, RuntimeError, NotImplementedError) as exc:
         reason = " ".join(str(exc).split())[:200]
         raise UserError(f"model.name_or_path: {path.name}: transformers cannot load this GGUF ({reason})") from exc

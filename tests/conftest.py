@@ -105,6 +105,16 @@ def converter() -> Path:
     return setup_converter()  # at once when both converters are there
 
 
+@pytest.fixture(scope="session")
+def tiny_gguf(converter, tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny Llama as an f16 GGUF, written by llama.cpp's own converter."""
+    from qlora_pipe.export.gguf import convert
+
+    out = tmp_path_factory.mktemp("gguf") / "tiny-f16.gguf"
+    convert(tiny_model_dir, out, "f16", out.with_suffix(".log"))
+    return out
+
+
 # (family, config overrides): tiny and medium shapes; hidden and intermediate sizes are multiples of 64.
 FAMILIES = {
     "llama": (

@@ -234,13 +234,16 @@ def test_export_takes_back_its_own_leftovers_and_runs_one_at_a_time(tokenizer_di
     """kill -9 between the marker's removal and the final rename leaves a verified `.partial` without its
     marker (and the old export gone, or still there): the next export recognises it as its own and
     replaces it. Two exports of one run at once: the second is refused in one line naming the first's pid,
-    and the first finishes with a merged model that loads."""
+    and the first finishes with a merged model that loads, having said nothing but its own lines (on a CPU
+    where bitsandbytes looks for its Hub kernel at import)."""
     import os
     import subprocess
     import sys
     import time
 
     from tests.test_bad_inputs import ENV
+    from tests.test_doctor import avx512_bf16_site
+    from tests.test_terminal import library_noise
 
     _, result = trained_run("llama", tokenizer_dir, tmp_path)
     run = result.run_dir
@@ -254,7 +257,8 @@ def test_export_takes_back_its_own_leftovers_and_runs_one_at_a_time(tokenizer_di
     export_merged(run.root, out, verify=False)
     assert not partial.exists() and (out / "model.safetensors").is_file()
 
-    env = {**ENV, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    site = avx512_bf16_site(tmp_path)  # where bitsandbytes looks for its Hub kernel at import
+    env = {**ENV, "PYTHONPATH": os.pathsep.join([str(site), str(Path(__file__).resolve().parents[1])])}
     first = subprocess.Popen(
         [sys.executable, "-m", "qlora_pipe.cli", "export", str(run.root)], env=env, stderr=subprocess.PIPE, text=True
     )
@@ -268,6 +272,8 @@ def test_export_takes_back_its_own_leftovers_and_runs_one_at_a_time(tokenizer_di
     with pytest.raises(UserError, match=rf"is being exported by another process \(pid {first.pid}\); wait"):
         export_merged(run.root)
     assert first.wait(timeout=300) == 0, first.stderr.read()[-2000:]
+    said = first.stderr.read()
+    assert "merging: " in said and not library_noise(said), said[-2000:]  # the tool's lines only
     merged = AutoModelForCausalLM.from_pretrained(run.root / "merged")
     assert merged.config.num_hidden_layers == 2 and not (run.root / "merged.partial").exists()
     assert os.path.getsize(run.root / "merged" / "model.safetensors") > 0

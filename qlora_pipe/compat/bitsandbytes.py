@@ -23,8 +23,11 @@ quiet_hub_kernel_notice
     (``kernels-community/quantization-bitsandbytes``, backends/cpu/ops.py) and logs a warning when it
     cannot (offline, no ``kernels``, an untrusted publisher): on every command. That kernel only serves
     the CPU inference fast path keep_plain_nf4_on_cpu turns off, so the notice is dropped (shown with
-    --debug) by a filter on that module's logger, matched on the message's start. Remove when
-    bitsandbytes stops fetching at import. Caught by: tests/test_doctor.py::test_bitsandbytes_noise_and_failure.
+    --debug) by a filter on that module's logger, matched on the message's start. With the Hub offline,
+    the ``kernels`` library (verified with kernels 0.19.1) first logs that it skips the publisher trust check
+    of that same repository (``kernels._internals.hf_hub``): dropped the same way, for that repository only.
+    Remove when bitsandbytes stops fetching at import. Caught by:
+    tests/test_doctor.py::test_bitsandbytes_noise_and_failure and tests/test_terminal.py (train, export).
 
 load_problem, kernel_description
     Whether bitsandbytes imports at all (doctor fails, and the commands that load 4-bit weights refuse in
@@ -44,22 +47,31 @@ if TYPE_CHECKING:  # torch loads only when a function runs: the CLI installs the
     import torch
     from torch import nn
 
-VERIFIED = {"bitsandbytes": "0.50.2"}
-HUB_KERNEL_LOGGER = "bitsandbytes.backends.cpu.ops"
-HUB_KERNEL_NOTICE = "Failed to load CPU gemm_4bit_forward from kernels-community"
+VERIFIED = {"bitsandbytes": "0.50.2", "kernels": "0.19.1"}
+HUB_KERNEL_REPO = "kernels-community/quantization-bitsandbytes"
+# logger -> the start of the notice it logs about bitsandbytes' Hub kernel at import
+HUB_KERNEL_NOTICES = {
+    "bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward from kernels-community",
+    "kernels._internals.hf_hub": f"Skipping publisher trust check for '{HUB_KERNEL_REPO}'",
+}
 INSTALL_HINT = "pip install -c qlora_pipe/constraints.txt bitsandbytes"
 
 
 class _DropHubKernelNotice(logging.Filter):
+    def __init__(self, start: str) -> None:
+        super().__init__()
+        self.start = start
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(HUB_KERNEL_NOTICE)
+        return not str(record.msg).startswith(self.start)
 
 
 def quiet_hub_kernel_notice() -> None:
-    """Drop bitsandbytes' import-time notice about its Hub CPU kernel (see above); idempotent."""
-    logger = logging.getLogger(HUB_KERNEL_LOGGER)
-    if not any(isinstance(f, _DropHubKernelNotice) for f in logger.filters):
-        logger.addFilter(_DropHubKernelNotice())
+    """Drop the import-time notices about bitsandbytes' Hub CPU kernel (see above); idempotent."""
+    for name, start in HUB_KERNEL_NOTICES.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropHubKernelNotice) for f in logger.filters):
+            logger.addFilter(_DropHubKernelNotice(start))
 
 
 def load_problem() -> str | None:
