@@ -191,9 +191,11 @@ def main(argv: list[str] | None = None) -> int:
             quiet_library_progress()  # datasets', TRL's and transformers' bars: --debug shows them
     try:
         from qlora_pipe.cpu_threads import set_up_cpu
+        from qlora_pipe.user_code import exits_are_errors
 
         set_up_cpu(args.command)
-        return COMMANDS[args.command](args)
+        # sys.exit() in code a command runs (a model's own code, ...) is an error: exit 2, not the code's exit
+        return exits_are_errors(args.command, lambda: COMMANDS[args.command](args))
     except Interrupted as exc:
         if exc.signal_name == "SIGTERM":
             # The stop is recorded; a repeated SIGTERM during the exit (process managers send several) must

@@ -21,6 +21,7 @@ from typing import Any
 
 from qlora_pipe.errors import UserError
 from qlora_pipe.recipe.grpo import BUILTIN_REWARDS, RewardSection
+from qlora_pipe.user_code import run_user_code
 
 TRL_ARGUMENTS = {"prompts", "completions", "completion_ids", "trainer_state", "log_extra", "log_metric"}
 
@@ -36,25 +37,31 @@ def load_user_function(where: str, spec: str) -> Callable[..., Any]:
         loader = importlib.util.spec_from_file_location(module_name, path)
         module = importlib.util.module_from_spec(loader)
         sys.modules[module_name] = module
-        try:
-            loader.loader.exec_module(module)
-        except Exception as exc:  # the user's module: any error it raises is theirs to see in one line
-            raise UserError(f"{where}: importing {target} failed: {type(exc).__name__}: {exc}") from exc
+        _import(where, target, lambda: loader.loader.exec_module(module))
     else:
         if "" not in sys.path and str(Path.cwd()) not in sys.path:
             sys.path.insert(0, str(Path.cwd()))  # `qlora-pipe` as a console script: find modules beside the recipe
-        try:
-            module = importlib.import_module(target)
-        except ModuleNotFoundError as exc:
-            raise UserError(f"{where}: module {target} not found ({exc})") from exc
-        except Exception as exc:
-            raise UserError(f"{where}: importing {target} failed: {type(exc).__name__}: {exc}") from exc
+        module = _import(where, target, lambda: importlib.import_module(target))
     function = getattr(module, name, None)
     if function is None:
         raise UserError(f"{where}: {target} has no function {name}")
     if not callable(function):
         raise UserError(f"{where}: {spec} is a {type(function).__name__}, not a function")
     return function
+
+
+def _import(where: str, target: str, load: Callable[[], Any]) -> Any:
+    """``load()``: what the import raises, sys.exit() and KeyboardInterrupt included, in one line."""
+    try:
+        return run_user_code(f"{where}: importing {target}", load)
+    except UserError as exc:
+        cause = exc.__cause__
+        missing = getattr(cause, "name", None) if isinstance(cause, ModuleNotFoundError) else None
+        if missing and (target == missing or target.startswith(f"{missing}.")):  # not a module it imports
+            raise UserError(f"{where}: module {target} not found ({cause})") from cause
+        if isinstance(cause, SystemExit):  # a script's top-level code runs on import
+            raise UserError(f"{exc}; put a script's own code under if __name__ == '__main__':") from cause
+        raise
 
 
 def required_names(where: str, spec: str, function: Callable[..., Any]) -> tuple[str, ...]:

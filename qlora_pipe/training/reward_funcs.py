@@ -21,6 +21,7 @@ from qlora_pipe.errors import UserError
 from qlora_pipe.recipe import Recipe
 from qlora_pipe.recipe.grpo import BUILTIN_REWARDS, RewardSection
 from qlora_pipe.training.rewards import builtin_reward, completion_text
+from qlora_pipe.user_code import USER_CODE_ERRORS, ctrl_c_watched, is_code_failure, what_happened
 from qlora_pipe.user_rewards import user_reward
 
 
@@ -75,14 +76,14 @@ def guarded(reward: ResolvedReward, rows: dict[str, int], split: str = "training
         return f"{split} prompt {number} ({_quote(prompt)})" if number else f"{split} prompt {_quote(prompt)}"
 
     def call(prompts, completions, completion_ids, **columns) -> list[float]:
-        try:
-            values = function(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
-        except Exception as exc:
-            row = _failing_row(function, prompts, completions, completion_ids, columns)
-            raise UserError(
-                f"reward {label} ({source}) raised {type(exc).__name__}: {' '.join(str(exc).split())[:160]} "
-                f"on {where(prompts[row])}"
-            ) from None
+        with ctrl_c_watched() as ctrl_c:
+            try:
+                values = function(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
+            except USER_CODE_ERRORS as exc:  # sys.exit() and a KeyboardInterrupt it raised are its failures too
+                if not is_code_failure(exc, ctrl_c):
+                    raise
+                row = _failing_row(function, prompts, completions, completion_ids, columns)
+                raise UserError(f"reward {label} ({source}) {what_happened(exc)} on {where(prompts[row])}") from None
         if not isinstance(values, list | tuple) or len(values) != len(completions):
             got = f"{len(values)} values" if isinstance(values, list | tuple) else type(values).__name__
             raise UserError(
@@ -109,7 +110,7 @@ def _failing_row(function, prompts, completions, completion_ids, columns) -> int
                 completion_ids=completion_ids[i : i + 1],
                 **one,
             )
-        except Exception:
+        except USER_CODE_ERRORS:  # within the caller's watch: a Ctrl-C meanwhile is told apart there
             return i
     return 0
 
