@@ -162,10 +162,14 @@ def _worker(launcher: subprocess.Popen, rank: int) -> int:
 
 
 def test_a_stopped_launch_prints_the_launch_that_resumes_it(tiny_model_dir, tmp_path):
-    """SIGTERM to one process of an accelerate FSDP launch: the resume command is printed once, by the first
-    process, and it is the same accelerate launch with --resume (run as printed in the torchrun test below);
-    a resume by one process is refused with that command."""
+    """An accelerate FSDP launch with the recipe's default optimizer (bitsandbytes' paged_adamw_8bit, which cannot
+    step sharded parameters): it trains with adamw_torch_fused, said once. SIGTERM to one process: the resume
+    command is printed once, by the first process, and it is the same accelerate launch with --resume (run as
+    printed in the torchrun test below); a resume by one process is refused with that command."""
     path = write_recipe(tiny_model_dir, tmp_path, "stopped", 2, max_steps=400, save_steps=1000)
+    raw = yaml.safe_load(path.read_text())
+    del raw["training"]["optimizer"]  # the default
+    path.write_text(yaml.safe_dump(raw))
     launch = accelerate_fsdp(path)
     run = tmp_path / "runs/stopped"
     launcher = subprocess.Popen(launch, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -177,7 +181,9 @@ def test_a_stopped_launch_prints_the_launch_that_resumes_it(tiny_model_dir, tmp_
     command = printed[0].split("Resume with: ", 1)[1]
     assert shlex.split(command) == [*launch, "--resume"]
     status = json.loads((run / "status.json").read_text())
-    assert status["state"] == "interrupted" and status["resume_command"] == command
+    assert status["state"] == "interrupted" and status["resume_command"] == command and status["step"] >= 2
+    assert stderr.count("training.optimizer paged_adamw_8bit runs as adamw_torch_fused under FSDP") == 1
+    assert "no GPU: optimizer" not in stderr
 
     from qlora_pipe import UserError, load_recipe
     from qlora_pipe.training.stage import run_training

@@ -97,6 +97,20 @@ def test_plan_command_per_gpu(capsys):
     assert report["total"] == sum(report["terms"].values()) and report["terms"]["base weights, 4-bit"] == 0
 
 
+def test_a_bitsandbytes_optimizer_is_planned_as_the_one_fsdp_steps_with(family_dirs, capsys):
+    """bitsandbytes' optimizers cannot step FSDP's sharded parameters: the run steps with adamw_torch_fused
+    (qlora_pipe/optimizers.py), and the plan counts that state, saying so in one line; one GPU keeps 8-bit."""
+    shape, one = _tiny(family_dirs)
+    fused = plan_memory(shape, replace(one, gpus=2, optimizer="adamw_torch_fused")).term("optimizer states")
+    for name in ("paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit"):
+        assert plan_memory(shape, replace(one, gpus=2, optimizer=name)).term("optimizer states") == fused
+    eight_bit = plan_memory(shape, replace(one, optimizer="paged_adamw_8bit")).term("optimizer states (paged)")
+    assert eight_bit < plan_memory(shape, one).term("optimizer states")  # one GPU: adamw_torch's state is larger
+    assert main(["plan", str(REPO / "recipes/qa-legal.yaml"), "--gpus", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("training.optimizer paged_adamw_8bit runs as adamw_torch_fused under FSDP") == 1
+
+
 @pytest.mark.parametrize("bad", ["0", "-1", "1.5", "two", ""])
 def test_bad_gpu_count_is_one_line(capsys, bad):
     assert main(["plan", FSDP_RECIPE, f"--gpus={bad}"]) == 2

@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
+from qlora_pipe.optimizers import OptimizerChoice, optimizer_used
 from qlora_pipe.plan.shapes import ModelShape
 
 if TYPE_CHECKING:
@@ -105,9 +106,16 @@ def fsdp_rows(
     return out
 
 
+def planned_optimizer(s: PlanSettings) -> OptimizerChoice:
+    """The optimizer the planned run steps with: under FSDP (gpus > 1) never bitsandbytes' (optimizers.py)."""
+    return optimizer_used(s.optimizer, gpu=True, fsdp=s.gpus > 1)
+
+
 def fsdp_header(s: PlanSettings) -> str:
     offload = ", CPU offload (fsdp_offload_params)" if s.cpu_offload else ""
-    return (
+    header = (
         f"FSDP on {s.gpus} GPUs: fully sharded, 4-bit weights stored as bfloat16 (quant_storage){offload}; "
         f"every figure is per GPU, each GPU runs its own micro batch"
     )
+    notice = planned_optimizer(s).notice
+    return f"{header}\n{notice}; planned as such" if notice else header

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 
 from qlora_pipe.hardware import planning_hardware, with_resolved_precision
 from qlora_pipe.lora_targets import is_target
-from qlora_pipe.plan.fsdp import fsdp_rows
+from qlora_pipe.plan.fsdp import fsdp_rows, planned_optimizer
 from qlora_pipe.plan.grpo_terms import generation_terms, grpo_settings
 from qlora_pipe.plan.shapes import Linear, ModelShape
 from qlora_pipe.recipe import Recipe
@@ -189,13 +189,15 @@ def trainable_terms(shape: ModelShape, s: PlanSettings) -> tuple[int, list[tuple
     lora_bytes = lora_param_bytes(s)
     full = _saved_module_params(shape, s.modules_to_save)  # trained copies, in the compute dtype
     weights = lora_params * lora_bytes + full * s.compute_bytes
-    states = optimizer_bytes_per_param(s.optimizer, lora_bytes) * lora_params
-    states += optimizer_bytes_per_param(s.optimizer, s.compute_bytes) * full
-    state_name = "optimizer states (paged)" if s.optimizer.startswith("paged_") else "optimizer states"
+    optimizer = planned_optimizer(s)
+    states = optimizer_bytes_per_param(optimizer.name, lora_bytes) * lora_params
+    states += optimizer_bytes_per_param(optimizer.name, s.compute_bytes) * full
+    state_name = "optimizer states (paged)" if optimizer.name.startswith("paged_") else "optimizer states"
+    used = f"{optimizer.name} (training.optimizer {s.optimizer}: not under FSDP)" if optimizer.notice else s.optimizer
     rows = [
         ("LoRA weights", weights, f"{lora_params:,} params, r={s.lora_r}, {len(adapted)} layers"),
         ("LoRA gradients", weights, "same size and dtype as the trained weights"),
-        (state_name, int(states), s.optimizer),
+        (state_name, int(states), used),
     ]
     if s.reference_adapter:
         label = "reference adapter (GRPO)" if s.generation_steps else "reference adapter (DPO)"

@@ -172,7 +172,11 @@ class TrainingSection(Section):
     max_grad_norm: float = Field(0.3, gt=0, description="Gradient clipping norm.")
     optimizer: Literal[
         "paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw_torch", "adamw_torch_fused", "sgd"
-    ] = Field("paged_adamw_8bit", description="Optimizer; paged ones fall back to non-paged without a GPU.")
+    ] = Field(
+        "paged_adamw_8bit",
+        description="Optimizer; paged ones fall back to non-paged without a GPU, bitsandbytes' (8-bit, paged) "
+        "to adamw_torch_fused under FSDP.",
+    )
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto",
         description="Mixed-precision mode; 'auto': bf16 where native (GPU 8.0+, CPU AVX512-BF16/AMX), "

@@ -7,8 +7,10 @@ import logging
 
 import torch
 
+from qlora_pipe.dist import is_main_process, sharded_launch
 from qlora_pipe.errors import UserError
 from qlora_pipe.hardware import detect_hardware, with_resolved_precision
+from qlora_pipe.optimizers import optimizer_used
 from qlora_pipe.recipe import Recipe
 from qlora_pipe.runs import RunDir
 from qlora_pipe.training.micro_batch import BatchChoice
@@ -64,11 +66,9 @@ def sft_config(recipe: Recipe, run: RunDir, device: torch.device, batch: BatchCh
 def sft_arguments(recipe: Recipe, run: RunDir, device: torch.device, batch: BatchChoice, resuming: bool) -> dict:
     t = with_resolved_precision(recipe, detect_hardware(device.type)).training
     on_cpu = device.type == "cpu"
-    optimizer = t.optimizer
-    if on_cpu and optimizer.startswith("paged_"):
-        # Paging moves optimizer state between GPU and CPU memory; with no GPU there is nothing to page.
-        optimizer = optimizer.removeprefix("paged_")
-        log.warning("no GPU: optimizer %s runs as %s (paging needs CUDA)", t.optimizer, optimizer)
+    optimizer = optimizer_used(t.optimizer, gpu=not on_cpu, fsdp=sharded_launch() == "fsdp")
+    if optimizer.notice and is_main_process():  # one line per launch, not one per process
+        log.warning(optimizer.notice)
     evaluating = recipe.data.has_eval() and t.eval_steps is not None
     return dict(
         output_dir=str(run.checkpoints),
@@ -84,7 +84,7 @@ def sft_arguments(recipe: Recipe, run: RunDir, device: torch.device, batch: Batc
         warmup_steps=t.warmup_ratio,  # a float below 1 is a fraction of the total steps
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
-        optim=optimizer,
+        optim=optimizer.name,
         bf16=t.precision == "bf16",
         fp16=t.precision == "fp16",
         # Enabled (non-reentrant) by the model stage; the trainer must not wrap it a second time.
