@@ -21,6 +21,7 @@ from qlora_pipe.hardware import with_resolved_precision
 from qlora_pipe.lora_targets import unmatched_targets
 from qlora_pipe.model_source import check_model_files, local_path
 from qlora_pipe.recipe import Recipe
+from qlora_pipe.shard_rules import refuse_sharded
 from qlora_pipe.tokens import PAD_CANDIDATES, ensure_distinct_pad  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
@@ -128,30 +129,12 @@ def load_base_model(recipe: Recipe, device: torch.device | None = None) -> nn.Mo
 
 
 def check_sharded_quantization(recipe: Recipe) -> None:
-    """FSDP and ZeRO-3 can only shard 4-bit weights stored in the same float dtype as the rest of the model, and
-    FSDP's checkpoints hold shards, not an adapter to push (ZeRO-3's also hold the gathered adapter)."""
-    q = with_resolved_precision(recipe).quantization
+    """Under FSDP or ZeRO-3, what such a launch cannot run is refused in one line before anything loads
+    (shard_rules.py: 4-bit weights stored in another dtype than the rest, GRPO, micro_batch_size auto,
+    pushing FSDP's sharded checkpoints)."""
     launch = sharded_launch()
-    if launch and q.enabled and q.quant_storage != q.compute_dtype:
-        raise UserError(
-            f"quantization.quant_storage: {launch} with 4-bit weights needs quant_storage = compute_dtype "
-            f"({q.compute_dtype}), got {q.quant_storage}"
-        )
-    if launch and recipe.method == "grpo":
-        raise UserError(
-            f"method: grpo under a {launch} launch is not supported (TRL's GRPOTrainer generating from sharded "
-            "weights failed in qlora-pipe's CPU check); launch it with accelerate/ddp.yaml or torchrun"
-        )
-    if launch and recipe.training.micro_batch_size == "auto":
-        raise UserError(
-            f"training.micro_batch_size: auto probes one process's step, not a {launch} step across processes; "
-            "give a number (qlora-pipe plan RECIPE --gpus N shows what fits)"
-        )
-    if launch == "fsdp" and recipe.hub.push_checkpoints:
-        raise UserError(
-            "hub.push_checkpoints: under fsdp a checkpoint holds each process's shard of the adapter, not a "
-            "PEFT adapter to push; the finished run's adapter is pushed with hub.push_adapter_at_end"
-        )
+    if launch:
+        refuse_sharded(recipe, launch)
 
 
 def linear_module_names(model: nn.Module) -> list[str]:

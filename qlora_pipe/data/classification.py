@@ -54,7 +54,7 @@ def labelled_row(text_field: str, label_field: str):
     return convert
 
 
-def class_names(recipe, train: list[dict[str, str]]) -> list[str]:
+def class_names(recipe, train: list[dict[str, str]], what: str = "training data") -> list[str]:
     labels = recipe.classification.labels
     if labels is not None:
         if len(set(labels)) != len(labels):
@@ -62,7 +62,7 @@ def class_names(recipe, train: list[dict[str, str]]) -> list[str]:
         return list(labels)
     found = sorted({row["label"] for row in train})
     if len(found) < 2:
-        raise UserError(f"training data: classification needs at least two labels among its usable rows, found {found}")
+        raise UserError(f"{what}: classification needs at least two labels among its usable rows, found {found}")
     return found
 
 
@@ -100,23 +100,24 @@ def encode(rows: list[dict[str, str]], tokenizer, names: list[str], data, report
     return Dataset.from_list(kept) if kept else None
 
 
-def prepare_classification_data(recipe, tokenizer) -> tuple[PreparedData, list[str]]:
-    """Read, check, split, tokenize and report labelled rows; returns the data and the class names."""
+def prepare_classification_data(recipe, tokenizer, train_name: str = "train") -> tuple[PreparedData, list[str]]:
+    """Read, check, split, tokenize and report labelled rows; returns the data and the class names.
+    ``train_name``: what the first split is called (eval --data reads its file as that split)."""
     data, spec = recipe.data, recipe.classification
     rng = random.Random(recipe.seed)
-    train_report, eval_report = SplitReport("train"), SplitReport("eval")
+    train_report, eval_report = SplitReport(train_name), SplitReport("eval")
     convert = labelled_row(spec.text_field, spec.label_field)
     train = collect(data.train_sources(), data, rng, train_report, convert)[: data.max_train_samples]
     held_out = collect(data.held_out_sources(), data, rng, eval_report, convert) if data.held_out_sources() else []
     train, held_out = hold_out(train, held_out, data, rng, eval_report)
     if not train:  # every row dropped: say why, not "no labels"
-        raise UserError(f"training data: no usable labelled rows ({train_report.line()})")
-    names = class_names(recipe, train)
+        raise UserError(f"{train_report.what()}: no usable labelled rows ({train_report.line()})")
+    names = class_names(recipe, train, train_report.what())
     for rows, report in ((train, train_report), (held_out, eval_report)):
         warn_unknown_classes(rows, names, report, spec.labels is not None)
     train_ds = encode(train, tokenizer, names, data, train_report)
     if train_ds is None:
-        raise UserError(f"training data: no usable labelled rows ({train_report.line()})")
+        raise UserError(f"{train_report.what()}: no usable labelled rows ({train_report.line()})")
     eval_ds = encode(held_out, tokenizer, names, data, eval_report) if held_out else None
     reports = [train_report] + ([eval_report] if eval_ds is not None else [])
     for report in reports:

@@ -180,22 +180,28 @@ def fingerprint(data: DataSection, tokenizer, seed: int, pairs: list) -> str:
     return hashlib.sha256(json.dumps([parts, pairs], sort_keys=True).encode()).hexdigest()[:24]
 
 
-def prepare_preference_data(data: DataSection, tokenizer, seed: int = 42, method: str = "dpo") -> PreparedData:
-    """Read, check, split and report preference pairs (no cache: rendering is TRL's, at train start)."""
+def prepare_preference_data(
+    data: DataSection, tokenizer, seed: int = 42, method: str = "dpo", train_name: str = "train"
+) -> PreparedData:
+    """Read, check, split and report preference pairs (no cache: rendering is TRL's, at train start).
+    ``train_name``: what the first split is called (eval --data reads its file as that split)."""
     from qlora_pipe.data.chat_templates import require_chat_template
 
     require_chat_template(tokenizer, getattr(tokenizer, "name_or_path", "the model"))
     rng = random.Random(seed)
-    train_report, eval_report = SplitReport("train"), SplitReport("eval")
+    train_report, eval_report = SplitReport(train_name), SplitReport("eval")
     convert = to_kto_row if method == "kto" else to_pair
     train = collect(data.train_sources(), data, rng, train_report, convert)[: data.max_train_samples]
     held_out = collect(data.held_out_sources(), data, rng, eval_report, convert) if data.held_out_sources() else []
     if len({frozenset(row) for row in train + held_out}) > 1:
-        raise UserError("training data: mixes KTO rows (prompt/completion/label) and pairs (prompt/chosen/rejected)")
+        raise UserError(
+            f"{train_report.what()}: mixes KTO rows (prompt/completion/label) and pairs (prompt/chosen/rejected)"
+        )
     train, held_out = hold_out(train, held_out, data, rng, eval_report)
     train_ds = check_split(train, tokenizer, data, train_report)
     if train_ds is None:
-        raise UserError(f"training data: no usable preference pairs ({train_report.line()})")
+        rows = "KTO rows (prompt/completion/label)" if method == "kto" else "preference pairs"
+        raise UserError(f"{train_report.what()}: no usable {rows} ({train_report.line()})")
     eval_ds = check_split(held_out, tokenizer, data, eval_report) if held_out else None
     reports = [train_report] + ([eval_report] if eval_ds is not None else [])
     first = train_ds[0]["prompt"]

@@ -122,15 +122,16 @@ def reward_columns(recipe) -> tuple[dict[str, list[str]], dict[str, str]]:
     return reads, {column: label for label, columns in needs.items() for column in columns}
 
 
-def prepare_prompt_data(recipe, tokenizer) -> PreparedData:
-    """Read, check, split and report prompt rows (no cache: TRL renders them at train start)."""
+def prepare_prompt_data(recipe, tokenizer, train_name: str = "train") -> PreparedData:
+    """Read, check, split and report prompt rows (no cache: TRL renders them at train start). ``train_name``:
+    what the first split is called (eval --data reads its file as that split)."""
     from qlora_pipe.data.chat_templates import require_chat_template
 
     data = recipe.data
     require_chat_template(tokenizer, getattr(tokenizer, "name_or_path", "the model"))
     reads, needed = reward_columns(recipe)
     rng = random.Random(recipe.seed)
-    train_report, eval_report = SplitReport("train"), SplitReport("eval")
+    train_report, eval_report = SplitReport(train_name), SplitReport("eval")
 
     def convert(row: dict[str, Any]) -> dict[str, Any] | str:
         return to_prompt_row(row, needed)
@@ -141,7 +142,7 @@ def prepare_prompt_data(recipe, tokenizer) -> PreparedData:
     check_tools_render(train + held_out, tokenizer, data)
     train_ds = check_split(train, tokenizer, recipe, train_report)
     if train_ds is None:
-        raise UserError(f"training data: no usable prompt rows ({train_report.line()})")
+        raise UserError(f"{train_report.what()}: no usable prompt rows ({train_report.line()})")
     eval_ds = check_split(held_out, tokenizer, recipe, eval_report) if held_out else None
     reports = [train_report] + ([eval_report] if eval_ds is not None else [])
     for report in reports:

@@ -8,6 +8,14 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+GIVEN_EVAL_DATA = "--data "
+
+
+def given_eval_data(path: str) -> str:
+    """The split name of the file given to `qlora-pipe eval --data`, read as the data stage's only split: it is
+    eval data, not the training data its messages would otherwise name."""
+    return f"{GIVEN_EVAL_DATA}{path}"
+
 
 def percentile(sorted_values: list[int], q: float) -> int:
     if not sorted_values:
@@ -76,6 +84,12 @@ class SplitReport:
                 else {}
             ),
         }
+
+    def what(self) -> str:
+        """How a message names this split's rows: the training data, the eval data, or the file a command read."""
+        if self.name.startswith(GIVEN_EVAL_DATA):
+            return f"the eval data given with {self.name}"
+        return {"train": "training data", "eval": "eval data"}.get(self.name, self.name)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> SplitReport:

@@ -14,12 +14,13 @@ from qlora_pipe.runs import RunDir, write_json_atomic
 
 def labelled_rows(recipe, tokenizer, data: str | None, limit: int | None):
     from qlora_pipe.data.classification import prepare_classification_data
+    from qlora_pipe.data.report import given_eval_data
 
     if data is not None:
         only = {"train_path": data, "eval_path": None, "sources": [], "eval_fraction": 0.0, "max_train_samples": None}
         section = recipe.data.model_copy(update=only)
         recipe = recipe.model_copy(update={"data": section})
-    prepared, _ = prepare_classification_data(recipe, tokenizer)
+    prepared, _ = prepare_classification_data(recipe, tokenizer, "train" if data is None else given_eval_data(data))
     split = prepared.eval if prepared.eval is not None and data is None else prepared.train
     rows = split.select(range(len(split) if limit is None else min(limit, len(split))))
     return rows, data or ("held-out rows" if prepared.eval is not None and data is None else "training rows")

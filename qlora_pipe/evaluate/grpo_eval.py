@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 def prompts_for(recipe, tokenizer, data: str | None, limit: int | None) -> tuple[list, str]:
     from qlora_pipe.data.prompts import prepare_prompt_data
+    from qlora_pipe.data.report import given_eval_data
 
     if data is not None:
         section = recipe.data.model_copy(
@@ -33,7 +34,7 @@ def prompts_for(recipe, tokenizer, data: str | None, limit: int | None) -> tuple
             }
         )
         recipe = recipe.model_copy(update={"data": section})
-    prepared = prepare_prompt_data(recipe, tokenizer)
+    prepared = prepare_prompt_data(recipe, tokenizer, "train" if data is None else given_eval_data(data))
     held = prepared.held_out_prompts is not None and data is None
     split = prepared.held_out_prompts if held else prepared.train
     rows = [split[i] for i in range(len(split) if limit is None else min(limit, len(split)))]

@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 
 def pairs_for(recipe, tokenizer, data: str | None, limit: int | None) -> tuple[list, str]:
     from qlora_pipe.data.preference import prepare_preference_data
+    from qlora_pipe.data.report import given_eval_data
 
     section = recipe.data
     if data is not None:
@@ -32,7 +33,8 @@ def pairs_for(recipe, tokenizer, data: str | None, limit: int | None) -> tuple[l
                 "max_train_samples": None,
             }
         )
-    prepared = prepare_preference_data(section, tokenizer, recipe.seed, recipe.method)
+    name = "train" if data is None else given_eval_data(data)
+    prepared = prepare_preference_data(section, tokenizer, recipe.seed, recipe.method, name)
     split = prepared.eval if prepared.eval is not None and data is None else prepared.train
     rows = [split[i] for i in range(len(split) if limit is None else min(limit, len(split)))]
     kind = "rows" if rows and "completion" in rows[0] else "pairs"

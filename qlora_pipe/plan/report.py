@@ -12,6 +12,7 @@ from qlora_pipe.plan.advice import Advice, advise, fewest_gpus, parse_size, reci
 from qlora_pipe.plan.fsdp import fsdp_header
 from qlora_pipe.plan.terms import GiB, MemoryPlan, plan_memory
 from qlora_pipe.recipe import load_recipe
+from qlora_pipe.shard_rules import planned_fsdp_changes
 
 DEFAULT_BUDGET = "24GiB"
 
@@ -110,6 +111,7 @@ def run_plan_command(
 ) -> int:
     n_gpus = parse_gpus(gpus, cpu_offload)
     recipe, precision = resolve_recipe_precision(load_recipe(recipe_path, overrides=overrides), planning_hardware())
+    changes = planned_fsdp_changes(recipe, n_gpus) if n_gpus > 1 else []  # refuses GRPO: no FSDP launch runs it
     if gpu_memory:
         budget = parse_size(gpu_memory, "--gpu-memory")
     else:
@@ -117,9 +119,11 @@ def run_plan_command(
     plan = recipe_plan(recipe, budget, gpus=n_gpus, cpu_offload=cpu_offload)
     advice = advise(plan)
     if as_json:
-        print(json.dumps(plan_json(plan, advice, precision), indent=2))
+        print(json.dumps(plan_json(plan, advice, precision) | ({"fsdp_refuses": changes} if changes else {}), indent=2))
     else:
         print(plan_table(plan, precision))
+        for reason in changes:  # the plan is of the launch once changed; as the recipe stands it would not start
+            print(f"an FSDP launch refuses this recipe as it stands: {reason}")
         print()
         print(advice_text(plan, advice))
         if recipe.task == "classification":  # not silently wrong: the terms are a causal LM's
