@@ -2,9 +2,10 @@
 
 transformers reads a GGUF (tokenizer, chat template, config, weights dequantized to fp32) but refuses to
 save such a model, and every stage here reads a plain folder (the NF4 load, the streaming merge, the planner).
-So a GGUF is converted once into a plain bf16 safetensors folder in the cache, keyed by the file's path, size
-and modification time, and named by its content hash in ``source.json``; runs, cards and exports record
-that file (name, quantization type, sha256) as the starting point.
+So a GGUF is converted once into a plain bf16 safetensors folder in the cache, named by the file's sha256
+(read once per file version: user_cache.sha256_of), so a file replaced under the same name, even with its size
+and modification time kept, is never served the conversion of another; runs, cards and exports record that
+file (name, quantization type, sha256) as the starting point.
 
 The light checks (is this a GGUF, is its header whole) import nothing heavy; the conversion needs the
 ``gguf`` extra and loads the whole model once in fp32 (4 bytes per parameter of RAM).
@@ -12,7 +13,6 @@ The light checks (is this a GGUF, is its header whole) import nothing heavy; the
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from qlora_pipe.errors import UserError
+from qlora_pipe.runs import write_json_atomic
+from qlora_pipe.user_cache import cache_home, sha256_of
 
 log = logging.getLogger(__name__)
 
@@ -115,20 +117,23 @@ def gguf_config(path: Path) -> dict[str, Any]:
 
 
 def cache_root() -> Path:
-    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return root / "qlora-pipe" / "gguf-bases"
+    return cache_home() / "gguf-bases"
 
 
 def cache_folder(path: Path) -> Path:
-    """One folder per file version: its resolved path, size and modification time (hashing a multi-GB file on
-    every command would cost seconds; the content hash is recorded once, at conversion)."""
-    stat = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    return cache_root() / f"{path.stem}-{key}"
+    """One folder per file content: the conversion of these exact bytes, wherever the file lies."""
+    return cache_root() / f"{path.stem}-{sha256_of(path)[:16]}"
+
+
+def gguf_source(path: Path) -> dict[str, Any]:
+    """What a run, a card and a converted folder record of the starting GGUF: where, its sha256, its facts."""
+    source = {"gguf": str(path.resolve()), "size": path.stat().st_size, "sha256": sha256_of(path)}
+    return {**source, **gguf_facts(path), "dtype": "bfloat16"}
 
 
 def base_folder(path: Path) -> Path:
     """The plain folder converted from this GGUF, converting it on first use."""
+    version = _version(path)
     folder = cache_folder(path)
     if (folder / SOURCE_FILE).is_file():
         return folder
@@ -138,10 +143,10 @@ def base_folder(path: Path) -> Path:
     staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
     try:
         _convert(path, staging)
-        from qlora_pipe.runs import file_sha256, write_json_atomic
-
-        source = {"gguf": str(path.resolve()), "size": path.stat().st_size, "sha256": file_sha256(path)}
-        write_json_atomic(staging / SOURCE_FILE, {**source, **gguf_facts(path), "dtype": "bfloat16"})
+        source = gguf_source(path)
+        if _version(path) != version:
+            raise UserError(f"model.name_or_path: {path} changed while it was being converted; run the command again")
+        write_json_atomic(staging / SOURCE_FILE, source)
         if folder.exists():  # another process converted it meanwhile: keep theirs
             shutil.rmtree(staging)
         else:
@@ -150,6 +155,11 @@ def base_folder(path: Path) -> Path:
         shutil.rmtree(staging, ignore_errors=True)  # our own temporary folder, nothing else
         raise
     return folder
+
+
+def _version(path: Path) -> tuple[int, ...]:
+    stat = path.stat()
+    return (stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
 
 
 def source_of(folder: str | Path) -> dict[str, Any] | None:
@@ -164,9 +174,10 @@ def source_of(folder: str | Path) -> dict[str, Any] | None:
 
 
 def base_source(recipe) -> dict[str, Any] | None:
-    """The GGUF a recipe's base came from (file, sha256, quantization), or None for any other base."""
+    """The GGUF a recipe's base comes from (file, sha256, quantization), read from the file itself, or None
+    for any other base."""
     gguf = gguf_file_of(recipe.model.name_or_path)
-    return source_of(cache_folder(gguf)) if gguf is not None else None
+    return gguf_source(gguf) if gguf is not None else None
 
 
 def _convert(path: Path, out: Path) -> None:

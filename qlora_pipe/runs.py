@@ -38,6 +38,7 @@ TENSORBOARD = "tensorboard"
 CHECKPOINTS = "checkpoints"
 EVAL_REPORT = "eval.json"
 DATA_FINGERPRINT = "data_fingerprint.json"  # the training data's fingerprint when the run started (resume checks)
+BASE_RECORD = "base.json"  # the base model the run trained on (later stages check it: base_record.py)
 SYSTEM_PROMPT = "system_prompt.json"  # the system message the training data used (chat, eval, export)
 EXPORT_INFO = "export_info.json"  # written into a merged folder: which run it came from
 RUN_MARKER = ".qlora-pipe-run"  # written when a run directory is created: the proof it is ours to replace
@@ -86,6 +87,10 @@ class RunDir:
     @property
     def data_fingerprint(self) -> Path:
         return self.root / DATA_FINGERPRINT
+
+    @property
+    def base_record(self) -> Path:
+        return self.root / BASE_RECORD
 
     @property
     def lock(self) -> Path:

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from qlora_pipe.base_record import record_base
 from qlora_pipe.cli import main
 from qlora_pipe.errors import UserError
 from qlora_pipe.export.command import export_merged
@@ -82,11 +83,12 @@ def test_unmerged_refusals_are_one_line(tokenizer_dir, tmp_path, converter, monk
 
 
 def test_a_float16_merge_that_would_overflow_is_refused_naming_the_tensor(tokenizer_dir, tmp_path, monkeypatch):  # noqa: F811
-    _, result = trained_run("llama", tokenizer_dir, tmp_path)
+    recipe, result = trained_run("llama", tokenizer_dir, tmp_path)
     checkpoint = tmp_path / "llama-base" / "model.safetensors"
     tensors = load_file(checkpoint)
     tensors["model.norm.weight"][0] = 7e4  # beyond float16's 65504
     save_file(tensors, checkpoint, metadata={"format": "pt"})
+    record_base(result.run_dir, recipe)  # the run stands for one trained on these weights (export checks)
     with pytest.raises(UserError, match=r"model\.norm\.weight holds 7\.0\d*e\+04, beyond float16's largest value"):
         export_merged(result.run_dir.root, dtype="float16", verify=False)
     assert not (result.run_dir.root / "merged").exists()
@@ -94,6 +96,7 @@ def test_a_float16_merge_that_would_overflow_is_refused_naming_the_tensor(tokeni
     # the check, which runs the merged model in its own dtype, names the overflow.
     tensors["model.norm.weight"][:] = 6e4  # fits float16; the logits it scales do not
     save_file(tensors, checkpoint, metadata={"format": "pt"})
+    record_base(result.run_dir, recipe)
     with pytest.raises(UserError, match=r"activations overflow float16 .*export bfloat16 or float32"):
         export_merged(result.run_dir.root, dtype="float16")
     assert not (result.run_dir.root / "merged").exists()

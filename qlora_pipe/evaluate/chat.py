@@ -52,11 +52,11 @@ def load_chat_model(path: str | Path) -> ChatModel:
     if not path.is_dir():
         raise UserError(f"chat: directory not found: {path}")
     if _is_run_dir(path):
+        from qlora_pipe.base_record import run_recipe
         from qlora_pipe.model import load_trained_model
-        from qlora_pipe.recipe import load_recipe
 
         run = resolve_run(path)
-        recipe = load_recipe(run.resolved_recipe)
+        recipe = run_recipe(run, "chat")
         if recipe.task == "classification":
             raise UserError(f"chat: {run.root} is a classifier (task: classification); score it with qlora-pipe eval")
         model = load_trained_model(recipe, run.root)

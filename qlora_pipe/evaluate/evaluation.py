@@ -197,8 +197,8 @@ def run_eval(
     """Evaluate base and tuned models of a finished run; writes eval.json (RUN_DIR/merged/eval.json with merged)."""
     from transformers import AutoModelForCausalLM
 
+    from qlora_pipe.base_record import run_recipe
     from qlora_pipe.model import load_run_tokenizer, load_trained_model, training_device
-    from qlora_pipe.recipe import load_recipe
     from qlora_pipe.runs import resolve_run
 
     started = time.time()
@@ -211,7 +211,7 @@ def run_eval(
     merged_dir = run.root / "merged"
     if merged and not (merged_dir / "config.json").is_file():
         raise UserError(f"eval --merged: no merged model in {merged_dir}; run `qlora-pipe export {run.root}` first")
-    recipe = load_recipe(run.resolved_recipe)
+    recipe = run_recipe(run, "eval")
     if recipe.task == "classification":
         if lm_tasks:
             raise UserError(f"eval {run.root}: --lm-eval is for text generation; a classifier is scored on labels")

@@ -11,13 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qlora_pipe.base_record import recorded_source, run_recipe
 from qlora_pipe.errors import UserError
 from qlora_pipe.export.merge import base_checkpoint_dir, merge_stream
 from qlora_pipe.export.serving import make_serving_files
-from qlora_pipe.gguf_source import base_source
 from qlora_pipe.hardware import dtype_for_inference
 from qlora_pipe.model import DTYPES
-from qlora_pipe.recipe import load_recipe
 from qlora_pipe.runs import (
     EXPORT_INFO,
     RunDir,
@@ -171,7 +170,7 @@ def _export_run(
     from qlora_pipe.model import load_run_tokenizer
 
     started = time.time()
-    recipe = load_recipe(run.resolved_recipe)
+    recipe = run_recipe(run, "export")  # its base checked: the one the run trained on
     settings = recipe.export
     merge_base = merge_base or settings.merge_base
     dtype_name = dtype or settings.dtype
@@ -209,7 +208,7 @@ def _export_run(
     info = {
         "run": str(run.root),
         "base_model": recipe.model.name_or_path,
-        "base_source": base_source(recipe),
+        "base_source": recorded_source(run),
         "merge_base": merge_base,
         "dtype": dtype_name,
         "quantization": recipe.quantization.model_dump(),

@@ -71,13 +71,13 @@ def compare_runtime(run: RunDir, gguf_file: Path, lora: Path | None = None) -> d
 def measure(run: RunDir, gguf_file: Path, lora: Path | None = None) -> dict[str, Any]:
     from llama_cpp import Llama
 
+    from qlora_pipe.base_record import run_recipe
     from qlora_pipe.cpu_threads import choose_cpu_threads
     from qlora_pipe.export.fidelity import compare, fidelity_rows, judge, reference_noise
     from qlora_pipe.generation import chat_prompt_ids, stop_token_ids
     from qlora_pipe.model import load_run_tokenizer, load_trained_model
-    from qlora_pipe.recipe import load_recipe
 
-    recipe = load_recipe(run.resolved_recipe)
+    recipe = run_recipe(run, "export --format gguf")
     tokenizer = load_run_tokenizer(run.root)
     rows, _ = fidelity_rows(recipe, tokenizer, ROWS)
     threads = choose_cpu_threads().threads  # QLORA_PIPE_CPU_THREADS, OMP_NUM_THREADS or the CPUs available

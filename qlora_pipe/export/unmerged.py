@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from qlora_pipe.base_record import recorded_source, run_recipe
 from qlora_pipe.errors import UserError
 from qlora_pipe.export.command import (
     EXPORT_INFO,
@@ -36,9 +37,8 @@ from qlora_pipe.export.command import (
 )
 from qlora_pipe.export.merge import base_checkpoint_dir, merge_stream
 from qlora_pipe.export.serving import make_serving_files
-from qlora_pipe.gguf_source import base_source
 from qlora_pipe.model import DTYPES
-from qlora_pipe.recipe import Recipe, load_recipe
+from qlora_pipe.recipe import Recipe
 from qlora_pipe.runs import RunDir, resolve_run, write_json_atomic
 from qlora_pipe.sizes import parse_size
 
@@ -71,7 +71,7 @@ def export_unmerged(
 
 def _export(run: RunDir, out, dtype: str | None, verify: bool | None, gguf_type: str | None) -> ExportResult:
     started = time.time()
-    recipe = load_recipe(run.resolved_recipe)
+    recipe = run_recipe(run, "export --unmerged")
     if recipe.task == "classification":
         raise UserError("export --unmerged: a classifier is exported merged (its head is trained whole); leave it out")
     if gguf_type is not None:
@@ -102,7 +102,7 @@ def _export(run: RunDir, out, dtype: str | None, verify: bool | None, gguf_type:
             "run": str(run.root),
             "kind": "unmerged",
             "base_model": recipe.model.name_or_path,
-            "base_source": base_source(recipe),
+            "base_source": recorded_source(run),
             "dtype": dtype_name,
             "quantization": recipe.quantization.model_dump(),
             **written,

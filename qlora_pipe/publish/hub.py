@@ -15,11 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qlora_pipe.base_record import run_recipe
 from qlora_pipe.errors import UserError
 from qlora_pipe.export.serving import make_serving_files
 from qlora_pipe.model_source import local_path
 from qlora_pipe.publish.model_card import adapter_card, merged_card
-from qlora_pipe.recipe import Recipe, load_recipe
+from qlora_pipe.recipe import Recipe
 from qlora_pipe.runs import RunDir
 
 log = logging.getLogger(__name__)
@@ -188,7 +189,7 @@ def push_run(
         raise UserError(f"{run.root}: not a run directory (no {run.resolved_recipe.name})")
     if not run.is_finished():
         raise UserError(f"{run.root} is not a finished run (no summary.json); finish or resume training first")
-    recipe = load_recipe(run.resolved_recipe)
+    recipe = run_recipe(run, "push")
     plans = plan_push(run, recipe, repo_id, what)
     try:
         for plan in plans:

@@ -70,14 +70,21 @@ def starting_adapter(recipe: Recipe) -> Path | None:
     check_start_run(recipe, folder)  # a finished run, its adapter whole, a text-generation adapter
     config = folder / "adapter_config.json"
     base = json.loads(config.read_text()).get("base_model_name_or_path", "")
+    from qlora_pipe.base_record import check_same_base
+    from qlora_pipe.gguf_source import source_of
     from qlora_pipe.model import model_location
+    from qlora_pipe.runs import RunDir
 
     wanted = model_location(recipe.model.name_or_path)  # a GGUF base: the folder converted from it
-    same = base in (wanted, recipe.model.name_or_path) or (
-        Path(base).exists() and Path(wanted).exists() and Path(base).resolve() == Path(wanted).resolve()
+    converted = [source_of(f) for f in (base, wanted)]  # both converted from GGUF files: the same file's?
+    same = (
+        base in (wanted, recipe.model.name_or_path)
+        or (Path(base).exists() and Path(wanted).exists() and Path(base).resolve() == Path(wanted).resolve())
+        or (all(converted) and converted[0]["sha256"] == converted[1]["sha256"])
     )
     if not same:
         raise UserError(f"model.adapter: {folder} was trained on {base}, not on model.name_or_path {wanted}")
+    check_same_base(RunDir(folder), recipe, "model.adapter:")  # the same name, but is it the same weights?
     return folder
 
 

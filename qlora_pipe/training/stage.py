@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from importlib.metadata import version
 from typing import Any
 
+from qlora_pipe.base_record import check_same_base, record_base, recorded_source
 from qlora_pipe.data.prepared import PreparedData
 from qlora_pipe.dist import is_main_process, world_size
 from qlora_pipe.errors import Interrupted, TrainingAborted, UserError
 from qlora_pipe.generation import generate_answers
-from qlora_pipe.gguf_source import base_source
 from qlora_pipe.model import check_sharded_quantization, load_tokenizer, training_device
 from qlora_pipe.plan.auto_sizes import resolve_auto_sizes
 from qlora_pipe.recipe import Recipe
@@ -125,6 +125,7 @@ def _run_training(recipe: Recipe, overwrite: bool, resume: bool | str, callbacks
     if resume:  # before any expensive loading
         check_resumable(recipe, run)
         checkpoint = resolve_checkpoint(run, resume if isinstance(resume, str) else None)
+        check_same_base(run, recipe, "cannot resume")
     elif main:
         run.check_available(overwrite=overwrite)
     check_trackers(recipe)
@@ -145,6 +146,7 @@ def _run_training(recipe: Recipe, overwrite: bool, resume: bool | str, callbacks
     if main:  # only the first process writes the run's files
         if checkpoint is None:
             run.prepare(overwrite=overwrite)
+            record_base(run, recipe)  # what every later stage checks the base against
             write_text_atomic(run.resolved_recipe, recipe.dump_yaml())
             write_json_atomic(run.data_fingerprint, {"fingerprint": data.fingerprint})
         else:
@@ -237,7 +239,7 @@ def _train_and_save(
     summary = {
         "run_name": recipe.run_name,
         "base_model": recipe.model.name_or_path,
-        "base_source": base_source(recipe),
+        "base_source": recorded_source(run),
         **method_summary(recipe, run),
         "steps": trainer.state.global_step,
         "epochs": trainer.state.epoch,

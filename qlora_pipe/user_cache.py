@@ -1,0 +1,74 @@
+"""The user's cache folder (``$XDG_CACHE_HOME/qlora-pipe``, else ``~/.cache/qlora-pipe``): converted GGUF
+bases, example models, llama.cpp's converter, and the sha256 of large files, each computed once.
+
+The hashes are kept only where that is sound: a file's version is told by what a rewrite cannot keep. Its
+size and modification time can be set back (``touch -r``, ``rsync -t``, an unpacked archive); its inode and
+status-change time (ctime) cannot: the kernel sets ctime on every write and metadata change, and no system
+call sets it. A hash is kept only for a file whose ctime was at least ``RACY_NS`` older than the read that
+hashed it, so that a change made after the hashing began gets a later ctime even where timestamps are coarse
+(git's rule for a racily clean index).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+from qlora_pipe.runs import file_sha256, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+RACY_NS = 2_000_000_000
+_KNOWN: dict[tuple, str] = {}  # this process's hashes, by file version
+
+
+def cache_home() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qlora-pipe"
+
+
+def sha256_of(path: Path) -> str:
+    """The file's sha256, read once per file version (this process, then the cache's ``hashes/``)."""
+    path = path.resolve()
+    before = path.stat()
+    key = (str(path), *_version(before))
+    if key in _KNOWN:
+        return _KNOWN[key]
+    entry = _entry(path)
+    stored = _read_json(entry)
+    if stored.get("version") == list(key[1:]) and isinstance(stored.get("sha256"), str):
+        _KNOWN[key] = stored["sha256"]
+        return stored["sha256"]
+    started = time.time_ns()
+    digest = file_sha256(path)
+    if _version(path.stat()) == key[1:] and before.st_ctime_ns < started - RACY_NS:
+        _KNOWN[key] = digest
+        _keep(entry, {"path": str(path), "version": list(key[1:]), "sha256": digest})
+    return digest
+
+
+def _version(stat: os.stat_result) -> tuple[int, ...]:
+    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+
+
+def _entry(path: Path) -> Path:
+    return cache_home() / "hashes" / f"{hashlib.sha256(str(path).encode()).hexdigest()[:32]}.json"
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        loaded = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def _keep(entry: Path, payload: dict) -> None:
+    """Best effort: a cache that cannot be written only means hashing again next time."""
+    try:
+        write_json_atomic(entry, payload)
+    except OSError as exc:
+        log.debug("file hash not kept in %s: %s", entry.parent, exc)

@@ -1,0 +1,150 @@
+"""A GGUF file or a local folder as the base: converted once per file content, recorded when a run starts and
+checked by every stage after it; the cache's incomplete entries, read-only folders and full disks."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from qlora_pipe.cli import main
+from qlora_pipe.gguf_source import base_folder, source_of
+from qlora_pipe.recipe import validate_recipe
+from qlora_pipe.runs import RunDir, file_sha256
+from qlora_pipe.training.stage import run_training
+from qlora_pipe.user_cache import RACY_NS
+from tests.conftest import recipe_dict
+from tests.test_resume import CrashAtStep, SimulatedCrash
+
+REPO = Path(__file__).resolve().parents[1]
+Q = "model.layers.0.self_attn.q_proj.weight"
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    """A private XDG_CACHE_HOME: converted bases and file hashes of this test only."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def replace_keeping_size_and_mtime(path: Path) -> None:
+    """Another model of the same size under the same name, with the old modification time (touch -r): one
+    tensor's weights negated in place."""
+    from gguf import GGUFReader
+
+    before = path.stat()
+    reader = GGUFReader(str(path), "r+")
+    tensor = next(t for t in reader.tensors if t.name == "blk.0.attn_q.weight")
+    tensor.data[...] = -tensor.data
+    reader.data.flush()
+    del reader, tensor
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = path.stat()
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+
+
+def error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_a_gguf_replaced_with_its_size_and_mtime_kept_is_converted_again(tiny_gguf, cache, tmp_path):
+    gguf = tmp_path / "base.gguf"
+    shutil.copy(tiny_gguf, gguf)
+    time.sleep(RACY_NS / 1e9 + 0.2)  # old enough for its hash to be kept (user_cache: the racy rule)
+    first = base_folder(gguf)
+    assert source_of(first)["sha256"] == file_sha256(gguf)
+    replace_keeping_size_and_mtime(gguf)
+    second = base_folder(gguf)
+    assert second != first and source_of(second)["sha256"] == file_sha256(gguf)
+    assert torch.equal(load_file(second / "model.safetensors")[Q], -load_file(first / "model.safetensors")[Q])
+    assert list((cache / "qlora-pipe/hashes").glob("*.json"))  # the first hash had been kept: the case at stake
+
+
+def test_every_stage_after_training_refuses_a_replaced_gguf_base(tiny_gguf, cache, tmp_path, capsys):
+    gguf = tmp_path / "base.gguf"
+    shutil.copy(tiny_gguf, gguf)
+    original = gguf.read_bytes()
+    raw = recipe_dict(gguf, tmp_path / "runs", max_steps=2, save_steps=1, report_to=["none"])
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(raw))
+    recipe = validate_recipe(raw)
+    with pytest.raises(SimulatedCrash):
+        run_training(recipe, callbacks=(CrashAtStep(2),))
+    run = RunDir(recipe.run_dir())
+
+    replace_keeping_size_and_mtime(gguf)
+    assert main(["train", str(tmp_path / "recipe.yaml"), "--resume"]) == 2
+    line = error_line(capsys)
+    assert line.startswith(f"error: cannot resume {run.root}: the base model changed") and str(gguf) in line
+
+    gguf.write_bytes(original)  # the file the run trained on, back: it resumes and finishes
+    summary = run_training(recipe, resume=True).summary
+    assert summary["base_source"]["sha256"] == file_sha256(gguf)
+
+    replace_keeping_size_and_mtime(gguf)
+    root = str(run.root)
+    for command in (
+        ["export", root],
+        ["export", root, "--unmerged"],
+        ["eval", root, "--limit", "1"],
+        ["chat", root, "--prompt", "What is a tort?"],
+        ["push", root, "--repo-id", "me/tiny", "--dry-run"],
+    ):
+        assert main(command) == 2, command
+        line = error_line(capsys)
+        assert f"the base model changed since the run trained on it: the GGUF file {gguf.resolve()}" in line, line
+    assert sorted(p.name for p in run.root.iterdir() if "merged" in p.name or "unmerged" in p.name) == []
+
+
+def test_stages_after_training_refuse_a_changed_base_folder(tiny_model_dir, cache, tmp_path, capsys):
+    base = shutil.copytree(tiny_model_dir, tmp_path / "base")
+    raw = recipe_dict(base, tmp_path / "runs", max_steps=1, report_to=["none"])
+    run = run_training(validate_recipe(raw)).run_dir
+    size = (base / "model.safetensors").stat().st_size
+    weights = load_file(base / "model.safetensors")
+    weights[Q] = -weights[Q]  # another model of the same size and shapes
+    save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
+    assert (base / "model.safetensors").stat().st_size == size
+    assert main(["export", str(run.root), "--no-verify"]) == 2
+    line = error_line(capsys)
+    assert f"the base model changed since the run trained on it: {base.resolve()}/model.safetensors changed" in line
+    assert set(json.loads(run.base_record.read_text())["files"]) == {"config.json", "model.safetensors"}
+    raw.update(run_name="continued", model={"name_or_path": str(base), "adapter": str(run.root)})
+    (tmp_path / "continued.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["train", str(tmp_path / "continued.yaml")]) == 2  # model.adapter: trained on other weights
+    assert error_line(capsys).startswith(f"error: model.adapter: {run.root}: the base model changed since")
+
+
+def test_a_hub_base_records_its_commit_and_later_stages_load_that_commit(tiny_model_dir, tmp_path, monkeypatch):
+    """The Hub cache as huggingface_hub lays it out (offline): refs/main names the snapshot loaded."""
+    from huggingface_hub import constants
+
+    from qlora_pipe.base_record import check_same_base, record_base, run_recipe
+    from qlora_pipe.errors import UserError
+
+    hub, first, second = tmp_path / "hub", "a" * 40, "b" * 40
+    repo = hub / "models--me--tiny"
+    for commit in (first, second):
+        shutil.copytree(tiny_model_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs/main").write_text(first)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))
+    recipe = validate_recipe(recipe_dict("me/tiny", tmp_path / "runs"))
+    run = RunDir(tmp_path / "runs/test")
+    run.root.mkdir(parents=True)
+    run.resolved_recipe.write_text(recipe.dump_yaml())
+    assert record_base(run, recipe)["commit"] == first
+    (repo / "refs/main").write_text(second)  # the branch moved on since the run trained
+    with pytest.raises(UserError, match="me/tiny at main is now commit bbbbbbbbbbbb, not aaaaaaaaaaaa"):
+        check_same_base(run, recipe, "cannot resume")
+    assert run_recipe(run, "export").model.revision == first  # export, eval, chat: the commit it trained on
