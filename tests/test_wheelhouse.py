@@ -154,6 +154,12 @@ def test_cli_prints_each_wheel_and_the_total_and_refuses_over_the_size(tmp_path)
     refused = run_cli(*common, "--max-size", "100B", cwd=tmp_path)
     assert refused.returncode == 2 and refused.stderr.startswith("error: --max-size: the wheels take")
     assert len(refused.stderr.strip().splitlines()) == 1
+    pinned = run_cli(*common, "--pin", "pydantic==2.98.0", cwd=tmp_path)  # not in the index: the newest instead
+    assert pinned.returncode == 0 and "pydantic-2.99.0-py3-none-any.whl" in pinned.stdout
+    make_wheel(index, "pydantic", "2.98.0")
+    (tmp_path / "house" / "pydantic-2.99.0-py3-none-any.whl").unlink()
+    pinned = run_cli(*common, "--pin", "pydantic==2.98.0", cwd=tmp_path)
+    assert pinned.returncode == 0 and "pydantic-2.98.0-py3-none-any.whl" in pinned.stdout
     bad = run_cli("wheelhouse", str(tmp_path / "h2"), "--have", "torch>=2", cwd=tmp_path)
     assert bad.returncode == 2 and "--have: 'torch>=2' is not NAME==VERSION or NAME" in bad.stderr
 
@@ -228,6 +234,7 @@ def test_rehearsal_the_gpu_check_runs_from_the_wheelhouse_on_the_image_stack(tmp
         "PATH": f"{venv / 'bin'}:{os.environ['PATH']}",
         "PYTHONPATH": f"{site}:{REPO}",
         "QLORA_PIPE_RESULTS": str(out),
+        "QLORA_PIPE_CHECK_SECONDS": "3000",  # a GPU's 8 minutes are far too few for CPU stages on 2 busy cores
     }
     probe = "import transformers, trl, bitsandbytes; print(transformers.__version__, transformers.__file__)"
     seen = subprocess.run([str(python), "-c", probe], env=env, capture_output=True, text=True, check=True).stdout

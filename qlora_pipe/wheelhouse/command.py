@@ -6,8 +6,8 @@ from pathlib import Path
 
 from qlora_pipe.errors import UserError
 from qlora_pipe.sizes import parse_size
-from qlora_pipe.wheelhouse.resolve import build_wheelhouse, project_requirements
-from qlora_pipe.wheelhouse.target import DEFAULT_PLATFORMS, Target, read_have
+from qlora_pipe.wheelhouse.resolve import build_wheelhouse, pinned_versions, project_requirements
+from qlora_pipe.wheelhouse.target import DEFAULT_PLATFORMS, Target, parse_have_item, read_have
 
 
 def run_wheelhouse(
@@ -20,12 +20,16 @@ def run_wheelhouse(
     extras: list[str],
     max_size: str | None,
     sources: tuple[str, ...] = (),
+    pins: list[str] = (),
 ) -> int:
     limit = parse_size(max_size, "--max-size") if max_size else None
     target = Target(python_version, tuple(platforms) or DEFAULT_PLATFORMS, read_have(have, have_files))
     requirements = project_requirements(purpose, tuple(extras))
     print(f"wheels for {purpose} on Python {target.python_version}, {target.platforms[0]} and older, into {dest}:")
-    result = build_wheelhouse(dest, target, requirements, sources=sources)
+    chosen = pinned_versions() | {name: version for name, version in (parse_have_item(p, "--pin") for p in pins)}
+    if any(version is None for version in chosen.values()):
+        raise UserError("--pin: give NAME==VERSION")
+    result = build_wheelhouse(dest, target, requirements, sources=sources, pins=chosen)
     if not result.wheels:
         print("  none: the target has everything")
     if result.satisfied:

@@ -1,0 +1,1 @@
+"""Helpers shared by test files (test files do not import each other)."""
