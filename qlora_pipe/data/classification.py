@@ -21,7 +21,7 @@ from typing import Any
 
 from qlora_pipe.data.prepare import collect, hold_out
 from qlora_pipe.data.prepared import PreparedData
-from qlora_pipe.data.report import SplitReport
+from qlora_pipe.data.report import SplitReport, require_eval_rows
 from qlora_pipe.dist import is_main_process
 from qlora_pipe.errors import UserError
 
@@ -119,6 +119,7 @@ def prepare_classification_data(recipe, tokenizer, train_name: str = "train") ->
     if train_ds is None:
         raise UserError(f"{train_report.what()}: no usable labelled rows ({train_report.line()})")
     eval_ds = encode(held_out, tokenizer, names, data, eval_report) if held_out else None
+    require_eval_rows(data, len(eval_ds or ()), eval_report)
     reports = [train_report] + ([eval_report] if eval_ds is not None else [])
     for report in reports:
         if is_main_process():

@@ -20,7 +20,7 @@ from typing import Any
 
 from qlora_pipe.data.prepare import collect, hold_out
 from qlora_pipe.data.prepared import PreparedData
-from qlora_pipe.data.report import SplitReport
+from qlora_pipe.data.report import SplitReport, require_eval_rows
 from qlora_pipe.dist import is_main_process
 from qlora_pipe.errors import UserError
 from qlora_pipe.recipe import DataSection
@@ -203,6 +203,7 @@ def prepare_preference_data(
         rows = "KTO rows (prompt/completion/label)" if method == "kto" else "preference pairs"
         raise UserError(f"{train_report.what()}: no usable {rows} ({train_report.line()})")
     eval_ds = check_split(held_out, tokenizer, data, eval_report) if held_out else None
+    require_eval_rows(data, len(eval_ds or ()), eval_report)
     reports = [train_report] + ([eval_report] if eval_ds is not None else [])
     first = train_ds[0]["prompt"]
     system = first[0]["content"] if first[0]["role"] == "system" else None

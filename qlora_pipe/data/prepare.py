@@ -21,7 +21,7 @@ from qlora_pipe.data.cache import data_fingerprint, load_cached, save_cached
 from qlora_pipe.data.chat_masks import TurnNotFound, check_template_for, encode_conversation, probe_template
 from qlora_pipe.data.chat_templates import require_chat_template
 from qlora_pipe.data.prepared import IGNORE, PreparedData
-from qlora_pipe.data.report import SplitReport
+from qlora_pipe.data.report import SplitReport, require_eval_rows
 from qlora_pipe.data.sources import detect_format, draw, read_source, rename_columns, to_example
 from qlora_pipe.data.turn_spans import TurnFormat, probe_turns
 from qlora_pipe.dist import is_main_process
@@ -278,6 +278,7 @@ def prepare_data(data: DataSection, tokenizer, seed: int = 42) -> PreparedData:
     if len(train_ds) == 0:
         raise UserError(f"training data: no usable rows after tokenization ({train_report.line()})")
     eval_ds = tokenize_split(held_out, tokenizer, template, data, eval_report, empty_think, turns) if held_out else None
+    require_eval_rows(data, len(eval_ds or ()), eval_report)
     reports = [train_report] + ([eval_report] if eval_ds is not None else [])
     first = train[0].get("messages") or [{}]
     system = first[0]["content"] if first[0].get("role") == "system" else None

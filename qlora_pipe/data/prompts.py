@@ -21,7 +21,7 @@ from typing import Any
 from qlora_pipe.data.conversation import check_tools
 from qlora_pipe.data.prepare import collect, hold_out
 from qlora_pipe.data.prepared import PreparedData
-from qlora_pipe.data.report import SplitReport
+from qlora_pipe.data.report import SplitReport, require_eval_rows
 from qlora_pipe.dist import is_main_process
 from qlora_pipe.errors import UserError
 
@@ -144,6 +144,7 @@ def prepare_prompt_data(recipe, tokenizer, train_name: str = "train") -> Prepare
     if train_ds is None:
         raise UserError(f"{train_report.what()}: no usable prompt rows ({train_report.line()})")
     eval_ds = check_split(held_out, tokenizer, recipe, eval_report) if held_out else None
+    require_eval_rows(data, len(eval_ds or ()), eval_report, "prompts")
     reports = [train_report] + ([eval_report] if eval_ds is not None else [])
     for report in reports:
         report.reward_columns = reads

@@ -6,7 +6,12 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from qlora_pipe.errors import UserError
+
+if TYPE_CHECKING:
+    from qlora_pipe.recipe import DataSection
 
 GIVEN_EVAL_DATA = "--data "
 
@@ -161,3 +166,17 @@ def parts_line(parts: Counter) -> str:
         found = [f"{parts[key]} {words}" for key, words in known if parts.get(key)]
         out += f"; {title}: {', '.join(found)}" if found else ""
     return out
+
+
+def require_eval_rows(data: DataSection, kept: int, report: SplitReport, rows: str = "rows") -> None:
+    """A configured eval split (data.eval_path, eval_sources or eval_fraction) left with no row is an error
+    that says why its rows were dropped; it would otherwise be left out without a word (no eval loss, no
+    held-out scores)."""
+    if kept or not data.has_eval():
+        return
+    if data.eval_fraction > 0:
+        split = f"eval data (data.eval_fraction {data.eval_fraction:g} of the training rows)"
+    else:
+        split = f"eval data {data.eval_path}" if data.eval_path else "eval data (data.eval_sources)"
+    dropped = ", ".join(f"{n} {why}" for why, n in sorted(report.dropped.items())) or "none"
+    raise UserError(f"{split}: no usable rows: {report.rows_kept}/{report.rows_read} {rows} kept (dropped: {dropped})")
