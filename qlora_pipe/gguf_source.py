@@ -24,7 +24,7 @@ from typing import Any
 
 from qlora_pipe.errors import UserError
 from qlora_pipe.runs import write_json_atomic
-from qlora_pipe.user_cache import cache_home, sha256_of
+from qlora_pipe.user_cache import cache_home, locked, sha256_of
 
 log = logging.getLogger(__name__)
 
@@ -132,29 +132,44 @@ def gguf_source(path: Path) -> dict[str, Any]:
 
 
 def base_folder(path: Path) -> Path:
-    """The plain folder converted from this GGUF, converting it on first use."""
+    """The plain folder converted from this GGUF, converting it on first use. One process converts, under a
+    lock; the others wait for it and use its folder."""
     version = _version(path)
     folder = cache_folder(path)
     if (folder / SOURCE_FILE).is_file():
         return folder
-    check_gguf_file(path)
-    log.info("model: converting %s into a plain bf16 folder, once (%s)", path.name, folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    with locked(folder.parent / f".{folder.name}.lock", f"model: waiting for another process to convert {path.name}"):
+        if (folder / SOURCE_FILE).is_file():
+            return folder  # the process we waited for converted it
+        check_gguf_file(path)
+        log.info("model: converting %s into a plain bf16 folder, once (%s)", path.name, folder)
+        _convert_into(path, folder, version)
+    return folder
+
+
+def _convert_into(path: Path, folder: Path, version: tuple[int, ...]) -> None:
+    """Convert in a staging folder, then rename it into place. Called under the entry's lock, so what holds
+    the entry's name without its source.json (written last), or a staging folder left by a conversion that
+    was killed, is an incomplete entry of this cache: replaced, once."""
+    for leftover in folder.parent.glob(f".{folder.name}.partial-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.partial-"))
     try:
         _convert(path, staging)
         source = gguf_source(path)
         if _version(path) != version:
             raise UserError(f"model.name_or_path: {path} changed while it was being converted; run the command again")
         write_json_atomic(staging / SOURCE_FILE, source)
-        if folder.exists():  # another process converted it meanwhile: keep theirs
-            shutil.rmtree(staging)
-        else:
-            os.replace(staging, folder)
+        if folder.exists():
+            log.warning("model: %s lacked %s (incomplete): replaced", folder, SOURCE_FILE)
+            stale = folder.with_name(f".{folder.name}.partial-stale")
+            os.replace(folder, stale)
+            shutil.rmtree(stale)
+        os.replace(staging, folder)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)  # our own temporary folder, nothing else
         raise
-    return folder
 
 
 def _version(path: Path) -> tuple[int, ...]:

@@ -11,11 +11,13 @@ hashed it, so that a change made after the hashing began gets a later ctime even
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from qlora_pipe.runs import file_sha256, write_json_atomic
@@ -72,3 +74,21 @@ def _keep(entry: Path, payload: dict) -> None:
         write_json_atomic(entry, payload)
     except OSError as exc:
         log.debug("file hash not kept in %s: %s", entry.parent, exc)
+
+
+@contextlib.contextmanager
+def locked(lock: Path, waiting: str) -> Iterator[None]:
+    """Hold ``lock``, after whoever holds it now (saying ``waiting`` once). The kernel's lock (flock): a process
+    killed while holding it never leaves it stuck."""
+    import fcntl
+
+    with lock.open("a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.warning(waiting)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

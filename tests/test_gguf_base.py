@@ -4,8 +4,11 @@ checked by every stage after it; the cache's incomplete entries, read-only folde
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -15,7 +18,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from qlora_pipe.cli import main
-from qlora_pipe.gguf_source import base_folder, source_of
+from qlora_pipe.gguf_source import base_folder, base_source, source_of
 from qlora_pipe.recipe import validate_recipe
 from qlora_pipe.runs import RunDir, file_sha256
 from qlora_pipe.training.stage import run_training
@@ -25,6 +28,12 @@ from tests.test_resume import CrashAtStep, SimulatedCrash
 
 REPO = Path(__file__).resolve().parents[1]
 Q = "model.layers.0.self_attn.q_proj.weight"
+CONVERTS = "into a plain bf16 folder"  # the log line of a conversion
+CONVERT = (  # another process: ready once its imports are done, then converting when told to go
+    "import logging, sys; from pathlib import Path; logging.basicConfig(level=logging.INFO); "
+    "import transformers; from qlora_pipe.gguf_source import base_folder; print('ready', flush=True); "
+    "sys.stdin.readline(); print(base_folder(Path(sys.argv[1])))"
+)
 
 
 @pytest.fixture
@@ -148,3 +157,32 @@ def test_a_hub_base_records_its_commit_and_later_stages_load_that_commit(tiny_mo
     with pytest.raises(UserError, match="me/tiny at main is now commit bbbbbbbbbbbb, not aaaaaaaaaaaa"):
         check_same_base(run, recipe, "cannot resume")
     assert run_recipe(run, "export").model.revision == first  # export, eval, chat: the commit it trained on
+
+
+def test_an_incomplete_cache_entry_is_replaced_once_under_a_lock(tiny_gguf, cache, tmp_path, caplog):
+    folder = base_folder(tiny_gguf)
+    (folder / "source.json").unlink()  # written last: without it the entry is incomplete
+    recipe = validate_recipe(recipe_dict(tiny_gguf, tmp_path / "runs"))
+    assert base_source(recipe)["sha256"] == file_sha256(tiny_gguf)  # a run records its source all the same
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    other = subprocess.Popen(
+        [sys.executable, "-c", CONVERT, str(tiny_gguf)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env=env,
+    )
+    assert other.stdout.readline().strip() == "ready"
+    other.stdin.write("go\n")
+    other.stdin.flush()
+    with caplog.at_level(logging.INFO, logger="qlora_pipe.gguf_source"):
+        assert base_folder(tiny_gguf) == folder  # this process and the other one at the same time
+        out, err = other.communicate(timeout=300)
+        assert other.returncode == 0 and out.strip() == str(folder), err
+        assert (CONVERTS in caplog.text) + (CONVERTS in err) == 1, err  # one replaced it, the other used it
+        caplog.clear()
+        assert base_folder(tiny_gguf) == folder and CONVERTS not in caplog.text  # complete now: used as it is
+    assert source_of(folder)["sha256"] == file_sha256(tiny_gguf)
+    assert sorted(p.name for p in folder.parent.iterdir() if p.is_dir()) == [folder.name]  # no staging left
