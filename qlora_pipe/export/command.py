@@ -14,6 +14,7 @@ from typing import Any
 from qlora_pipe.base_record import recorded_source, run_recipe
 from qlora_pipe.errors import UserError
 from qlora_pipe.export.merge import base_checkpoint_dir, merge_stream
+from qlora_pipe.export.reuse import record_merged, reusable_export
 from qlora_pipe.export.serving import make_serving_files
 from qlora_pipe.hardware import dtype_for_inference
 from qlora_pipe.model import DTYPES
@@ -182,6 +183,12 @@ def _export_run(
     if gguf_types and out.resolve() != (run.root / "merged").resolve():
         raise UserError("export --format gguf: converts the run's own merged folder (RUN/merged); leave out --out")
     base = base_checkpoint_dir(recipe)
+    wanted = gguf_types if gguf_types is not None else settings.gguf
+    if wanted and out.resolve() == (run.root / "merged").resolve():
+        reused = reusable_export(run, out, merge_base, dtype_name, verify)
+        if reused is not None:
+            _export_ggufs(run, out, gguf_types, settings.gguf)
+            return ExportResult(out, *reused)
 
     partial = out.with_name(out.name + ".partial")
     check_export_target(out, partial)
@@ -251,14 +258,19 @@ def _export_run(
     if out.is_dir():
         shutil.rmtree(out)  # an earlier export (export_info.json) or an empty folder: checked before any work
     partial.rename(out)  # only a complete (and, by default, verified) export gets the final name
+    info = record_merged(run, out, info)  # each file's hash, so that a GGUF export can reuse the folder
     if recipe.training.preview_prompts:
         print_merged_answers(out, recipe, dtype_name, training_system_prompt(run))
     if out.resolve() == (run.root / "merged").resolve():  # a GGUF is made from the run's own merged folder
-        for gguf_type in gguf_types if gguf_types is not None else wanted_gguf(settings.gguf):
-            from qlora_pipe.export.gguf_command import export_gguf, gguf_table
-
-            print(gguf_table(export_gguf(run, out, gguf_type)))
+        _export_ggufs(run, out, gguf_types, settings.gguf)
     return ExportResult(out, info, fidelity)
+
+
+def _export_ggufs(run: RunDir, out: Path, gguf_types: list[str] | None, recipe_types: list[str]) -> None:
+    from qlora_pipe.export.gguf_command import export_gguf, gguf_table
+
+    for gguf_type in gguf_types if gguf_types is not None else wanted_gguf(recipe_types):
+        print(gguf_table(export_gguf(run, out, gguf_type)))
 
 
 def wanted_gguf(types: list[str]) -> list[str]:
