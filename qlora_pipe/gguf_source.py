@@ -24,7 +24,7 @@ from typing import Any
 
 from qlora_pipe.errors import UserError
 from qlora_pipe.runs import write_json_atomic
-from qlora_pipe.user_cache import cache_home, locked, sha256_of
+from qlora_pipe.user_cache import cache_home, cache_refusal, disk_cause, locked, sha256_of
 
 log = logging.getLogger(__name__)
 
@@ -138,13 +138,22 @@ def base_folder(path: Path) -> Path:
     folder = cache_folder(path)
     if (folder / SOURCE_FILE).is_file():
         return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with locked(folder.parent / f".{folder.name}.lock", f"model: waiting for another process to convert {path.name}"):
-        if (folder / SOURCE_FILE).is_file():
-            return folder  # the process we waited for converted it
-        check_gguf_file(path)
-        log.info("model: converting %s into a plain bf16 folder, once (%s)", path.name, folder)
-        _convert_into(path, folder, version)
+    check_gguf_file(path)
+    waiting = f"model: waiting for another process to convert {path.name}"
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with locked(folder.parent / f".{folder.name}.lock", waiting):
+            if (folder / SOURCE_FILE).is_file():
+                return folder  # the process we waited for converted it
+            log.info("model: converting %s into a plain bf16 folder, once (%s)", path.name, folder)
+            _convert_into(path, folder, version)
+    except UserError:
+        raise
+    except Exception as exc:  # OSError, or safetensors' own error quoting the OS's
+        if disk_cause(exc) is None:
+            raise
+        needed = 2 * sum(int(t.n_elements) for t in _reader(path).tensors)  # bf16 weights
+        raise cache_refusal(f"model.name_or_path: converting {path.name}", folder.parent, exc, needed) from exc
     return folder
 
 

@@ -1,35 +1,85 @@
-"""The user's cache folder (``$XDG_CACHE_HOME/qlora-pipe``, else ``~/.cache/qlora-pipe``): converted GGUF
-bases, example models, llama.cpp's converter, and the sha256 of large files, each computed once.
+"""The user's cache folder (``$XDG_CACHE_HOME/qlora-pipe``, else ``~/.cache/qlora-pipe``): converted GGUF bases,
+example models, llama.cpp's converter, and the sha256 of large files, each computed once.
 
-The hashes are kept only where that is sound: a file's version is told by what a rewrite cannot keep. Its
-size and modification time can be set back (``touch -r``, ``rsync -t``, an unpacked archive); its inode and
-status-change time (ctime) cannot: the kernel sets ctime on every write and metadata change, and no system
-call sets it. A hash is kept only for a file whose ctime was at least ``RACY_NS`` older than the read that
-hashed it, so that a change made after the hashing began gets a later ctime even where timestamps are coarse
-(git's rule for a racily clean index).
+A cache that cannot be written (a read-only file system, no permission, a file where a folder should be, a full
+disk) is said in one line naming the folder and the cause. The hashes are kept only where that is sound: a
+file's version is told by what a rewrite cannot keep. Its size and modification time can be set back
+(``touch -r``, ``rsync -t``, an unpacked archive); its inode and status-change time (ctime) cannot: the kernel
+sets ctime on every write and metadata change, and no system call sets it. A hash is kept only for a file whose
+ctime was at least ``RACY_NS`` older than the read that hashed it, so that a change made after the hashing began
+gets a later ctime even where timestamps are coarse (git's rule for a racily clean index).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
 import os
+import re
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from qlora_pipe.errors import UserError
 from qlora_pipe.runs import file_sha256, write_json_atomic
 
 log = logging.getLogger(__name__)
 
 RACY_NS = 2_000_000_000
 _KNOWN: dict[tuple, str] = {}  # this process's hashes, by file version
+CAUSES = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.ENOTDIR: "a path above it is a file, not a folder",
+}
+FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def cache_home() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qlora-pipe"
+
+
+def os_error_code(exc: BaseException) -> int | None:
+    """The errno of a failed write: an OSError's, or the one a Rust library (safetensors) quotes as 'os error N'."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return exc.errno
+    found = re.search(r"os error (\d+)", str(exc))
+    return int(found.group(1)) if found else None
+
+
+def disk_cause(exc: BaseException) -> str | None:
+    """Why a write failed, in words, when the cause is the disk or the folder (None for anything else)."""
+    code = os_error_code(exc)
+    return CAUSES.get(code) if code is not None else None
+
+
+def cache_refusal(what: str, folder: Path, exc: BaseException, needed: int | None = None) -> UserError:
+    """One line: what could not be done, the cache folder, the cause, and what to do."""
+    cause = disk_cause(exc) or f"{type(exc).__name__}: {exc}"
+    room = f"; it needs about {needed / 2**20:,.0f} MiB" if needed and os_error_code(exc) in FULL else ""
+    hint = "free some space or set" if os_error_code(exc) in FULL else "set"
+    return UserError(
+        f"{what}: cannot write the cache folder {folder} ({cause}{room}); {hint} XDG_CACHE_HOME to a writable "
+        "folder with room"
+    )
+
+
+def writable_folder(folder: Path, what: str) -> Path:
+    """``folder``, created if needed and checked writable before long work (a download) is done for nothing."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise cache_refusal(what, folder, exc) from exc
+    return folder
 
 
 def sha256_of(path: Path) -> str:

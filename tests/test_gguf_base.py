@@ -186,3 +186,89 @@ def test_an_incomplete_cache_entry_is_replaced_once_under_a_lock(tiny_gguf, cach
         assert base_folder(tiny_gguf) == folder and CONVERTS not in caplog.text  # complete now: used as it is
     assert source_of(folder)["sha256"] == file_sha256(tiny_gguf)
     assert sorted(p.name for p in folder.parent.iterdir() if p.is_dir()) == [folder.name]  # no staging left
+
+
+MOUNTED = (  # a fresh tmpfs at $2 (options $1), the command, then what the tmpfs holds: gone with the namespace
+    'mount -t tmpfs -o "$1" tmpfs "$2" || exit 97; where="$2"; shift 2; "$@"; code=$?; '
+    'echo "--- left:"; find "$where" -mindepth 1 | sort; exit $code'
+)
+
+
+@pytest.fixture(scope="module")
+def own_mounts(tmp_path_factory) -> list[str]:
+    """A mount namespace of the command's own (unshare; no root needed where user namespaces are allowed): a
+    real read-only or nearly full file system, as a user's cache may sit on, without touching this machine's."""
+    prefix = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", MOUNTED, "sh"]
+    probe = tmp_path_factory.mktemp("probe")
+    try:
+        done = subprocess.run([*prefix, "size=64k", str(probe), "true"], capture_output=True, text=True, timeout=60)
+    except FileNotFoundError:
+        pytest.skip("needs unshare (util-linux) to mount a read-only or small tmpfs in a namespace of its own")
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs in a user and mount namespace here: {done.stderr.strip()[:200]}")
+    return prefix
+
+
+def cli_in(prefix: list[str], options: str, cache: Path, *args: str) -> tuple[int, str, list[str]]:
+    """``qlora-pipe ARGS`` with XDG_CACHE_HOME on a tmpfs of these options: exit code, stderr, what it left."""
+    cache.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "XDG_CACHE_HOME": str(cache), "OMP_NUM_THREADS": "1"}
+    command = [*prefix, options, str(cache), sys.executable, "-m", "qlora_pipe.cli", *args]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    left = done.stdout.split("--- left:\n", 1)[-1].split()
+    return done.returncode, done.stderr, [str(Path(p).relative_to(cache)) for p in left]
+
+
+NAMES = ("qlora-pipe", "gguf-bases")
+
+
+def gguf_recipe(gguf: Path, tmp_path: Path) -> Path:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(recipe_dict(gguf, tmp_path / "runs", max_steps=1, report_to=["none"])))
+    return recipe
+
+
+def one_error(stderr: str) -> str:
+    assert "Traceback" not in stderr, stderr
+    lines = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+def test_a_cache_folder_that_is_a_file_is_one_line(tiny_gguf, tmp_path, monkeypatch, capsys):
+    """Where a folder of the cache should be there is a file (mkdir: ENOTDIR): as root, chmod would not stop
+    the writes, so this is the unwritable cache every user, root included, can meet."""
+    (tmp_path / "blocker").write_text("a file, not a folder\n")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "blocker" / "cache"))
+    assert main(["train", str(gguf_recipe(tiny_gguf, tmp_path))]) == 2
+    line = error_line(capsys)
+    assert f"cannot write the cache folder {tmp_path}/blocker/cache/qlora-pipe/gguf-bases" in line, line
+    assert "(a path above it is a file, not a folder)" in line and "XDG_CACHE_HOME" in line, line
+    assert main(["get-model", "smollm2-135m-instruct"]) == 2
+    line = error_line(capsys)
+    assert f"get-model smollm2-135m-instruct: cannot write the cache folder {tmp_path}/blocker/cache" in line, line
+    assert not (tmp_path / "runs" / "test").exists()  # no run started
+    assert main(["setup-gguf"]) == 2  # refused before its download
+    assert f"setup-gguf: cannot write the cache folder {tmp_path}/blocker/cache/qlora-pipe " in error_line(capsys)
+
+
+@pytest.mark.parametrize("command", ["train", "get-model"])
+def test_a_read_only_cache_is_one_line(tiny_gguf, tmp_path, own_mounts, command):
+    args = ["train", str(gguf_recipe(tiny_gguf, tmp_path))] if command == "train" else ["get-model", "gemma3-270m"]
+    code, stderr, _ = cli_in(own_mounts, "ro", tmp_path / "cache", *args)
+    line = one_error(stderr)
+    assert code == 2 and "cannot write the cache folder" in line and "(read-only file system)" in line, stderr
+    assert str(tmp_path / "cache" / "qlora-pipe") in line, line
+
+
+def test_a_full_disk_while_converting_is_one_line_and_leaves_nothing_half_written(tiny_gguf, tmp_path, own_mounts):
+    """The cache's file system has room for the configs, not for the weights (0.86 MB): the write fails midway."""
+    code, stderr, left = cli_in(
+        own_mounts, "size=256k", tmp_path / "cache", "train", str(gguf_recipe(tiny_gguf, tmp_path))
+    )
+    line = one_error(stderr)
+    assert code == 2 and "no space left on the device" in line and "tiny-f16.gguf" in line, stderr
+    assert str(tmp_path / "cache/qlora-pipe/gguf-bases") in line, line
+    # What it created and may keep: the cache's folders, the conversion's lock, a whole file's hash; no staging
+    assert "qlora-pipe/gguf-bases" in left, left
+    assert all(p.startswith("qlora-pipe/hashes") or p.endswith(".lock") or Path(p).name in NAMES for p in left)

