@@ -57,9 +57,20 @@ def chat_prompt_ids(tokenizer, messages: list[dict], tools: list[dict] | None = 
     """The conversation rendered with the model's chat template (and its tools, if any), ending with the
     assistant's turn header."""
     extra = {"tools": tools} if tools else {}
-    rendered = tokenizer.apply_chat_template(
-        messages, add_generation_prompt=True, tokenize=True, return_dict=True, **extra
-    )
+    try:
+        rendered = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=True, **extra
+        )
+    except Exception as exc:  # a bug in the template (the data stage dropped the rows it failed on)
+        from qlora_pipe.data.template_errors import template_failure
+        from qlora_pipe.errors import UserError
+
+        failure = template_failure(exc)
+        if failure is None:
+            raise
+        raise UserError(
+            f"the chat template cannot render the prompt {messages[-1]['content']!r:.80}: {failure}"
+        ) from exc
     return list(rendered["input_ids"])
 
 

@@ -20,9 +20,12 @@ training_template, stop_token_trained, our_training_copy
     Llama 3.1 are recognized by TRL's stored copies of their templates (``qwen3_chat_template``,
     ``llama3_1_chat_template``) and masked with our own copies (data/template_files/*-training.jinja),
     which only add the markers: TRL's Qwen3 copy renders every turn's thinking, which Qwen3 itself
-    leaves out of earlier turns, and TRL has no Llama 3.1 copy.
-    Caught by: tests/test_masking.py (masks checked token by token for each bundled family) and
-    tests/test_tool_masking.py (Qwen2.5, Qwen3 and Llama 3.1 as released, rendered like the originals).
+    leaves out of earlier turns, and TRL has no Llama 3.1 copy. TRL's family check renders the template
+    (a tool-calling probe, among others) and lets a template's own bug (a TypeError) out of its helpers: such a
+    template is no family TRL stores, so it takes the path of unknown templates, where its error is named.
+    Caught by: tests/test_masking.py (masks checked token by token for each bundled family),
+    tests/test_tool_masking.py (Qwen2.5, Qwen3 and Llama 3.1 as released, rendered like the originals) and
+    tests/test_template_errors.py (a bug in a template's tool branch).
 """
 
 from __future__ import annotations
@@ -52,7 +55,16 @@ def training_template(tokenizer, template: str) -> str:
         from pathlib import Path
 
         return (Path(__file__).parents[1] / "data/template_files" / ours).read_text(encoding="utf-8")
-    return get_training_chat_template(tokenizer) or template
+    try:
+        return get_training_chat_template(tokenizer) or template
+    except Exception as exc:  # its probes render the template; one that fails there is no family TRL stores
+        from jinja2.exceptions import TemplateError
+
+        from qlora_pipe.compat.jinja import template_line
+
+        if isinstance(exc, TemplateError) or template_line(exc) is not None:
+            raise ValueError(f"the chat template fails on TRL's probe: {type(exc).__name__}: {exc}") from exc
+        raise
 
 
 def our_training_copy(template: str) -> str | None:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qlora_pipe.data.conversation import has_tools
+from qlora_pipe.data.template_errors import is_refusal, template_failure
 from qlora_pipe.data.turn_spans import TurnFormat, assistant_spans, span_mask
 from qlora_pipe.errors import UserError
 
@@ -39,6 +40,9 @@ class TemplateTraits:
     renders_reasoning: bool
     renders_earlier_reasoning: bool  # reasoning of turns before the last user message
     adds_empty_think: bool
+    # A bug the template hit on the tools or reasoning probe (its error and line), named when rows need that part
+    tools_failure: str | None = None
+    reasoning_failure: str | None = None
 
 
 @dataclass
@@ -65,17 +69,28 @@ def probe_template(tokenizer, template: str | None) -> TemplateTraits:
         listed = TOOL_PROBE["name"] in render(tokenizer, [user], tools, template)  # the functions, before any call
         text = render(tokenizer, [*tool_turns, {"role": "assistant", "content": "a"}], tools, template)
         renders_tools = listed and all(value in text for value in TOOL_PROBE.values())
-    except Exception:  # templates that reject the tool role or tool_calls (jinja raises many types)
-        renders_tools = False
+    except Exception as exc:  # templates that reject the tool role or tool_calls (jinja raises many types)
+        renders_tools, tools_failure = False, _bug(exc)
+    else:
+        tools_failure = None
     thinking = {"role": "assistant", "content": "a", "reasoning_content": REASONING_PROBE}
     earlier = {"role": "assistant", "content": "a", "reasoning_content": EARLIER_PROBE}
     try:
         text = render(tokenizer, [user, earlier, user, thinking], None, template)
         plain = render(tokenizer, [user, {"role": "assistant", "content": "a"}], None, template)
-    except Exception:  # a template that insists on its own turn order: it renders no reasoning we can see
+    except Exception as exc:  # a template that insists on its own turn order: it renders no reasoning we can see
         text = plain = ""
+        reasoning_failure = _bug(exc)
+    else:
+        reasoning_failure = None
     empty_think = bool(EMPTY_THINK.search(plain))
-    return TemplateTraits(renders_tools, REASONING_PROBE in text, EARLIER_PROBE in text, empty_think)
+    found = (REASONING_PROBE in text, EARLIER_PROBE in text, empty_think)
+    return TemplateTraits(renders_tools, *found, tools_failure=tools_failure, reasoning_failure=reasoning_failure)
+
+
+def _bug(exc: Exception) -> str | None:
+    """The template's own error and line when a probe hit a bug in it (not a deliberate refusal)."""
+    return None if is_refusal(exc) else template_failure(exc)
 
 
 def encode_conversation(
@@ -163,11 +178,17 @@ def check_template_for(traits: TemplateTraits, examples: list[dict[str, Any]], d
         raise UserError(
             f"data: {tools} rows have tools or tool calls, but the chat template does not render them (tools list, "
             "tool_calls, tool turns); set data.chat_template: chatml, llama-3 or mistral, or a template with tools"
+            + (f" (it fails on a conversation with tools: {traits.tools_failure})" if traits.tools_failure else "")
         )
     if thinking and data.reasoning != "drop" and not traits.renders_reasoning:
         raise UserError(
             f"data.reasoning: {data.reasoning}: {thinking} rows have reasoning, but the chat template does not render "
             "reasoning_content; set data.chat_template: chatml or llama-3, or data.reasoning: drop"
+            + (
+                f" (it fails on a conversation with reasoning: {traits.reasoning_failure})"
+                if traits.reasoning_failure
+                else ""
+            )
         )
     if thinking and data.reasoning != "drop" and not traits.renders_earlier_reasoning:
         log.info("data: the chat template keeps only the reasoning after the last user message, as it is served")

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from qlora_pipe.data.template_errors import check_compiles
 from qlora_pipe.errors import UserError
 
 TEMPLATE_DIR = Path(__file__).parent / "template_files"
@@ -60,12 +61,15 @@ def select_chat_template(tokenizer, choice: str | None) -> str:
     if not path.is_file():
         raise UserError(f"data.chat_template: file not found: {path}")
     tokenizer.chat_template = path.read_text(encoding="utf-8")
+    check_compiles(tokenizer, None, f"data.chat_template: {path}")
     return f"file {path}"
 
 
 def require_chat_template(tokenizer, model_name: str) -> None:
+    """A template is there and compiles (a syntax error is refused here, before any row is rendered)."""
     if not tokenizer.chat_template:
         raise UserError(
             f"the tokenizer of {model_name!r} has no chat template; set data.chat_template to one of "
             f"{', '.join(BUILTIN_TEMPLATES)} or to a .jinja file"
         )
+    check_compiles(tokenizer, None, f"the chat template of {model_name!r}")

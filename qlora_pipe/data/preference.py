@@ -21,6 +21,7 @@ from typing import Any
 from qlora_pipe.data.prepare import collect, hold_out
 from qlora_pipe.data.prepared import PreparedData
 from qlora_pipe.data.report import SplitReport, require_eval_rows
+from qlora_pipe.data.template_errors import row_drop_reason
 from qlora_pipe.dist import is_main_process
 from qlora_pipe.errors import UserError
 from qlora_pipe.recipe import DataSection
@@ -144,18 +145,31 @@ def shorten_prompt(pair: dict[str, Any], tokenizer, max_length: int) -> dict[str
     return None
 
 
+def fitted(pair: dict[str, Any], tokenizer, data: DataSection, report: SplitReport) -> tuple[dict, int, int, int]:
+    """The pair (its prompt cut to fit max_length with overlength: truncate, where that can be) and its lengths."""
+    prompt, chosen, rejected = lengths(pair, tokenizer)
+    if max(chosen, rejected) > data.max_length and data.overlength == "truncate":
+        shorter = shorten_prompt(pair, tokenizer, data.max_length)
+        if shorter is not None:
+            pair, report.truncated = shorter, report.truncated + 1
+            prompt, chosen, rejected = lengths(pair, tokenizer)
+    return pair, prompt, chosen, rejected
+
+
 def check_split(pairs: list[dict[str, Any]], tokenizer, data: DataSection, report: SplitReport):
     from datasets import Dataset
 
     max_length = data.max_length
     kept, totals, trained = [], [], []
     for number, pair in enumerate(pairs, start=1):
-        prompt, chosen, rejected = lengths(pair, tokenizer)
-        if max(chosen, rejected) > max_length and data.overlength == "truncate":
-            shorter = shorten_prompt(pair, tokenizer, max_length)
-            if shorter is not None:
-                pair, report.truncated = shorter, report.truncated + 1
-                prompt, chosen, rejected = lengths(pair, tokenizer)
+        try:
+            pair, prompt, chosen, rejected = fitted(pair, tokenizer, data, report)
+        except Exception as exc:  # the chat template's refusal or bug on this row: dropped and counted
+            reason = row_drop_reason(exc)
+            if reason is None:
+                raise
+            report.dropped[reason] += 1
+            continue
         if max(chosen, rejected) > max_length:
             if data.overlength == "error":
                 raise UserError(

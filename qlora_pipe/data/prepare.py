@@ -15,14 +15,13 @@ import random
 from collections.abc import Callable
 from typing import Any
 
-from jinja2.exceptions import TemplateError
-
 from qlora_pipe.data.cache import data_fingerprint, load_cached, save_cached
 from qlora_pipe.data.chat_masks import TurnNotFound, check_template_for, encode_conversation, probe_template
 from qlora_pipe.data.chat_templates import require_chat_template
 from qlora_pipe.data.prepared import IGNORE, PreparedData
 from qlora_pipe.data.report import SplitReport, require_eval_rows
 from qlora_pipe.data.sources import detect_format, draw, read_source, rename_columns, to_example
+from qlora_pipe.data.template_errors import refuse_failing_template, row_drop_reason
 from qlora_pipe.data.turn_spans import TurnFormat, probe_turns
 from qlora_pipe.dist import is_main_process
 from qlora_pipe.errors import UserError
@@ -39,6 +38,7 @@ def masking_plan(tokenizer) -> tuple[str, TurnFormat | None]:
     known family) first; else the template as it is, its turns located by offsets (data/turn_spans.py)."""
     from qlora_pipe.compat.trl import training_template
 
+    refuse_failing_template(tokenizer, tokenizer.chat_template)  # TRL's helpers render it without a word of why
     try:
         training_template(tokenizer, tokenizer.chat_template)
     except ValueError:
@@ -77,6 +77,7 @@ def training_chat_template(tokenizer) -> str:
             "data.loss_on: the chat template has no {% generation %} markers and is not a family TRL "
             "knows; add the markers, choose data.chat_template, or set data.loss_on: all"
         ) from exc
+    refuse_failing_template(tokenizer, template)  # TRL's check below swallows the template's errors
     if not stop_token_trained(tokenizer, template):
         raise UserError(
             "data.loss_on: the chat template leaves the end-of-turn token outside the loss mask, so the "
@@ -156,8 +157,11 @@ def encode(
             encoded = encode_conversation(conversation, tokenizer, template, data, empty_think, turns)
         except TurnNotFound as exc:
             return dropped(f"assistant turn not located ({exc})")
-        except TemplateError as exc:  # the template's own raise_exception, e.g. one tool call per turn only
-            return dropped(f"the chat template refuses the row: {' '.join(str(exc).split())[:120]}")
+        except Exception as exc:  # the template's raise_exception (one tool call per turn only, ...) or its bug
+            reason = row_drop_reason(exc)
+            if reason is None:  # not the template's
+                raise
+            return dropped(reason)
         ids, mask, counts, marks = encoded.input_ids, encoded.mask, encoded.counts, encoded.marks
     else:
         ids = tokenizer(example["text"])["input_ids"] + [tokenizer.eos_token_id]

@@ -22,6 +22,7 @@ from qlora_pipe.data.conversation import check_tools
 from qlora_pipe.data.prepare import collect, hold_out
 from qlora_pipe.data.prepared import PreparedData
 from qlora_pipe.data.report import SplitReport, require_eval_rows
+from qlora_pipe.data.template_errors import row_drop_reason
 from qlora_pipe.dist import is_main_process
 from qlora_pipe.errors import UserError
 
@@ -92,7 +93,14 @@ def check_split(rows: list[dict[str, Any]], tokenizer, recipe, report: SplitRepo
     rows = [{k: row.get(k) for k in columns} for row in rows]
     kept, lengths = [], []
     for number, row in enumerate(rows, start=1):
-        length = len(render_prompt(row, tokenizer))
+        try:
+            length = len(render_prompt(row, tokenizer))
+        except Exception as exc:  # the chat template's refusal or bug on this row: dropped and counted
+            reason = row_drop_reason(exc)
+            if reason is None:
+                raise
+            report.dropped[reason] += 1
+            continue
         if length > room:
             why = f"prompt longer than data.max_length - grpo.max_completion_length ({room} tokens)"
             if recipe.data.overlength == "error":

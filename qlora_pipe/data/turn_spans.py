@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from qlora_pipe.data.template_errors import is_refusal, template_failure
 from qlora_pipe.errors import UserError
 
 SENTINELS = ("Sentinel answer one qx7.", "Sentinel answer two qx8.")
@@ -64,7 +65,12 @@ def probe_turns(tokenizer, template: str) -> TurnFormat:
         try:
             conversations = [_render(tokenizer, template, c) for c in _probe_conversations(False)]
         except Exception as exc:
-            raise _refusal(f"it fails on a plain user/assistant conversation ({type(exc).__name__}: {exc})") from exc
+            failure = template_failure(exc)
+            if failure is not None and not is_refusal(exc):  # a bug in the template, not a layout it refuses
+                raise UserError(f"the chat template fails on a plain user/assistant conversation: {failure}") from exc
+            raise _refusal(
+                f"it fails on a plain user/assistant conversation ({failure or f'{type(exc).__name__}: {exc}'})"
+            ) from exc
     closers = set()
     for text in conversations:
         cursor = 0
