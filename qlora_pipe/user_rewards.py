@@ -33,6 +33,8 @@ def load_user_function(where: str, spec: str) -> Callable[..., Any]:
         path = Path(target)
         if not path.is_file():
             raise UserError(f"{where}: file {target} not found (paths are relative to the working directory)")
+        if str(path.resolve().parent) not in sys.path:  # its own modules beside it import, as for a script
+            sys.path.insert(0, str(path.resolve().parent))
         module_name = f"qlora_pipe_user_rewards.{path.stem}"
         loader = importlib.util.spec_from_file_location(module_name, path)
         module = importlib.util.module_from_spec(loader)
@@ -90,14 +92,19 @@ def user_reward(index: int, spec: RewardSection) -> tuple[Callable[..., Any], tu
     return function, required_names(where, spec.function, function)
 
 
-def reward_columns(rewards: list[RewardSection]) -> list[tuple[str, tuple[str, ...]]]:
+def reward_columns(
+    rewards: list[RewardSection], recorded: dict[str, list[str]] | None = None
+) -> list[tuple[str, tuple[str, ...]]]:
     """(label, the columns every row must have) for each reward: a built-in's reference column, the names a
-    user reward requires (its module is imported to read them)."""
+    user reward requires (its module is imported to read them, unless ``recorded``: label -> the columns a
+    run's data report recorded, which is how export and chat read a run's data without the reward code)."""
     found = []
     for index, spec in enumerate(rewards):
         if spec.function in BUILTIN_REWARDS:
             column = spec.reference_column()
             found.append((spec.label(), (column,) if column else ()))
+        elif recorded is not None and spec.label() in recorded:
+            found.append((spec.label(), tuple(recorded[spec.label()])))
         else:
             found.append((spec.label(), user_reward(index, spec)[1]))
     return found

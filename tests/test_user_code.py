@@ -65,11 +65,16 @@ def test_a_reward_module_that_exits_or_interrupts_at_import_is_one_line(tiny_mod
         assert f"grpo.rewards.0.function: importing {tmp_path / 'switched.py'} called sys.exit()" in line
         assert "if __name__ == '__main__'" in line
     assert not (tmp_path / "runs" / "file").exists()  # train stopped before its run directory
-    monkeypatch.chdir(tmp_path)  # module:function is imported from the working directory
-    module_form = switched_recipe(tiny_model_dir, tmp_path, "module", "switched:scored")
+    package = tmp_path / "rewardpkg"  # module:function, imported from the working directory as Python does
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "switched.py").write_text(SWITCHED)
+    mode = package / "mode.txt"
+    monkeypatch.chdir(tmp_path)
+    module_form = switched_recipe(tiny_model_dir, tmp_path, "module", "rewardpkg.switched:scored")
     mode.write_text("import-interrupt")
     assert main(["validate", str(module_form)]) == 2
-    assert "grpo.rewards.0.function: importing switched raised KeyboardInterrupt" in last_error(capsys)
+    assert "grpo.rewards.0.function: importing rewardpkg.switched raised KeyboardInterrupt" in last_error(capsys)
     mode.write_text("import-ctrl-c")
     assert main(["validate", str(module_form)]) == 130  # a real Ctrl-C is an interruption
     assert last_error(capsys) == "interrupted"

@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import random
+from pathlib import Path
 from typing import Any
 
 from qlora_pipe.data.conversation import check_tools
@@ -117,27 +118,31 @@ def check_split(rows: list[dict[str, Any]], tokenizer, recipe, report: SplitRepo
     return Dataset.from_list(kept) if kept else None
 
 
-def reward_columns(recipe) -> tuple[dict[str, list[str]], dict[str, str]]:
+def reward_columns(recipe, recorded: dict[str, list[str]] | None = None) -> tuple[dict[str, list[str]], dict[str, str]]:
     """What the rewards read: each reward's label -> the row columns it reads (a built-in's reference column,
     tool_call's tools, the names a user reward requires; a user reward gets every column through **kwargs),
-    and the columns every row must have -> the reward that needs it (a row's tools are optional)."""
+    and the columns every row must have -> the reward that needs it (a row's tools are optional).
+    ``recorded``: what a run's data report recorded, read instead of importing the user rewards."""
     from qlora_pipe.user_rewards import reward_columns as required
 
-    needs = dict(required(recipe.grpo.rewards))  # imports the user rewards to read their signatures
+    needs = dict(required(recipe.grpo.rewards, recorded))  # imports user rewards to read their signatures
     reads = {r.label(): list(needs[r.label()]) for r in recipe.grpo.rewards}
     for r in recipe.grpo.rewards:
         reads[r.label()] += ["tools"] if r.function == "tool_call" else []
     return reads, {column: label for label, columns in needs.items() for column in columns}
 
 
-def prepare_prompt_data(recipe, tokenizer, train_name: str = "train") -> PreparedData:
+def prepare_prompt_data(
+    recipe, tokenizer, train_name: str = "train", recorded: dict[str, list[str]] | None = None
+) -> PreparedData:
     """Read, check, split and report prompt rows (no cache: TRL renders them at train start). ``train_name``:
-    what the first split is called (eval --data reads its file as that split)."""
+    what the first split is called (eval --data reads its file as that split). ``recorded``: the columns each
+    reward reads as a finished run recorded them (recorded_reward_columns), so that no reward code is needed."""
     from qlora_pipe.data.chat_templates import require_chat_template
 
     data = recipe.data
     require_chat_template(tokenizer, getattr(tokenizer, "name_or_path", "the model"))
-    reads, needed = reward_columns(recipe)
+    reads, needed = reward_columns(recipe, recorded)
     rng = random.Random(recipe.seed)
     train_report, eval_report = SplitReport(train_name), SplitReport("eval")
 
@@ -166,6 +171,14 @@ def prepare_prompt_data(recipe, tokenizer, train_name: str = "train") -> Prepare
     # TRL would score held-out prompts by sampling num_generations each; the held-out rewards are greedy
     # answers scored by this pipeline (training/grpo_scores.py), so TRL gets no eval split.
     return PreparedData(train_ds, None, reports, system, digest, held_out_prompts=eval_ds)
+
+
+def recorded_reward_columns(report_path: Path) -> dict[str, list[str]] | None:
+    """Label -> the columns each reward reads, as a run's data_report.json recorded them (None: not recorded)."""
+    if not report_path.is_file():
+        return None
+    reports = json.loads(report_path.read_text())
+    return next((r["reward_columns"] for r in reports if r.get("prompt_rows") and "reward_columns" in r), None)
 
 
 def prompt_preview_text(prepared: PreparedData, tokenizer, recipe, count: int) -> str:

@@ -196,6 +196,9 @@ def _export_run(
         from qlora_pipe.export.verify_memory import preflight_verification
 
         verify_memory = preflight_verification(recipe, run, base, dtype_name)
+        from qlora_pipe.export.fidelity import verification_rows
+
+        rows = verification_rows(recipe, run)  # the data read before the merge: a problem refuses it
     shutil.rmtree(partial, ignore_errors=True)  # ours (checked): a failed earlier export
     partial.mkdir(parents=True)
     (partial / PARTIAL_MARKER).write_text("an export in progress, or one that failed its checks\n")
@@ -227,7 +230,11 @@ def _export_run(
     if verify:
         from qlora_pipe.export.fidelity import fidelity_table, verify_merged
 
-        fidelity = verify_merged(recipe, run, partial, DTYPES[dtype_name])
+        try:
+            fidelity = verify_merged(recipe, run, partial, DTYPES[dtype_name], rows=rows)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)  # not verified, no verdict to look at: nothing left
+            raise
         fidelity["merge_base"] = merge_base
         require_delta_kept(fidelity, merged["delta_kept"], merge_base)
         fidelity["memory"] = verify_memory

@@ -119,13 +119,22 @@ def reference_noise(recipe: Recipe, run: RunDir, trained, rows: list[dict[str, l
     return {"compute_dtype": compute, "measured": True, **{k: numbers[k] for k in keys}}
 
 
-def fidelity_rows(recipe: Recipe, tokenizer, limit: int) -> tuple[list[dict[str, list[int]]], str]:
+Rows = tuple[list[dict[str, list[int]]], str]  # the rows compared, and the split they come from
+
+
+def fidelity_rows(recipe: Recipe, tokenizer, limit: int, run: RunDir | None = None) -> Rows:
     """The first ``limit`` eval rows (train rows without an eval split) as training saw them; for a
-    preference run, each pair's prompt with its chosen answer."""
+    preference run, each pair's prompt with its chosen answer. A GRPO run's prompts are read with the
+    columns its data report recorded for each reward: no reward code is imported."""
     from qlora_pipe.data.preference import chosen_rows
     from qlora_pipe.training.method import prepare_method_data
 
-    data = prepare_method_data(recipe, tokenizer)  # the run's own data stage, whatever its method
+    if recipe.method == "grpo" and run is not None:
+        from qlora_pipe.data.prompts import prepare_prompt_data, recorded_reward_columns
+
+        data = prepare_prompt_data(recipe, tokenizer, recorded=recorded_reward_columns(run.data_report))
+    else:
+        data = prepare_method_data(recipe, tokenizer)  # the run's own data stage, whatever its method
     source = data.eval if data.eval is not None else data.train
     rows = [source[i] for i in range(min(limit, len(source)))]
     split = "eval" if data.eval is not None else "train"
@@ -136,16 +145,30 @@ def fidelity_rows(recipe: Recipe, tokenizer, limit: int) -> tuple[list[dict[str,
     return (rows if recipe.method == "sft" else chosen_rows(rows, tokenizer)), split
 
 
-def verify_merged(recipe: Recipe, run: RunDir, merged_dir: Path, dtype: torch.dtype, limit: int = 16) -> dict[str, Any]:
-    """Fidelity of the merged model against the trained model on the run's eval (or train) examples."""
+def verification_rows(recipe: Recipe, run: RunDir, limit: int = 16) -> Rows | None:
+    """The rows the verification compares, read before anything is written: a data problem (a file moved, a
+    recorded path that no longer resolves) refuses the export before the merge. None for a classifier (its
+    check reads its own held-out rows)."""
+    from qlora_pipe.model import load_run_tokenizer
+
+    if recipe.task == "classification":
+        return None
+    return fidelity_rows(recipe, load_run_tokenizer(run.root), limit, run)
+
+
+def verify_merged(
+    recipe: Recipe, run: RunDir, merged_dir: Path, dtype: torch.dtype, limit: int = 16, rows: Rows | None = None
+) -> dict[str, Any]:
+    """Fidelity of the merged model against the trained model on the run's eval (or train) examples (``rows``:
+    verification_rows' answer, when read beforehand)."""
     if recipe.task == "classification":
         return verify_classifier(recipe, run, merged_dir, dtype)
     if dtype != torch.float16 or dtype_for_inference("float16") == "float16":
-        return verify_served(recipe, run, lambda: served_model(merged_dir, dtype), limit)
+        return verify_served(recipe, run, lambda: served_model(merged_dir, dtype), limit, rows)
     from qlora_pipe.export.float16_range import ActivationRange
 
     watch = ActivationRange()  # fp16 weights checked in fp32 here: would float16 hold the activations?
-    result = verify_served(recipe, run, lambda: watch.attach(served_model(merged_dir, dtype)), limit)
+    result = verify_served(recipe, run, lambda: watch.attach(served_model(merged_dir, dtype)), limit, rows)
     if overflow := watch.overflow():
         result["float16_overflow"], result["passed"] = overflow, False
     return result
@@ -167,13 +190,14 @@ def served_model(folder: Path, dtype: torch.dtype, adapter: Path | None = None):
     return model.eval()
 
 
-def verify_served(recipe: Recipe, run: RunDir, load_served, limit: int = 16) -> dict[str, Any]:
+def verify_served(
+    recipe: Recipe, run: RunDir, load_served, limit: int = 16, rows: Rows | None = None
+) -> dict[str, Any]:
     """The trained model against what ``load_served()`` returns, on the run's eval (or train) examples."""
-    from qlora_pipe.model import load_run_tokenizer, load_trained_model
+    from qlora_pipe.model import load_trained_model
 
     recipe = recipe.model_copy(deep=True)
-    tokenizer = load_run_tokenizer(run.root)
-    rows, split = fidelity_rows(recipe, tokenizer, limit)
+    rows, split = rows or verification_rows(recipe, run, limit)
     trained = load_trained_model(recipe, run.root)
     served = load_served()
     result = compare(trained, served, rows)

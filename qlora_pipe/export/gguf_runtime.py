@@ -79,7 +79,7 @@ def measure(run: RunDir, gguf_file: Path, lora: Path | None = None) -> dict[str,
 
     recipe = run_recipe(run, "export --format gguf")
     tokenizer = load_run_tokenizer(run.root)
-    rows, _ = fidelity_rows(recipe, tokenizer, ROWS)
+    rows, _ = fidelity_rows(recipe, tokenizer, ROWS, run)
     threads = choose_cpu_threads().threads  # QLORA_PIPE_CPU_THREADS, OMP_NUM_THREADS or the CPUs available
     longest = max(len(row["input_ids"]) for row in rows)
     extra = {"lora_path": str(lora)} if lora else {}

@@ -93,6 +93,11 @@ def _export(run: RunDir, out, dtype: str | None, verify: bool | None, gguf_type:
     partial = out.with_name(out.name + ".partial")
     check_export_target(out, partial)
     base = base_checkpoint_dir(recipe)
+    rows = None
+    if verify:  # the rows compared, read first: a data problem refuses the export before anything is written
+        from qlora_pipe.export.fidelity import verification_rows
+
+        rows = verification_rows(recipe, run)
     shutil.rmtree(partial, ignore_errors=True)  # ours (checked): a failed earlier export
     (partial / "base").mkdir(parents=True)
     (partial / PARTIAL_MARKER).write_text("an export in progress, or one that failed its checks\n")
@@ -109,7 +114,7 @@ def _export(run: RunDir, out, dtype: str | None, verify: bool | None, gguf_type:
             "seconds": round(time.time() - started, 2),
         }
         write_json_atomic(partial / EXPORT_INFO, info)
-        fidelity = _verify(recipe, run, partial, dtype_name) if verify else None
+        fidelity = _verify(recipe, run, partial, dtype_name, rows) if verify else None
         if gguf_type is not None:
             from qlora_pipe.export.lora_gguf import export_unmerged_gguf, unmerged_gguf_table
 
@@ -148,11 +153,11 @@ def _write_pair(recipe: Recipe, run: RunDir, base: Path, partial: Path, out: Pat
     return {**written, "delta_kept": "all: the adapter is served as trained, not rounded into the weights"}
 
 
-def _verify(recipe: Recipe, run: RunDir, partial: Path, dtype_name: str) -> dict[str, Any]:
+def _verify(recipe: Recipe, run: RunDir, partial: Path, dtype_name: str, rows: Any) -> dict[str, Any]:
     from qlora_pipe.export.fidelity import fidelity_table, served_model, verify_served
 
     fidelity = verify_served(
-        recipe, run, lambda: served_model(partial / "base", DTYPES[dtype_name], partial / "adapter")
+        recipe, run, lambda: served_model(partial / "base", DTYPES[dtype_name], partial / "adapter"), rows=rows
     )
     fidelity["served_as"] = "base + PEFT adapter (transformers)"
     write_json_atomic(partial / FIDELITY, fidelity)

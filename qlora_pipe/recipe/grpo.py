@@ -20,7 +20,7 @@ from qlora_pipe.recipe.base import Section
 GRPO_LOSSES = Literal["grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo"]
 # Built-in rewards (qlora_pipe/training/rewards.py) and the parameters each needs.
 BUILTIN_REWARDS = ("exact_match", "token_f1", "regex", "json", "tool_call", "length")
-USER_REWARD = re.compile(r"^[^:\s]+:[A-Za-z_][A-Za-z0-9_]*$")
+USER_REWARD = re.compile(r"^[^:]*[^:\s]:[A-Za-z_][A-Za-z0-9_]*$")  # a path may hold spaces
 
 
 class RewardSection(Section):

@@ -10,6 +10,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from qlora_pipe.errors import UserError
+from qlora_pipe.recipe.paths import resolve_paths
 from qlora_pipe.recipe.schema import Recipe
 
 INTERNAL_FIELDS = ("source", "overrides")  # set by loading, never written in a recipe
@@ -24,7 +25,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     raw = parse_yaml(text, str(path))
     for item in overrides or []:
         apply_override(raw, item)
-    return validate_recipe(raw, str(path)).model_copy(update={"overrides": list(overrides or [])})
+    recipe = resolve_paths(validate_recipe(raw, str(path)))  # relative to the working directory, made absolute
+    return recipe.model_copy(update={"overrides": list(overrides or [])})
 
 
 def parse_yaml(text: str, where: str) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 
 from qlora_pipe.errors import UserError
-from qlora_pipe.recipe import Recipe
+from qlora_pipe.recipe import Recipe, resolve_paths, validate_recipe
 from qlora_pipe.runs import RunDir, write_text_atomic
 from qlora_pipe.training.checkpoints import checkpoint_problem, latest_valid_checkpoint, read_marker
 
@@ -97,10 +97,20 @@ def check_same_data(run: RunDir, fingerprint: str | None) -> None:
         )
 
 
+def recorded_recipe(run: RunDir) -> dict[str, Any]:
+    """The recipe the run recorded, its paths absolute as a resumed recipe's are (a run recorded before paths
+    were resolved has them relative to the working directory, which resolves them the same way)."""
+    old = yaml.safe_load(run.resolved_recipe.read_text())
+    try:
+        return resolve_paths(validate_recipe(old, str(run.resolved_recipe))).model_dump(mode="json")
+    except UserError:  # recorded by another version of the schema: compared as written
+        return old
+
+
 def check_resumable(recipe: Recipe, run: RunDir) -> None:
     if not run.resolved_recipe.is_file():
         raise UserError(f"nothing to resume: {run.root} has no {run.resolved_recipe.name}")
-    old = yaml.safe_load(run.resolved_recipe.read_text())
+    old = recorded_recipe(run)
     differences = recipe_differences(old, recipe.model_dump(mode="json"))
     if differences:
         raise UserError(f"cannot resume {run.root}: the recipe changed what is trained: {'; '.join(differences)}")
