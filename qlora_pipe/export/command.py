@@ -17,6 +17,7 @@ from qlora_pipe.export.merge import base_checkpoint_dir, merge_stream
 from qlora_pipe.export.reuse import record_merged, reusable_export
 from qlora_pipe.export.serving import make_serving_files
 from qlora_pipe.hardware import dtype_for_inference
+from qlora_pipe.machine.host_memory import HostMemory
 from qlora_pipe.model import DTYPES
 from qlora_pipe.runs import (
     EXPORT_INFO,
@@ -154,7 +155,7 @@ def export_merged(
     GGUF files asked for (``gguf_types``: explicit, errors are errors; else the recipe's export.gguf, skipped
     with a notice when the gguf extra or the converter is missing). One export of a run at a time."""
     run = resolve_run(run_dir)
-    with run.exporting():
+    with run.exporting(), HostMemory():
         return _export_run(run, out, merge_base, dtype, max_shard_size, verify, compare_original, gguf_types)
 
 

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from qlora_pipe.machine import host_memory
 from qlora_pipe.runs import EXPORT_INFO, RunDir, write_json_atomic
 from qlora_pipe.user_cache import sha256_of
 
@@ -31,6 +32,10 @@ def merged_files(out: Path) -> dict[str, dict[str, Any]]:
 def record_merged(run: RunDir, out: Path, info: dict[str, Any]) -> dict[str, Any]:
     """Add the adapter's and each file's hash to export_info.json, once the folder has its final name."""
     info = {**info, "adapter_sha256": sha256_of(run.adapter_weights), "files": merged_files(out)}
+    memory = host_memory.current()
+    if memory is not None:  # merge and verification: anonymous memory and memory-mapped files apart
+        info["host_memory"] = memory.report()
+        print(memory.line(), flush=True)
     write_json_atomic(out / EXPORT_INFO, info)
     return info
 

@@ -20,9 +20,10 @@ from qlora_pipe.data.prepared import PreparedData
 from qlora_pipe.dist import is_main_process, world_size
 from qlora_pipe.errors import Interrupted, TrainingAborted, UserError
 from qlora_pipe.generation import generate_answers
+from qlora_pipe.machine.host_memory import HostMemory
 from qlora_pipe.model import check_sharded_quantization, load_tokenizer, training_device
 from qlora_pipe.plan.auto_sizes import resolve_auto_sizes
-from qlora_pipe.recipe import Recipe, resolve_paths
+from qlora_pipe.recipe import Recipe
 from qlora_pipe.runs import RunDir, write_json_atomic, write_text_atomic
 from qlora_pipe.training.callbacks import MetricsRecorder, PushCheckpoints
 from qlora_pipe.training.checkpoints import latest_valid_checkpoint, read_marker, step_of
@@ -106,16 +107,18 @@ def run_training(
     it, with or without --overwrite, is refused.
     """
     run = RunDir(recipe.run_dir())
-    with run.exclusive() if is_main_process() else contextlib.nullcontext():
-        return _run_training(recipe, overwrite, resume, callbacks)
+    with run.exclusive() if is_main_process() else contextlib.nullcontext(), HostMemory() as host:
+        return _run_training(recipe, overwrite, resume, callbacks, host)
 
 
-def _run_training(recipe: Recipe, overwrite: bool, resume: bool | str, callbacks: tuple) -> TrainResult:
+def _run_training(
+    recipe: Recipe, overwrite: bool, resume: bool | str, callbacks: tuple, host: HostMemory
+) -> TrainResult:
     from transformers import set_seed
 
     started = time.time()
     main = is_main_process()
-    recipe, compute = resolve_compute(resolve_paths(recipe))  # recorded with absolute paths: usable from anywhere
+    recipe, compute = resolve_compute(recipe)
     sizes = resolve_auto_sizes(recipe)  # data.max_length and the micro batch start, planned once
     recipe = sizes.recipe
     if world_size() > 1 and recipe.training.micro_batch_size == "auto":
@@ -158,7 +161,7 @@ def _run_training(recipe: Recipe, overwrite: bool, resume: bool | str, callbacks
     batch = choose_batch(recipe, run, trainable.model, sizes.micro_batch_start)
     try:
         summary = _train_and_save(
-            recipe, run, trainable, tokenizer, data, started, checkpoint, callbacks, batch, compute
+            recipe, run, trainable, tokenizer, data, started, checkpoint, callbacks, batch, compute, host
         )
     except Interrupted as exc:
         if main:
@@ -182,7 +185,7 @@ def eval_loss_before(run: RunDir) -> float | None:
 
 
 def _train_and_save(
-    recipe, run, trainable, tokenizer, data, started, checkpoint, callbacks, batch, compute: Compute
+    recipe, run, trainable, tokenizer, data, started, checkpoint, callbacks, batch, compute: Compute, host: HostMemory
 ) -> dict[str, Any]:
     device = training_device()
     model = trainable.model
@@ -262,6 +265,7 @@ def _train_and_save(
         "supervised_tokens_per_second": round(supervised_tokens / max(train_seconds, 1e-9), 2),
         "peak_memory_bytes": peak_memory_bytes(),
         "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process peak RSS",
+        "host_memory": host.report(),  # load and training: anonymous and memory-mapped files apart
         **device_description(device),
         "compute": compute.as_dict(),
         "trainable_params": trainable.trainable_params,
