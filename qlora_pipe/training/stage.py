@@ -23,7 +23,7 @@ from qlora_pipe.generation import generate_answers
 from qlora_pipe.machine.host_memory import HostMemory
 from qlora_pipe.model import check_sharded_quantization, load_tokenizer, training_device
 from qlora_pipe.plan.auto_sizes import resolve_auto_sizes
-from qlora_pipe.recipe import Recipe
+from qlora_pipe.recipe import Recipe, resolve_paths
 from qlora_pipe.runs import RunDir, write_json_atomic, write_text_atomic
 from qlora_pipe.training.callbacks import MetricsRecorder, PushCheckpoints
 from qlora_pipe.training.checkpoints import latest_valid_checkpoint, read_marker, step_of
@@ -118,7 +118,7 @@ def _run_training(
 
     started = time.time()
     main = is_main_process()
-    recipe, compute = resolve_compute(recipe)
+    recipe, compute = resolve_compute(resolve_paths(recipe))  # recorded with absolute paths: usable from anywhere
     sizes = resolve_auto_sizes(recipe)  # data.max_length and the micro batch start, planned once
     recipe = sizes.recipe
     if world_size() > 1 and recipe.training.micro_batch_size == "auto":
