@@ -15,6 +15,10 @@ COMMANDS = {
     "quickstart": ("benchmarks.quickstart", "the offline quickstart's wall times (--emulate-avx2)"),
     "methods": ("benchmarks.methods", "full, prompt, prefix, (IA)3, LoRA, QLoRA, DoRA: same model, data and steps"),
     "gguf": ("benchmarks.gguf_table", "trained vs merged vs each GGUF type (llama.cpp) on an exported run"),
+    "random-model": (
+        "benchmarks.random_model",
+        "a random-weight checkpoint of a real architecture (7B by default), sharded, one shard in memory",
+    ),
     "serving": (
         "benchmarks.serving_table",
         "every way to serve a run (bf16/fp16/fp32 merges, unmerged, GGUF), checked",
