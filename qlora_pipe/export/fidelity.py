@@ -8,12 +8,14 @@ difference, the top-1 agreement on the tokens that carry loss, and the eval loss
 
 from __future__ import annotations
 
+import gc
 import logging
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from qlora_pipe.export.stored_logits import StoredLogits
 from qlora_pipe.finite import within, worst
 from qlora_pipe.hardware import dtype_for_inference
 from qlora_pipe.recipe import Recipe
@@ -45,12 +47,13 @@ def _logits(model, row: dict[str, list[int]]) -> torch.Tensor:
 
 @torch.no_grad()
 def compare(reference, candidate, rows: list[dict[str, list[int]]]) -> dict[str, Any]:
-    """Both models on each row in turn: only one row's logits of each are alive at a time."""
+    """Both models on each row in turn: only one row's logits of each are alive at a time. ``reference`` may be
+    a model or the trained model's StoredLogits."""
     max_diff, diff_sum, abs_sum, count = 0.0, 0.0, 0.0, 0
     agree = total = 0
     losses = {"trained": 0.0, "merged": 0.0}
-    for row in rows:
-        a = _logits(reference, row)
+    for index, row in enumerate(rows):
+        a = reference.row(index) if isinstance(reference, StoredLogits) else _logits(reference, row)
         b = _logits(candidate, row).to(a.device)
         targets = torch.tensor(row["labels"][1:], device=a.device)
         mask = targets != -100
@@ -199,12 +202,16 @@ def verify_served(
     recipe = recipe.model_copy(deep=True)
     rows, split = rows or verification_rows(recipe, run, limit)
     trained = load_trained_model(recipe, run.root)
-    served = load_served()
-    result = compare(trained, served, rows)
-    del served
-    result = judge(result, reference_noise(recipe, run, trained, rows))
+    noise = reference_noise(recipe, run, trained, rows)
+    # One model at a time: the trained model's logits go to disk, then the served model loads.
+    with StoredLogits(trained, rows, near=run.root) as stored:
+        del trained
+        gc.collect()
+        served = load_served()
+        result = compare(stored, served, rows)
+        del served
+    result = judge(result, noise)
     result["split"] = split
-    del trained
     return result
 
 

@@ -1,8 +1,9 @@
 """Does verification fit this machine? Decided before the merge starts, with the numbers.
 
-Verification holds two models at once: the trained one (the 4-bit base as training loaded it, plus the
-adapter) and the merged one (plain transformers, in the dtype it is served in), and scores them row by
-row, so beyond the two models it needs one row's logits from each and their difference. Each term comes
+Verification loads two models one after the other: the trained one (the 4-bit base as training loaded it,
+plus the adapter; beside it, when it computes in 16 bits, its own fp32-compute copy for the reference noise)
+and the merged one (plain transformers, in the dtype it is served in), with the trained model's logits kept
+on disk in between (stored_logits.py). Its peak is the larger of the two stages plus a row's logits. Each term comes
 from the files themselves: the parameter counts from the safetensors headers of the base, the 4-bit
 layers from the same rule the export uses, the adapter from its file. When the sum does not fit the
 memory available (RAM on CPU: MemAvailable and any cgroup limit; free GPU memory on a GPU), the export
@@ -69,18 +70,30 @@ def verification_need(recipe, base: Path, adapter: Path, quantized: set[str], se
                 merged += count * served_dtype.itemsize if entry.dtype.is_floating_point else entry.nbytes
     vocab = json.loads((base / "config.json").read_text()).get("vocab_size", 0)
     return {
-        "trained model (4-bit base + adapter)": int(trained) + (adapter.stat().st_size if adapter.is_file() else 0),
-        "merged model": merged,
-        "logits of one row": LOGIT_COPIES * max_row * vocab * 4,
+        TRAINED: int(trained) + (adapter.stat().st_size if adapter.is_file() else 0),
+        MERGED: merged,
+        LOGITS: LOGIT_COPIES * max_row * vocab * 4,
     }
 
 
-def check_verification_fits(need: dict[str, int], device: str) -> dict[str, Any]:
+TRAINED, MERGED, LOGITS = "trained model (4-bit base + adapter)", "merged model", "logits of one row"
+
+
+def verification_peak(need: dict[str, int], noise_copy: bool) -> int:
+    """The larger stage (the trained model, twice when its fp32 reference is measured; or the merged model)
+    plus a row's logits, with headroom."""
+    trained = need[TRAINED] * (2 if noise_copy else 1)
+    return int((max(trained, need[MERGED]) + need[LOGITS]) * HEADROOM)
+
+
+def check_verification_fits(need: dict[str, int], device: str, noise_copy: bool = False) -> dict[str, Any]:
     """Refuse (one line, every number) when verification would not fit; else the figures for export_info."""
-    total = int(sum(need.values()) * HEADROOM)
+    total = verification_peak(need, noise_copy)
     available, source = available_memory(device)
     if total > available:
-        terms = ", ".join(f"{name} {size / GiB:.2f} GiB" for name, size in need.items())
+        trained = f"{TRAINED} {need[TRAINED] / GiB:.2f} GiB" + (" twice, with its fp32 reference" if noise_copy else "")
+        terms = f"the larger of {trained} and {MERGED} {need[MERGED] / GiB:.2f} GiB, one after the other; "
+        terms += f"{LOGITS} {need[LOGITS] / GiB:.2f} GiB"
         raise UserError(
             f"export: verification needs about {total / GiB:.2f} GiB ({terms}, +{HEADROOM - 1:.0%}) but this "
             f"machine has {available / GiB:.2f} GiB available ({source}); nothing was written. Free memory, or "
@@ -94,11 +107,13 @@ def preflight_verification(recipe, run, base: Path, dtype_name: str) -> dict[str
     import torch
 
     from qlora_pipe.export.merge import quantized_weight_names
-    from qlora_pipe.hardware import dtype_for_inference
+    from qlora_pipe.hardware import dtype_for_inference, with_resolved_precision
     from qlora_pipe.model import training_device
 
     quantized = quantized_weight_names(base, recipe)  # the trained model is always the 4-bit one
     served = getattr(torch, dtype_for_inference(dtype_name))
     max_length = recipe.data.max_length if isinstance(recipe.data.max_length, int) else 2048
     need = verification_need(recipe, base, run.adapter_weights, quantized, served, max_length)
-    return {**check_verification_fits(need, str(training_device())), "terms": need}
+    q = with_resolved_precision(recipe).quantization
+    noise_copy = q.compute_dtype != "float32"  # reference_noise loads an fp32-compute copy beside it
+    return {**check_verification_fits(need, str(training_device()), noise_copy), "terms": need}
