@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from safetensors import safe_open
@@ -24,14 +25,20 @@ MEASURE = "import resource, subprocess, sys; subprocess.check_call(sys.argv[1:])
 )
 
 
-def finished_run(folder: Path, layers: int, tokenizer_dir: Path) -> tuple[Path, int]:
+def finished_run(
+    folder: Path, layers: int, tokenizer_dir: Path, hidden: int = 512, intermediate: int = 1408
+) -> tuple[Path, int]:
     """A Llama-shaped base (random weights, 32 MB shards) and a random LoRA adapter laid out as a finished
     run; the export keeps its default settings (one output shard of up to 5 GB)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=512, hidden_size=512, intermediate_size=1408, num_hidden_layers=layers, num_attention_heads=8
+        vocab_size=512,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).to(torch.bfloat16)
@@ -96,14 +103,19 @@ def test_peak_memory_is_flat_in_layers_and_in_shard_sizes(tiny_model_dir, tmp_pa
     assert (merged / "model.safetensors").is_file() and not (merged / "model.safetensors.index.json").exists()
 
 
-def test_streamed_tensors_are_the_bytes_of_a_whole_tensor_merge(tiny_model_dir, tmp_path):
+def test_streamed_tensors_are_the_bytes_of_a_whole_tensor_merge(tiny_model_dir, tmp_path, monkeypatch):
     """Reference: every tensor loaded whole, dequant(NF4(W)) by bitsandbytes, W + (scale * (B @ A)) in fp32,
-    one cast; the export reads, merges and writes in pieces and across small output shards."""
+    one cast; the export reads, merges and writes in pieces (blocks of 64 rows here) and across small output
+    shards."""
     import bitsandbytes as bnb
     from transformers import AutoModelForCausalLM
 
+    from qlora_pipe.export import row_blocks
     from qlora_pipe.export.command import export_merged
 
+    monkeypatch.setattr(row_blocks, "BLOCK_ELEMENTS", 64 * 512)
+    assert row_blocks.row_starts(1408, 512, 64) == list(range(0, 1408, 64))
+    assert row_blocks.row_starts(1440, 512, 64) == list(range(0, 1408, 64))  # 32 rows left: the last block has 96
     run, _ = finished_run(tmp_path / "model", 2, tiny_model_dir)
     out = export_merged(run, tmp_path / "merged", max_shard_size="3MB").out
     index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
@@ -130,6 +142,71 @@ def test_streamed_tensors_are_the_bytes_of_a_whole_tensor_merge(tiny_model_dir, 
         )
     model = AutoModelForCausalLM.from_pretrained(out)  # plain transformers reads the streamed shards
     assert model.dtype == torch.bfloat16 and len(list(model.parameters())) > 0
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("storage", [torch.uint8, torch.bfloat16, torch.float32])
+def test_nf4_rows_are_the_bits_of_the_whole_weight(double_quant, storage):
+    """compat NF4Rows: quantized and dequantized a block of rows at a time (odd widths too), the bits of
+    bitsandbytes' Params4bit quantizing the whole weight and dequantizing it in fp32."""
+    from qlora_pipe.compat.bitsandbytes import NF4Rows, dequantized_fp32, quantized_like_loading
+    from qlora_pipe.export.row_blocks import row_starts
+
+    torch.manual_seed(0)
+    for rows, columns in ((1408, 512), (512, 1408), (200, 96), (136, 334)):
+        weight = torch.randn(rows, columns) * 0.02
+        whole = dequantized_fp32(quantized_like_loading(weight, "nf4", double_quant, storage))
+        nf4 = NF4Rows("nf4", double_quant)
+        starts = row_starts(rows, columns, nf4.blocksize)
+        for start, stop in zip(starts, [*starts[1:], rows], strict=True):
+            nf4.add(weight[start:stop])
+        nf4.finish()
+        assert torch.equal(torch.cat([nf4.rows(i) for i in range(len(starts))]), whole), (rows, columns)
+
+
+def test_dora_rows_are_the_bits_of_the_whole_merge():
+    """W + scale * B @ A rescaled per row to DoRA's magnitude, a block of rows at a time = the whole-weight merge."""
+    from qlora_pipe.export.merge import LoraWeights, merge_tensor
+    from qlora_pipe.export.row_blocks import merged_rows
+
+    torch.manual_seed(0)
+    weight = torch.randn(1408, 512) * 0.02
+    lora = LoraWeights(torch.randn(16, 512) * 0.01, torch.randn(1408, 16) * 0.01, 2.0, torch.rand(1408) + 0.5)
+    whole = merge_tensor(weight.clone(), lora, transposed=False)
+    blocks = [merged_rows(weight[a : a + 128].clone(), lora, a) for a in range(0, 1408, 128)]
+    assert torch.equal(torch.cat(blocks), whole)
+
+
+def test_merging_a_large_weight_needs_no_whole_fp32_copy_of_it(tiny_model_dir, tmp_path):
+    """One process exports a small run (the libraries loaded), resets its peak resident size, exports a run of the
+    same small shapes, then one whose MLP weights are 4096 x 2048 (32 MiB each in fp32), and reads the peak each
+    time: what the large weights add stays under one fp32 copy of one of them (9 MiB measured). Merged whole,
+    the quantizer's temporaries, the dequantized weight, the delta and the copy the share kept is measured
+    against added about six copies (192 MiB)."""
+    small, _ = finished_run(tmp_path / "small", 1, tiny_model_dir)
+    again, _ = finished_run(tmp_path / "again", 1, tiny_model_dir)
+    large, _ = finished_run(tmp_path / "large", 1, tiny_model_dir, hidden=2048, intermediate=4096)
+    script = (
+        "import sys\n"
+        "from qlora_pipe.export.command import export_merged\n"
+        "def kib(key):\n"
+        "    return next(int(line.split()[1]) for line in open('/proc/self/status') if line.startswith(key))\n"
+        "export_merged(sys.argv[1], sys.argv[1] + '-merged')\n"
+        "for run in sys.argv[2:]:\n"
+        "    open('/proc/self/clear_refs', 'w').write('5')  # the peak resident size starts again from here\n"
+        "    start = kib('VmRSS:')\n"
+        "    export_merged(run, run + '-merged')\n"
+        "    print('grown KiB', kib('VmHWM:') - start)\n"
+    )
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    runs = [str(run) for run in (small, again, large)]
+    out = subprocess.run([sys.executable, "-c", script, *runs], capture_output=True, text=True, cwd=REPO, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    grown = [int(line.split()[-1]) * 1024 for line in out.stdout.splitlines() if line.startswith("grown KiB")]
+    same_shapes, large_shapes = grown
+    fp32_copy = 4096 * 2048 * 4
+    added = large_shapes - same_shapes
+    assert added < fp32_copy, f"{added / 2**20:.0f} MiB for the large weights, one fp32 copy is 32 MiB"
 
 
 def test_verification_that_cannot_fit_is_refused_before_anything_is_written(tiny_model_dir, tmp_path):

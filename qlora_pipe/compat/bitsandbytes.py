@@ -18,6 +18,17 @@ quantized_like_loading, dequantized_fp32
     Caught by: tests/test_export.py::test_merge_is_faithful_and_reloads_with_plain_transformers and
     tests/test_merge_delta.py (a delta below one bf16 step is kept).
 
+NF4Rows
+    The same dequant(quant(W)) built a block of rows at a time, so that no fp32 copy of a whole weight is
+    made (bitsandbytes' quantizer alone makes several of its input). NF4 quantizes blocks of ``blocksize``
+    consecutive values each on its own, so rows starting on a block boundary quantize to the same packed
+    bytes and absmax as the whole weight; with double quantization bitsandbytes then quantizes all the
+    absmax values at once around their mean (``functional.quantize_4bit``: ``offset = absmax.mean()``,
+    ``quantize_blockwise(absmax - offset, blocksize=256)``) and dequantizes them before the 4-bit values
+    (``functional.dequantize_4bit``): both steps are repeated here on every block's absmax together, and
+    each block is dequantized with its share. The blocksize is ``Params4bit``'s default, as loading uses it.
+    Caught by: tests/test_export_memory.py::test_nf4_rows_are_the_bits_of_the_whole_weight.
+
 quiet_hub_kernel_notice
     On a CPU with AVX512-BF16, importing bitsandbytes tries to fetch a CPU gemv kernel from the Hub
     (``kernels-community/quantization-bitsandbytes``, backends/cpu/ops.py) and logs a warning when it
@@ -38,6 +49,7 @@ load_problem, kernel_description
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -137,3 +149,66 @@ def dequantized_fp32(param) -> torch.Tensor:
     state = copy.copy(param.quant_state)  # a shallow copy: the packed data and constants are shared, not copied
     state.dtype = torch.float32
     return bnb.functional.dequantize_4bit(param.data, state)
+
+
+class NF4Rows:
+    """dequant(quant(W)) of one weight, a block of rows at a time (see above): the bits of
+    ``dequantized_fp32(quantized_like_loading(W))``, without a whole fp32 copy of W."""
+
+    def __init__(self, quant_type: str, double_quant: bool) -> None:
+        import bitsandbytes as bnb
+        import torch
+
+        self.quant_type, self.double_quant = quant_type, double_quant
+        self.blocksize: int = bnb.nn.Params4bit(torch.empty(0), requires_grad=False).blocksize
+        self.packed: list[torch.Tensor] = []
+        self.shapes: list[tuple[int, ...]] = []
+        self.first: list[int] = []  # each block's first absmax
+        self.absmax: list[torch.Tensor] = []
+        self.scales: torch.Tensor | None = None  # every absmax, as dequantization sees it
+
+    def add(self, rows: torch.Tensor) -> None:
+        """Quantize the next rows (in the compute dtype; they start on a quantization block's boundary)."""
+        import bitsandbytes as bnb
+        import torch
+
+        packed, state = bnb.functional.quantize_4bit(
+            rows,
+            blocksize=self.blocksize,
+            compress_statistics=False,
+            quant_type=self.quant_type,
+            quant_storage=torch.uint8,
+        )
+        self.first.append(sum(len(a) for a in self.absmax))
+        self.packed.append(packed)
+        self.shapes.append(tuple(rows.shape))
+        self.absmax.append(state.absmax)
+
+    def finish(self) -> None:
+        """The absmax values of every block together: double quantization and back, as bitsandbytes does."""
+        import bitsandbytes as bnb
+        import torch
+
+        absmax, self.absmax = torch.cat(self.absmax), []
+        if self.double_quant:
+            offset = absmax.mean()
+            quantized, state2 = bnb.functional.quantize_blockwise(absmax - offset, blocksize=256)
+            absmax = bnb.functional.dequantize_blockwise(quantized, state2)
+            absmax += offset
+        self.scales = absmax.float()
+
+    def rows(self, index: int) -> torch.Tensor:
+        """Block ``index`` dequantized in fp32."""
+        import bitsandbytes as bnb
+        import torch
+
+        shape, first = self.shapes[index], self.first[index]
+        count = -(-math.prod(shape) // self.blocksize)
+        state = bnb.functional.QuantState(
+            absmax=self.scales[first : first + count],
+            shape=torch.Size(shape),
+            dtype=torch.float32,
+            blocksize=self.blocksize,
+            quant_type=self.quant_type,
+        )
+        return bnb.functional.dequantize_4bit(self.packed[index], state)

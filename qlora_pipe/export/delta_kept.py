@@ -17,14 +17,18 @@ import torch
 MIN_MEAN_KEPT = 0.9
 
 
-def share_kept(base: torch.Tensor, merged: torch.Tensor, served: torch.Tensor) -> float | None:
-    """The projection above for one weight (fp32 ``base`` and ``merged``, ``served`` in the export dtype);
-    None when the adapter did not change this weight at all."""
+def share_terms(base: torch.Tensor, merged: torch.Tensor, served: torch.Tensor) -> tuple[float, float]:
+    """``<served - base, delta>`` and ``<delta, delta>`` of one weight, or of one block of its rows (a weight
+    merged in row blocks adds its blocks' terms): fp32 ``base`` and ``merged``, ``served`` in the export dtype."""
     delta = merged.float() - base
     norm = float(delta.pow(2).sum())
-    if norm == 0.0:
-        return None
-    return float((served.float() - base).mul_(delta).sum()) / norm
+    return float((served.float() - base).mul_(delta).sum()), norm
+
+
+def share_kept(base: torch.Tensor, merged: torch.Tensor, served: torch.Tensor) -> float | None:
+    """The projection above for one weight; None when the adapter did not change this weight at all."""
+    dot, norm = share_terms(base, merged, served)
+    return None if norm == 0.0 else dot / norm
 
 
 class DeltaKept:
@@ -34,9 +38,11 @@ class DeltaKept:
         self.shares: dict[str, float] = {}
 
     def add(self, name: str, base: torch.Tensor, merged: torch.Tensor, served: torch.Tensor) -> None:
-        share = share_kept(base, merged, served)
-        if share is not None:
-            self.shares[name] = share
+        self.add_terms(name, *share_terms(base, merged, served))
+
+    def add_terms(self, name: str, dot: float, norm: float) -> None:
+        if norm != 0.0:
+            self.shares[name] = dot / norm
 
     def summary(self) -> dict[str, Any] | None:
         if not self.shares:

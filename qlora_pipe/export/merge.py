@@ -4,8 +4,8 @@ The adapter was trained against dequant(NF4(W)), not W. The default merge base r
 weights: each base tensor is read from its safetensors shard, quantized with the run's own
 settings through the same bitsandbytes path the training load used, and dequantized. The LoRA
 delta (scale * B @ A, rsLoRA scaling and DoRA magnitude handled) is added in fp32 and the result
-cast once to the export dtype. One tensor is in flight at a time and shards are written as they
-fill, so peak memory is about one output shard plus the adapter. Never imports trl.
+cast once to the export dtype. A matrix is rebuilt and merged a block of rows at a time (row_blocks.py)
+and written as it is made: peak memory is one block's work plus the adapter. Never imports trl.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from qlora_pipe.compat.bitsandbytes import dequantized_fp32, quantized_like_load
 from qlora_pipe.compat.transformers import modules_kept_unquantized
 from qlora_pipe.errors import UserError
 from qlora_pipe.export.delta_kept import DeltaKept
+from qlora_pipe.export.row_blocks import check_adapter_fits, merge_in_row_blocks
 from qlora_pipe.export.tensor_checks import check_finite, check_fits_float16, release_freed_memory
 from qlora_pipe.export.tensor_files import StreamingShardWriter, TensorEntry, TensorReader
 from qlora_pipe.hardware import with_resolved_precision
@@ -151,11 +152,7 @@ def merge_tensor(base: torch.Tensor, lora: LoraWeights, transposed: bool) -> tor
     merged = base.float()
     del base
     oriented = merged.T if transposed else merged
-    if (lora.b.shape[0], lora.a.shape[1]) != tuple(oriented.shape) or lora.b.shape[1] != lora.a.shape[0]:
-        raise UserError(
-            f"the adapter does not fit its base model: LoRA B {tuple(lora.b.shape)} @ A {tuple(lora.a.shape)} "
-            f"cannot update a {tuple(oriented.shape)} weight (trained on another model?)"
-        )
+    check_adapter_fits(lora, tuple(oriented.shape))
     delta = lora.b.float() @ lora.a.float()
     delta.mul_(lora.scale)
     oriented.add_(delta)
@@ -192,6 +189,11 @@ def output_entries(readers: list[TensorReader], replaced: dict[str, torch.Tensor
             seen.add(name)
     untied = sorted(set(replaced) - seen)
     return entries + [TensorEntry(name, dtype, tuple(replaced[name].shape)) for name in untied], untied
+
+
+def by_rows(reader: TensorReader, name: str, transposed: set[str]) -> bool:
+    """Merged in blocks of rows (row_blocks.py): a matrix stored as the adapter sees it (not GPT-2's Conv1D)."""
+    return len(reader.entry(name).shape) == 2 and name not in transposed
 
 
 def copy_through(reader: TensorReader, name: str, writer: StreamingShardWriter, dtype: torch.dtype) -> None:
@@ -242,6 +244,14 @@ def merge_stream(
                     before = None
                     if name in replaced:
                         out, kind = replaced.pop(name).float(), "replaced"
+                    elif (name in quantized or name in deltas) and by_rows(reader, name, transposed):
+                        lora = deltas.pop(name, None)
+                        merge_in_row_blocks(reader, name, recipe, lora, name in quantized, dtype, writer, kept)
+                        counts["dequantized"] += name in quantized
+                        counts["merged" if lora else "copied"] += 1
+                        release_freed_memory()
+                        bar.update()
+                        continue
                     elif name in quantized or name in deltas:
                         tensor = (
                             nf4_roundtrip(reader.read(name), recipe, name in transposed)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import platform
 
 import torch
@@ -15,12 +16,19 @@ FLOAT16_MAX = torch.finfo(torch.float16).max
 def release_freed_memory() -> None:
     """Hand freed heap memory back to the OS (glibc keeps large freed blocks otherwise, and the
     resident size would creep up to the model size over a long export)."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+@functools.cache
+def _libc():
+    """glibc, found once: ctypes' find_library runs `ldconfig -p` in a child process at every call."""
     import ctypes
     import ctypes.util
 
-    name = ctypes.util.find_library("c")
-    if name and platform.system() == "Linux":
-        ctypes.CDLL(name).malloc_trim(0)
+    name = ctypes.util.find_library("c") if platform.system() == "Linux" else None
+    return ctypes.CDLL(name) if name else None
 
 
 def check_finite(name: str, tensor: torch.Tensor) -> None:

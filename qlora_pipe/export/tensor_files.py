@@ -100,6 +100,15 @@ class TensorReader:
             self._read_into(_as_bytes(tensor), offset)
         return tensor
 
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows start..stop of a tensor (along its first dimension), into their own buffer."""
+        entry, offset, _ = self.entries[name]
+        rows = torch.empty((stop - start, *entry.shape[1:]), dtype=entry.dtype)
+        row_bytes = _count(entry.shape[1:]) * rows.element_size()
+        if rows.numel():
+            self._read_into(_as_bytes(rows), offset + start * row_bytes)
+        return rows
+
     def read_chunks(self, name: str, chunk_bytes: int = COPY_CHUNK_BYTES):
         """The tensor as flat pieces of about chunk_bytes each, in order (one reused buffer)."""
         entry, offset, _ = self.entries[name]
