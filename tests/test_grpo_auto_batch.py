@@ -103,7 +103,8 @@ def test_grpo_auto_generation_probe_holds_the_planned_kv_cache_and_refuses_what_
 
     import torch
 
-    from qlora_pipe.model import load_tokenizer
+    from qlora_pipe.hardware import with_resolved_precision
+    from qlora_pipe.model import DTYPES, load_tokenizer
     from qlora_pipe.plan.advice import plan_for_recipe
     from qlora_pipe.plan.grpo_terms import kv_cache_bytes
     from qlora_pipe.training import micro_batch as autobatch
@@ -117,7 +118,10 @@ def test_grpo_auto_generation_probe_holds_the_planned_kv_cache_and_refuses_what_
     length, new = 64, 16
     held = autobatch.try_generation(model, 8, length)
     plan = plan_for_recipe(recipe, micro_batch_size=1, max_length=length)
-    assert held == kv_cache_bytes(plan.shape, replace(plan.settings, micro_batch_size=8, generation_steps=1))
+    # The plan is a GPU's (bf16); the probe runs in this machine's compute dtype (fp32 on an AVX2-only CPU).
+    compute = DTYPES[with_resolved_precision(recipe).quantization.compute_dtype].itemsize
+    batch = replace(plan.settings, micro_batch_size=8, generation_steps=1, compute_bytes=compute)
+    assert held == kv_cache_bytes(plan.shape, batch)
     # an upper bound of the real thing: sampling 8 completions of 16 tokens after 48-token prompts
     ids = torch.randint(0, model.config.vocab_size, (8, length - new))
 
