@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -231,6 +232,9 @@ def _fsdp_rank(rank: int, model_dir: str, out: str, port: int) -> None:
     dist.destroy_process_group()
 
 
+# Slow (90 s on 2 cores): the default suite's FSDP launches (tests/test_fsdp.py) already train FSDP2 on two
+# processes; this one measures each shard against the plan's per-GPU terms.
+@pytest.mark.skipif(os.environ.get("QLORA_PIPE_SLOW_TESTS") != "1", reason="slow: set QLORA_PIPE_SLOW_TESTS=1")
 def test_fsdp2_on_two_processes_matches_the_per_gpu_terms(tmp_path):
     """Measured per rank: the parameter shards, the gradient shards and the quant state equal the plan's terms to
     the byte; what sharding adds to a step's peak (root unit and two layers gathered, the reduce-scatter buffer,
