@@ -9,11 +9,22 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Parallel workers (pytest-xdist) share the cores: each worker, and every process it starts, gets its share
+# of threads, since torch's threads oversubscribed on a busy core slow each other down many times over.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    _share = max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ.setdefault("OMP_NUM_THREADS", str(_share))
+    os.environ.setdefault("QLORA_PIPE_CPU_THREADS", str(_share))
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO / "data/legal-qa/corpus.txt"
 TRAIN = REPO / "data/legal-qa/train.jsonl"
 EVAL = REPO / "data/legal-qa/eval.jsonl"
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto`: one worker per core, at most 4 (each worker holds its own models and torch runtime)."""
+    return max(1, min(4, len(os.sched_getaffinity(0))))
 
 
 @pytest.fixture(scope="session")

@@ -20,9 +20,9 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from qlora_pipe.compat.llama_cpp import VERIFIED
+from qlora_pipe.compat.llama_cpp import MEMORY_LINE, VERIFIED
 from qlora_pipe.errors import UserError
-from qlora_pipe.user_cache import cache_home, writable_folder
+from qlora_pipe.user_cache import cache_home, locked, writable_folder
 
 CONVERTER_TYPES = ("f16", "bf16", "q8_0", "f32")
 # llama.cpp's quantizer (llama_model_quantize), from an f16 GGUF: the name -> llama_cpp's LLAMA_FTYPE_* constant.
@@ -90,12 +90,23 @@ def converter_dir() -> Path:
 
 
 def setup_converter() -> Path:
-    """Download llama-cpp-python's source release with pip and keep its llama.cpp converter (and only that)."""
+    """Download llama-cpp-python's source release with pip and keep its llama.cpp converter (and only that).
+    Two setups at once (two shells, parallel test workers) take turns on a lock: the second finds it done."""
     target = cache_dir()
     if all((target / script).is_file() for script in SCRIPTS):
         print(f"llama.cpp's converter is already set up: {target}")
         return target
     writable_folder(target.parent, "setup-gguf")  # before the download
+    with locked(target.with_name(target.name + ".lock"), "setup-gguf: waiting for another setup to finish"):
+        if all((target / script).is_file() for script in SCRIPTS):
+            print(f"llama.cpp's converter: {target}")
+            return target
+        _download_converter(target)
+    print(f"llama.cpp's converter: {target}")
+    return target
+
+
+def _download_converter(target: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         print(f"downloading {SOURCE_PACKAGE} (source, about 75 MB) with pip ...", flush=True)
         command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-d", tmp]
@@ -115,12 +126,11 @@ def setup_converter() -> Path:
         if target.is_dir():  # ours: a setup from before the LoRA converter was kept
             shutil.rmtree(target)
         partial.rename(target)
-    print(f"llama.cpp's converter: {target}")
-    return target
 
 
-def convert(merged: Path, out_file: Path, gguf_type: str, log: Path) -> None:
-    """Run the converter (in its own process) on the merged folder; a one-line error if it fails."""
+def convert(merged: Path, out_file: Path, gguf_type: str, log: Path) -> dict | None:
+    """Run the converter (in its own process) on the merged folder; a one-line error if it fails. Returns the
+    converter process's peak host memory (qlora_pipe/machine/host_memory.py), None where not measured."""
     converter_type = gguf_type if gguf_type in CONVERTER_TYPES else "f16"
     target = out_file if gguf_type in CONVERTER_TYPES else out_file.with_suffix(".f16.tmp")
     command = [sys.executable, "-m", "qlora_pipe.compat.llama_cpp", str(converter_dir()), str(merged)]
@@ -139,6 +149,20 @@ def convert(merged: Path, out_file: Path, gguf_type: str, log: Path) -> None:
             quantize(target, out_file, gguf_type)
         finally:
             target.unlink(missing_ok=True)
+    return converter_memory(done.stdout)
+
+
+def converter_memory(output: str) -> dict | None:
+    """The peak host memory the converter's process reported on its last line (compat/llama_cpp.py)."""
+    import json
+
+    for line in reversed(output.splitlines()):
+        if line.startswith(MEMORY_LINE):
+            try:
+                return json.loads(line[len(MEMORY_LINE) :])
+            except ValueError:
+                return None
+    return None
 
 
 def keep_log(log: Path, output: str) -> str:
