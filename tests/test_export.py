@@ -16,7 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from qlora_pipe.errors import UserError
 from qlora_pipe.export.command import export_merged
-from qlora_pipe.export.gguf_command import export_gguf
+from qlora_pipe.export.gguf_command import export_gguf, gguf_table
 from qlora_pipe.export.serving import serving_template
 from qlora_pipe.quickstart.builder import build_tokenizer
 from qlora_pipe.recipe import validate_recipe
@@ -141,6 +141,10 @@ def test_merge_is_faithful_and_reloads_with_plain_transformers(kind, tokenizer_d
     assert gguf["passed"] and gguf["exact_tensors"] == gguf["tensors"] and not gguf["unmatched_tensors"]
     assert gguf["eos_token_id"] == tokenizer.eos_token_id and gguf["chat_template_is_serving_template"]
     assert json.loads((out / "fidelity.json").read_text())["gguf"]["f16"]["passed"]
+    # Each step's host peak: the converter's (its own process, reported on its last line) and the check's
+    memory = gguf["host_memory"]
+    assert memory["converter"]["peak_anonymous_bytes"] > 0 and memory["check"]["peak_anonymous_bytes"] > 0
+    assert "host memory: converter peak" in gguf_table(gguf)
     if kind == "llama":  # quantized: every matrix within q8_0's rounding, norms still bit-equal
         q8 = export_gguf(RunDir(result.run_dir.root), out, "q8_0")
         assert q8["passed"] and q8["quantized_tensors"] > 0 and q8["exact_tensors"] > 0

@@ -5,7 +5,6 @@ llama.cpp's runtime beside the trained model (when llama-cpp-python is installed
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -283,61 +282,3 @@ def test_vllm_lora_rules_are_checked_from_the_recipe(tiny_model_dir, tmp_path):
     assert [vllm_rank(r) for r in (4, 8, 12, 64, 300)] == [8, 8, 16, 64, 320]
     notes = vllm_lora_notes(recipe(use_dora=True, modules_to_save=["lm_head"]))
     assert any("DoRA" in n for n in notes) and any("lm_head" in n for n in notes)
-
-
-def write_gguf(path: Path, tensors: dict, quant: str | None = None) -> None:
-    """A GGUF written by the gguf library itself (no converter): llama architecture, these tensors."""
-    import gguf
-    import numpy as np
-
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_block_count(1)
-    for name, array in tensors.items():
-        if quant is None:
-            writer.add_tensor(name, array.astype(np.float32))
-        else:
-            qtype = gguf.GGMLQuantizationType[quant]
-            with np.errstate(invalid="ignore"):  # a NaN weight makes its block's scale NaN: the case tested
-                data = gguf.quants.quantize(array.astype(np.float32), qtype)
-            writer.add_tensor(name, data, raw_dtype=qtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-
-
-@pytest.mark.parametrize(("gguf_type", "quant"), [("f32", None), ("q8_0", "Q8_0")])
-def test_a_nan_weight_fails_the_gguf_tensor_check(tmp_path, gguf_type, quant):
-    """One NaN among a tensor's weights fails the check and is named (Python's max(x, nan) is x, so a
-    running maximum of errors used to forget it and the file passed as bit-equal)."""
-    import numpy as np
-    import torch
-    from safetensors.torch import save_file
-
-    from qlora_pipe.export.gguf_check import check_gguf
-    from qlora_pipe.export.gguf_command import failure
-
-    rng = np.random.default_rng(0)
-    merged = {"model.embed_tokens.weight": rng.standard_normal((64, 64)), "model.norm.weight": np.ones(64)}
-    folder = tmp_path / "merged"
-    folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "num_hidden_layers": 1}))
-    save_file({k: torch.from_numpy(v.astype(np.float32)) for k, v in merged.items()}, str(folder / "model.safetensors"))
-    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
-    good = {names[k]: v for k, v in merged.items()}
-    write_gguf(tmp_path / "good.gguf", good, quant)
-    result = check_gguf(folder, tmp_path / "good.gguf", gguf_type)
-    assert result["passed"] and result["non_finite_tensors"] == [], result
-    bad = {**good, "token_embd.weight": good["token_embd.weight"].copy()}
-    bad["token_embd.weight"][3, 5] = np.nan
-    write_gguf(tmp_path / "bad.gguf", bad, quant)
-    result = check_gguf(folder, tmp_path / "bad.gguf", gguf_type)
-    assert not result["passed"] and result["non_finite_tensors"] == ["token_embd.weight"]
-    assert failure(result) == "tensors holding NaN or infinite values: token_embd.weight"
-
-
-def test_error_measures_keep_nan_and_infinity_as_failures():
-    from qlora_pipe.finite import within, worst
-
-    assert math.isnan(worst(0.0, math.nan)) and math.isnan(worst(math.nan, 1.0)) and worst(0.5, 0.2) == 0.5
-    assert not within(math.nan, 1.0) and not within(math.inf, math.inf) and within(0.5, 1.0)

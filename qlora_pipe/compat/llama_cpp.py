@@ -147,6 +147,9 @@ def known_pre_tokenizer(model_dir: Path) -> None:
     TextModel.get_vocab_base_pre = get_vocab_base_pre
 
 
+MEMORY_LINE = "qlora-pipe converter host memory:"
+
+
 def supported(architecture: str) -> bool:
     from conversion import get_model_class
 
@@ -178,7 +181,14 @@ def main(argv: list[str]) -> int:
     else:
         script = converter / "convert_hf_to_gguf.py"
         sys.argv = [str(script), str(model_dir), "--outfile", outfile, "--outtype", outtype]
-    runpy.run_path(str(script), run_name="__main__")
+    from qlora_pipe.machine.host_memory import HostMemory
+
+    memory = HostMemory()
+    try:
+        with memory:
+            runpy.run_path(str(script), run_name="__main__")
+    finally:  # the parent reads this line back (qlora_pipe/export/gguf.py, converter_memory)
+        print(f"{MEMORY_LINE} {json.dumps(memory.report())}", flush=True)
     return 0
 
 

@@ -31,13 +31,31 @@ QUANT_TOLERANCE = {"q8_0": 0.005, "q6_k": 0.03, "q5_k_m": 0.06, "q4_k_m": 0.12, 
 EXACT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
-def merged_tensors(merged: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+# Tensors are compared in blocks of rows of at most this many elements (8 MiB in fp32 for each side), so the
+# check never holds a whole fp32 copy of a large tensor (a 7B's embedding: 2 GiB each for file and merged).
+BLOCK_ELEMENTS = 2 * 1024 * 1024
 
-    tensors: dict[str, torch.Tensor] = {}
-    for shard in sorted(merged.glob("*.safetensors")):
-        tensors.update(load_file(shard))
-    return tensors
+
+class MergedWeights:
+    """The merged folder's tensors by name, each read (memory-mapped) only when it is compared."""
+
+    def __init__(self, merged: Path) -> None:
+        from safetensors import safe_open
+
+        self._files = [safe_open(shard, framework="pt") for shard in sorted(merged.glob("*.safetensors"))]
+        self._where = {name: handle for handle in self._files for name in handle.keys()}  # noqa: SIM118 (safe_open is not iterable)
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def whole(self, name: str) -> torch.Tensor:
+        return self._where[name].get_tensor(name)
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self._where[name].get_slice(name)[start:stop]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._where[name].get_slice(name).get_shape())
 
 
 def gguf_name_map(reader, blocks: int):
@@ -62,18 +80,44 @@ def expected_tensor(name: str, tensor: torch.Tensor, config: dict[str, Any]) -> 
     return tensor
 
 
+def laid_out_as_stored(name: str, config: dict[str, Any]) -> bool:
+    """Whether the converter writes this merged tensor's rows unchanged (so it can be compared row block by row
+    block); permuted and transposed ones (at most hidden x intermediate) are compared whole."""
+    architecture = (config.get("architectures") or [""])[0]
+    permuted = architecture in PERMUTED_ARCHITECTURES and name.endswith(("q_proj.weight", "k_proj.weight"))
+    shifted = architecture in NORM_SHIFTED_ARCHITECTURES and name.endswith("norm.weight")
+    return not (permuted or shifted or name.endswith(TRANSPOSED_WEIGHTS.get(architecture, ())))
+
+
+def compared_blocks(tensor, hf_name: str, weights: MergedWeights, config: dict[str, Any]):
+    """(file's block dequantized, merged block as the converter lays it out), fp32, over the tensor's rows."""
+    import gguf
+
+    rows = tensor.data.shape[0] if tensor.data.ndim > 1 else 0
+    if not rows or not laid_out_as_stored(hf_name, config):
+        want = expected_tensor(hf_name, weights.whole(hf_name), config).float()
+        got = torch.from_numpy(np.array(gguf.quants.dequantize(tensor.data, tensor.tensor_type), copy=True))
+        yield got, want
+        return
+    step = max(1, BLOCK_ELEMENTS // max(1, int(tensor.n_elements) // rows))
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        got = torch.from_numpy(np.array(gguf.quants.dequantize(tensor.data[start:stop], tensor.tensor_type)))
+        yield got, weights.rows(hf_name, start, stop).float()
+
+
 def check_gguf(merged: Path, gguf_file: Path, gguf_type: str) -> dict[str, Any]:
     import gguf
 
     reader = gguf.GGUFReader(gguf_file)
     config = json.loads((merged / "config.json").read_text())
     names = gguf_name_map(reader, config.get("num_hidden_layers", config.get("n_layer", 0)))
-    sources = merged_tensors(merged)
+    weights = MergedWeights(merged)
     by_gguf_name = {}
-    for hf_name, tensor in sources.items():
+    for hf_name in weights.names():
         mapped = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if mapped is not None:
-            by_gguf_name[mapped] = (hf_name, tensor)
+            by_gguf_name[mapped] = hf_name
     if "output.weight" not in by_gguf_name and "token_embd.weight" in by_gguf_name:
         by_gguf_name["output.weight"] = by_gguf_name["token_embd.weight"]  # tied embeddings
     exact_diff, quant_error, unmatched, exact, quantized = 0.0, 0.0, [], 0, 0
@@ -82,22 +126,34 @@ def check_gguf(merged: Path, gguf_file: Path, gguf_type: str) -> dict[str, Any]:
         if tensor.name not in by_gguf_name:
             unmatched.append(tensor.name)
             continue
-        hf_name, source = by_gguf_name[tensor.name]
-        want = expected_tensor(hf_name, source, config).float()
-        got = torch.from_numpy(np.array(gguf.quants.dequantize(tensor.data, tensor.tensor_type), copy=True))
-        if got.shape != want.shape:
-            unmatched.append(f"{tensor.name} (shape {tuple(got.shape)}, merged {tuple(want.shape)})")
+        hf_name = by_gguf_name[tensor.name]
+        shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+        if laid_out_as_stored(hf_name, config) and shape != weights.shape(hf_name):
+            unmatched.append(f"{tensor.name} (shape {shape}, merged {weights.shape(hf_name)})")
             continue
-        if not bool(torch.isfinite(got).all()):
-            non_finite.append(tensor.name)
         kind = tensor.tensor_type.name
+        diff, largest, finite, mismatch = 0.0, 0.0, True, False
+        for got, want in compared_blocks(tensor, hf_name, weights, config):
+            if got.shape != want.shape:
+                unmatched.append(f"{tensor.name} (shape {tuple(got.shape)}, merged {tuple(want.shape)})")
+                mismatch = True
+                break
+            finite = finite and bool(torch.isfinite(got).all())
+            if kind in EXACT_TYPES:
+                diff = worst(diff, (got - want.to(EXACT_TYPES[kind]).float()).abs().max().item())
+            else:
+                diff = worst(diff, (got - want).abs().max().item())
+                largest = worst(largest, want.abs().max().item())
+        if mismatch:
+            continue
+        if not finite:
+            non_finite.append(tensor.name)
         if kind in EXACT_TYPES:
             exact += 1
-            exact_diff = worst(exact_diff, (got - want.to(EXACT_TYPES[kind]).float()).abs().max().item())
+            exact_diff = worst(exact_diff, diff)
         else:
             quantized += 1
-            scale = want.abs().max().item() or 1.0
-            quant_error = worst(quant_error, (got - want).abs().max().item() / scale)
+            quant_error = worst(quant_error, diff / (largest or 1.0))
     eos = reader.fields.get("tokenizer.ggml.eos_token_id")
     template = reader.fields.get("tokenizer.chat_template")
     serving = (

@@ -16,6 +16,7 @@ from typing import Any
 from qlora_pipe.errors import UserError
 from qlora_pipe.export.gguf import convert
 from qlora_pipe.export.gguf_check import check_gguf
+from qlora_pipe.machine.host_memory import HostMemory
 from qlora_pipe.runs import RunDir, training_system_prompt, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -106,10 +107,13 @@ def export_gguf(run: RunDir, merged: Path, gguf_type: str) -> dict[str, Any]:
     final = folder / f"{run.root.name}-{gguf_type}.gguf"
     partial = final.with_name(final.name + ".partial")
     print(f"converting {merged} to GGUF ({gguf_type}) with llama.cpp's converter ...", flush=True)
-    convert(merged, partial, gguf_type, folder / f"convert-{gguf_type}.log")
+    converter_memory = convert(merged, partial, gguf_type, folder / f"convert-{gguf_type}.log")
     try:
-        result = check_gguf(merged, partial, gguf_type)
+        with HostMemory() as check_memory:
+            result = check_gguf(merged, partial, gguf_type)
         result["file"] = final.name
+        # Host memory of the two steps (the converter runs in its own process); None where not measured
+        result["host_memory"] = {"converter": converter_memory, "check": check_memory.report()}
         if not result["passed"]:
             raise UserError(f"export --format gguf: the GGUF does not match the merged model: {failure(result)}")
         if importlib.util.find_spec("llama_cpp") is not None:
@@ -167,6 +171,17 @@ def gguf_table(result: dict[str, Any]) -> str:
         )
     else:
         lines.append(f"  llama.cpp runtime check: {runtime.get('skipped') or runtime.get('failed', 'not run')}")
+    memory = result.get("host_memory") or {}
+    peaks = {step: report for step, report in memory.items() if report}
+    if peaks:
+        lines.append(
+            "  host memory: "
+            + ", ".join(
+                f"{step} peak {report['peak_anonymous_bytes'] / 2**30:.2f} GiB anonymous "
+                f"(+{report['peak_file_mapped_bytes'] / 2**30:.2f} GiB memory-mapped files)"
+                for step, report in peaks.items()
+            )
+        )
     modelfile = result.get("ollama_modelfile", {})
     lines.append(f"  Ollama: {modelfile.get('path') or 'no Modelfile: ' + modelfile.get('reason', '')}")
     return "\n".join(lines)
