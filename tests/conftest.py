@@ -91,6 +91,16 @@ def make_recipe(tiny_model_dir, tmp_path):
     return factory
 
 
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """A 512-entry tokenizer built from the bundled corpus, for the bases of tests/helpers/export_models.py."""
+    from qlora_pipe.quickstart.builder import build_tokenizer
+
+    out = tmp_path_factory.mktemp("tokenizer")
+    build_tokenizer(CORPUS.read_text(encoding="utf-8"), 512).save_pretrained(out)
+    return out
+
+
 @pytest.fixture(autouse=True)
 def _private_datasets_cache(tmp_path, monkeypatch):
     """Keep datasets' own Arrow cache (csv/parquet/hub loading) inside the test's tmp_path."""

@@ -93,7 +93,7 @@ def test_auto_sizes_and_advice_for_preference_runs(family_dirs, tiny_model_dir, 
     from qlora_pipe.hardware import detect_hardware, resolve_recipe_precision
     from qlora_pipe.plan.advice import advise
     from qlora_pipe.training.stage import run_training
-    from tests.test_preference import PAIRS_TRAIN
+    from tests.helpers.recipes import PAIRS_TRAIN
 
     sft = plan_recipe(family_dirs["llama"], tmp_path, micro_batch_size="auto")
     dpo = sft.model_copy(update={"method": "dpo"})

@@ -11,7 +11,7 @@ from qlora_pipe.errors import UserError
 from qlora_pipe.training import micro_batch as autobatch
 from qlora_pipe.training.micro_batch import find_micro_batch
 from qlora_pipe.training.stage import run_training
-from tests.test_resume import CrashAtStep, SimulatedCrash
+from tests.helpers.crashes import CrashAtStep, SimulatedCrash
 
 
 def test_back_off_halves_until_it_fits():

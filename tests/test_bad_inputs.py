@@ -11,30 +11,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import REPO, TRAIN, recipe_dict
+from tests.conftest import TRAIN, recipe_dict
 from tests.data_helpers import numbered, write_csv, write_jsonl, write_parquet
-
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "QLORA_PIPE_CPU_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "qlora_pipe.cli", *args], capture_output=True, text=True, cwd=REPO, env=ENV, timeout=600
-    )
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, *expected: str) -> None:
-    last = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ""
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    assert last.startswith("error: ") and all(text in last for text in expected), last
+from tests.helpers.cli import assert_one_line_error, cli
+from tests.helpers.damage import truncate
 
 
 def write_recipe(tmp_path: Path, model_dir: Path, **data) -> Path:
@@ -56,15 +41,6 @@ def flat_rows() -> list[dict]:
 def not_utf8(path: Path) -> None:
     lines = path.read_bytes().splitlines(keepends=True)
     path.write_bytes(lines[0] + b"\xff\xfe broken \xc3\x28\n" + b"".join(lines[1:]))
-
-
-def truncate(path: Path) -> None:
-    """Cut the file in the middle of a record (as an interrupted copy or download leaves it)."""
-    data = path.read_bytes()
-    cut = len(data) // 2
-    while data[cut - 1 : cut] in (b"\n", b"}"):
-        cut -= 1
-    path.write_bytes(data[:cut])
 
 
 def make_file(tmp_path: Path, kind: str) -> Path:

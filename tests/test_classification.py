@@ -17,37 +17,8 @@ from qlora_pipe.recipe import load_recipe, validate_recipe
 from qlora_pipe.runs import RunDir
 from qlora_pipe.training.stage import run_training
 from tests.conftest import recipe_dict
-from tests.test_resume import CrashAtStep, SimulatedCrash, losses
-
-WORDS = {
-    "contracts": ["contract", "offer", "acceptance", "consideration"],
-    "criminal": ["crime", "theft", "arrest", "prosecution"],
-    "property": ["land", "lease", "easement", "tenant"],
-}
-TRAIN_TEMPLATES = ["Tell me about the {}.", "What does {} mean?", "A question on {} for you."]
-HELD_OUT_TEMPLATES = ["Explain the idea of {} simply.", "Is {} important here?"]  # unseen wordings
-
-
-def write_rows(tmp_path: Path) -> tuple[Path, Path]:
-    train = [{"text": t.format(w), "label": k} for k, ws in WORDS.items() for w in ws for t in TRAIN_TEMPLATES]
-    train += [{"text": " ", "label": "criminal"}, {"text": "No label here."}]  # dropped with their reasons
-    held_out = [{"text": t.format(w), "label": k} for k, ws in WORDS.items() for w in ws for t in HELD_OUT_TEMPLATES]
-    held_out.append({"text": "What is a tax?", "label": "tax"})  # a class the training data never had
-    paths = tmp_path / "topics_train.jsonl", tmp_path / "topics_eval.jsonl"
-    for path, rows in zip(paths, (train, held_out), strict=True):
-        path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return paths
-
-
-def classifier_recipe(model_dir: Path, tmp_path: Path, name: str, **training):
-    train, held_out = write_rows(tmp_path)
-    raw = recipe_dict(model_dir, tmp_path / "runs", **{"learning_rate": 1e-2, "micro_batch_size": 8, **training})
-    raw.update(run_name=name, task="classification")
-    raw["quantization"] = {"compute_dtype": "float32"}
-    raw["training"]["precision"] = "fp32"
-    raw["data"].update(train_path=str(train), eval_path=str(held_out), max_length=32)
-    raw["data"].update(max_train_samples=None, max_eval_samples=None)
-    return validate_recipe(raw)
+from tests.helpers.crashes import CrashAtStep, SimulatedCrash, losses
+from tests.helpers.recipes import HELD_OUT_TEMPLATES, WORDS, classifier_recipe
 
 
 def test_labelled_rows_are_checked():

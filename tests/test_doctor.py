@@ -9,6 +9,7 @@ from packaging.requirements import Requirement
 
 from qlora_pipe import doctor as doctor_module
 from qlora_pipe.cli import main
+from tests.helpers.terminal import avx512_bf16_site
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,36 +46,6 @@ def test_the_tested_set_is_allowed_by_pyproject():
             assert ranges[key].contains(pinned), f"{name}=={pinned} is outside pyproject's {ranges[key]}"
 
 
-# Run before anything else in a child process (sitecustomize): the machine as a user has it.
-AVX512_BF16_CPU = """
-import importlib.abc, importlib.machinery, sys
-
-class PretendAvx512Bf16(importlib.abc.MetaPathFinder):
-    # bitsandbytes asks its native library whether the CPU has AVX512-BF16; answer yes, as on the CPUs
-    # where it then fetches its Hub kernel at import (and, offline, logs that it could not).
-    def find_spec(self, name, path, target=None):
-        if name != "bitsandbytes.functional":
-            return None
-        spec = importlib.machinery.PathFinder.find_spec(name, path)
-        run = spec.loader.exec_module
-        def exec_module(module):
-            run(module)
-            module.has_avx512bf16 = lambda: True
-        spec.loader.exec_module = exec_module
-        return spec
-
-sys.meta_path.insert(0, PretendAvx512Bf16())
-"""
-
-
-def avx512_bf16_site(tmp_path: Path) -> Path:
-    """A folder for a child's PYTHONPATH whose sitecustomize makes bitsandbytes see an AVX512-BF16 CPU."""
-    site = tmp_path / "avx512-bf16"
-    site.mkdir(exist_ok=True)
-    (site / "sitecustomize.py").write_text(AVX512_BF16_CPU)
-    return site
-
-
 BROKEN_INSTALL = 'raise ImportError("libbitsandbytes_cpu.so: cannot open shared object file")'
 
 
@@ -87,7 +58,7 @@ def test_bitsandbytes_noise_and_failure(tmp_path):
     import subprocess
     import sys
 
-    from tests.test_bad_inputs import ENV, assert_one_line_error
+    from tests.helpers.cli import ENV, assert_one_line_error
 
     def qlora_pipe(site: Path, *args: str) -> subprocess.CompletedProcess:
         env = {**ENV, "PYTHONPATH": os.pathsep.join([str(site), str(REPO)])}

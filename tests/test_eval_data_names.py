@@ -11,9 +11,7 @@ from qlora_pipe.evaluate.grpo_eval import prompts_for
 from qlora_pipe.evaluate.preference_eval import pairs_for
 from qlora_pipe.recipe import validate_recipe
 from tests.conftest import EVAL, REPO
-from tests.test_classification import classifier_recipe
-from tests.test_grpo import grpo_recipe
-from tests.test_preference import dpo_recipe
+from tests.helpers.recipes import classifier_recipe, dpo_recipe, grpo_recipe
 
 PROMPTS = REPO / "data/legal-qa/grpo_eval.jsonl"
 

@@ -11,9 +11,7 @@ import pytest
 
 from tests.conftest import recipe_dict
 from tests.data_helpers import chat, write_jsonl
-from tests.test_classification import write_rows
-from tests.test_grpo import PROMPTS_EVAL, grpo_recipe
-from tests.test_preference import dpo_recipe
+from tests.helpers.recipes import PROMPTS_EVAL, dpo_recipe, grpo_recipe, write_rows
 
 
 def sft_collect(model: Path, tmp_path: Path) -> tuple[dict, str]:

@@ -259,7 +259,7 @@ def test_two_process_deepspeed_zero3_matches_one_process(tiny_model_dir, tmp_pat
 def test_dpo_under_fsdp_matches_one_process(tiny_model_dir, tmp_path):
     """method: dpo under the shipped FSDP config: TRL's reference pass (the adapter disabled) and the held-out
     reward accuracy, computed by both processes in step, agree with one process."""
-    from tests.test_preference import dpo_recipe
+    from tests.helpers.recipes import dpo_recipe
 
     paths = {}
     for name, micro in (("dpo1", 4), ("dpo2", 2)):

@@ -24,7 +24,7 @@ from qlora_pipe.runs import RunDir, file_sha256
 from qlora_pipe.training.stage import run_training
 from qlora_pipe.user_cache import RACY_NS
 from tests.conftest import recipe_dict
-from tests.test_resume import CrashAtStep, SimulatedCrash
+from tests.helpers.crashes import CrashAtStep, SimulatedCrash
 
 REPO = Path(__file__).resolve().parents[1]
 Q = "model.layers.0.self_attn.q_proj.weight"

@@ -11,61 +11,7 @@ from pathlib import Path
 import pytest
 
 from qlora_pipe.recipe import validate_recipe
-from tests.conftest import REPO, recipe_dict
-
-PROMPTS_TRAIN = REPO / "data/legal-qa/grpo_train.jsonl"
-PROMPTS_EVAL = REPO / "data/legal-qa/grpo_eval.jsonl"
-FORMAT = r"Area: ([a-z ]+)\.?"
-USER_REWARDS = '''
-def mentions_area(completions, answer, **kwargs):
-    """1 when the answer names the row's area anywhere."""
-    return [float(a in c[0]["content"]) for c, a in zip(completions, answer)]
-
-
-def broken(completions, prompts, **kwargs):
-    return [1 / 0 if "offer" in p[-1]["content"] else 0.0 for p in prompts]
-
-
-def text_score(completions, **kwargs):
-    return ["high" for _ in completions]
-
-
-def letters(completions, **kwargs):
-    """Varies with the sampled text even on a random model, so the advantages are not all zero."""
-    return [c[0]["content"].count("e") / 10 for c in completions]
-
-
-def no_kwargs(completions):
-    return [0.0 for _ in completions]
-'''
-
-
-def user_rewards(tmp_path: Path) -> Path:
-    path = tmp_path / "my_rewards.py"
-    path.write_text(USER_REWARDS)
-    return path
-
-
-def grpo_recipe(model_dir: Path, tmp_path: Path, name: str = "grpo", rewards: list | None = None, **training):
-    raw = recipe_dict(model_dir, tmp_path / "runs", **training)
-    raw.update(run_name=name, method="grpo")
-    raw["grpo"] = {
-        "num_generations": 4,
-        "max_completion_length": 8,
-        "beta": 0.04,
-        "rewards": rewards
-        or [
-            {"function": "regex", "pattern": FORMAT, "name": "format", "weight": 0.5},
-            {"function": "exact_match", "pattern": FORMAT, "name": "area"},
-            {"function": f"{user_rewards(tmp_path)}:mentions_area"},
-            {"function": "length", "max_tokens": 6, "weight": 0.1},
-        ],
-    }
-    raw["data"].update(
-        train_path=str(PROMPTS_TRAIN), eval_path=str(PROMPTS_EVAL), max_train_samples=8, max_eval_samples=4
-    )
-    raw["training"].update(micro_batch_size=4, gradient_accumulation_steps=1)
-    return raw
+from tests.helpers.recipes import FORMAT, grpo_recipe, user_rewards
 
 
 def test_grpo_trains_with_builtin_and_user_rewards_and_records_them(tiny_model_dir, tmp_path):
@@ -102,7 +48,7 @@ def test_grpo_resume_logs_the_same_rewards_and_ends_with_the_same_adapter(tiny_m
     from safetensors.torch import load_file
 
     from qlora_pipe.training.stage import run_training
-    from tests.test_resume import CrashAtStep, SimulatedCrash
+    from tests.helpers.crashes import CrashAtStep, SimulatedCrash
 
     def recipe(name: str):
         rewards = [{"function": "regex", "pattern": FORMAT, "name": "format"}]
@@ -168,7 +114,7 @@ def test_grpo_step_peak_and_kv_cache_match_the_plan(tiny_model_dir, tmp_path):
     from qlora_pipe.training.method import load_policy, prepare_method_data
     from qlora_pipe.training.micro_batch import BatchChoice, try_grpo_step
     from qlora_pipe.training.stage import build_trainer
-    from tests.test_plan import _step_peak
+    from tests.helpers.memory import step_peak
 
     raw = grpo_recipe(tiny_model_dir, tmp_path, "measure", max_steps=1)
     raw["quantization"] = {"compute_dtype": "float32"}
@@ -191,10 +137,10 @@ def test_grpo_step_peak_and_kv_cache_match_the_plan(tiny_model_dir, tmp_path):
 
     step()  # gradients allocated once
     model.zero_grad(set_to_none=True)
-    measured = _step_peak(step)
+    measured = step_peak(step)
     # micro_batch_size auto probes this step the same way (random tokens, TRL's fused LM head): the same peak
     completion = inputs["completion_ids"].shape[1]
-    probed = _step_peak(lambda: try_grpo_step(model, 4, length, completion, True, recipe.grpo.temperature))
+    probed = step_peak(lambda: try_grpo_step(model, 4, length, completion, True, recipe.grpo.temperature))
     assert abs(probed - measured) <= 0.05 * measured, (probed, measured)
     plan = plan_for_recipe(recipe, micro_batch_size=4, max_length=length)
     predicted = plan.term("activations kept") + plan.term("transient peak") + plan.term("LoRA gradients")

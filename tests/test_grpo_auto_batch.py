@@ -9,7 +9,7 @@ import pytest
 
 from qlora_pipe.errors import UserError
 from qlora_pipe.recipe import validate_recipe
-from tests.test_grpo import FORMAT, grpo_recipe
+from tests.helpers.recipes import FORMAT, grpo_recipe
 
 
 def test_grpo_auto_micro_batch_divides_the_completions_per_step():
@@ -60,7 +60,7 @@ def test_grpo_auto_micro_batch_probes_generation_then_the_step_and_is_reused_on_
 
     from qlora_pipe.training import micro_batch as autobatch
     from qlora_pipe.training.stage import run_training
-    from tests.test_resume import CrashAtStep, SimulatedCrash
+    from tests.helpers.crashes import CrashAtStep, SimulatedCrash
 
     real_step, real_generation = autobatch.try_grpo_step, autobatch.try_generation
     probed, generated = [], []
@@ -110,7 +110,7 @@ def test_grpo_auto_generation_probe_holds_the_planned_kv_cache_and_refuses_what_
     from qlora_pipe.training import micro_batch as autobatch
     from qlora_pipe.training.method import load_policy
     from qlora_pipe.training.stage import run_training
-    from tests.test_plan import _step_peak
+    from tests.helpers.memory import step_peak
 
     recipe = auto_recipe(tiny_model_dir, tmp_path, "probe", 8, max_steps=1)
     tokenizer = load_tokenizer(recipe)
@@ -137,7 +137,7 @@ def test_grpo_auto_generation_probe_holds_the_planned_kv_cache_and_refuses_what_
             )
 
     model.eval()
-    assert _step_peak(lambda: autobatch.try_generation(model, 8, length)) >= _step_peak(generate)
+    assert step_peak(lambda: autobatch.try_generation(model, 8, length)) >= step_peak(generate)
 
     def no_room(model, completions, length):
         raise torch.OutOfMemoryError("simulated: CUDA out of memory")

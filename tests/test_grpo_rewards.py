@@ -11,7 +11,7 @@ import pytest
 from qlora_pipe.errors import UserError
 from qlora_pipe.recipe import validate_recipe
 from tests.conftest import REPO
-from tests.test_grpo import FORMAT, grpo_recipe, user_rewards
+from tests.helpers.recipes import FORMAT, grpo_recipe, user_rewards
 
 
 def test_rewards_are_checked_at_validate(tiny_model_dir, tmp_path, capsys):

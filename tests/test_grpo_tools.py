@@ -11,7 +11,7 @@ import pytest
 from qlora_pipe.errors import UserError
 from qlora_pipe.recipe import validate_recipe
 from tests.data_helpers import write_jsonl
-from tests.test_grpo import grpo_recipe
+from tests.helpers.recipes import grpo_recipe
 from tests.tool_data import TOOLS
 
 CALL_REWARD = {"function": "tool_call", "name": "call"}

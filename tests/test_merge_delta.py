@@ -19,10 +19,10 @@ from qlora_pipe.export.fidelity import judge
 from qlora_pipe.recipe import validate_recipe
 from qlora_pipe.training.stage import run_training
 from tests.conftest import recipe_dict
-from tests.test_export import make_base, tokenizer_dir  # noqa: F401  (the fixture is used by name)
+from tests.helpers.export_models import make_base
 
 
-def bf16_run(tokenizer_dir, tmp_path):  # noqa: F811
+def bf16_run(tokenizer_dir, tmp_path):
     """A tiny llama trained in bf16 (so bitsandbytes dequantizes into bf16, as on a GPU)."""
     base = make_base("llama", tokenizer_dir, tmp_path / "llama-base")
     raw = recipe_dict(base, tmp_path / "runs", max_steps=3, learning_rate=2e-2, report_to=["none"], precision="bf16")
@@ -38,7 +38,7 @@ def shrink_adapter(run_root, factor: float) -> None:
     save_file({k: v * factor if ".lora_B." in k else v for k, v in tensors.items()}, str(path))
 
 
-def test_a_delta_below_one_bf16_step_is_kept_by_the_merge_and_dropped_by_a_bf16_dequant(tokenizer_dir, tmp_path):  # noqa: F811
+def test_a_delta_below_one_bf16_step_is_kept_by_the_merge_and_dropped_by_a_bf16_dequant(tokenizer_dir, tmp_path):
     result = bf16_run(tokenizer_dir, tmp_path)
     shrink_adapter(result.run_dir.root, 0.002)
     module = result.model.base_model.model.model.layers[0].mlp.down_proj

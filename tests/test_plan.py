@@ -25,6 +25,7 @@ from qlora_pipe.plan.terms import (
 )
 from qlora_pipe.recipe import validate_recipe
 from tests.conftest import FAMILIES, plan_recipe, recipe_dict, save_random_llama
+from tests.helpers.memory import step_peak
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -136,24 +137,6 @@ def test_activation_terms_match_saved_tensors(family_dirs, tmp_path, family, lor
         assert abs(predicted - measured) <= 0.10 * measured, (checkpointing, predicted, measured)
 
 
-def _step_peak(step) -> int:
-    """Peak bytes allocated during ``step`` above what existed before, from the profiler's memory timeline.
-
-    torch.cuda.max_memory_allocated has no CPU counterpart; the profiler records every CPU allocation
-    and free with its size, which gives the same number for a CPU step.
-    """
-    from torch.profiler import ProfilerActivity, profile
-    from torch.profiler._memory_profiler import MemoryProfile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True) as prof:
-        step()
-    current = peak = 0
-    for _, action, _, size in MemoryProfile(prof.profiler.kineto_results).timeline:
-        current += size if action.name == "CREATE" else -size if action.name == "DESTROY" else 0
-        peak = max(peak, current)
-    return peak
-
-
 @pytest.mark.parametrize("checkpointing", [True, False])
 def test_step_peak_matches_the_activation_terms(tmp_path_factory, tmp_path, checkpointing):
     """A whole forward + backward, measured: kept activations + the layer backward + gradients.
@@ -184,7 +167,7 @@ def test_step_peak_matches_the_activation_terms(tmp_path_factory, tmp_path, chec
 
     step()  # the first step allocates the gradients once; later steps reuse nothing else
     model.zero_grad(set_to_none=True)
-    measured = _step_peak(step)
+    measured = step_peak(step)
     plan = recipe_plan(recipe, None, micro_batch_size=4, max_length=256)
     layer = layer_saved_bytes_per_token(plan.shape, plan.settings) * 4 * 256
     backward = layer_backward_bytes(layer, plan.settings)

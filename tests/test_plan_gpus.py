@@ -165,7 +165,7 @@ def _quant_state_bytes(state) -> int:
 
 def _step_peak(step) -> int:
     """Peak bytes allocated during ``step`` above what existed before, from the profiler's raw allocation
-    records (tests/test_plan.py reads the same records through MemoryProfile, whose data-flow analysis
+    records (tests/helpers/memory.py reads the same records through MemoryProfile, whose data-flow analysis
     asserts on some of FSDP's in-place collectives)."""
     from torch.profiler import ProfilerActivity, profile
 

@@ -23,8 +23,8 @@ from qlora_pipe.recipe import validate_recipe
 from qlora_pipe.runs import RunDir
 from qlora_pipe.training.checkpoints import latest_valid_checkpoint
 from qlora_pipe.training.stage import run_training
+from tests.helpers.crashes import CrashAtStep, SimulatedCrash
 from tests.helpers.real_models import data_section, fetched, short_recipe
-from tests.test_resume import CrashAtStep, SimulatedCrash
 
 pytestmark = [
     pytest.mark.skipif(

@@ -19,22 +19,10 @@ from qlora_pipe.training.checkpoints import MARKER, checkpoint_problem, latest_v
 from qlora_pipe.training.resume import resolve_checkpoint
 from qlora_pipe.training.stage import run_training
 from tests.conftest import recipe_dict
+from tests.helpers.crashes import CrashAtStep, SimulatedCrash, losses
 
 REPO = Path(__file__).resolve().parents[1]
 FP32 = {"compute_dtype": "float32"}
-
-
-class SimulatedCrash(BaseException):
-    """Stands for the process dying (power loss, OOM kill) at a chosen point."""
-
-
-class CrashAtStep(TrainerCallback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            raise SimulatedCrash
 
 
 class NaNAtSteps(TrainerCallback):
@@ -56,11 +44,6 @@ class NaNAtSteps(TrainerCallback):
     def on_train_end(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
         steps = {int(s["step"]) for s in optimizer.state_dict()["state"].values()}
         self.final = {"optimizer_steps": steps, "scheduler_steps": lr_scheduler.last_epoch}
-
-
-def losses(run: RunDir) -> list[tuple[int, float]]:
-    rows = [json.loads(line) for line in run.metrics.read_text().splitlines()]
-    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
 
 
 def fp32_recipe(make_recipe, name: str, dtype: str = "float32", **training):

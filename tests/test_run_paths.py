@@ -10,7 +10,7 @@ import shutil
 
 import yaml
 
-from tests.test_grpo import FORMAT, PROMPTS_EVAL, PROMPTS_TRAIN, USER_REWARDS, grpo_recipe
+from tests.helpers.recipes import FORMAT, PROMPTS_EVAL, PROMPTS_TRAIN, USER_REWARDS, grpo_recipe
 
 
 def test_a_grpo_run_trained_with_relative_paths_exports_and_evaluates_from_elsewhere(

@@ -10,28 +10,8 @@ import sys
 import yaml
 
 from tests.conftest import REPO, recipe_dict
-from tests.test_bad_inputs import ENV
-from tests.test_doctor import avx512_bf16_site
-
-LIBRARY_BARS = ("Saving the dataset", "Truncating train dataset", "Dropping fully masked", "Loading weights", "Map")
-GGUF_BAR = "Converting and de-quantizing GGUF tensors"  # transformers' own tqdm, blind to its switch
-# What the libraries print on their own: bars, warnings, notices, INFO records about their internals.
-LIBRARY_NOISE = (
-    *LIBRARY_BARS,
-    GGUF_BAR,
-    "it/s]",
-    "s/it]",
-    "Warning:",
-    "warnings.warn",
-    "Skipping publisher trust check",  # kernels, offline, at bitsandbytes' import on an AVX512-BF16 CPU
-    "Failed to load CPU gemm_4bit_forward",
-    "generated new fontManager",  # matplotlib's INFO record on a fresh cache
-)
-
-
-def library_noise(text: str) -> list[str]:
-    """The lines of a command's output that a library wrote on its own."""
-    return [line[:200] for line in text.splitlines() if any(noise in line for noise in LIBRARY_NOISE)]
+from tests.helpers.cli import ENV
+from tests.helpers.terminal import GGUF_BAR, LIBRARY_BARS, avx512_bf16_site, library_noise
 
 
 def run_cli(tmp_path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

@@ -18,11 +18,11 @@ from qlora_pipe.errors import UserError
 from qlora_pipe.export.command import export_merged
 from qlora_pipe.export.lora_gguf import check_lora_gguf
 from qlora_pipe.export.unmerged import export_unmerged, trained_dtype
-from tests.test_export import tokenizer_dir, trained_run  # noqa: F401 (the module's tokenizer fixture)
+from tests.helpers.export_models import trained_run
 
 
 def test_base_and_adapter_reproduce_the_trained_model_and_their_gguf_files_check_out(
-    tokenizer_dir,  # noqa: F811
+    tokenizer_dir,
     tmp_path,
     converter,
     monkeypatch,
@@ -70,7 +70,7 @@ def test_base_and_adapter_reproduce_the_trained_model_and_their_gguf_files_check
     assert not wrong["passed"] and wrong["max_relative_delta_error"] > 0.5
 
 
-def test_unmerged_refusals_are_one_line(tokenizer_dir, tmp_path, converter, monkeypatch, capsys):  # noqa: F811
+def test_unmerged_refusals_are_one_line(tokenizer_dir, tmp_path, converter, monkeypatch, capsys):
     monkeypatch.setenv("QLORA_PIPE_LLAMA_CPP", str(converter))
     _, result = trained_run("llama", tokenizer_dir, tmp_path, use_dora=True)
     run = str(result.run_dir.root)
@@ -82,7 +82,7 @@ def test_unmerged_refusals_are_one_line(tokenizer_dir, tmp_path, converter, monk
     assert not (result.run_dir.root / "unmerged.partial").exists()
 
 
-def test_a_float16_merge_that_would_overflow_is_refused_naming_the_tensor(tokenizer_dir, tmp_path, monkeypatch):  # noqa: F811
+def test_a_float16_merge_that_would_overflow_is_refused_naming_the_tensor(tokenizer_dir, tmp_path, monkeypatch):
     recipe, result = trained_run("llama", tokenizer_dir, tmp_path)
     checkpoint = tmp_path / "llama-base" / "model.safetensors"
     tensors = load_file(checkpoint)

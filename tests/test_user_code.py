@@ -10,7 +10,7 @@ from pathlib import Path
 
 from qlora_pipe.runs import RunDir
 from tests.conftest import recipe_dict
-from tests.test_grpo import grpo_recipe
+from tests.helpers.recipes import grpo_recipe
 
 # A reward module whose behaviour a file beside it chooses: at import or when called, exit or interrupt.
 SWITCHED = """
