@@ -3,7 +3,7 @@
 orpo_trainer, orpo_config
     ORPO lives in ``trl.experimental.orpo`` in TRL 1.16 (an API TRL may change or remove without notice;
     importing it warns, silenced here). method: orpo imports it only through these two functions.
-    Caught by: tests/test_preference.py::test_orpo_trains_on_pairs_without_a_reference.
+    Caught by: tests/test_preference_training.py::test_orpo_trains_on_pairs_without_a_reference.
 
 keep_adapter_fp32_unless_bf16
     SFTTrainer.__init__ casts the trainable weights of every quantized model to bf16, whatever the

@@ -3,7 +3,7 @@
 A refusal from inside a trainer's constructor comes after the run directory exists, the data is
 prepared and the model is loaded, and ends in a ValueError traceback with the run marked failed. Each
 rule below mirrors one such check of TRL 1.16 (the file and condition named beside it); when TRL drops
-a check its rule can go. tests/test_preference.py::test_settings_trl_refuses_are_refused_by_validate
+a check its rule can go. tests/test_preference_training.py::test_settings_trl_refuses_are_refused_by_validate
 runs every recipe refused here through the real trainer, so a rule TRL no longer needs shows up there.
 """
 
