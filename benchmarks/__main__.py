@@ -19,6 +19,14 @@ COMMANDS = {
         "benchmarks.random_model",
         "a random-weight checkpoint of a real architecture (7B by default), sharded, one shard in memory",
     ),
+    "plan-vs-cpu": (
+        "benchmarks.plan_vs_cpu",
+        "the planner's terms against torch's allocations in one real training step on this CPU",
+    ),
+    "scale": (
+        "benchmarks.scale",
+        "one row of the scale table: a real model through train, verified export and GGUF, with host peaks",
+    ),
     "serving": (
         "benchmarks.serving_table",
         "every way to serve a run (bf16/fp16/fp32 merges, unmerged, GGUF), checked",

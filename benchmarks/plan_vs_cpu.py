@@ -1,0 +1,261 @@
+"""The planner's terms against what torch allocates in one real training step on this CPU.
+
+    python -m benchmarks plan-vs-cpu MODEL [--micro-batch 2] [--max-length 512] [--out FILE.json]
+
+MODEL: a name `qlora-pipe get-model` knows (qwen2.5-coder-0.5b-instruct, ...), a GGUF file or a model folder.
+A real run of the bundled legal recipe (recipes/smollm2-legal.yaml: NF4 with double quantization, LoRA r=16 on
+every linear layer, gradient checkpointing, paged_adamw_8bit; rows packed to --max-length) trains two steps on
+this machine. Its second step (forward, backward and optimizer step) is measured above the memory at its
+start: by default from the process's anonymous memory sampled every 2 ms (an upper bound: glibc may keep
+what torch freed; what the first step freed is given back to the system first); with --profiler from
+PyTorch's profiler, every CPU allocation and free with its size (exact, what torch.cuda.max_memory_allocated
+gives for a GPU step, but the profiler's own events take gigabytes on long steps). Beside it: the loaded
+model's weight bytes (4-bit data with their quantization constants, counted once) and the optimizer's state
+tensors. The plan is the one `qlora-pipe plan` makes for the settings the run resolved on this machine
+(precision, compute dtype) and the batch's actual shape, so the bytes are those a GPU would hold for the same
+settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+COMMAND = "python -m benchmarks plan-vs-cpu"
+PROFILED_STEP = 1  # the second step: the optimizer's states exist, the first step's one-time work is done
+
+
+def model_path(name: str) -> Path:
+    path = Path(name).expanduser()
+    if path.exists():
+        return path
+    from qlora_pipe.example_models import get_model
+
+    return get_model(name)
+
+
+def recipe_for(model: Path, out: Path, micro_batch: int, max_length: int) -> dict[str, Any]:
+    raw = yaml.safe_load((REPO / "recipes/smollm2-legal.yaml").read_text())
+    raw.update(run_name="plan-vs-cpu", output_dir=str(out))
+    raw["model"]["name_or_path"] = str(model)
+    raw["data"].update(
+        train_path=str(REPO / "data/legal-qa/train.jsonl"),
+        eval_path=None,
+        max_length=max_length,
+        max_train_samples=None,
+        packing=True,  # every micro batch filled to max_length, so the terms are measured at that length
+        cache_dir=str(out / "data-cache"),
+    )
+    raw["training"].update(
+        max_steps=PROFILED_STEP + 1,
+        micro_batch_size=micro_batch,
+        gradient_accumulation_steps=1,
+        logging_steps=1,
+        save_steps=1000,
+        preview_prompts=[],
+    )
+    return raw
+
+
+def profiled_peak(prof) -> int:
+    """Peak bytes allocated above the start of the recording, from the profiler's memory timeline."""
+    from torch.profiler._memory_profiler import MemoryProfile
+
+    current = peak = 0
+    for _, action, _, size in MemoryProfile(prof.profiler.kineto_results).timeline:
+        current += size if action.name == "CREATE" else -size if action.name == "DESTROY" else 0
+        peak = max(peak, current)
+    return peak
+
+
+class SampledStep:
+    """The step's peak from the process's anonymous memory, sampled every 2 ms above its value at the start:
+    no per-allocation record (the profiler's own events take gigabytes on a long step), and what glibc keeps
+    after a free is counted, so it is an upper bound of what torch had allocated at once."""
+
+    def __enter__(self):
+        import ctypes
+
+        from qlora_pipe.machine.host_memory import HostMemory, read_status
+
+        # What the first step freed stays in glibc's heap and would be reused unseen: give it back first
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        self._start = read_status().get("RssAnon", 0)
+        self._memory = HostMemory(interval_s=0.002).__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._memory.__exit__(*exc)
+
+    def peak(self) -> int:
+        report = self._memory.report()
+        return report["peak_anonymous_bytes"] - self._start if report else 0
+
+
+class ProfiledStep:
+    """The step's peak from PyTorch's profiler: every CPU allocation and free with its size (exact; memory-hungry
+    on long sequences)."""
+
+    def __enter__(self):
+        from torch.profiler import ProfilerActivity, profile
+
+        self._profile = profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True)
+        self._profile.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._profile.__exit__(*exc)
+
+    def peak(self) -> int:
+        return profiled_peak(self._profile)
+
+
+def step_recorder(measure: type):
+    """A TrainerCallback recording the measured step, the batch's shape and the optimizer's state bytes."""
+    from transformers import TrainerCallback
+
+    class Recorder(TrainerCallback):
+        def __init__(self) -> None:
+            self.found: dict[str, Any] = {}
+            self._profile = None
+            self._hook = None
+
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            if state.global_step != PROFILED_STEP:
+                return
+            from qlora_pipe.plan.measure import measure_weight_bytes
+
+            self.found["weights"] = measure_weight_bytes(model).__dict__
+
+            def shape(module, args_, kwargs_):
+                ids = kwargs_.get("input_ids") if kwargs_ else None
+                if ids is not None and "batch_shape" not in self.found:
+                    self.found["batch_shape"] = list(ids.shape)
+
+            self._hook = model.register_forward_pre_hook(shape, with_kwargs=True)
+            self._profile = measure().__enter__()
+            self._started = time.perf_counter()
+
+        def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+            if self._profile is None:
+                return
+            self._profile.__exit__(None, None, None)
+            self._hook.remove()
+            self.found["step_seconds"] = time.perf_counter() - self._started
+            self.found["step_peak"] = self._profile.peak()
+            self._profile = None
+            states = 0
+            for state_of in getattr(optimizer, "state", {}).values():
+                states += sum(v.numel() * v.element_size() for v in state_of.values() if hasattr(v, "numel"))
+            self.found["optimizer_states"] = states
+            self.found["optimizer"] = type(getattr(optimizer, "optimizer", optimizer)).__name__
+
+    return Recorder()
+
+
+def compare(found: dict[str, Any], recipe) -> dict[str, Any]:
+    from qlora_pipe.plan.advice import recipe_plan
+
+    batch, length = found["batch_shape"]
+    plan = recipe_plan(recipe, None, micro_batch_size=batch, max_length=length)
+    terms = dict(plan.terms)
+    planned_weights = sum(terms[name] for name in terms if name.startswith("base weights")) + terms["LoRA weights"]
+    planned_states = sum(b for name, b in terms.items() if name.startswith("optimizer states"))
+    planned_step = terms["LoRA gradients"] + terms["activations kept"] + terms["transient peak"]
+    weights = found["weights"]["quantized"] + found["weights"]["other"]
+    rows = {
+        "weights (4-bit + not quantized + LoRA)": (planned_weights, weights),
+        "optimizer states": (planned_states, found["optimizer_states"]),
+        "step peak (gradients + activations + transient)": (planned_step, found["step_peak"]),
+    }
+    total_planned = planned_weights + planned_states + planned_step
+    total_measured = weights + found["optimizer_states"] + found["step_peak"]
+    rows["allocated in all"] = (total_planned, total_measured)
+    return {
+        "settings": {
+            "micro_batch_size": batch,
+            "tokens_per_row": length,
+            "precision": plan.settings.precision,
+            "compute_bytes": plan.settings.compute_bytes,
+            "optimizer": plan.settings.optimizer,
+        },
+        "rows": {
+            name: {"planned": p, "measured": m, "difference": (p - m) / m if m else None}
+            for name, (p, m) in rows.items()
+        },
+        "plan_terms": terms,
+    }
+
+
+def table(result: dict[str, Any]) -> str:
+    lines = [f"{'':50s} {'planned':>11s} {'measured':>11s} {'difference':>10s}"]
+    for name, row in result["rows"].items():
+        diff = "" if row["difference"] is None else f"{100 * row['difference']:+.1f}%"
+        lines.append(f"{name:50s} {row['planned'] / 2**30:8.3f} GiB {row['measured'] / 2**30:8.3f} GiB {diff:>10s}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=COMMAND, description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", help="a get-model name, a GGUF file or a model folder")
+    parser.add_argument("--micro-batch", type=int, default=2)
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--out", type=Path, help="write the comparison as JSON here too")
+    parser.add_argument(
+        "--profiler",
+        action="store_true",
+        help="measure the step with PyTorch's profiler (every allocation; exact, but it needs gigabytes of its own "
+        "on long steps) instead of sampling the process's anonymous memory every 2 ms",
+    )
+    args = parser.parse_args(argv)
+
+    from qlora_pipe.cpu_threads import choose_cpu_threads
+    from qlora_pipe.errors import UserError
+    from qlora_pipe.recipe import load_recipe, validate_recipe
+    from qlora_pipe.terminal import quiet_library_progress
+    from qlora_pipe.training.stage import run_training
+
+    quiet_library_progress()
+
+    try:
+        model = model_path(args.model)
+    except UserError as exc:
+        print(f"{COMMAND}: {exc}", file=sys.stderr)
+        return 2
+    recorder = step_recorder(ProfiledStep if args.profiler else SampledStep)
+    with tempfile.TemporaryDirectory(prefix="plan-vs-cpu-") as tmp:
+        started = time.perf_counter()
+        result = run_training(
+            validate_recipe(recipe_for(model, Path(tmp), args.micro_batch, args.max_length)), callbacks=(recorder,)
+        )
+        resolved = load_recipe(result.run_dir.root / "recipe.resolved.yaml")
+        found = compare(recorder.found, resolved)
+    found.update(
+        model=str(model),
+        step_measured_by="profiler" if args.profiler else "anonymous memory sampled every 2 ms",
+        optimizer_class=recorder.found.get("optimizer"),
+        profiled_step_seconds=round(recorder.found["step_seconds"], 1),
+        run_seconds=round(time.perf_counter() - started, 1),
+        cpu_threads=choose_cpu_threads().threads,
+    )
+    print(
+        f"{model.name}: step {PROFILED_STEP + 1} of a real run, batch {recorder.found['batch_shape']}, "
+        f"{found['settings']['precision']} (optimizer {found['optimizer_class']})"
+    )
+    print(table(found))
+    if args.out:
+        args.out.write_text(json.dumps(found, indent=2) + "\n")
+        print(f"written: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
