@@ -117,6 +117,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--out", type=Path, help="keep the run and write scale.json here (default: a temporary folder)")
     parser.add_argument("--no-verify", action="store_true", help="export without the verification")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a recipe value, as train's --set (data.chat_template=gemma for a base without a template)",
+    )
     args = parser.parse_args(argv)
 
     from qlora_pipe.errors import UserError
@@ -132,7 +139,15 @@ def main(argv: list[str] | None = None) -> int:
         out = args.out or Path(tmp)
         out.mkdir(parents=True, exist_ok=True)
         recipe = out / "scale.yaml"
-        recipe.write_text(yaml.safe_dump(recipe_for(model, out, args.steps, args.micro_batch, args.max_length)))
+        raw = recipe_for(model, out, args.steps, args.micro_batch, args.max_length)
+        for item in args.set:
+            key, _, value = item.partition("=")
+            *parents, last = key.split(".")
+            section = raw
+            for part in parents:
+                section = section.setdefault(part, {})
+            section[last] = yaml.safe_load(value)
+        recipe.write_text(yaml.safe_dump(raw))
         run = out / "scale"
         times = {"train": cli("train", str(recipe), "--overwrite")}
         times["export"] = cli("export", str(run), *(["--no-verify"] if args.no_verify else []))

@@ -207,3 +207,22 @@ def plan_recipe(model_dir: Path, tmp_path: Path, lora: dict | None = None, **tra
     raw = recipe_dict(model_dir, tmp_path / "runs", **{"precision": "bf16", **training})
     raw["lora"].update(lora or {})
     return validate_recipe(raw)
+
+
+@pytest.fixture(scope="module")
+def own_mounts(tmp_path_factory) -> list[str]:
+    """A mount namespace of the command's own (unshare; no root needed where user namespaces are allowed): a
+    real read-only or nearly full file system, as a user's cache may sit on, without touching this machine's."""
+    import subprocess
+
+    from tests.helpers.mounts import mounts_prefix
+
+    prefix = mounts_prefix()
+    probe = tmp_path_factory.mktemp("probe")
+    try:
+        done = subprocess.run([*prefix, "size=64k", str(probe), "true"], capture_output=True, text=True, timeout=60)
+    except FileNotFoundError:
+        pytest.skip("needs unshare (util-linux) to mount a read-only or small tmpfs in a namespace of its own")
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs in a user and mount namespace here: {done.stderr.strip()[:200]}")
+    return prefix

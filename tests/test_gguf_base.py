@@ -25,6 +25,7 @@ from qlora_pipe.training.stage import run_training
 from qlora_pipe.user_cache import RACY_NS
 from tests.conftest import recipe_dict
 from tests.helpers.crashes import CrashAtStep, SimulatedCrash
+from tests.helpers.mounts import cli_in, one_error
 
 REPO = Path(__file__).resolve().parents[1]
 Q = "model.layers.0.self_attn.q_proj.weight"
@@ -188,37 +189,6 @@ def test_an_incomplete_cache_entry_is_replaced_once_under_a_lock(tiny_gguf, cach
     assert sorted(p.name for p in folder.parent.iterdir() if p.is_dir()) == [folder.name]  # no staging left
 
 
-MOUNTED = (  # a fresh tmpfs at $2 (options $1), the command, then what the tmpfs holds: gone with the namespace
-    'mount -t tmpfs -o "$1" tmpfs "$2" || exit 97; where="$2"; shift 2; "$@"; code=$?; '
-    'echo "--- left:"; find "$where" -mindepth 1 | sort; exit $code'
-)
-
-
-@pytest.fixture(scope="module")
-def own_mounts(tmp_path_factory) -> list[str]:
-    """A mount namespace of the command's own (unshare; no root needed where user namespaces are allowed): a
-    real read-only or nearly full file system, as a user's cache may sit on, without touching this machine's."""
-    prefix = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", MOUNTED, "sh"]
-    probe = tmp_path_factory.mktemp("probe")
-    try:
-        done = subprocess.run([*prefix, "size=64k", str(probe), "true"], capture_output=True, text=True, timeout=60)
-    except FileNotFoundError:
-        pytest.skip("needs unshare (util-linux) to mount a read-only or small tmpfs in a namespace of its own")
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs in a user and mount namespace here: {done.stderr.strip()[:200]}")
-    return prefix
-
-
-def cli_in(prefix: list[str], options: str, cache: Path, *args: str) -> tuple[int, str, list[str]]:
-    """``qlora-pipe ARGS`` with XDG_CACHE_HOME on a tmpfs of these options: exit code, stderr, what it left."""
-    cache.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "XDG_CACHE_HOME": str(cache), "OMP_NUM_THREADS": "1"}
-    command = [*prefix, options, str(cache), sys.executable, "-m", "qlora_pipe.cli", *args]
-    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
-    left = done.stdout.split("--- left:\n", 1)[-1].split()
-    return done.returncode, done.stderr, [str(Path(p).relative_to(cache)) for p in left]
-
-
 NAMES = ("qlora-pipe", "gguf-bases")
 
 
@@ -226,13 +196,6 @@ def gguf_recipe(gguf: Path, tmp_path: Path) -> Path:
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(recipe_dict(gguf, tmp_path / "runs", max_steps=1, report_to=["none"])))
     return recipe
-
-
-def one_error(stderr: str) -> str:
-    assert "Traceback" not in stderr, stderr
-    lines = [line for line in stderr.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1, stderr
-    return lines[0]
 
 
 def test_a_cache_folder_that_is_a_file_is_one_line(tiny_gguf, tmp_path, monkeypatch, capsys):

@@ -205,28 +205,31 @@ def _export_run(
     (partial / PARTIAL_MARKER).write_text("an export in progress, or one that failed its checks\n")
     try:
         merged = merge_stream(recipe, run, base, partial, merge_base, DTYPES[dtype_name], max_bytes)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)  # nothing half-written is left behind
-        raise
-    tokenizer = load_run_tokenizer(run.root)
-    tokenizer.save_pretrained(partial)
-    make_serving_files(partial)  # no {% generation %} markers; loadable by the transformers engines pin
-    write_configs(base, partial, dtype_name, tokenizer, merged["untied"], generation_defaults(recipe))
-    if recipe.task == "classification":
-        from qlora_pipe.export.classifier_export import write_classifier_config
+        tokenizer = load_run_tokenizer(run.root)
+        tokenizer.save_pretrained(partial)
+        make_serving_files(partial)  # no {% generation %} markers; loadable by the transformers engines pin
+        write_configs(base, partial, dtype_name, tokenizer, merged["untied"], generation_defaults(recipe))
+        if recipe.task == "classification":
+            from qlora_pipe.export.classifier_export import write_classifier_config
 
-        write_classifier_config(partial, recipe, tokenizer.pad_token_id)
-    info = {
-        "run": str(run.root),
-        "base_model": recipe.model.name_or_path,
-        "base_source": recorded_source(run),
-        "merge_base": merge_base,
-        "dtype": dtype_name,
-        "quantization": recipe.quantization.model_dump(),
-        **merged,
-        "seconds": round(time.time() - started, 2),
-    }
-    write_json_atomic(partial / EXPORT_INFO, info)
+            write_classifier_config(partial, recipe, tokenizer.pad_token_id)
+        info = {
+            "run": str(run.root),
+            "base_model": recipe.model.name_or_path,
+            "base_source": recorded_source(run),
+            "merge_base": merge_base,
+            "dtype": dtype_name,
+            "quantization": recipe.quantization.model_dump(),
+            **merged,
+            "seconds": round(time.time() - started, 2),
+        }
+        write_json_atomic(partial / EXPORT_INFO, info)
+    except BaseException as exc:
+        shutil.rmtree(partial, ignore_errors=True)  # nothing half-written is left behind
+        refusal = disk_refusal(exc, partial)
+        if refusal is None:
+            raise
+        raise refusal from exc
     fidelity = None
     if verify:
         from qlora_pipe.export.fidelity import fidelity_table, verify_merged
@@ -279,6 +282,23 @@ def _export_ggufs(run: RunDir, out: Path, gguf_types: list[str] | None, recipe_t
 
     for gguf_type in gguf_types if gguf_types is not None else wanted_gguf(recipe_types):
         print(gguf_table(export_gguf(run, out, gguf_type)))
+
+
+def disk_refusal(exc: BaseException, partial: Path) -> UserError | None:
+    """A write that failed for the disk's sake (full, quota, read-only) as one line; None for anything else."""
+    from qlora_pipe.user_cache import disk_cause
+
+    cause = disk_cause(exc)
+    if cause is None:
+        return None
+    try:
+        free = f"; {shutil.disk_usage(partial.parent).free / 2**20:,.0f} MiB free now"
+    except OSError:
+        free = ""
+    return UserError(
+        f"export: cannot write the merged model into {partial.parent} ({cause}{free}); nothing half-written was "
+        "kept (free some space or export elsewhere with --out)"
+    )
 
 
 def wanted_gguf(types: list[str]) -> list[str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -107,11 +108,15 @@ def export_gguf(run: RunDir, merged: Path, gguf_type: str) -> dict[str, Any]:
     final = folder / f"{run.root.name}-{gguf_type}.gguf"
     partial = final.with_name(final.name + ".partial")
     print(f"converting {merged} to GGUF ({gguf_type}) with llama.cpp's converter ...", flush=True)
+    started = time.perf_counter()
     converter_memory = convert(merged, partial, gguf_type, folder / f"convert-{gguf_type}.log")
+    converted = time.perf_counter()
     try:
         with HostMemory() as check_memory:
             result = check_gguf(merged, partial, gguf_type)
         result["file"] = final.name
+        checked = time.perf_counter()
+        result["seconds"] = {"convert": round(converted - started, 1), "check": round(checked - converted, 1)}
         # Host memory of the two steps (the converter runs in its own process); None where not measured
         result["host_memory"] = {"converter": converter_memory, "check": check_memory.report()}
         if not result["passed"]:
