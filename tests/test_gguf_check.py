@@ -156,3 +156,16 @@ def test_the_check_holds_no_whole_fp32_copy_of_a_large_tensor(tmp_path):
     fp32_copy = rows * cols * 4
     assert found["passed"]
     assert found["grown"] < fp32_copy, f"{found['grown'] / 2**20:.0f} MiB grown; one fp32 copy is 128 MiB"
+
+
+def test_a_failed_conversion_names_its_cause_not_its_progress_bar(tmp_path, monkeypatch):
+    """The converter's output can end with a progress bar (a process killed while writing): the reason is the
+    signal, or the full disk while the half-written file still fills it, never the bar."""
+    from qlora_pipe.export import gguf
+
+    bar = "INFO:hf-to-gguf:Model successfully loaded\nWriting:  79%|███████▊  | 5.59G/7.11G [00:23<00:06, 239Mbyte/s]"
+    killed = gguf.conversion_failure(bar, -9, tmp_path)
+    assert killed == "the converter was killed by signal SIGKILL (out of memory?)"
+    monkeypatch.setattr(gguf, "free_bytes", lambda folder: 1024)  # what the disk had left when the write failed
+    full = gguf.conversion_failure(bar, 1, tmp_path)
+    assert full.startswith(f"no space left on the device holding {tmp_path}"), full

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import importlib.util
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -141,8 +142,8 @@ def convert(merged: Path, out_file: Path, gguf_type: str, log: Path) -> dict | N
     )
     where = keep_log(log, done.stdout)
     if done.returncode != 0:
+        reason = conversion_failure(done.stdout, done.returncode, target.parent)  # before the space is freed
         target.unlink(missing_ok=True)
-        reason = conversion_failure(done.stdout, done.returncode, target.parent)
         raise UserError(f"export --format gguf: the conversion failed: {reason} ({where})")
     if target != out_file:
         try:
@@ -178,9 +179,11 @@ def keep_log(log: Path, output: str) -> str:
 def conversion_failure(output: str, returncode: int, folder: Path) -> str:
     """The converter's reason in one line: a full disk named as such (its traceback ends in an OSError
     deep in numpy or the gguf writer), else its last gguf: line or last line, else how it ended."""
-    lines = [line for line in output.splitlines() if line.strip()]
-    if any(NO_SPACE in line for line in lines) or (not lines and free_bytes(folder) < LOW_SPACE):
-        return disk_full(folder)
+    lines = [line for line in output.splitlines() if line.strip() and not PROGRESS.search(line)]
+    if any(NO_SPACE in line for line in lines) or free_bytes(folder) < LOW_SPACE:
+        return disk_full(folder)  # the half-written file still fills the disk here: it is removed afterwards
+    if returncode < 0:
+        return f"the converter was killed by signal {signal.Signals(-returncode).name} (out of memory?)"
     reason = next((line for line in reversed(lines) if line.startswith("gguf:")), lines[-1] if lines else "")
     if "tokenizer.model" in reason:
         return (
@@ -189,11 +192,10 @@ def conversion_failure(output: str, returncode: int, folder: Path) -> str:
         )
     if reason:
         return reason.removeprefix("gguf: ")
-    if returncode < 0:
-        return f"the converter was killed by signal {signal.Signals(-returncode).name} (out of memory?)"
     return f"the converter exited with code {returncode} and printed nothing"
 
 
+PROGRESS = re.compile(r"\d+%\|")  # a progress bar's line ("Writing:  79%|███ | 5.59G/7.11G"): never the reason
 NO_SPACE = os.strerror(errno.ENOSPC)  # "No space left on device", as OSError prints it
 LOW_SPACE = 64 * 2**20  # with no output at all, this little free space is the likely cause
 

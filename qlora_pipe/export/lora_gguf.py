@@ -63,8 +63,8 @@ def convert_lora(adapter: Path, base: Path, out_file: Path, log: Path) -> None:
         )
     where = keep_log(log, done.stdout)
     if done.returncode != 0:
+        reason = conversion_failure(done.stdout, done.returncode, out_file.parent)  # before the space is freed
         out_file.unlink(missing_ok=True)
-        reason = conversion_failure(done.stdout, done.returncode, out_file.parent)
         raise UserError(f"export --unmerged --format gguf: the LoRA conversion failed: {reason} ({where})")
 
 
