@@ -68,14 +68,14 @@ def cli(*args: str) -> float:
 
 
 def step_seconds(run: Path) -> float | None:
-    """Seconds per optimizer step: the trainer's run time less its evaluations, over the steps."""
+    """Seconds per optimizer step: the trainer's run time less the evaluations inside it (those logged before
+    its train_runtime line, the one before the first step included), over the steps."""
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    total = next((m["train_runtime"] for m in lines if "train_runtime" in m), None)
-    steps = max((m.get("step", 0) for m in lines), default=0)
-    if total is None or not steps:
+    end = next((i for i, m in enumerate(lines) if "train_runtime" in m), None)
+    if end is None or not lines[end].get("step"):
         return None
-    evals = sum(m.get("eval_runtime", 0.0) for m in lines if "train_runtime" not in m and m.get("step", 0) > 0)
-    return (total - evals) / steps
+    evals = sum(m.get("eval_runtime", 0.0) for m in lines[:end])
+    return (lines[end]["train_runtime"] - evals) / lines[end]["step"]
 
 
 def planned(run: Path) -> dict[str, int]:
