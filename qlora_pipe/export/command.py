@@ -13,6 +13,7 @@ from typing import Any
 
 from qlora_pipe.base_record import recorded_source, run_recipe
 from qlora_pipe.errors import UserError
+from qlora_pipe.export.disk import disk_refusal
 from qlora_pipe.export.merge import base_checkpoint_dir, merge_stream
 from qlora_pipe.export.reuse import record_merged, reusable_export
 from qlora_pipe.export.serving import make_serving_files
@@ -282,23 +283,6 @@ def _export_ggufs(run: RunDir, out: Path, gguf_types: list[str] | None, recipe_t
 
     for gguf_type in gguf_types if gguf_types is not None else wanted_gguf(recipe_types):
         print(gguf_table(export_gguf(run, out, gguf_type)))
-
-
-def disk_refusal(exc: BaseException, partial: Path) -> UserError | None:
-    """A write that failed for the disk's sake (full, quota, read-only) as one line; None for anything else."""
-    from qlora_pipe.user_cache import disk_cause
-
-    cause = disk_cause(exc)
-    if cause is None:
-        return None
-    try:
-        free = f"; {shutil.disk_usage(partial.parent).free / 2**20:,.0f} MiB free now"
-    except OSError:
-        free = ""
-    return UserError(
-        f"export: cannot write the merged model into {partial.parent} ({cause}{free}); nothing half-written was "
-        "kept (free some space or export elsewhere with --out)"
-    )
 
 
 def wanted_gguf(types: list[str]) -> list[str]:
