@@ -31,7 +31,7 @@ pytestmark = [
         os.environ.get("QLORA_PIPE_SLOW_TESTS") != "1",
         reason="real pretrained models, about 15 minutes on 2 cores: set QLORA_PIPE_SLOW_TESTS=1",
     ),
-    pytest.mark.xdist_group("real-models"),  # under -n auto: one worker builds the module's model once
+    pytest.mark.xdist_group("real-models"),  # with --dist loadgroup: one worker builds the module's model once
 ]
 
 

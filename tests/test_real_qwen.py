@@ -31,7 +31,7 @@ pytestmark = [
         os.environ.get("QLORA_PIPE_SLOW_TESTS") != "1",
         reason="a real 1.5B model, about 40 minutes on 2 cores: set QLORA_PIPE_SLOW_TESTS=1",
     ),
-    pytest.mark.xdist_group("real-qwen"),  # under -n auto: one worker builds the module's model once
+    pytest.mark.xdist_group("real-qwen"),  # with --dist loadgroup: one worker builds the module's model once
 ]
 NAME = "qwen2.5-coder-1.5b-instruct"
 
