@@ -99,7 +99,7 @@ def test_merge_is_faithful_and_reloads_with_plain_transformers(kind, tokenizer_d
     memory = gguf["host_memory"]
     assert memory["converter"]["peak_anonymous_bytes"] > 0 and memory["check"]["peak_anonymous_bytes"] > 0
     assert "host memory: converter peak" in gguf_table(gguf)
-    assert gguf["seconds"]["convert"] > 0 and gguf["seconds"]["check"] > 0
+    assert gguf["seconds"]["convert"] > 0 and gguf["seconds"]["check"] >= 0  # a tiny check rounds to 0.0 s
     if kind == "llama":  # quantized: every matrix within q8_0's rounding, norms still bit-equal
         q8 = export_gguf(RunDir(result.run_dir.root), out, "q8_0")
         assert q8["passed"] and q8["quantized_tensors"] > 0 and q8["exact_tensors"] > 0
