@@ -140,16 +140,10 @@ def main(argv: list[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         recipe = out / "scale.yaml"
         raw = recipe_for(model, out, args.steps, args.micro_batch, args.max_length)
-        for item in args.set:
-            key, _, value = item.partition("=")
-            *parents, last = key.split(".")
-            section = raw
-            for part in parents:
-                section = section.setdefault(part, {})
-            section[last] = yaml.safe_load(value)
         recipe.write_text(yaml.safe_dump(raw))
         run = out / "scale"
-        times = {"train": cli("train", str(recipe), "--overwrite")}
+        overrides = [item for value in args.set for item in ("--set", value)]  # train's own --set
+        times = {"train": cli("train", str(recipe), "--overwrite", *overrides)}
         times["export"] = cli("export", str(run), *(["--no-verify"] if args.no_verify else []))
         gguf_args = ["export", str(run), "--format", "gguf", "--gguf-type", "q8_0"]
         times["gguf q8_0"] = cli(*gguf_args, *(["--no-verify"] if args.no_verify else []))
