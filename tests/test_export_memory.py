@@ -244,3 +244,59 @@ def test_verification_that_cannot_fit_is_refused_before_anything_is_written(tiny
     assert done.returncode == 0, done.stderr[-2000:]
     fidelity = json.loads((run / "merged" / "fidelity.json").read_text())
     assert fidelity["passed"] and fidelity["memory"]["terms"] == terms
+
+
+def test_a_merged_model_too_large_to_hold_is_verified_a_block_at_a_time(tiny_model_dir, tmp_path):
+    """When the merged model does not fit whole but fits a decoder block at a time, verification reads each
+    block from the export's own files as it runs: the same verdict and the same logits, bit for bit, as the
+    whole model; with less memory than even that, the refusal names both figures."""
+    import os
+
+    from qlora_pipe.export.fidelity import served_model
+    from qlora_pipe.export.streamed_model import STREAMED, WHOLE
+    from qlora_pipe.export.verify_memory import AVAILABLE_ENV, preflight_verification, verification_peak
+    from qlora_pipe.hardware import with_resolved_precision
+    from qlora_pipe.recipe import load_recipe
+    from qlora_pipe.runs import RunDir
+
+    run, size = finished_run(tmp_path / "model", 4, tiny_model_dir)
+    recipe_path = run / "recipe.resolved.yaml"
+    recipe_path.write_text(recipe_path.read_text().replace("verify: false", "verify: true"))
+    recipe = load_recipe(recipe_path)
+    terms = preflight_verification(recipe, RunDir(run), Path(recipe.model.name_or_path), "bfloat16")["terms"]
+    blockwise = terms["merged model, one decoder block at a time"]
+    layer = (4 * 512 * 512 + 3 * 512 * 1408) * terms["merged model"] // (size // 2)  # one block, as served
+    assert blockwise - layer < terms["merged model"] / 4, terms  # outside the blocks: embeddings, head, norms
+    noise = with_resolved_precision(recipe).quantization.compute_dtype != "float32"  # as preflight decides
+    whole_peak, block_peak = verification_peak(terms, noise), verification_peak(terms, noise, streamed=True)
+    assert block_peak < whole_peak, terms
+
+    command = [sys.executable, "-m", "qlora_pipe.cli", "export", str(run)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", AVAILABLE_ENV: str((whole_peak + block_peak) // 2)}
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    streamed = json.loads((run / "merged" / "fidelity.json").read_text())
+    assert streamed["memory"]["merged_loaded"] == STREAMED and streamed["passed"], streamed
+
+    model = served_model(run / "merged", torch.bfloat16, streamed=True)
+    assert all(p.device.type == "meta" for p in model.model.layers.parameters())  # read from disk as they run
+    assert model.lm_head.weight.device.type == "cpu"
+    ids = torch.tensor([[1, 5, 9, 200, 17, 3]])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+        assert torch.equal(logits, served_model(run / "merged", torch.bfloat16)(input_ids=ids).logits)
+
+    env[AVAILABLE_ENV] = "64GiB"
+    again = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env)
+    assert again.returncode == 0, again.stderr[-2000:]
+    whole = json.loads((run / "merged" / "fidelity.json").read_text())
+    assert whole["memory"]["merged_loaded"] == WHOLE
+    for key in ("eval_loss_merged", "max_abs_logit_diff", "mean_abs_logit_diff", "top1_agreement"):
+        assert whole[key] == streamed[key], key
+
+    env[AVAILABLE_ENV] = str(block_peak * 9 // 10)
+    refused = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env)
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    line = [ln for ln in refused.stderr.splitlines() if "verification needs" in ln]
+    assert len(line) == 1 and "one decoder block at a time" in line[0] and "whole" in line[0], refused.stderr
+    assert json.loads((run / "merged" / "fidelity.json").read_text()) == whole  # the earlier export stays

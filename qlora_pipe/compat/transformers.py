@@ -37,6 +37,12 @@ modules_kept_unquantized
     Which modules a 4-bit load leaves in 16-bit (lm_head, tied or output embeddings), from the
     quantizer's own helper, so the export quantizes exactly the weights training quantized.
     Caught by: tests/test_export.py (GPT-2 and Llama bases, tied and untied).
+decoder_blocks
+    The model class's ``_no_split_modules`` (the blocks accelerate never splits across devices, verified with
+    transformers 5.25.0 and accelerate 1.16.0): the unit in which a merged model too large for this machine is
+    verified, each block's weights read from its own safetensors files for its forward only (device_map value
+    "disk"). Caught by:
+    tests/test_export_memory.py::test_a_merged_model_too_large_to_hold_is_verified_a_block_at_a_time.
 """
 
 from __future__ import annotations
@@ -170,3 +176,13 @@ def modules_kept_unquantized(skeleton: Any) -> set[str]:
     from transformers.quantizers.base import get_keys_to_not_convert
 
     return set(get_keys_to_not_convert(skeleton))
+
+
+def decoder_blocks(skeleton: Any) -> list[str]:
+    """The outermost modules of ``skeleton`` (a model on the meta device) that accelerate keeps whole."""
+    kinds = set(getattr(skeleton, "_no_split_modules", None) or [])
+    found: list[str] = []
+    for name, module in skeleton.named_modules():
+        if type(module).__name__ in kinds and not any(name.startswith(block + ".") for block in found):
+            found.append(name)
+    return found

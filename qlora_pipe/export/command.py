@@ -17,7 +17,7 @@ from qlora_pipe.export.disk import disk_refusal
 from qlora_pipe.export.merge import base_checkpoint_dir, merge_stream
 from qlora_pipe.export.reuse import record_merged, reusable_export
 from qlora_pipe.export.serving import make_serving_files
-from qlora_pipe.hardware import dtype_for_inference
+from qlora_pipe.export.streamed_model import STREAMED
 from qlora_pipe.machine.host_memory import HostMemory
 from qlora_pipe.model import DTYPES
 from qlora_pipe.runs import (
@@ -92,7 +92,7 @@ def require_delta_kept(fidelity: dict[str, Any], kept: dict[str, Any] | None, me
     fidelity["passed"] = fidelity["passed"] and kept["mean"] >= MIN_MEAN_KEPT
 
 
-def _original_fidelity(recipe, run: RunDir, base: Path, partial: Path, dtype_name: str, max_bytes: int) -> dict:
+def _original_fidelity(recipe, run, base: Path, partial: Path, dtype_name: str, max_bytes: int, streamed) -> dict:
     """The same verification for a merge into the original 16-bit weights (written aside, then removed)."""
     from qlora_pipe.export.fidelity import verify_merged
 
@@ -102,25 +102,9 @@ def _original_fidelity(recipe, run: RunDir, base: Path, partial: Path, dtype_nam
     try:
         merge_stream(recipe, run, base, aside, "original", DTYPES[dtype_name], max_bytes)
         shutil.copy(partial / "config.json", aside / "config.json")
-        return verify_merged(recipe, run, aside, DTYPES[dtype_name])
+        return verify_merged(recipe, run, aside, DTYPES[dtype_name], streamed=streamed)
     finally:
         shutil.rmtree(aside, ignore_errors=True)
-
-
-def print_merged_answers(out: Path, recipe, dtype_name: str, system: str | None) -> None:
-    """A few answers from the merged model, loaded the way a user would: plain transformers."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from qlora_pipe.generation import generate_answers
-
-    tokenizer = AutoTokenizer.from_pretrained(out)
-    model = AutoModelForCausalLM.from_pretrained(out, dtype=DTYPES[dtype_for_inference(dtype_name)])
-    prompts = recipe.training.preview_prompts
-    answers = generate_answers(model, tokenizer, prompts, system, recipe.training.preview_max_new_tokens)
-    print(f"\n=== answers from the merged model ({out}, plain transformers) ===")
-    for prompt, answer in zip(prompts, answers, strict=True):
-        print(f"\nQ: {prompt}\n  A: {answer!r}")
-    print()
 
 
 PARTIAL_MARKER = ".qlora-pipe-export"
@@ -236,7 +220,8 @@ def _export_run(
         from qlora_pipe.export.fidelity import fidelity_table, verify_merged
 
         try:
-            fidelity = verify_merged(recipe, run, partial, DTYPES[dtype_name], rows=rows)
+            streamed = verify_memory["merged_loaded"] == STREAMED
+            fidelity = verify_merged(recipe, run, partial, DTYPES[dtype_name], rows=rows, streamed=streamed)
         except BaseException:
             shutil.rmtree(partial, ignore_errors=True)  # not verified, no verdict to look at: nothing left
             raise
@@ -244,7 +229,9 @@ def _export_run(
         require_delta_kept(fidelity, merged["delta_kept"], merge_base)
         fidelity["memory"] = verify_memory
         if compare_original and merge_base == "dequantized":
-            fidelity["original_merge_base"] = _original_fidelity(recipe, run, base, partial, dtype_name, max_bytes)
+            fidelity["original_merge_base"] = _original_fidelity(
+                recipe, run, base, partial, dtype_name, max_bytes, streamed
+            )
         write_json_atomic(partial / FIDELITY, fidelity)
         print(fidelity_table(fidelity))
         if "original_merge_base" in fidelity:
@@ -272,7 +259,9 @@ def _export_run(
     partial.rename(out)  # only a complete (and, by default, verified) export gets the final name
     info = record_merged(run, out, info)  # each file's hash, so that a GGUF export can reuse the folder
     if recipe.training.preview_prompts:
-        print_merged_answers(out, recipe, dtype_name, training_system_prompt(run))
+        from qlora_pipe.export.merged_answers import print_merged_answers
+
+        print_merged_answers(out, recipe, dtype_name, training_system_prompt(run), info["bytes"])
     if out.resolve() == (run.root / "merged").resolve():  # a GGUF is made from the run's own merged folder
         _export_ggufs(run, out, gguf_types, settings.gguf)
     return ExportResult(out, info, fidelity)

@@ -160,31 +160,45 @@ def verification_rows(recipe: Recipe, run: RunDir, limit: int = 16) -> Rows | No
 
 
 def verify_merged(
-    recipe: Recipe, run: RunDir, merged_dir: Path, dtype: torch.dtype, limit: int = 16, rows: Rows | None = None
+    recipe: Recipe,
+    run: RunDir,
+    merged_dir: Path,
+    dtype: torch.dtype,
+    limit: int = 16,
+    rows: Rows | None = None,
+    streamed: bool = False,
 ) -> dict[str, Any]:
     """Fidelity of the merged model against the trained model on the run's eval (or train) examples (``rows``:
-    verification_rows' answer, when read beforehand)."""
+    verification_rows' answer, when read beforehand; ``streamed``: the merged model read a block at a time)."""
     if recipe.task == "classification":
+        from qlora_pipe.export.classifier_fidelity import verify_classifier
+
         return verify_classifier(recipe, run, merged_dir, dtype)
     if dtype != torch.float16 or dtype_for_inference("float16") == "float16":
-        return verify_served(recipe, run, lambda: served_model(merged_dir, dtype), limit, rows)
+        return verify_served(recipe, run, lambda: served_model(merged_dir, dtype, streamed=streamed), limit, rows)
     from qlora_pipe.export.float16_range import ActivationRange
 
     watch = ActivationRange()  # fp16 weights checked in fp32 here: would float16 hold the activations?
-    result = verify_served(recipe, run, lambda: watch.attach(served_model(merged_dir, dtype)), limit, rows)
+    load = lambda: watch.attach(served_model(merged_dir, dtype, streamed=streamed))  # noqa: E731
+    result = verify_served(recipe, run, load, limit, rows)
     if overflow := watch.overflow():
         result["float16_overflow"], result["passed"] = overflow, False
     return result
 
 
-def served_model(folder: Path, dtype: torch.dtype, adapter: Path | None = None):
-    """A served folder loaded with plain transformers (plus a PEFT adapter on it, for the unmerged export).
-    Where this CPU emulates 16-bit matmuls the weights are read into fp32 (exact) and run there."""
+def served_model(folder: Path, dtype: torch.dtype, adapter: Path | None = None, streamed: bool = False):
+    """A served folder loaded with plain transformers (plus a PEFT adapter on it, for the unmerged export; or
+    its decoder blocks read from its files as they run, ``streamed``). Where this CPU emulates 16-bit matmuls
+    the weights are read into fp32 (exact) and run there."""
     from transformers import AutoModelForCausalLM
 
     from qlora_pipe.model import training_device
 
     dtype = getattr(torch, dtype_for_inference(str(dtype).removeprefix("torch.")))
+    if streamed:
+        from qlora_pipe.export.streamed_model import load_streamed
+
+        return load_streamed(folder, dtype, str(training_device()))
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map={"": training_device()})
     if adapter is not None:
         from peft import PeftModel
@@ -213,50 +227,6 @@ def verify_served(
     result = judge(result, noise)
     result["split"] = split
     return result
-
-
-def verify_classifier(recipe, run, merged_dir, dtype: torch.dtype, limit: int = 64) -> dict[str, Any]:
-    """A classifier (task: classification): class logits of the trained and the merged classifier on the
-    run's held-out rows, the same criteria applied to the cross-entropy over the classes and to the logits;
-    prediction agreement is reported."""
-    from transformers import AutoModelForSequenceClassification
-
-    from qlora_pipe.classifier import load_trained_classifier, predict
-    from qlora_pipe.data.classification import prepare_classification_data
-    from qlora_pipe.hardware import dtype_for_inference
-    from qlora_pipe.model import load_run_tokenizer, training_device
-
-    tokenizer = load_run_tokenizer(run.root)
-    data, _ = prepare_classification_data(recipe, tokenizer)
-    split, name = (data.eval, "eval") if data.eval is not None else (data.train, "train")
-    rows = split.select(range(min(limit, len(split))))
-    gold = torch.tensor(rows["labels"])
-    trained = load_trained_classifier(recipe, run.root, tokenizer)
-    predicted_trained, logits_trained = predict(trained, rows)
-    del trained
-    served = getattr(torch, dtype_for_inference(str(dtype).removeprefix("torch.")))
-    merged = AutoModelForSequenceClassification.from_pretrained(
-        merged_dir, dtype=served, device_map={"": training_device()}
-    ).eval()
-    predicted_merged, logits_merged = predict(merged, rows)
-    del merged
-    loss_trained = torch.nn.functional.cross_entropy(logits_trained, gold).item()
-    loss_merged = torch.nn.functional.cross_entropy(logits_merged, gold).item()
-    diff = (logits_trained - logits_merged).abs()
-    result = {
-        "examples": len(gold),
-        "trained_tokens_compared": len(gold),  # one label per row
-        "max_abs_logit_diff": diff.max().item(),
-        "mean_abs_logit_diff": diff.mean().item(),
-        "mean_abs_logit": logits_trained.abs().mean().item(),
-        "top1_agreement": sum(a == b for a, b in zip(predicted_trained, predicted_merged, strict=True)) / len(gold),
-        "eval_loss_trained": loss_trained,
-        "eval_loss_merged": loss_merged,
-        "split": name,
-    }
-    result["relative_loss_change"] = abs(loss_merged - loss_trained) / max(abs(loss_trained), 1e-9)
-    result["relative_logit_diff"] = result["mean_abs_logit_diff"] / max(result["mean_abs_logit"], 1e-9)
-    return judge(result, None)
 
 
 def fidelity_table(result: dict[str, Any]) -> str:

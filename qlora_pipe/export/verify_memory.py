@@ -5,9 +5,11 @@ plus the adapter; beside it, when it computes in 16 bits, its own fp32-compute c
 and the merged one (plain transformers, in the dtype it is served in), with the trained model's logits kept
 on disk in between (stored_logits.py). Its peak is the larger of the two stages plus a row's logits. Each term comes
 from the files themselves: the parameter counts from the safetensors headers of the base, the 4-bit
-layers from the same rule the export uses, the adapter from its file. When the sum does not fit the
-memory available (RAM on CPU: MemAvailable and any cgroup limit; free GPU memory on a GPU), the export
-stops before writing anything, with every term, rather than swapping or being killed mid-way.
+layers from the same rule the export uses, the adapter from its file. A merged model that does not fit
+whole is verified one decoder block at a time, read from its own files (streamed_model.py): its term is
+then everything outside the blocks plus the largest block. When even that does not fit the memory
+available (RAM on CPU: MemAvailable and any cgroup limit; free GPU memory on a GPU), the export stops
+before writing anything, with every term, rather than swapping or being killed mid-way.
 """
 
 from __future__ import annotations
@@ -51,55 +53,72 @@ def available_memory(device: str) -> tuple[int, str]:
     return available, source
 
 
-def verification_need(recipe, base: Path, adapter: Path, quantized: set[str], served_dtype, max_row: int):
-    """Bytes verification holds at its peak, term by term (``served_dtype``: the merged model's, as loaded)."""
+def verification_need(
+    recipe, base: Path, adapter: Path, quantized: set[str], served_dtype, max_row: int, blocks: list[str] = ()
+):
+    """Bytes verification holds at its peak, term by term (``served_dtype``: the merged model's, as loaded;
+    ``blocks``: its decoder blocks, read one at a time when it does not fit whole)."""
     from qlora_pipe.export.merge import base_shards
+    from qlora_pipe.export.streamed_model import streamed_bytes
     from qlora_pipe.export.tensor_files import TensorReader
     from qlora_pipe.hardware import with_resolved_precision
     from qlora_pipe.model import DTYPES
 
     q = with_resolved_precision(recipe).quantization
     compute = DTYPES[q.compute_dtype].itemsize
-    trained, merged = 0.0, 0
+    trained, served = 0.0, {}
     for shard in base_shards(base):
         with TensorReader(shard) as reader:
             for name in reader.names():
                 entry = reader.entry(name)
                 count = entry.nbytes // entry.dtype.itemsize
                 trained += count * NF4_BYTES[q.double_quant] if name in quantized else count * compute
-                merged += count * served_dtype.itemsize if entry.dtype.is_floating_point else entry.nbytes
+                served[name] = count * served_dtype.itemsize if entry.dtype.is_floating_point else entry.nbytes
     vocab = json.loads((base / "config.json").read_text()).get("vocab_size", 0)
     return {
         TRAINED: int(trained) + (adapter.stat().st_size if adapter.is_file() else 0),
-        MERGED: merged,
+        MERGED: sum(served.values()),
+        STREAMED: streamed_bytes(served, list(blocks)) if blocks else sum(served.values()),
         LOGITS: LOGIT_COPIES * max_row * vocab * 4,
     }
 
 
 TRAINED, MERGED, LOGITS = "trained model (4-bit base + adapter)", "merged model", "logits of one row"
+STREAMED = "merged model, one decoder block at a time"
 
 
-def verification_peak(need: dict[str, int], noise_copy: bool) -> int:
-    """The larger stage (the trained model, twice when its fp32 reference is measured; or the merged model)
-    plus a row's logits, with headroom."""
+def verification_peak(need: dict[str, int], noise_copy: bool, streamed: bool = False) -> int:
+    """The larger stage (the trained model, twice when its fp32 reference is measured; or the merged model,
+    whole or a block at a time) plus a row's logits, with headroom."""
     trained = need[TRAINED] * (2 if noise_copy else 1)
-    return int((max(trained, need[MERGED]) + need[LOGITS]) * HEADROOM)
+    merged = need.get(STREAMED, need[MERGED]) if streamed else need[MERGED]
+    return int((max(trained, merged) + need[LOGITS]) * HEADROOM)
 
 
 def check_verification_fits(need: dict[str, int], device: str, noise_copy: bool = False) -> dict[str, Any]:
-    """Refuse (one line, every number) when verification would not fit; else the figures for export_info."""
-    total = verification_peak(need, noise_copy)
+    """Refuse (one line, every number) when verification would not fit even with the merged model read a
+    block at a time; else the figures for fidelity.json, and how the merged model is loaded."""
+    from qlora_pipe.export.streamed_model import STREAMED as BLOCKWISE
+    from qlora_pipe.export.streamed_model import WHOLE
+
     available, source = available_memory(device)
+    whole, total = verification_peak(need, noise_copy), verification_peak(need, noise_copy, streamed=True)
     if total > available:
         trained = f"{TRAINED} {need[TRAINED] / GiB:.2f} GiB" + (" twice, with its fp32 reference" if noise_copy else "")
-        terms = f"the larger of {trained} and {MERGED} {need[MERGED] / GiB:.2f} GiB, one after the other; "
-        terms += f"{LOGITS} {need[LOGITS] / GiB:.2f} GiB"
+        merged = f"{STREAMED} {need.get(STREAMED, need[MERGED]) / GiB:.2f} GiB (whole {need[MERGED] / GiB:.2f} GiB)"
+        terms = f"the larger of {trained} and {merged}, one after the other; {LOGITS} {need[LOGITS] / GiB:.2f} GiB"
         raise UserError(
             f"export: verification needs about {total / GiB:.2f} GiB ({terms}, +{HEADROOM - 1:.0%}) but this "
             f"machine has {available / GiB:.2f} GiB available ({source}); nothing was written. Free memory, or "
             "export with --no-verify (the merge alone streams in the memory of one tensor)"
         )
-    return {"verification_need_bytes": total, "available_bytes": available, "available_from": source}
+    loaded = WHOLE if whole <= available else BLOCKWISE
+    return {
+        "verification_need_bytes": whole if loaded == WHOLE else total,
+        "available_bytes": available,
+        "available_from": source,
+        "merged_loaded": loaded,
+    }
 
 
 def preflight_verification(recipe, run, base: Path, dtype_name: str) -> dict[str, Any]:
@@ -107,13 +126,15 @@ def preflight_verification(recipe, run, base: Path, dtype_name: str) -> dict[str
     import torch
 
     from qlora_pipe.export.merge import quantized_weight_names
+    from qlora_pipe.export.streamed_model import block_names
     from qlora_pipe.hardware import dtype_for_inference, with_resolved_precision
     from qlora_pipe.model import training_device
 
     quantized = quantized_weight_names(base, recipe)  # the trained model is always the 4-bit one
     served = getattr(torch, dtype_for_inference(dtype_name))
     max_length = recipe.data.max_length if isinstance(recipe.data.max_length, int) else 2048
-    need = verification_need(recipe, base, run.adapter_weights, quantized, served, max_length)
+    blocks = [] if recipe.task == "classification" else block_names(base)  # a classifier loads whole
+    need = verification_need(recipe, base, run.adapter_weights, quantized, served, max_length, blocks)
     q = with_resolved_precision(recipe).quantization
     noise_copy = q.compute_dtype != "float32"  # reference_noise loads an fp32-compute copy beside it
     return {**check_verification_fits(need, str(training_device()), noise_copy), "terms": need}
