@@ -6,6 +6,7 @@ interruption."""
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 from qlora_pipe.runs import RunDir
@@ -76,7 +77,13 @@ def test_a_reward_module_that_exits_or_interrupts_at_import_is_one_line(tiny_mod
     assert main(["validate", str(module_form)]) == 2
     assert "grpo.rewards.0.function: importing rewardpkg.switched raised KeyboardInterrupt" in last_error(capsys)
     mode.write_text("import-ctrl-c")
-    assert main(["validate", str(module_form)]) == 130  # a real Ctrl-C is an interruption
+    # Python's own SIGINT handler, as a fresh CLI process has (an earlier test in this worker, or a library it
+    # loaded, may have left another one in place)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        assert main(["validate", str(module_form)]) == 130  # a real Ctrl-C is an interruption
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert last_error(capsys) == "interrupted"
 
 

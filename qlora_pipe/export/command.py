@@ -219,6 +219,7 @@ def _export_run(
     if verify:
         from qlora_pipe.export.fidelity import fidelity_table, verify_merged
 
+        verify_started = time.time()
         try:
             streamed = verify_memory["merged_loaded"] == STREAMED
             fidelity = verify_merged(recipe, run, partial, DTYPES[dtype_name], rows=rows, streamed=streamed)
@@ -228,6 +229,7 @@ def _export_run(
         fidelity["merge_base"] = merge_base
         require_delta_kept(fidelity, merged["delta_kept"], merge_base)
         fidelity["memory"] = verify_memory
+        fidelity["seconds"] = round(time.time() - verify_started, 1)
         if compare_original and merge_base == "dequantized":
             fidelity["original_merge_base"] = _original_fidelity(
                 recipe, run, base, partial, dtype_name, max_bytes, streamed
