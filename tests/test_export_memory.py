@@ -277,6 +277,7 @@ def test_a_merged_model_too_large_to_hold_is_verified_a_block_at_a_time(tiny_mod
     assert done.returncode == 0, done.stderr[-2000:]
     streamed = json.loads((run / "merged" / "fidelity.json").read_text())
     assert streamed["memory"]["merged_loaded"] == STREAMED and streamed["passed"], streamed
+    assert streamed["host_memory"]["peak_anonymous_bytes"] > 0 and streamed["seconds"] > 0
 
     model = served_model(run / "merged", torch.bfloat16, streamed=True)
     assert all(p.device.type == "meta" for p in model.model.layers.parameters())  # read from disk as they run

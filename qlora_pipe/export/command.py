@@ -18,6 +18,7 @@ from qlora_pipe.export.merge import base_checkpoint_dir, merge_stream
 from qlora_pipe.export.reuse import record_merged, reusable_export
 from qlora_pipe.export.serving import make_serving_files
 from qlora_pipe.export.streamed_model import STREAMED
+from qlora_pipe.machine import host_memory
 from qlora_pipe.machine.host_memory import HostMemory
 from qlora_pipe.model import DTYPES
 from qlora_pipe.runs import (
@@ -230,6 +231,8 @@ def _export_run(
         require_delta_kept(fidelity, merged["delta_kept"], merge_base)
         fidelity["memory"] = verify_memory
         fidelity["seconds"] = round(time.time() - verify_started, 1)
+        if (memory := host_memory.current()) is not None:  # the export's peak so far (merge and verification),
+            fidelity["host_memory"] = memory.report()  # kept in fidelity.json whether it passed or not
         if compare_original and merge_base == "dequantized":
             fidelity["original_merge_base"] = _original_fidelity(
                 recipe, run, base, partial, dtype_name, max_bytes, streamed
