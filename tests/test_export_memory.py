@@ -254,7 +254,12 @@ def test_a_merged_model_too_large_to_hold_is_verified_a_block_at_a_time(tiny_mod
 
     from qlora_pipe.export.fidelity import served_model
     from qlora_pipe.export.streamed_model import STREAMED, WHOLE
-    from qlora_pipe.export.verify_memory import AVAILABLE_ENV, preflight_verification, verification_peak
+    from qlora_pipe.export.verify_memory import (
+        AVAILABLE_ENV,
+        loads_noise_copy,
+        preflight_verification,
+        verification_peak,
+    )
     from qlora_pipe.hardware import with_resolved_precision
     from qlora_pipe.recipe import load_recipe
     from qlora_pipe.runs import RunDir
@@ -267,7 +272,7 @@ def test_a_merged_model_too_large_to_hold_is_verified_a_block_at_a_time(tiny_mod
     blockwise = terms["merged model, one decoder block at a time"]
     layer = (4 * 512 * 512 + 3 * 512 * 1408) * terms["merged model"] // (size // 2)  # one block, as served
     assert blockwise - layer < terms["merged model"] / 4, terms  # outside the blocks: embeddings, head, norms
-    noise = with_resolved_precision(recipe).quantization.compute_dtype != "float32"  # as preflight decides
+    noise = loads_noise_copy(with_resolved_precision(recipe), "bfloat16")
     whole_peak, block_peak = verification_peak(terms, noise), verification_peak(terms, noise, streamed=True)
     assert block_peak < whole_peak, terms
 

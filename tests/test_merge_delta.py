@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from qlora_pipe.export.command import export_merged
 from qlora_pipe.export.delta_kept import share_kept
-from qlora_pipe.export.fidelity import judge
+from qlora_pipe.export.fidelity import fidelity_table, judge
 from qlora_pipe.recipe import validate_recipe
 from qlora_pipe.training.stage import run_training
 from tests.conftest import recipe_dict
@@ -78,3 +78,22 @@ def test_a_dropped_delta_or_a_far_merge_fails_the_calibrated_check():
     assert calibrated["passed"] and calibrated["criteria"]["max_relative_logit_diff"] == 2 * 0.021
     far = {"relative_loss_change": 0.05, "relative_logit_diff": 0.2}
     assert not judge(dict(far), {"relative_loss_change": 0.5, "relative_logit_diff": 0.5})["passed"]  # capped
+
+
+def test_an_fp32_run_exported_in_bf16_is_judged_against_its_own_bf16_noise(tokenizer_dir, tmp_path):
+    """A run that computes in fp32 has no precision noise of its own, but its bf16 export rounds every weight
+    once: the bound is calibrated on the trained model computed in bf16 against itself in fp32, whatever the
+    CPU; an fp32 export has nothing to calibrate."""
+    base = make_base("llama", tokenizer_dir, tmp_path / "llama-base")
+    raw = recipe_dict(base, tmp_path / "runs", max_steps=3, learning_rate=2e-2, report_to=["none"], precision="fp32")
+    raw["lora"]["target_modules"] = "all-linear"
+    raw["quantization"] = {"compute_dtype": "float32"}
+    result = run_training(validate_recipe(raw))
+    exported = export_merged(result.run_dir.root)  # defaults: bf16, verified
+    noise = exported.fidelity["reference_noise"]
+    assert noise["measured"] and (noise["compute_dtype"], noise["against"]) == ("float32", "bfloat16"), noise
+    assert 0 < noise["relative_logit_diff"] < 0.05 and 0 <= noise["relative_loss_change"] < 0.01, noise
+    assert exported.fidelity["passed"], exported.fidelity
+    assert "reference noise (float32 vs bfloat16 compute)" in fidelity_table(exported.fidelity)
+    fp32 = export_merged(result.run_dir.root, out=tmp_path / "merged-fp32", dtype="float32")
+    assert not fp32.fidelity["reference_noise"]["measured"] and fp32.fidelity["passed"]

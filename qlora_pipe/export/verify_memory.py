@@ -1,7 +1,8 @@
 """Does verification fit this machine? Decided before the merge starts, with the numbers.
 
 Verification loads two models one after the other: the trained one (the 4-bit base as training loaded it,
-plus the adapter; beside it, when it computes in 16 bits, its own fp32-compute copy for the reference noise)
+plus the adapter; beside it, a copy computing in another dtype for the reference noise: fp32 for a 16-bit run,
+bf16 for a bf16 export of an fp32 run)
 and the merged one (plain transformers, in the dtype it is served in), with the trained model's logits kept
 on disk in between (stored_logits.py). Its peak is the larger of the two stages plus a row's logits. Each term comes
 from the files themselves: the parameter counts from the safetensors headers of the base, the 4-bit
@@ -104,7 +105,7 @@ def check_verification_fits(need: dict[str, int], device: str, noise_copy: bool 
     available, source = available_memory(device)
     whole, total = verification_peak(need, noise_copy), verification_peak(need, noise_copy, streamed=True)
     if total > available:
-        trained = f"{TRAINED} {need[TRAINED] / GiB:.2f} GiB" + (" twice, with its fp32 reference" if noise_copy else "")
+        trained = f"{TRAINED} {need[TRAINED] / GiB:.2f} GiB" + (" twice, with its noise copy" if noise_copy else "")
         merged = f"{STREAMED} {need.get(STREAMED, need[MERGED]) / GiB:.2f} GiB (whole {need[MERGED] / GiB:.2f} GiB)"
         terms = f"the larger of {trained} and {merged}, one after the other; {LOGITS} {need[LOGITS] / GiB:.2f} GiB"
         raise UserError(
@@ -135,6 +136,12 @@ def preflight_verification(recipe, run, base: Path, dtype_name: str) -> dict[str
     max_length = recipe.data.max_length if isinstance(recipe.data.max_length, int) else 2048
     blocks = [] if recipe.task == "classification" else block_names(base)  # a classifier loads whole
     need = verification_need(recipe, base, run.adapter_weights, quantized, served, max_length, blocks)
-    q = with_resolved_precision(recipe).quantization
-    noise_copy = q.compute_dtype != "float32"  # reference_noise loads an fp32-compute copy beside it
+    noise_copy = loads_noise_copy(with_resolved_precision(recipe), dtype_name)
     return {**check_verification_fits(need, str(training_device()), noise_copy), "terms": need}
+
+
+def loads_noise_copy(resolved, dtype_name: str) -> bool:
+    """Whether verification loads a second trained model for the reference's noise (fidelity.reference_noise):
+    in fp32 compute for a 16-bit run, in bf16 for a bf16 export of an fp32 run (counted as large as the
+    trained model: an upper bound for a bf16 copy)."""
+    return resolved.quantization.compute_dtype != "float32" or dtype_name == "bfloat16"
