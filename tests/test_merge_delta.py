@@ -15,7 +15,8 @@ from safetensors.torch import load_file, save_file
 
 from qlora_pipe.export.command import export_merged
 from qlora_pipe.export.delta_kept import share_kept
-from qlora_pipe.export.fidelity import fidelity_table, judge
+from qlora_pipe.export.fidelity import fidelity_table
+from qlora_pipe.export.verdict import judge
 from qlora_pipe.recipe import validate_recipe
 from qlora_pipe.training.stage import run_training
 from tests.conftest import recipe_dict

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from qlora_pipe.export.fidelity import judge
+from qlora_pipe.export.verdict import judge
 
 
 def verify_classifier(recipe, run, merged_dir, dtype: torch.dtype, limit: int = 64) -> dict[str, Any]:

@@ -73,7 +73,8 @@ def measure(run: RunDir, gguf_file: Path, lora: Path | None = None) -> dict[str,
 
     from qlora_pipe.base_record import run_recipe
     from qlora_pipe.cpu_threads import choose_cpu_threads
-    from qlora_pipe.export.fidelity import compare, fidelity_rows, judge, reference_noise
+    from qlora_pipe.export.fidelity import compare, fidelity_rows, reference_noise
+    from qlora_pipe.export.verdict import judge
     from qlora_pipe.generation import chat_prompt_ids, stop_token_ids
     from qlora_pipe.model import load_run_tokenizer, load_trained_model
 
