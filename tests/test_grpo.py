@@ -107,11 +107,12 @@ def test_grpo_step_peak_and_kv_cache_match_the_plan(tiny_model_dir, tmp_path):
     batch, counted tensor by tensor, against the formula."""
     from dataclasses import replace
 
+    from qlora_pipe.methods import method_for
     from qlora_pipe.model import load_tokenizer
     from qlora_pipe.plan.advice import plan_for_recipe
     from qlora_pipe.plan.grpo_terms import GENERATION_TERM, kv_cache_bytes
     from qlora_pipe.runs import RunDir
-    from qlora_pipe.training.method import load_policy, prepare_method_data
+    from qlora_pipe.training.method import load_policy
     from qlora_pipe.training.micro_batch import BatchChoice, try_grpo_step
     from qlora_pipe.training.stage import build_trainer
     from tests.helpers.memory import step_peak
@@ -122,7 +123,7 @@ def test_grpo_step_peak_and_kv_cache_match_the_plan(tiny_model_dir, tmp_path):
     raw["data"]["eval_path"] = None
     recipe = validate_recipe(raw)
     tokenizer = load_tokenizer(recipe)
-    data = prepare_method_data(recipe, tokenizer)
+    data = method_for(recipe).prepare_data(recipe, tokenizer)
     model = load_policy(recipe, tokenizer).model
     run = RunDir(recipe.run_dir())
     run.root.mkdir(parents=True)

@@ -99,9 +99,10 @@ def test_grpo_renders_each_prompts_tools_in_training(tiny_model_dir, tmp_path):
     """TRL's GRPOTrainer generates from each prompt rendered with its own row's tools (and a row without
     tools from the plain prompt), and a real GRPO step with the tool_call reward trains and logs it."""
     from qlora_pipe.data.prompts import render_prompt
+    from qlora_pipe.methods import method_for
     from qlora_pipe.model import load_tokenizer
     from qlora_pipe.runs import RunDir
-    from qlora_pipe.training.method import load_policy, prepare_method_data
+    from qlora_pipe.training.method import load_policy
     from qlora_pipe.training.micro_batch import BatchChoice
     from qlora_pipe.training.stage import build_trainer, run_training
 
@@ -109,7 +110,7 @@ def test_grpo_renders_each_prompts_tools_in_training(tiny_model_dir, tmp_path):
     raw["training"].update(micro_batch_size=4, gradient_accumulation_steps=5)  # every row in one generation batch
     recipe = validate_recipe(raw)
     tokenizer = load_tokenizer(recipe)
-    data = prepare_method_data(recipe, tokenizer)
+    data = method_for(recipe).prepare_data(recipe, tokenizer)
     run = RunDir(recipe.run_dir())
     run.root.mkdir(parents=True)
     model = load_policy(recipe, tokenizer).model

@@ -180,10 +180,11 @@ def test_dpo_step_peak_matches_the_plan(tiny_model_dir, tmp_path):
     adapter copy, backward), measured with the profiler's memory timeline as for SFT (tests/test_plan.py),
     beside the planner's activations + transient peak + gradients at the batch's own size. In fp32 on this
     tiny model the fused LM head's tile dominates; measured here: 0.90 of the profiled peak."""
+    from qlora_pipe.methods import method_for
     from qlora_pipe.model import load_tokenizer
     from qlora_pipe.plan.advice import plan_for_recipe
     from qlora_pipe.runs import RunDir
-    from qlora_pipe.training.method import load_policy, prepare_method_data
+    from qlora_pipe.training.method import load_policy
     from qlora_pipe.training.micro_batch import BatchChoice
     from qlora_pipe.training.stage import build_trainer
     from tests.helpers.memory import step_peak
@@ -195,7 +196,7 @@ def test_dpo_step_peak_matches_the_plan(tiny_model_dir, tmp_path):
     raw["data"]["eval_path"] = None
     recipe = validate_recipe(raw)
     tokenizer = load_tokenizer(recipe)
-    data = prepare_method_data(recipe, tokenizer)
+    data = method_for(recipe).prepare_data(recipe, tokenizer)
     model = load_policy(recipe, tokenizer).model
     run = RunDir(recipe.run_dir())
     run.root.mkdir(parents=True)

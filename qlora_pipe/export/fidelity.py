@@ -110,23 +110,14 @@ def fidelity_rows(recipe: Recipe, tokenizer, limit: int, run: RunDir | None = No
     """The first ``limit`` eval rows (train rows without an eval split) as training saw them; for a
     preference run, each pair's prompt with its chosen answer. A GRPO run's prompts are read with the
     columns its data report recorded for each reward: no reward code is imported."""
-    from qlora_pipe.data.preference import chosen_rows
-    from qlora_pipe.training.method import prepare_method_data
+    from qlora_pipe.methods import method_for
 
-    if recipe.method == "grpo" and run is not None:
-        from qlora_pipe.data.prompts import prepare_prompt_data, recorded_reward_columns
-
-        data = prepare_prompt_data(recipe, tokenizer, recorded=recorded_reward_columns(run.data_report))
-    else:
-        data = prepare_method_data(recipe, tokenizer)  # the run's own data stage, whatever its method
+    method = method_for(recipe)
+    data = method.finished_run_data(recipe, tokenizer, run)  # the run's own data stage, whatever its method
     source = data.eval if data.eval is not None else data.train
     rows = [source[i] for i in range(min(limit, len(source)))]
     split = "eval" if data.eval is not None else "train"
-    if recipe.method == "grpo":  # prompt rows: the rendered prompt, every token compared
-        from qlora_pipe.data.prompts import prompt_rows
-
-        return prompt_rows(rows, tokenizer), split
-    return (rows if recipe.method == "sft" else chosen_rows(rows, tokenizer)), split
+    return method.fidelity_rows(recipe, tokenizer, rows), split
 
 
 def verification_rows(recipe: Recipe, run: RunDir, limit: int = 16) -> Rows | None:

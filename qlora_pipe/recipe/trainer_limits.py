@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 # The trainers that score completions with lm_head's weight directly (trl/trainer/dpo_trainer.py and
 # kto_trainer.py: "Applying a PEFT adapter to `lm_head` is not supported").
 LOGPROB_FROM_LM_HEAD = ("dpo", "kto")
+# kto_trainer.py: "Actual (not effective) batch size must be > 1" (qlora_pipe/methods/preference.py reads it too)
+KTO_SMALLEST_MICRO_BATCH = 2
 
 
 def trainer_refusal(recipe: Recipe) -> str | None:
@@ -31,10 +33,14 @@ def trainer_refusal(recipe: Recipe) -> str | None:
         )
     # kto_trainer.py: "Actual (not effective) batch size must be > 1": the KL term is estimated from the
     # other rows of the same micro batch.
-    if recipe.method == "kto" and recipe.training.micro_batch_size == 1:
+    if (
+        recipe.method == "kto"
+        and recipe.training.micro_batch_size != "auto"
+        and (recipe.training.micro_batch_size < KTO_SMALLEST_MICRO_BATCH)
+    ):
         return (
             "training.micro_batch_size: KTO estimates its KL term from the other rows of a micro batch; "
-            "use 2 or more (or auto)"
+            f"use {KTO_SMALLEST_MICRO_BATCH} or more (or auto)"
         )
     # dpo_trainer.py: exo_pair needs label_smoothing > 0, which the recipe does not set (TRL's default is 0).
     if recipe.method == "dpo" and "exo_pair" in recipe.preference.loss_type:

@@ -122,9 +122,10 @@ def find_micro_batch(
     )
 
 
-def choose_batch(recipe: Recipe, run: RunDir, model, start: int | None = None) -> BatchChoice:
-    """The concrete micro batch and accumulation for this run (probed once, then reused).
-    ``start``: the first size to probe (the planner's largest fit; see plan.auto_sizes)."""
+def choose_batch(recipe: Recipe, run: RunDir, model, method, start: int | None = None) -> BatchChoice:
+    """The concrete micro batch and accumulation for this run (probed once, then reused). ``method``: the
+    run's (qlora_pipe/methods/), which says how to probe a size; ``start``: the first size to probe (the
+    planner's largest fit; see plan.auto_sizes)."""
     t = recipe.training
     if t.micro_batch_size != "auto":
         return BatchChoice(t.micro_batch_size, t.gradient_accumulation_steps)
@@ -135,16 +136,9 @@ def choose_batch(recipe: Recipe, run: RunDir, model, start: int | None = None) -
         return choice
     length = recipe.data.max_length
     start = start or t.auto_micro_batch_start
-    smallest = 2 if recipe.method == "kto" else 1
+    smallest = method.smallest_micro_batch
     effective = t.effective_batch_size or t.gradient_accumulation_steps
-    allowed: Callable[[int], int] = lambda n: n  # noqa: E731
-    probe: Callable[[int], None] = lambda n: try_micro_batch(model, n, length)  # noqa: E731
-    if recipe.method == "grpo":  # the generation batch first; then micro batches that divide it
-        g = recipe.grpo  # whole groups per step: checked at validate (recipe/grpo.py, grpo_refusal)
-        probe_generation(model, effective, length)
-        allowed = lambda n: largest_divisor(effective, n)  # noqa: E731
-        completion = g.max_completion_length
-        probe = lambda n: try_grpo_step(model, n, length, completion, g.beta > 0, g.temperature)  # noqa: E731
+    probe, allowed = method.batch_probe(recipe, model, effective, length)
     size = find_micro_batch(probe, max(start, smallest), smallest, allowed)
     choice = BatchChoice(size, max(1, math.ceil(effective / size)))
     log.info(

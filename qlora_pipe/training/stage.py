@@ -21,6 +21,7 @@ from qlora_pipe.dist import is_main_process, world_size
 from qlora_pipe.errors import Interrupted, TrainingAborted, UserError
 from qlora_pipe.generation import generate_answers
 from qlora_pipe.machine.host_memory import HostMemory
+from qlora_pipe.methods import method_for
 from qlora_pipe.model import check_sharded_quantization, load_tokenizer, training_device
 from qlora_pipe.plan.auto_sizes import resolve_auto_sizes
 from qlora_pipe.recipe import Recipe, resolve_paths
@@ -29,7 +30,7 @@ from qlora_pipe.training.callbacks import MetricsRecorder, PushCheckpoints
 from qlora_pipe.training.checkpoints import latest_valid_checkpoint, read_marker, step_of
 from qlora_pipe.training.compute import Compute, device_description, resolve_compute
 from qlora_pipe.training.config import check_trackers, trainer_config
-from qlora_pipe.training.method import load_policy, method_summary, prepare_method_data, with_data_classes
+from qlora_pipe.training.method import load_policy
 from qlora_pipe.training.micro_batch import choose_batch
 from qlora_pipe.training.plots import plot_losses
 from qlora_pipe.training.preview_answers import answers_before, print_preview
@@ -76,16 +77,17 @@ def build_trainer(
         tensorboard_callback,
         trackers_skip_missing_values,
     )
-    from qlora_pipe.training.method import method_callbacks, trainer_class
     from qlora_pipe.training.progress import RunProgress
 
-    trainer = trainer_class(recipe)(
+    method = method_for(recipe)
+    batch = batch or choose_batch(recipe, run, model, method)
+    trainer = method.trainer_class(recipe)(
         model=model,
-        args=trainer_config(recipe, run, training_device(), batch or choose_batch(recipe, run, model), resuming),
+        args=trainer_config(recipe, run, training_device(), batch, resuming),
         train_dataset=data.train,
         eval_dataset=data.eval,
         processing_class=tokenizer,
-        callbacks=[MetricsRecorder(run), *method_callbacks(recipe, run, tokenizer, data), *callbacks],
+        callbacks=[MetricsRecorder(run), *method.callbacks(recipe, run, tokenizer, data), *callbacks],
         max_bad_steps=recipe.training.max_bad_steps,
         keep_checkpoints=recipe.training.save_total_limit,
     )
@@ -136,8 +138,8 @@ def _run_training(
     check_sharded_quantization(recipe)  # FSDP / ZeRO-3: before the data and the model load
     set_seed(recipe.seed)
     tokenizer = load_tokenizer(recipe)
-    data = prepare_method_data(recipe, tokenizer)  # data errors surface before the model loads
-    recipe = with_data_classes(recipe, data)
+    data = method_for(recipe).prepare_data(recipe, tokenizer)  # data errors surface before the model loads
+    recipe = method_for(recipe).with_data(recipe, data)
     if checkpoint is not None:
         check_same_data(run, data.fingerprint)
     set_seed(recipe.seed)
@@ -158,7 +160,7 @@ def _run_training(
         run.set_status("running", started=started, resumed_from=str(checkpoint) if checkpoint else None)
         write_json_atomic(run.data_report, [r.as_dict() for r in data.reports])
         write_json_atomic(run.system_prompt, {"system_prompt": data.system_prompt})
-    batch = choose_batch(recipe, run, trainable.model, sizes.micro_batch_start)
+    batch = choose_batch(recipe, run, trainable.model, method_for(recipe), sizes.micro_batch_start)
     try:
         summary = _train_and_save(
             recipe, run, trainable, tokenizer, data, started, checkpoint, callbacks, batch, compute, host
@@ -243,7 +245,7 @@ def _train_and_save(
         "run_name": recipe.run_name,
         "base_model": recipe.model.name_or_path,
         "base_source": recorded_source(run),
-        **method_summary(recipe, run),
+        **method_for(recipe).summary(recipe, run),
         "steps": trainer.state.global_step,
         "epochs": trainer.state.epoch,
         "resumed_from": str(checkpoint) if checkpoint else None,

@@ -1,0 +1,57 @@
+"""What a stage may ask of a training method, with the answers that most methods share."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+
+class Method:
+    """A training method (``recipe.method``, or ``task: classification``). Subclasses answer differently."""
+
+    smallest_micro_batch = 1  # the least micro batch the method can train with
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def prepare_data(self, recipe, tokenizer) -> Any:
+        """The run's data stage: tokenized, checked and split rows (PreparedData or the method's own)."""
+        raise NotImplementedError
+
+    def finished_run_data(self, recipe, tokenizer, run=None) -> Any:
+        """The data stage again, after training (``run``: the finished run, whose records it may read)."""
+        return self.prepare_data(recipe, tokenizer)
+
+    def with_data(self, recipe, data) -> Any:
+        """The recipe with what the data stage found (a classifier's classes); unchanged by default."""
+        return recipe
+
+    def trainer_class(self, recipe) -> type:
+        raise NotImplementedError
+
+    def load_fresh_policy(self, recipe, tokenizer) -> Any:
+        """The 4-bit base with a fresh adapter to train (TrainableModel)."""
+        from qlora_pipe.model import load_trainable_model
+
+        return load_trainable_model(recipe, tokenizer)[1]
+
+    def callbacks(self, recipe, run, tokenizer, data) -> list:
+        """The method's own trainer callbacks (held-out scores before and after training)."""
+        return []
+
+    def summary(self, recipe, run) -> dict:
+        """The method and its settings for summary.json, with its held-out scores."""
+        return {"method": self.name}
+
+    def batch_probe(
+        self, recipe, model, effective: int, length: int
+    ) -> tuple[Callable[[int], None], Callable[[int], int]]:
+        """For ``micro_batch_size: auto``: a probe that runs one micro batch of a size (raising
+        torch.OutOfMemoryError when it does not fit), and the rounding of a size to one the method takes."""
+        from qlora_pipe.training.micro_batch import try_micro_batch
+
+        return (lambda n: try_micro_batch(model, n, length)), (lambda n: n)
+
+    def fidelity_rows(self, recipe, tokenizer, rows: list[dict]) -> list[dict]:
+        """The export check's rows from the held-out rows of the method's data: as training saw them."""
+        return rows

@@ -1,0 +1,49 @@
+"""A sequence classifier (``task: classification``): labelled rows, a 4-bit base with a trained head, held-out
+accuracy before and after."""
+
+from __future__ import annotations
+
+import json
+
+from qlora_pipe.methods.base import Method
+
+
+class Classification(Method):
+    def prepare_data(self, recipe, tokenizer):
+        from qlora_pipe.data.classification import prepare_classification_data
+
+        data, classes = prepare_classification_data(recipe, tokenizer)
+        data.classes = classes
+        return data
+
+    def with_data(self, recipe, data):
+        """The classes found in the data become classification.labels (the resolved recipe keeps them, so eval
+        and export know the label order)."""
+        if recipe.classification.labels == data.classes:
+            return recipe
+        section = recipe.classification.model_copy(update={"labels": data.classes})
+        return recipe.model_copy(update={"classification": section})
+
+    def trainer_class(self, recipe) -> type:
+        from qlora_pipe.training.trainer import classifier_trainer_class
+
+        return classifier_trainer_class()
+
+    def load_fresh_policy(self, recipe, tokenizer):
+        from qlora_pipe.classifier import load_classifier
+
+        return load_classifier(recipe, tokenizer, recipe.classification.labels)
+
+    def callbacks(self, recipe, run, tokenizer, data) -> list:
+        if data.eval is None:
+            return []
+        from qlora_pipe.training.classifier_scores import held_out_classifier_scores
+
+        return [held_out_classifier_scores(recipe, run, data)]
+
+    def summary(self, recipe, run) -> dict:
+        from qlora_pipe.training.classifier_scores import CLASSIFIER_EVAL
+
+        path = run.root / CLASSIFIER_EVAL
+        scores = json.loads(path.read_text()) if path.is_file() else {}
+        return {"method": "sft", "task": "classification", "labels": recipe.classification.labels, "held_out": scores}

@@ -1,0 +1,54 @@
+"""DPO, ORPO and KTO: preference pairs (qlora_pipe/data/preference.py; KTO also labelled rows) through TRL's
+trainers. With a LoRA policy the reference costs no second model: TRL copies the starting adapter under the
+name "ref" (a fresh adapter is zero, so the reference is the base; a continued SFT adapter makes the SFT model
+the reference). Held-out reward accuracy (pairs) or label separation (KTO's unpaired rows), before and after."""
+
+from __future__ import annotations
+
+import json
+
+from qlora_pipe.methods.base import Method
+from qlora_pipe.recipe.trainer_limits import KTO_SMALLEST_MICRO_BATCH
+
+PREFERENCE_EVAL = "preference_eval.json"
+
+
+class Preference(Method):
+    @property
+    def smallest_micro_batch(self) -> int:  # KTO's KL term comes from the other rows of the micro batch
+        return KTO_SMALLEST_MICRO_BATCH if self.name == "kto" else 1
+
+    def prepare_data(self, recipe, tokenizer):
+        from qlora_pipe.data.preference import prepare_preference_data
+
+        return prepare_preference_data(recipe.data, tokenizer, recipe.seed, self.name)
+
+    def trainer_class(self, recipe) -> type:
+        from qlora_pipe.training.trainer import preference_trainer_class
+
+        return preference_trainer_class(self.name)
+
+    def callbacks(self, recipe, run, tokenizer, data) -> list:
+        if data.eval is None:
+            return []
+        from qlora_pipe.evaluate.reward_accuracy import held_out_scores
+        from qlora_pipe.training.callbacks import HeldOutBeforeAfter
+
+        path = run.root / PREFERENCE_EVAL
+        return [HeldOutBeforeAfter(path, lambda model: held_out_scores(model, tokenizer, data.eval))]
+
+    def summary(self, recipe, run) -> dict:
+        path = run.root / PREFERENCE_EVAL
+        scores = json.loads(path.read_text()) if path.is_file() else {}
+        unpaired = "label_auc" in scores.get("before", {})
+        return {
+            "method": self.name,
+            "preference": recipe.preference.model_dump(),
+            "started_from_adapter": recipe.model.adapter,
+            ("held_out_label_separation" if unpaired else "held_out_reward_accuracy"): scores,
+        }
+
+    def fidelity_rows(self, recipe, tokenizer, rows: list[dict]) -> list[dict]:
+        from qlora_pipe.data.preference import chosen_rows
+
+        return chosen_rows(rows, tokenizer)  # each pair's prompt with its chosen answer

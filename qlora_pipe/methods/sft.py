@@ -1,0 +1,17 @@
+"""Supervised fine-tuning: chat rows, a fresh adapter, TRL's SFTTrainer under PipeTrainer."""
+
+from __future__ import annotations
+
+from qlora_pipe.methods.base import Method
+
+
+class SFT(Method):
+    def prepare_data(self, recipe, tokenizer):
+        from qlora_pipe.data.prepare import prepare_data
+
+        return prepare_data(recipe.data, tokenizer, recipe.seed)
+
+    def trainer_class(self, recipe) -> type:
+        from qlora_pipe.training.trainer import PipeTrainer
+
+        return PipeTrainer
