@@ -31,7 +31,10 @@ def train(
         recipe = load_recipe(recipe, overrides=overrides)
     elif overrides:
         raise UserError("overrides apply to recipe paths; edit the Recipe object directly instead")
-    return run_training(recipe, overwrite=overwrite, resume=resume, callbacks=tuple(callbacks))
+    from qlora_pipe.publish.training_push import HubPush
+
+    publisher = HubPush(recipe.hub)  # the recipe's hub section: checkpoints and the adapter pushed as it asks
+    return run_training(recipe, overwrite=overwrite, resume=resume, callbacks=tuple(callbacks), publisher=publisher)
 
 
 __all__ = ["Recipe", "UserError", "__version__", "load_recipe", "train"]

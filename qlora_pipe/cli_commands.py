@@ -31,6 +31,7 @@ def needs_bitsandbytes(command: Callable[[argparse.Namespace], int]) -> Callable
 @needs_bitsandbytes
 def cmd_train(args: argparse.Namespace) -> int:
     from qlora_pipe.dist import close_process_group
+    from qlora_pipe.publish.training_push import HubPush
     from qlora_pipe.recipe import load_recipe
     from qlora_pipe.training.stage import run_training
 
@@ -38,7 +39,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume and args.overwrite:
         raise UserError("--resume and --overwrite contradict each other; choose one")
     try:
-        result = run_training(recipe, overwrite=args.overwrite, resume=args.resume)
+        result = run_training(recipe, overwrite=args.overwrite, resume=args.resume, publisher=HubPush(recipe.hub))
     finally:
         close_process_group()
     s = result.summary

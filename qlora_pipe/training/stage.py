@@ -26,7 +26,7 @@ from qlora_pipe.model import check_sharded_quantization, load_tokenizer, trainin
 from qlora_pipe.plan.auto_sizes import resolve_auto_sizes
 from qlora_pipe.recipe import Recipe, resolve_paths
 from qlora_pipe.runs import RunDir, write_json_atomic, write_text_atomic
-from qlora_pipe.training.callbacks import MetricsRecorder, PushCheckpoints
+from qlora_pipe.training.callbacks import MetricsRecorder
 from qlora_pipe.training.checkpoints import latest_valid_checkpoint, read_marker, step_of
 from qlora_pipe.training.compute import Compute, device_description, resolve_compute
 from qlora_pipe.training.config import check_trackers, trainer_config
@@ -99,22 +99,26 @@ def build_trainer(
 
 
 def run_training(
-    recipe: Recipe, overwrite: bool = False, resume: bool | str = False, callbacks: tuple = ()
+    recipe: Recipe, overwrite: bool = False, resume: bool | str = False, callbacks: tuple = (), publisher=None
 ) -> TrainResult:
     """Data and model checks, then train, save, and summarise. Returns the finished run.
 
     ``resume``: True for the latest complete checkpoint of the run, or a checkpoint path.
     ``callbacks``: extra transformers TrainerCallbacks (e.g. for notebooks or fault injection).
+    ``publisher``: what the recipe's hub section asks (publish/training_push.py's HubPush, handed over by the
+    CLI and ``qlora_pipe.train``); without one nothing is pushed, and a hub section that asks says so.
     The run directory belongs to this process while it runs (RunDir.exclusive): a second training into
     it, with or without --overwrite, is refused.
     """
     run = RunDir(recipe.run_dir())
     with run.exclusive() if is_main_process() else contextlib.nullcontext(), HostMemory() as host:
-        return _run_training(recipe, overwrite, resume, callbacks, host)
+        if publisher is None and (recipe.hub.push_checkpoints or recipe.hub.push_adapter_at_end):
+            log.warning("hub: this caller of run_training passed no publisher: nothing will be pushed")
+        return _run_training(recipe, overwrite, resume, callbacks, host, publisher)
 
 
 def _run_training(
-    recipe: Recipe, overwrite: bool, resume: bool | str, callbacks: tuple, host: HostMemory
+    recipe: Recipe, overwrite: bool, resume: bool | str, callbacks: tuple, host: HostMemory, publisher
 ) -> TrainResult:
     from transformers import set_seed
 
@@ -163,7 +167,7 @@ def _run_training(
     batch = choose_batch(recipe, run, trainable.model, method_for(recipe), sizes.micro_batch_start)
     try:
         summary = _train_and_save(
-            recipe, run, trainable, tokenizer, data, started, checkpoint, callbacks, batch, compute, host
+            recipe, run, trainable, tokenizer, data, started, checkpoint, callbacks, batch, compute, host, publisher
         )
     except Interrupted as exc:
         if main:
@@ -187,17 +191,15 @@ def eval_loss_before(run: RunDir) -> float | None:
 
 
 def _train_and_save(
-    recipe, run, trainable, tokenizer, data, started, checkpoint, callbacks, batch, compute: Compute, host: HostMemory
+    recipe, run, trainable, tokenizer, data, started, checkpoint, callbacks, batch, compute: Compute, host, publisher
 ) -> dict[str, Any]:
     device = training_device()
     model = trainable.model
     prompts = recipe.training.preview_prompts
     with graceful_stop() as stop:
         callbacks = (StopAtStepBoundary(stop), *callbacks)
-        if recipe.hub.push_checkpoints and is_main_process():
-            from qlora_pipe.publish.hub import CheckpointPusher
-
-            callbacks = (*callbacks, PushCheckpoints(CheckpointPusher(recipe.hub.repo_id, recipe.hub.private)))
+        if publisher is not None:
+            callbacks = (*callbacks, *publisher.checkpoint_callbacks())
         trainer = build_trainer(
             recipe, run, model, tokenizer, data, callbacks, batch, checkpoint is not None, compute.label()
         )
@@ -278,16 +280,6 @@ def _train_and_save(
     # summary.json is the completion marker: written after everything else, atomically.
     write_json_atomic(run.summary, summary)
     run.set_status("finished", finished=time.time())
-    if recipe.hub.push_adapter_at_end:
-        push_at_end(recipe, run)
+    if publisher is not None:
+        publisher.at_end(run)
     return summary
-
-
-def push_at_end(recipe: Recipe, run: RunDir) -> None:
-    """The recipe's hub section asked for it. A failed push never un-finishes the run: it says how to retry."""
-    from qlora_pipe.publish.hub import push_run
-
-    try:
-        push_run(run.root, recipe.hub.repo_id, "adapter", private=recipe.hub.private)
-    except UserError as exc:
-        log.error("the run finished, but %s", exc)
