@@ -166,8 +166,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from qlora_pipe.data.prepare import prepare_data
-    from qlora_pipe.data.preview import preview_text
+    from qlora_pipe.methods import method_for
     from qlora_pipe.model import load_tokenizer
     from qlora_pipe.plan.auto_sizes import memory_budget, resolve_max_length
     from qlora_pipe.recipe import load_recipe
@@ -175,26 +174,8 @@ def cmd_data(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, overrides=args.overrides)
     recipe = resolve_max_length(recipe, memory_budget(recipe))
     tokenizer = load_tokenizer(recipe)
-    if recipe.task == "classification":
-        from qlora_pipe.data.classification import classification_preview
-
-        print(classification_preview(recipe, tokenizer, args.preview))
-        return 0
-    if recipe.method == "grpo":
-        from qlora_pipe.data.prompts import prepare_prompt_data, prompt_preview_text
-
-        print(prompt_preview_text(prepare_prompt_data(recipe, tokenizer), tokenizer, recipe, args.preview))
-        return 0
-    if recipe.method != "sft":
-        from qlora_pipe.data.preference import prepare_preference_data
-        from qlora_pipe.data.preview import preference_preview_text
-
-        prepared = prepare_preference_data(recipe.data, tokenizer, recipe.seed, recipe.method)
-        print(preference_preview_text(prepared, tokenizer, args.preview))
-        return 0
-    prepared = prepare_data(recipe.data, tokenizer, recipe.seed)
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
-    print(preview_text(prepared, tokenizer, args.preview, color))
+    print(method_for(recipe).preview(recipe, tokenizer, args.preview, color))
     return 0
 
 

@@ -93,6 +93,8 @@ def test_no_stage_reaches_into_another_stages_command():
     for name, path in known.items():
         if name in ("qlora_pipe.cli", "qlora_pipe.cli_commands"):  # the CLI calls every command
             continue
+        if name.startswith("qlora_pipe.methods."):  # a method answers for each command (the data preview, ...)
+            continue
         for target in imported(path, known) & COMMAND_MODULES:
             assert target.split(".")[1] == name.split(".")[1], f"{name} imports the command module {target}"
 
@@ -133,7 +135,7 @@ def test_validating_a_recipe_does_not_import_torch():
 
 # Branches on the method's (or task's) name left outside qlora_pipe/methods/ (57 before methods/ existed). The
 # count may only fall: a new branch belongs in the method's module (issue 38: none at all outside methods/).
-METHOD_BRANCHES_LEFT = 38
+METHOD_BRANCHES_LEFT = 30
 
 
 def test_branches_on_the_method_name_stay_in_methods():

@@ -22,11 +22,20 @@ class Method:
         """The data stage again, after training (``run``: the finished run, whose records it may read)."""
         return self.prepare_data(recipe, tokenizer)
 
+    def preview(self, recipe, tokenizer, rows: int, color: bool) -> str:
+        """`qlora-pipe data --preview N`: the data report and N rows as training sees them."""
+        raise NotImplementedError
+
     def with_data(self, recipe, data) -> Any:
         """The recipe with what the data stage found (a classifier's classes); unchanged by default."""
         return recipe
 
     def trainer_class(self, recipe) -> type:
+        raise NotImplementedError
+
+    def trainer_config(self, recipe, arguments: dict) -> Any:
+        """The trainer's config from the arguments every method shares (training/config.py's sft_arguments),
+        those the config has, plus the method's own."""
         raise NotImplementedError
 
     def load_fresh_policy(self, recipe, tokenizer) -> Any:

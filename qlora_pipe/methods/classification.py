@@ -16,6 +16,11 @@ class Classification(Method):
         data.classes = classes
         return data
 
+    def preview(self, recipe, tokenizer, rows: int, color: bool) -> str:
+        from qlora_pipe.data.classification import classification_preview
+
+        return classification_preview(recipe, tokenizer, rows)
+
     def with_data(self, recipe, data):
         """The classes found in the data become classification.labels (the resolved recipe keeps them, so eval
         and export know the label order)."""
@@ -28,6 +33,15 @@ class Classification(Method):
         from qlora_pipe.training.trainer import classifier_trainer_class
 
         return classifier_trainer_class()
+
+    def trainer_config(self, recipe, arguments: dict):
+        """transformers' TrainingArguments: the shared fields, no SFT extras."""
+        import dataclasses
+
+        from transformers import TrainingArguments
+
+        accepted = {f.name for f in dataclasses.fields(TrainingArguments)}
+        return TrainingArguments(**{k: v for k, v in arguments.items() if k in accepted})
 
     def load_fresh_policy(self, recipe, tokenizer):
         from qlora_pipe.classifier import load_classifier

@@ -13,6 +13,11 @@ class GRPO(Method):
 
         return prepare_prompt_data(recipe, tokenizer)
 
+    def preview(self, recipe, tokenizer, rows: int, color: bool) -> str:
+        from qlora_pipe.data.prompts import prompt_preview_text
+
+        return prompt_preview_text(self.prepare_data(recipe, tokenizer), tokenizer, recipe, rows)
+
     def finished_run_data(self, recipe, tokenizer, run=None):
         """The prompts read with the columns the run's data report recorded for each reward: no reward code
         is imported."""
@@ -26,6 +31,11 @@ class GRPO(Method):
         from qlora_pipe.training.grpo import grpo_trainer_class
 
         return grpo_trainer_class(recipe)
+
+    def trainer_config(self, recipe, arguments: dict):
+        from qlora_pipe.training.grpo import grpo_config
+
+        return grpo_config(recipe, arguments)
 
     def callbacks(self, recipe, run, tokenizer, data) -> list:
         from qlora_pipe.training.grpo import held_out_callback

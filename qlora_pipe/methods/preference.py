@@ -23,10 +23,43 @@ class Preference(Method):
 
         return prepare_preference_data(recipe.data, tokenizer, recipe.seed, self.name)
 
+    def preview(self, recipe, tokenizer, rows: int, color: bool) -> str:
+        from qlora_pipe.data.preview import preference_preview_text
+
+        return preference_preview_text(self.prepare_data(recipe, tokenizer), tokenizer, rows)
+
     def trainer_class(self, recipe) -> type:
         from qlora_pipe.training.trainer import preference_trainer_class
 
         return preference_trainer_class(self.name)
+
+    def trainer_config(self, recipe, arguments: dict):
+        """DPOConfig, KTOConfig or ORPOConfig: the shared arguments they have (not SFT's packing and padding-free),
+        the data's max_length, and the method's own."""
+        import dataclasses
+
+        p = recipe.preference
+        if self.name == "orpo":  # reference-free: beta is ORPO's lambda; no loss_type or reference settings
+            from qlora_pipe.compat.trl import orpo_config
+
+            config, extra = orpo_config(), {"beta": p.beta}
+        elif self.name == "kto":  # KTO's default loss; TRL keeps its batches in order for the KL estimate
+            from trl import KTOConfig
+
+            config, extra = KTOConfig, {"beta": p.beta, "precompute_ref_log_probs": p.precompute_ref_log_probs}
+        else:
+            from trl import DPOConfig
+
+            config = DPOConfig
+            extra = {
+                "beta": p.beta,
+                "loss_type": list(p.loss_type),
+                "precompute_ref_log_probs": p.precompute_ref_log_probs,
+            }
+        arguments = {**arguments, "max_length": recipe.data.max_length}
+        accepted = {f.name for f in dataclasses.fields(config)}
+        arguments = {k: v for k, v in arguments.items() if k in accepted and k not in ("packing", "padding_free")}
+        return config(**arguments, **extra)
 
     def callbacks(self, recipe, run, tokenizer, data) -> list:
         if data.eval is None:

@@ -11,7 +11,17 @@ class SFT(Method):
 
         return prepare_data(recipe.data, tokenizer, recipe.seed)
 
+    def preview(self, recipe, tokenizer, rows: int, color: bool) -> str:
+        from qlora_pipe.data.preview import preview_text
+
+        return preview_text(self.prepare_data(recipe, tokenizer), tokenizer, rows, color)
+
     def trainer_class(self, recipe) -> type:
         from qlora_pipe.training.trainer import PipeTrainer
 
         return PipeTrainer
+
+    def trainer_config(self, recipe, arguments: dict):
+        from trl import SFTConfig
+
+        return SFTConfig(**arguments)

@@ -18,44 +18,6 @@ from qlora_pipe.training.micro_batch import BatchChoice
 log = logging.getLogger(__name__)
 
 
-def trainer_config(recipe: Recipe, run: RunDir, device: torch.device, batch: BatchChoice, resuming: bool = False):
-    """SFTConfig, or the preference method's DPOConfig / KTOConfig / ORPOConfig: the same training arguments
-    (those the config has; packing and padding-free are SFT's), plus the method's own."""
-    import dataclasses
-
-    if recipe.task == "classification":  # transformers' TrainingArguments: the shared fields, no SFT extras
-        from transformers import TrainingArguments
-
-        accepted = {f.name for f in dataclasses.fields(TrainingArguments)}
-        arguments = sft_arguments(recipe, run, device, batch, resuming)
-        return TrainingArguments(**{k: v for k, v in arguments.items() if k in accepted})
-    if recipe.method == "sft":
-        return sft_config(recipe, run, device, batch, resuming)
-    if recipe.method == "grpo":
-        from qlora_pipe.training.grpo import grpo_config
-
-        return grpo_config(recipe, sft_arguments(recipe, run, device, batch, resuming))
-
-    p = recipe.preference
-    if recipe.method == "orpo":  # reference-free: beta is ORPO's lambda; no loss_type or reference settings
-        from qlora_pipe.compat.trl import orpo_config
-
-        config, extra = orpo_config(), {"beta": p.beta}
-    elif recipe.method == "kto":  # KTO's default loss; TRL keeps its batches in order for the KL estimate
-        from trl import KTOConfig
-
-        config, extra = KTOConfig, {"beta": p.beta, "precompute_ref_log_probs": p.precompute_ref_log_probs}
-    else:
-        from trl import DPOConfig
-
-        config = DPOConfig
-        extra = {"beta": p.beta, "loss_type": list(p.loss_type), "precompute_ref_log_probs": p.precompute_ref_log_probs}
-    arguments = {**sft_arguments(recipe, run, device, batch, resuming), "max_length": recipe.data.max_length}
-    accepted = {f.name for f in dataclasses.fields(config)}
-    arguments = {k: v for k, v in arguments.items() if k in accepted and k not in ("packing", "padding_free")}
-    return config(**arguments, **extra)
-
-
 def sft_config(recipe: Recipe, run: RunDir, device: torch.device, batch: BatchChoice, resuming: bool = False):
     """The one place where recipe names become TRL/transformers argument names."""
     from trl import SFTConfig

@@ -29,7 +29,7 @@ from qlora_pipe.runs import RunDir, write_json_atomic, write_text_atomic
 from qlora_pipe.training.callbacks import MetricsRecorder
 from qlora_pipe.training.checkpoints import latest_valid_checkpoint, read_marker, step_of
 from qlora_pipe.training.compute import Compute, device_description, resolve_compute
-from qlora_pipe.training.config import check_trackers, trainer_config
+from qlora_pipe.training.config import check_trackers, sft_arguments
 from qlora_pipe.training.method import load_policy
 from qlora_pipe.training.micro_batch import choose_batch
 from qlora_pipe.training.plots import plot_losses
@@ -83,7 +83,7 @@ def build_trainer(
     batch = batch or choose_batch(recipe, run, model, method)
     trainer = method.trainer_class(recipe)(
         model=model,
-        args=trainer_config(recipe, run, training_device(), batch, resuming),
+        args=method.trainer_config(recipe, sft_arguments(recipe, run, training_device(), batch, resuming)),
         train_dataset=data.train,
         eval_dataset=data.eval,
         processing_class=tokenizer,
