@@ -212,28 +212,11 @@ def run_eval(
     if merged and not (merged_dir / "config.json").is_file():
         raise UserError(f"eval --merged: no merged model in {merged_dir}; run `qlora-pipe export {run.root}` first")
     recipe = run_recipe(run, "eval")
-    if recipe.task == "classification":
-        if lm_tasks:
-            raise UserError(f"eval {run.root}: --lm-eval is for text generation; a classifier is scored on labels")
-        from qlora_pipe.evaluate.classification_eval import run_classification_eval
+    from qlora_pipe.methods import method_for
 
-        return run_classification_eval(run, recipe, data, limit, merged)
-    if recipe.method == "grpo":  # prompts: greedy answers' rewards of base, starting adapter and tuned adapter
-        if merged or lm_tasks:
-            raise UserError(
-                f"eval {run.root}: --merged and --lm-eval are for sft runs; a grpo run is scored by rewards"
-            )
-        from qlora_pipe.evaluate.grpo_eval import run_grpo_eval
-
-        return run_grpo_eval(run, recipe, data, limit, batch_size)
-    if recipe.method != "sft":  # preference pairs: reward accuracy of base, starting adapter and tuned adapter
-        if merged or lm_tasks:
-            raise UserError(
-                f"eval {run.root}: --merged and --lm-eval are for sft runs; a {recipe.method} run is scored on pairs"
-            )
-        from qlora_pipe.evaluate.preference_eval import run_preference_eval
-
-        return run_preference_eval(run, recipe, data, limit)
+    scored = method_for(recipe).held_out_eval(run, recipe, data, limit, batch_size, merged, lm_tasks is not None)
+    if scored is not None:  # a method with its own held-out scores (classes, rewards, pairs)
+        return scored
     tokenizer = load_run_tokenizer(run.root)
     evalset = load_eval_set(recipe, tokenizer, data, limit)
     max_new_tokens = max_new_tokens or evalset.longest_answer + EXTRA_NEW_TOKENS

@@ -61,6 +61,10 @@ class Method:
 
         return (lambda n: try_micro_batch(model, n, length)), (lambda n: n)
 
+    def held_out_eval(self, run, recipe, data, limit, batch_size: int, merged: bool, lm_eval: bool) -> dict | None:
+        """`qlora-pipe eval` for a method scored its own way (None: the answers-and-loss evaluation of SFT)."""
+        return None
+
     def fidelity_rows(self, recipe, tokenizer, rows: list[dict]) -> list[dict]:
         """The export check's rows from the held-out rows of the method's data: as training saw them."""
         return rows

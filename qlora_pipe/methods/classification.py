@@ -55,6 +55,14 @@ class Classification(Method):
 
         return [held_out_classifier_scores(recipe, run, data)]
 
+    def held_out_eval(self, run, recipe, data, limit, batch_size: int, merged: bool, lm_eval: bool) -> dict:
+        from qlora_pipe.errors import UserError
+        from qlora_pipe.evaluate.classification_eval import run_classification_eval
+
+        if lm_eval:
+            raise UserError(f"eval {run.root}: --lm-eval is for text generation; a classifier is scored on labels")
+        return run_classification_eval(run, recipe, data, limit, merged)
+
     def summary(self, recipe, run) -> dict:
         from qlora_pipe.training.classifier_scores import CLASSIFIER_EVAL
 

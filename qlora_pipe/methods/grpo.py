@@ -42,6 +42,17 @@ class GRPO(Method):
 
         return [held_out_callback(recipe, run, tokenizer, data)] if data.held_out_prompts is not None else []
 
+    def held_out_eval(self, run, recipe, data, limit, batch_size: int, merged: bool, lm_eval: bool) -> dict:
+        """Greedy answers' rewards of the base, the starting adapter and the tuned adapter."""
+        from qlora_pipe.errors import UserError
+        from qlora_pipe.evaluate.grpo_eval import run_grpo_eval
+
+        if merged or lm_eval:
+            raise UserError(
+                f"eval {run.root}: --merged and --lm-eval are for sft runs; a grpo run is scored by rewards"
+            )
+        return run_grpo_eval(run, recipe, data, limit, batch_size)
+
     def summary(self, recipe, run) -> dict:
         from qlora_pipe.training.grpo import grpo_summary
 

@@ -70,6 +70,17 @@ class Preference(Method):
         path = run.root / PREFERENCE_EVAL
         return [HeldOutBeforeAfter(path, lambda model: held_out_scores(model, tokenizer, data.eval))]
 
+    def held_out_eval(self, run, recipe, data, limit, batch_size: int, merged: bool, lm_eval: bool) -> dict:
+        """Reward accuracy (or label separation) of the base, the starting adapter and the tuned adapter."""
+        from qlora_pipe.errors import UserError
+        from qlora_pipe.evaluate.preference_eval import run_preference_eval
+
+        if merged or lm_eval:
+            raise UserError(
+                f"eval {run.root}: --merged and --lm-eval are for sft runs; a {self.name} run is scored on pairs"
+            )
+        return run_preference_eval(run, recipe, data, limit)
+
     def summary(self, recipe, run) -> dict:
         path = run.root / PREFERENCE_EVAL
         scores = json.loads(path.read_text()) if path.is_file() else {}
