@@ -10,6 +10,9 @@ class Method:
     """A training method (``recipe.method``, or ``task: classification``). Subclasses answer differently."""
 
     smallest_micro_batch = 1  # the least micro batch the method can train with
+    auto_class = "AutoModelForCausalLM"  # what loads the trained model (model cards)
+    kept_unquantized: tuple[str, ...] = ()  # modules of its own a 4-bit load keeps in 16-bit (a classifier's head)
+    serves_chat = True  # a chat model: a chat template, vLLM LoRA serving
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -64,6 +67,14 @@ class Method:
     def held_out_eval(self, run, recipe, data, limit, batch_size: int, merged: bool, lm_eval: bool) -> dict | None:
         """`qlora-pipe eval` for a method scored its own way (None: the answers-and-loss evaluation of SFT)."""
         return None
+
+    def card_line(self, recipe, sources: str) -> str:
+        """The model card's line on the data and method."""
+        raise NotImplementedError
+
+    def card_load_arguments(self, recipe) -> str:
+        """Extra from_pretrained arguments in the model card's loading snippet."""
+        return ""
 
     def fidelity_rows(self, recipe, tokenizer, rows: list[dict]) -> list[dict]:
         """The export check's rows from the held-out rows of the method's data: as training saw them."""

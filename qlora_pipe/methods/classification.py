@@ -9,6 +9,16 @@ from qlora_pipe.methods.base import Method
 
 
 class Classification(Method):
+    auto_class = "AutoModelForSequenceClassification"
+    kept_unquantized = ("score", "classifier")  # the head trains in 16-bit
+    serves_chat = False
+
+    def card_line(self, recipe, sources: str) -> str:
+        return f"- Data: {sources}; loss on {recipe.data.loss_on} tokens; max length {recipe.data.max_length}"
+
+    def card_load_arguments(self, recipe) -> str:
+        return f"    num_labels={len(recipe.classification.labels or [])},\n"
+
     def prepare_data(self, recipe, tokenizer):
         from qlora_pipe.data.classification import prepare_classification_data
 

@@ -77,3 +77,11 @@ class GRPO(Method):
         from qlora_pipe.data.prompts import prompt_rows
 
         return prompt_rows(rows, tokenizer)  # the rendered prompt, every token compared
+
+    def card_line(self, recipe, sources: str) -> str:
+        from qlora_pipe.recipe.grpo import describe
+
+        return (
+            f"- Method: GRPO on prompts ({sources}): {describe(recipe.grpo)}"
+            f"{', continuing the adapter of ' + recipe.model.adapter if recipe.model.adapter else ''}"
+        )

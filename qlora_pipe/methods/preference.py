@@ -96,3 +96,10 @@ class Preference(Method):
         from qlora_pipe.data.preference import chosen_rows
 
         return chosen_rows(rows, tokenizer)  # each pair's prompt with its chosen answer
+
+    def card_line(self, recipe, sources: str) -> str:
+        return (
+            f"- Method: {self.name.upper()} on preference pairs ({sources}), beta {recipe.preference.beta}, "
+            f"loss {', '.join(recipe.preference.loss_type)}"
+            f"{', continuing the adapter of ' + recipe.model.adapter if recipe.model.adapter else ''}"
+        )

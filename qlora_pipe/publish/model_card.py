@@ -8,7 +8,6 @@ from typing import Any
 
 from qlora_pipe.model_source import is_local
 from qlora_pipe.recipe import Recipe
-from qlora_pipe.recipe.grpo import describe
 from qlora_pipe.runs import EVAL_REPORT, RunDir
 
 TAGS = ["qlora", "lora", "sft", "trl", "peft", "qlora-pipe"]
@@ -59,6 +58,9 @@ def _gguf_line(recipe: Recipe) -> list[str]:
 
 
 def _training_section(run: RunDir, recipe: Recipe) -> str:
+    from qlora_pipe.methods import method_for
+
+    method = method_for(recipe)
     summary = _json(run.summary)
     q, lora, t = recipe.quantization, recipe.lora, recipe.training
     sources = ", ".join(Path(s.path).name if s.path else s.label() for s in recipe.data.train_sources())
@@ -72,14 +74,7 @@ def _training_section(run: RunDir, recipe: Recipe) -> str:
         *_gguf_line(recipe),
         f"- LoRA: r={lora.r}, alpha={lora.alpha}, dropout={lora.dropout}, target modules {lora.target_modules}"
         f"{', rsLoRA' if lora.use_rslora else ''}{', DoRA' if lora.use_dora else ''}",
-        f"- Data: {sources}; loss on {recipe.data.loss_on} tokens; max length {recipe.data.max_length}"
-        if recipe.method == "sft"
-        else f"- Method: GRPO on prompts ({sources}): {describe(recipe.grpo)}"
-        f"{', continuing the adapter of ' + recipe.model.adapter if recipe.model.adapter else ''}"
-        if recipe.method == "grpo"
-        else f"- Method: {recipe.method.upper()} on preference pairs ({sources}), beta {recipe.preference.beta}, "
-        f"loss {', '.join(recipe.preference.loss_type)}"
-        f"{', continuing the adapter of ' + recipe.model.adapter if recipe.model.adapter else ''}",
+        method.card_line(recipe, sources),
         f"- Optimizer {t.optimizer}, learning rate {t.learning_rate}, {t.lr_scheduler} schedule, "
         f"precision {t.precision}",
     ]
@@ -164,15 +159,18 @@ def peft_snippet(recipe: Recipe, repo_id: str) -> str:
     base = recipe.model.name_or_path
     q = recipe.quantization
     dtype = q.compute_dtype if q.compute_dtype != "auto" else "bfloat16"
-    auto = "AutoModelForSequenceClassification" if recipe.task == "classification" else "AutoModelForCausalLM"
-    labels = f"    num_labels={len(recipe.classification.labels or [])},\n" if recipe.task == "classification" else ""
+    from qlora_pipe.methods import method_for
+
+    method = method_for(recipe)
+    auto, labels = method.auto_class, method.card_load_arguments(recipe)
     if not q.enabled:
         inline = labels.strip().replace(",", ", ") if labels else ""
         load = f'base = {auto}.from_pretrained("{base}", {inline}dtype=torch.{dtype})'
         imports = f"from transformers import {auto}, AutoTokenizer"
     else:
         storage = f"\n        bnb_4bit_quant_storage=torch.{q.quant_storage}," if q.quant_storage != "uint8" else ""
-        skip = '\n        llm_int8_skip_modules=["score", "classifier"],' if recipe.task == "classification" else ""
+        kept = method.kept_unquantized
+        skip = f"\n        llm_int8_skip_modules={json.dumps(list(kept))}," if kept else ""
         load = (
             f'base = {auto}.from_pretrained(\n    "{base}",\n{labels}'
             "    quantization_config=BitsAndBytesConfig(\n"
@@ -192,8 +190,10 @@ def adapter_card(run: RunDir, recipe: Recipe, repo_id: str) -> str:
     from huggingface_hub import ModelCard
 
     from qlora_pipe.export.serving import vllm_lora_notes
+    from qlora_pipe.methods import method_for
 
-    notes = vllm_lora_notes(recipe) + (["a classifier"] if recipe.task == "classification" else [])
+    method = method_for(recipe)
+    notes = vllm_lora_notes(recipe) + ([] if method.serves_chat else ["a classifier"])
     vllm = (
         f"Not servable as a vLLM LoRA ({'; '.join(notes)}): serve the merged model instead."
         if notes
@@ -217,7 +217,7 @@ With vLLM's LoRA serving (the base in 16-bit there, so answers can differ slight
         f"# {repo_id.split('/')[-1]}\n\nA LoRA adapter for `{recipe.model.name_or_path}`, trained with "
         f"qlora-pipe (QLoRA: 4-bit base, LoRA adapters, supervised fine-tuning with TRL).\n\n"
         f"{_training_section(run, recipe)}\n\n{_eval_section(run)}{usage}\n"
-        f"{_template_note() if recipe.task != 'classification' else ''}\n"
+        f"{_template_note() if method.serves_chat else ''}\n"
     )
     return ModelCard.from_template(
         _metadata(recipe, "peft"), template_str="---\n{{ card_data }}\n---\n\n" + body
