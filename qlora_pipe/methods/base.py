@@ -68,6 +68,10 @@ class Method:
         """`qlora-pipe eval` for a method scored its own way (None: the answers-and-loss evaluation of SFT)."""
         return None
 
+    def plan_settings(self, recipe) -> dict:
+        """The planner's PlanSettings fields that differ for this method (qlora_pipe/plan/terms.py)."""
+        return {}
+
     def card_line(self, recipe, sources: str) -> str:
         """The model card's line on the data and method."""
         raise NotImplementedError

@@ -13,6 +13,11 @@ class GRPO(Method):
 
         return prepare_prompt_data(recipe, tokenizer)
 
+    def plan_settings(self, recipe) -> dict:
+        from qlora_pipe.plan.grpo_terms import grpo_settings
+
+        return grpo_settings(recipe)
+
     def preview(self, recipe, tokenizer, rows: int, color: bool) -> str:
         from qlora_pipe.data.prompts import prompt_preview_text
 

@@ -18,6 +18,11 @@ class Preference(Method):
     def smallest_micro_batch(self) -> int:  # KTO's KL term comes from the other rows of the micro batch
         return KTO_SMALLEST_MICRO_BATCH if self.name == "kto" else 1
 
+    def plan_settings(self, recipe) -> dict:
+        """Chosen and rejected rows in each micro batch; DPO and KTO also run the reference adapter (ORPO is
+        reference-free)."""
+        return {"sequences_per_row": 2, "reference_adapter": self.name in ("dpo", "kto")}
+
     def prepare_data(self, recipe, tokenizer):
         from qlora_pipe.data.preference import prepare_preference_data
 

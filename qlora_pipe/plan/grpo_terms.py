@@ -29,9 +29,7 @@ TRAINING_PHASE = ("activations kept", "transient peak")
 
 
 def grpo_settings(recipe: Recipe) -> dict:
-    """PlanSettings fields of a GRPO recipe (none for other methods)."""
-    if recipe.method != "grpo":
-        return {}
+    """PlanSettings fields of a GRPO recipe (qlora_pipe/methods/grpo.py)."""
     return {"generation_steps": recipe.training.gradient_accumulation_steps, "reference_adapter": recipe.grpo.beta > 0}
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from qlora_pipe.hardware import planning_hardware, with_resolved_precision
 from qlora_pipe.lora_targets import is_target
 from qlora_pipe.plan.fsdp import fsdp_rows, planned_optimizer
-from qlora_pipe.plan.grpo_terms import generation_terms, grpo_settings
+from qlora_pipe.plan.grpo_terms import generation_terms
 from qlora_pipe.plan.shapes import Linear, ModelShape
 from qlora_pipe.recipe import Recipe
 
@@ -99,10 +99,10 @@ class PlanSettings:
             precision=t.precision,
             gradient_checkpointing=t.gradient_checkpointing,
             activation_offloading=t.activation_offloading,
-            sequences_per_row=2 if recipe.method in ("dpo", "orpo", "kto") else 1,
-            reference_adapter=recipe.method in ("dpo", "kto"),
         )
-        return replace(settings, **grpo_settings(recipe))
+        from qlora_pipe.methods import method_for
+
+        return replace(settings, **method_for(recipe).plan_settings(recipe))
 
 
 @dataclass
