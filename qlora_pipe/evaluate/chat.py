@@ -57,8 +57,10 @@ def load_chat_model(path: str | Path) -> ChatModel:
 
         run = resolve_run(path)
         recipe = run_recipe(run, "chat")
-        if recipe.task == "classification":
-            raise UserError(f"chat: {run.root} is a classifier (task: classification); score it with qlora-pipe eval")
+        from qlora_pipe.methods import method_for
+
+        if refusal := method_for(recipe).refusal("chat", run):
+            raise UserError(refusal)
         model = load_trained_model(recipe, run.root)
         tokenizer = load_run_tokenizer(run.root)
         source = f"{run.root} (4-bit base + adapter)"

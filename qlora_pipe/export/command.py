@@ -20,6 +20,7 @@ from qlora_pipe.export.serving import make_serving_files
 from qlora_pipe.export.streamed_model import STREAMED
 from qlora_pipe.machine import host_memory
 from qlora_pipe.machine.host_memory import HostMemory
+from qlora_pipe.methods import method_for
 from qlora_pipe.model import DTYPES
 from qlora_pipe.runs import (
     EXPORT_INFO,
@@ -195,10 +196,7 @@ def _export_run(
         tokenizer.save_pretrained(partial)
         make_serving_files(partial)  # no {% generation %} markers; loadable by the transformers engines pin
         write_configs(base, partial, dtype_name, tokenizer, merged["untied"], generation_defaults(recipe))
-        if recipe.task == "classification":
-            from qlora_pipe.export.classifier_export import write_classifier_config
-
-            write_classifier_config(partial, recipe, tokenizer.pad_token_id)
+        method_for(recipe).write_export_config(partial, recipe, tokenizer)
         info = {
             "run": str(run.root),
             "base_model": recipe.model.name_or_path,

@@ -124,9 +124,10 @@ def verification_rows(recipe: Recipe, run: RunDir, limit: int = 16) -> Rows | No
     """The rows the verification compares, read before anything is written: a data problem (a file moved, a
     recorded path that no longer resolves) refuses the export before the merge. None for a classifier (its
     check reads its own held-out rows)."""
+    from qlora_pipe.methods import method_for
     from qlora_pipe.model import load_run_tokenizer
 
-    if recipe.task == "classification":
+    if method_for(recipe).reads_own_check_rows:
         return None
     return fidelity_rows(recipe, load_run_tokenizer(run.root), limit, run)
 
@@ -142,10 +143,11 @@ def verify_merged(
 ) -> dict[str, Any]:
     """Fidelity of the merged model against the trained model on the run's eval (or train) examples (``rows``:
     verification_rows' answer, when read beforehand; ``streamed``: the merged model read a block at a time)."""
-    if recipe.task == "classification":
-        from qlora_pipe.export.classifier_fidelity import verify_classifier
+    from qlora_pipe.methods import method_for
 
-        return verify_classifier(recipe, run, merged_dir, dtype)
+    own = method_for(recipe).check_merged(recipe, run, merged_dir, dtype)
+    if own is not None:  # a method with its own check (a classifier's class logits)
+        return own
     if dtype != torch.float16 or dtype_for_inference("float16") == "float16":
         load = lambda: served_model(merged_dir, dtype, streamed=streamed)  # noqa: E731
         return verify_served(recipe, run, load, limit, rows, dtype)

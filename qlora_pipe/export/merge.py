@@ -227,11 +227,9 @@ def merge_stream(
     quantized = quantized_weight_names(base, recipe) if merge_base == "dequantized" else set()
     transposed = conv1d_weight_names(base, recipe)
     shards = base_shards(base)
-    skip = set()
-    if recipe.task == "classification":
-        from qlora_pipe.export.classifier_export import unused_base_tensors
+    from qlora_pipe.methods import method_for
 
-        skip = unused_base_tensors(base, shards, recipe)
+    skip = method_for(recipe).unused_base_tensors(base, shards, recipe)
     counts = {"merged": 0, "dequantized": 0, "replaced": 0, "copied": 0}
     kept = DeltaKept()
     readers, writer = [TensorReader(shard) for shard in shards], None

@@ -72,8 +72,10 @@ def export_unmerged(
 def _export(run: RunDir, out, dtype: str | None, verify: bool | None, gguf_type: str | None) -> ExportResult:
     started = time.time()
     recipe = run_recipe(run, "export --unmerged")
-    if recipe.task == "classification":
-        raise UserError("export --unmerged: a classifier is exported merged (its head is trained whole); leave it out")
+    from qlora_pipe.methods import method_for
+
+    if refusal := method_for(recipe).refusal("export --unmerged", run):
+        raise UserError(refusal)
     if gguf_type is not None:
         from qlora_pipe.export.gguf import check_gguf_type, lora_converter_dir
         from qlora_pipe.export.lora_gguf import lora_refusal

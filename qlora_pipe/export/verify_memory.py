@@ -134,7 +134,9 @@ def preflight_verification(recipe, run, base: Path, dtype_name: str) -> dict[str
     quantized = quantized_weight_names(base, recipe)  # the trained model is always the 4-bit one
     served = getattr(torch, dtype_for_inference(dtype_name))
     max_length = recipe.data.max_length if isinstance(recipe.data.max_length, int) else 2048
-    blocks = [] if recipe.task == "classification" else block_names(base)  # a classifier loads whole
+    from qlora_pipe.methods import method_for
+
+    blocks = block_names(base) if method_for(recipe).verified_block_by_block else []  # a classifier loads whole
     need = verification_need(recipe, base, run.adapter_weights, quantized, served, max_length, blocks)
     noise_copy = loads_noise_copy(with_resolved_precision(recipe), dtype_name)
     return {**check_verification_fits(need, str(training_device()), noise_copy), "terms": need}

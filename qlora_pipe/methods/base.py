@@ -13,6 +13,8 @@ class Method:
     auto_class = "AutoModelForCausalLM"  # what loads the trained model (model cards)
     kept_unquantized: tuple[str, ...] = ()  # modules of its own a 4-bit load keeps in 16-bit (a classifier's head)
     serves_chat = True  # a chat model: a chat template, vLLM LoRA serving
+    reads_own_check_rows = False  # the export's check reads its own rows (not the run's eval rows, beforehand)
+    verified_block_by_block = True  # a merged model too large to hold is checked a decoder block at a time
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -79,6 +81,25 @@ class Method:
     def card_load_arguments(self, recipe) -> str:
         """Extra from_pretrained arguments in the model card's loading snippet."""
         return ""
+
+    def refusal(self, what: str, run) -> str | None:
+        """Why a command (``what``: "chat", "export --unmerged") does not apply to this method's runs; or None."""
+        return None
+
+    def plan_note(self) -> str | None:
+        """A note under `qlora-pipe plan`'s table when its terms describe this method only approximately."""
+        return None
+
+    def unused_base_tensors(self, base, shards, recipe) -> set[str]:
+        """Base tensors the merged model does not keep (a classifier's LM head)."""
+        return set()
+
+    def write_export_config(self, folder, recipe, tokenizer) -> None:
+        """What the merged folder needs beyond the base's config (a classifier's labels)."""
+
+    def check_merged(self, recipe, run, merged_dir, dtype) -> dict | None:
+        """The export's check when the method has its own (None: the causal LM's, logits on held-out rows)."""
+        return None
 
     def fidelity_rows(self, recipe, tokenizer, rows: list[dict]) -> list[dict]:
         """The export check's rows from the held-out rows of the method's data: as training saw them."""

@@ -12,6 +12,36 @@ class Classification(Method):
     auto_class = "AutoModelForSequenceClassification"
     kept_unquantized = ("score", "classifier")  # the head trains in 16-bit
     serves_chat = False
+    reads_own_check_rows = True
+    verified_block_by_block = False  # loaded whole, with its head
+
+    def refusal(self, what: str, run) -> str | None:
+        return {
+            "chat": f"chat: {run.root} is a classifier (task: classification); score it with qlora-pipe eval",
+            "export --unmerged": "export --unmerged: a classifier is exported merged (its head is trained whole); "
+            "leave it out",
+        }.get(what)
+
+    def plan_note(self) -> str | None:
+        return (
+            "task classification: planned as a causal LM of the same base; a classifier's head and loss\n"
+            "are smaller than the LM head's chunked loss, so its peak is at or below this plan."
+        )
+
+    def unused_base_tensors(self, base, shards, recipe) -> set[str]:
+        from qlora_pipe.export.classifier_export import unused_base_tensors
+
+        return unused_base_tensors(base, shards, recipe)
+
+    def write_export_config(self, folder, recipe, tokenizer) -> None:
+        from qlora_pipe.export.classifier_export import write_classifier_config
+
+        write_classifier_config(folder, recipe, tokenizer.pad_token_id)
+
+    def check_merged(self, recipe, run, merged_dir, dtype) -> dict:
+        from qlora_pipe.export.classifier_fidelity import verify_classifier
+
+        return verify_classifier(recipe, run, merged_dir, dtype)
 
     def card_line(self, recipe, sources: str) -> str:
         return f"- Data: {sources}; loss on {recipe.data.loss_on} tokens; max length {recipe.data.max_length}"

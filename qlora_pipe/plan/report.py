@@ -126,7 +126,8 @@ def run_plan_command(
             print(f"an FSDP launch refuses this recipe as it stands: {reason}")
         print()
         print(advice_text(plan, advice))
-        if recipe.task == "classification":  # not silently wrong: the terms are a causal LM's
-            print("\ntask classification: planned as a causal LM of the same base; a classifier's head and loss")
-            print("are smaller than the LM head's chunked loss, so its peak is at or below this plan.")
+        from qlora_pipe.methods import method_for
+
+        if note := method_for(recipe).plan_note():  # not silently wrong: the terms are a causal LM's
+            print(f"\n{note}")
     return 0
