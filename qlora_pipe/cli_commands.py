@@ -196,10 +196,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if not args.recipe:
         raise UserError("validate: give a recipe path (or --explain)")
     recipe = load_recipe(args.recipe, overrides=args.overrides)
-    if recipe.method == "grpo":  # user rewards imported and their signatures checked, before anything loads
-        from qlora_pipe.training.reward_funcs import resolve_rewards
+    from qlora_pipe.methods import method_for
 
-        resolve_rewards(recipe)
+    method_for(recipe).validate(recipe)  # what only the method can check without loading a model
     print(f"{args.recipe}: valid (run directory {recipe.run_dir()})")
     return 0
 

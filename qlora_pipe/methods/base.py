@@ -19,6 +19,9 @@ class Method:
     def __init__(self, name: str) -> None:
         self.name = name
 
+    def validate(self, recipe) -> None:
+        """`qlora-pipe validate`: what only the method can check before anything loads (raises UserError)."""
+
     def prepare_data(self, recipe, tokenizer) -> Any:
         """The run's data stage: tokenized, checked and split rows (PreparedData or the method's own)."""
         raise NotImplementedError

@@ -13,6 +13,12 @@ class GRPO(Method):
 
         return prepare_prompt_data(recipe, tokenizer)
 
+    def validate(self, recipe) -> None:
+        """User rewards imported and their signatures checked, before anything loads."""
+        from qlora_pipe.training.reward_funcs import resolve_rewards
+
+        resolve_rewards(recipe)
+
     def plan_settings(self, recipe) -> dict:
         from qlora_pipe.plan.grpo_terms import grpo_settings
 
