@@ -85,17 +85,20 @@ def reference_noise(
     if in_fp32 and served != torch.bfloat16:
         return {"compute_dtype": "float32", "measured": False, "relative_loss_change": 0.0, "relative_logit_diff": 0.0}
     other = resolved.model_copy(deep=True)
-    if in_fp32:
+    if in_fp32:  # the adapter, saved in fp32, in bf16 too; 4-bit weights kept in a float storage stay as stored
         other.training.precision, other.quantization.compute_dtype = "bf16", "bfloat16"
+        copy = load_trained_model(other, run.root)
+        for name, param in copy.named_parameters():
+            if "lora_" in name and param.dtype == torch.float32:
+                param.data = param.data.to(torch.bfloat16)
     else:
         other.training.precision, other.quantization.compute_dtype = "fp32", "float32"
         if other.quantization.quant_storage != "uint8":
             other.quantization.quant_storage = "float32"
-    copy = load_trained_model(other, run.root)
-    for param in copy.parameters():
-        wanted = torch.bfloat16 if in_fp32 else torch.float32  # the adapter and any leftovers: that dtype throughout
-        if param.is_floating_point() and param.dtype != wanted and param.dtype in (torch.float32, torch.bfloat16):
-            param.data = param.data.to(wanted)
+        copy = load_trained_model(other, run.root)
+        for param in copy.parameters():
+            if param.dtype in (torch.bfloat16, torch.float16) and param.is_floating_point():
+                param.data = param.data.float()  # the adapter and any 16-bit leftovers: fp32 throughout
     numbers = compare(trained, copy, rows)
     del copy
     keys = ("relative_loss_change", "relative_logit_diff", "mean_abs_logit_diff", "top1_agreement")
