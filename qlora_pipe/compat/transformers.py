@@ -42,7 +42,7 @@ decoder_blocks
     transformers 5.25.0 and accelerate 1.16.0): the unit in which a merged model too large for this machine is
     verified, each block's weights read from its own safetensors files for its forward only (device_map value
     "disk"). Caught by:
-    tests/test_export_memory.py::test_a_merged_model_too_large_to_hold_is_verified_a_block_at_a_time.
+    tests/test_verify_memory.py::test_a_merged_model_too_large_to_hold_is_verified_a_block_at_a_time.
 """
 
 from __future__ import annotations

@@ -67,6 +67,15 @@ def compare(reference, candidate, rows: list[dict[str, list[int]]]) -> dict[str,
     return judge(result, None)
 
 
+def noise_compute(resolved, served: torch.dtype | None) -> str | None:
+    """The compute dtype of the copy that measures the reference's noise (see reference_noise), or None when
+    no copy is loaded. ``resolved``: the recipe with concrete dtypes; ``served``: the export's dtype."""
+    compute = resolved.quantization.compute_dtype if resolved.quantization.enabled else resolved.training.precision
+    if compute not in ("float32", "fp32"):
+        return "float32"
+    return "bfloat16" if served == torch.bfloat16 else None
+
+
 def reference_noise(
     recipe: Recipe, run: RunDir, trained, rows: list[dict[str, list[int]]], served: torch.dtype | None = None
 ) -> dict[str, Any]:
@@ -81,9 +90,10 @@ def reference_noise(
 
     resolved = with_resolved_precision(recipe)
     compute = resolved.quantization.compute_dtype if resolved.quantization.enabled else resolved.training.precision
-    in_fp32 = compute in ("float32", "fp32")
-    if in_fp32 and served != torch.bfloat16:
+    against = noise_compute(resolved, served)
+    if against is None:
         return {"compute_dtype": "float32", "measured": False, "relative_loss_change": 0.0, "relative_logit_diff": 0.0}
+    in_fp32 = against == "bfloat16"
     other = resolved.model_copy(deep=True)
     if in_fp32:  # the adapter, saved in fp32, in bf16 too; 4-bit weights kept in a float storage stay as stored
         other.training.precision, other.quantization.compute_dtype = "bf16", "bfloat16"

@@ -6,7 +6,7 @@ block (the model class's ``_no_split_modules``, compat/transformers.py) stays on
 accelerate's hooks read its weights from the export's own safetensors files for its forward only, cast
 to the compute dtype, and drop them after; the embeddings, the head and the final norm stay loaded. A
 safetensors checkpoint is offloaded in place: nothing is copied. The weights and the arithmetic are those
-of the whole model, so its logits are the whole model's bit for bit (tests/test_export_memory.py); what
+of the whole model, so its logits are the whole model's bit for bit (tests/test_verify_memory.py); what
 it costs is reading each block's weights again for every row.
 """
 

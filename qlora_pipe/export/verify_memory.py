@@ -79,41 +79,40 @@ def verification_need(
     return {
         TRAINED: int(trained) + (adapter.stat().st_size if adapter.is_file() else 0),
         MERGED: sum(served.values()),
-        STREAMED: streamed_bytes(served, list(blocks)) if blocks else sum(served.values()),
+        BLOCKWISE: streamed_bytes(served, list(blocks)),  # without blocks: the whole model
         LOGITS: LOGIT_COPIES * max_row * vocab * 4,
     }
 
 
 TRAINED, MERGED, LOGITS = "trained model (4-bit base + adapter)", "merged model", "logits of one row"
-STREAMED = "merged model, one decoder block at a time"
+BLOCKWISE = "merged model, one decoder block at a time"
 
 
 def verification_peak(need: dict[str, int], noise_copy: bool, streamed: bool = False) -> int:
-    """The larger stage (the trained model, twice when its fp32 reference is measured; or the merged model,
-    whole or a block at a time) plus a row's logits, with headroom."""
+    """The larger stage (the trained model, twice when its noise copy is loaded; or the merged model, whole or
+    a block at a time) plus a row's logits, with headroom."""
     trained = need[TRAINED] * (2 if noise_copy else 1)
-    merged = need.get(STREAMED, need[MERGED]) if streamed else need[MERGED]
+    merged = need.get(BLOCKWISE, need[MERGED]) if streamed else need[MERGED]
     return int((max(trained, merged) + need[LOGITS]) * HEADROOM)
 
 
 def check_verification_fits(need: dict[str, int], device: str, noise_copy: bool = False) -> dict[str, Any]:
     """Refuse (one line, every number) when verification would not fit even with the merged model read a
     block at a time; else the figures for fidelity.json, and how the merged model is loaded."""
-    from qlora_pipe.export.streamed_model import STREAMED as BLOCKWISE
-    from qlora_pipe.export.streamed_model import WHOLE
+    from qlora_pipe.export.streamed_model import STREAMED, WHOLE
 
     available, source = available_memory(device)
     whole, total = verification_peak(need, noise_copy), verification_peak(need, noise_copy, streamed=True)
     if total > available:
         trained = f"{TRAINED} {need[TRAINED] / GiB:.2f} GiB" + (" twice, with its noise copy" if noise_copy else "")
-        merged = f"{STREAMED} {need.get(STREAMED, need[MERGED]) / GiB:.2f} GiB (whole {need[MERGED] / GiB:.2f} GiB)"
+        merged = f"{BLOCKWISE} {need.get(BLOCKWISE, need[MERGED]) / GiB:.2f} GiB (whole {need[MERGED] / GiB:.2f} GiB)"
         terms = f"the larger of {trained} and {merged}, one after the other; {LOGITS} {need[LOGITS] / GiB:.2f} GiB"
         raise UserError(
             f"export: verification needs about {total / GiB:.2f} GiB ({terms}, +{HEADROOM - 1:.0%}) but this "
             f"machine has {available / GiB:.2f} GiB available ({source}); nothing was written. Free memory, or "
             "export with --no-verify (the merge alone streams in the memory of one tensor)"
         )
-    loaded = WHOLE if whole <= available else BLOCKWISE
+    loaded = WHOLE if whole <= available else STREAMED
     return {
         "verification_need_bytes": whole if loaded == WHOLE else total,
         "available_bytes": available,
@@ -129,13 +128,12 @@ def preflight_verification(recipe, run, base: Path, dtype_name: str) -> dict[str
     from qlora_pipe.export.merge import quantized_weight_names
     from qlora_pipe.export.streamed_model import block_names
     from qlora_pipe.hardware import dtype_for_inference, with_resolved_precision
+    from qlora_pipe.methods import method_for
     from qlora_pipe.model import training_device
 
     quantized = quantized_weight_names(base, recipe)  # the trained model is always the 4-bit one
     served = getattr(torch, dtype_for_inference(dtype_name))
     max_length = recipe.data.max_length if isinstance(recipe.data.max_length, int) else 2048
-    from qlora_pipe.methods import method_for
-
     blocks = block_names(base) if method_for(recipe).verified_block_by_block else []  # a classifier loads whole
     need = verification_need(recipe, base, run.adapter_weights, quantized, served, max_length, blocks)
     noise_copy = loads_noise_copy(with_resolved_precision(recipe), dtype_name)
@@ -143,7 +141,10 @@ def preflight_verification(recipe, run, base: Path, dtype_name: str) -> dict[str
 
 
 def loads_noise_copy(resolved, dtype_name: str) -> bool:
-    """Whether verification loads a second trained model for the reference's noise (fidelity.reference_noise):
-    in fp32 compute for a 16-bit run, in bf16 for a bf16 export of an fp32 run (counted as large as the
-    trained model: an upper bound for a bf16 copy)."""
-    return resolved.quantization.compute_dtype != "float32" or dtype_name == "bfloat16"
+    """Whether verification loads a second trained model for the reference's noise (fidelity.noise_compute;
+    counted as large as the trained model: an upper bound for a bf16 copy)."""
+    import torch
+
+    from qlora_pipe.export.fidelity import noise_compute
+
+    return noise_compute(resolved, getattr(torch, dtype_name)) is not None

@@ -78,8 +78,8 @@ class Method:
         return {}
 
     def card_line(self, recipe, sources: str) -> str:
-        """The model card's line on the data and method."""
-        raise NotImplementedError
+        """The model card's line on the data and method (supervised rows by default)."""
+        return f"- Data: {sources}; loss on {recipe.data.loss_on} tokens; max length {recipe.data.max_length}"
 
     def card_load_arguments(self, recipe) -> str:
         """Extra from_pretrained arguments in the model card's loading snippet."""

@@ -43,9 +43,6 @@ class Classification(Method):
 
         return verify_classifier(recipe, run, merged_dir, dtype)
 
-    def card_line(self, recipe, sources: str) -> str:
-        return f"- Data: {sources}; loss on {recipe.data.loss_on} tokens; max length {recipe.data.max_length}"
-
     def card_load_arguments(self, recipe) -> str:
         return f"    num_labels={len(recipe.classification.labels or [])},\n"
 

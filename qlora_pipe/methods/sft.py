@@ -25,6 +25,3 @@ class SFT(Method):
         from trl import SFTConfig
 
         return SFTConfig(**arguments)
-
-    def card_line(self, recipe, sources: str) -> str:
-        return f"- Data: {sources}; loss on {recipe.data.loss_on} tokens; max length {recipe.data.max_length}"

@@ -15,9 +15,6 @@ class HubPush:
     def __init__(self, hub) -> None:
         self.hub = hub  # the recipe's hub section
 
-    def wanted(self) -> bool:
-        return bool(self.hub.push_checkpoints or self.hub.push_adapter_at_end)
-
     def checkpoint_callbacks(self) -> tuple:
         """Callbacks for the trainer (the first process only: one upload per checkpoint)."""
         from qlora_pipe.dist import is_main_process

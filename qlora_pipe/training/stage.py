@@ -142,8 +142,9 @@ def _run_training(
     check_sharded_quantization(recipe)  # FSDP / ZeRO-3: before the data and the model load
     set_seed(recipe.seed)
     tokenizer = load_tokenizer(recipe)
-    data = method_for(recipe).prepare_data(recipe, tokenizer)  # data errors surface before the model loads
-    recipe = method_for(recipe).with_data(recipe, data)
+    method = method_for(recipe)
+    data = method.prepare_data(recipe, tokenizer)  # data errors surface before the model loads
+    recipe = method.with_data(recipe, data)
     if checkpoint is not None:
         check_same_data(run, data.fingerprint)
     set_seed(recipe.seed)
@@ -164,7 +165,7 @@ def _run_training(
         run.set_status("running", started=started, resumed_from=str(checkpoint) if checkpoint else None)
         write_json_atomic(run.data_report, [r.as_dict() for r in data.reports])
         write_json_atomic(run.system_prompt, {"system_prompt": data.system_prompt})
-    batch = choose_batch(recipe, run, trainable.model, method_for(recipe), sizes.micro_batch_start)
+    batch = choose_batch(recipe, run, trainable.model, method, sizes.micro_batch_start)
     try:
         summary = _train_and_save(
             recipe, run, trainable, tokenizer, data, started, checkpoint, callbacks, batch, compute, host, publisher

@@ -7,11 +7,12 @@ import shutil
 from pathlib import Path
 
 import torch
+import yaml
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from qlora_pipe.recipe import validate_recipe
 from qlora_pipe.training.stage import run_training
-from tests.conftest import recipe_dict
+from tests.conftest import TRAIN, recipe_dict
 
 SMALL = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 2}
 ARCHITECTURES = {
@@ -48,3 +49,39 @@ def trained_run(kind: str, tokenizer_dir: Path, tmp_path: Path, **lora):
     raw["run_name"] = kind
     recipe = validate_recipe(raw)
     return recipe, run_training(recipe)
+
+
+def finished_run(
+    folder: Path, layers: int, tokenizer_dir: Path, hidden: int = 512, intermediate: int = 1408
+) -> tuple[Path, int]:
+    """A Llama-shaped base (random weights, 32 MB shards) and a random LoRA adapter laid out as a finished
+    run; the export keeps its default settings (one output shard of up to 5 GB)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=512,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    base, run = folder / "base", folder / "runs" / "run"
+    model.save_pretrained(base, max_shard_size="32MB")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer.save_pretrained(base)
+    get_peft_model(model, LoraConfig(r=8, target_modules="all-linear", init_lora_weights=False)).save_pretrained(run)
+    tokenizer.save_pretrained(run)
+    recipe = {
+        "run_name": "run",
+        "output_dir": str(folder / "runs"),
+        "model": {"name_or_path": str(base)},
+        "data": {"train_path": str(TRAIN)},
+        "export": {"verify": False},
+    }
+    (run / "recipe.resolved.yaml").write_text(yaml.safe_dump(recipe))
+    (run / "summary.json").write_text("{}\n")
+    return run, size
