@@ -20,6 +20,7 @@ from qlora_pipe.errors import UserError
 from qlora_pipe.hardware import with_resolved_precision
 from qlora_pipe.lora_targets import unmatched_targets
 from qlora_pipe.model_source import check_model_files, local_path
+from qlora_pipe.models.embedding_storage import keep_input_embedding_stored
 from qlora_pipe.recipe import Recipe
 from qlora_pipe.shard_rules import refuse_sharded
 from qlora_pipe.tokens import PAD_CANDIDATES, ensure_distinct_pad  # noqa: F401  (re-exported)
@@ -125,6 +126,10 @@ def load_base_model(recipe: Recipe, device: torch.device | None = None) -> nn.Mo
     except (OSError, ValueError) as exc:  # a Hub repo without safetensors, remote code refused, a broken file
         raise UserError(f"model.name_or_path: cannot load {name!r}: {exc}") from exc
     keep_plain_nf4_on_cpu(model)  # compat/bitsandbytes.py: the CPU fast path rewrites NF4 weights
+    if dtype == torch.float32 and not sharded_launch():
+        kept = keep_input_embedding_stored(model, recipe.lora.modules_to_save)
+        if kept is not None:
+            log.info("input embedding kept in its stored %s (exact; its output cast to float32)", str(kept)[6:])
     return model
 
 

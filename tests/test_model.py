@@ -114,3 +114,38 @@ def test_evaluation_does_not_alter_the_4bit_base(make_recipe):
     model.train()
     after = model(input_ids=ids, labels=ids).loss.item()
     assert before == evaluated == after
+
+
+def test_an_fp32_model_keeps_its_input_embedding_in_the_stored_bf16_exactly(make_recipe, tiny_model_dir):
+    """On an fp32-compute host the untied input embedding stays in the checkpoint's bf16 (half the bytes) and
+    the model computes exactly what the all-fp32 load of transformers computes; a value bf16 cannot hold, a
+    tied embedding and an embedding trained in full stay fp32."""
+    from transformers import AutoModelForCausalLM
+
+    from qlora_pipe.model import quantization_config
+    from qlora_pipe.models.embedding_storage import keep_input_embedding_stored
+
+    recipe = make_recipe(precision="fp32")
+    model = load_base_model(recipe)
+    assert model.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert model.get_output_embeddings().weight.dtype == torch.float32
+    plain = AutoModelForCausalLM.from_pretrained(
+        tiny_model_dir, dtype=torch.float32, quantization_config=quantization_config(recipe), device_map={"": "cpu"}
+    )
+    assert plain.get_input_embeddings().weight.dtype == torch.float32
+    ids = torch.tensor([[1, 5, 9, 42, 7, 300]])
+    with torch.no_grad():
+        ours, theirs = model(input_ids=ids).logits, plain(input_ids=ids).logits
+    assert ours.dtype == torch.float32 and torch.equal(ours, theirs)
+
+    trained = make_recipe(precision="fp32", lora={"modules_to_save": ["embed_tokens"]})
+    assert load_base_model(trained).get_input_embeddings().weight.dtype == torch.float32
+
+    with torch.no_grad():
+        plain.get_input_embeddings().weight[3, 0] = 1.0 + 2**-20  # not a bf16 or an fp16 value
+    assert keep_input_embedding_stored(plain, []) is None
+    assert plain.get_input_embeddings().weight.dtype == torch.float32
+    plain.lm_head.weight = plain.get_input_embeddings().weight
+    with torch.no_grad():
+        plain.get_input_embeddings().weight[3, 0] = 1.0
+    assert keep_input_embedding_stored(plain, []) is None

@@ -84,11 +84,12 @@ def test_dpo_plan_runs_chosen_and_rejected_together_and_keeps_a_reference_adapte
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-@pytest.mark.parametrize("double_quant", [True, False])
-def test_weight_terms_match_loaded_4bit_models(family_dirs, tmp_path, family, double_quant):
+@pytest.mark.parametrize(("double_quant", "precision"), [(True, "bf16"), (False, "bf16"), (True, "fp32")])
+def test_weight_terms_match_loaded_4bit_models(family_dirs, tmp_path, family, double_quant, precision):
+    """Also in fp32 compute, where an untied input embedding stays in its stored bf16 and the rest is fp32."""
     from qlora_pipe.model import add_lora, load_base_model
 
-    recipe = plan_recipe(family_dirs[family], tmp_path)
+    recipe = plan_recipe(family_dirs[family], tmp_path, precision=precision)
     recipe = recipe.model_copy(
         update={"quantization": recipe.quantization.model_copy(update={"double_quant": double_quant})}
     )
@@ -100,6 +101,9 @@ def test_weight_terms_match_loaded_4bit_models(family_dirs, tmp_path, family, do
     predicted_frozen = plan.term("base weights, not quantized")
     assert abs(predicted_frozen - (measured.other - measured.trainable)) <= 0.03 * measured.other
     assert plan.trainable_params == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if precision == "fp32":  # Gemma ties its embeddings and scales them in the weight's dtype: all fp32
+        stored = torch.float32 if family == "gemma" else torch.bfloat16
+        assert model.get_input_embeddings().weight.dtype == stored
 
 
 def _saved_bytes(model, ids) -> int:

@@ -43,6 +43,11 @@ class ModelShape:
     other_params: int = 0  # embeddings, lm_head, norms, biases: kept in 16-bit
     lm_head_params: int = 0
     tied_embeddings: bool = False
+    # An untied plain lookup embedding, and the 16-bit width the checkpoint stores it in (0: fp32 or unknown):
+    # an fp32-compute load keeps it at that width (models/embedding_storage.py).
+    stored_embedding: str = ""
+    stored_embedding_params: int = 0
+    stored_embedding_bytes: int = 0
 
     @property
     def quantized_params(self) -> int:
@@ -51,6 +56,15 @@ class ModelShape:
     @property
     def total_params(self) -> int:
         return self.quantized_params + self.other_params
+
+    def embedding_bytes_saved(self, compute_bytes: int, trained_in_full: list[str]) -> int:
+        """Bytes an fp32-compute load saves by keeping the input embedding at its stored width."""
+        name = self.stored_embedding
+        if not name or compute_bytes <= self.stored_embedding_bytes:
+            return 0
+        if any(name == kept or name.endswith("." + kept) for kept in trained_in_full):
+            return 0
+        return self.stored_embedding_params * (compute_bytes - self.stored_embedding_bytes)
 
 
 def bundled_config_path(name: str) -> Path | None:
@@ -127,7 +141,10 @@ def shape_from_config(config: dict[str, Any]) -> ModelShape:
         if id(param) not in quantized_ids and id(param) not in seen:
             seen.add(id(param))
             other += param.numel()
-    tied = output is not None and output.weight is model.get_input_embeddings().weight
+    embedding = model.get_input_embeddings()
+    tied = output is not None and output.weight is embedding.weight
+    stored = {"bfloat16": 2, "float16": 2}.get(str(config.get("dtype") or config.get("torch_dtype")), 0)
+    lookup = type(embedding) is nn.Embedding and not tied and stored
     return ModelShape(
         model_type=cfg.model_type,
         vocab_size=text.vocab_size,
@@ -142,4 +159,7 @@ def shape_from_config(config: dict[str, Any]) -> ModelShape:
         other_params=other,
         lm_head_params=0 if tied or output is None else output.weight.numel(),
         tied_embeddings=tied,
+        stored_embedding=next((n for n, m in model.named_modules() if m is embedding), "") if lookup else "",
+        stored_embedding_params=embedding.weight.numel() if lookup else 0,
+        stored_embedding_bytes=stored if lookup else 0,
     )

@@ -6,8 +6,8 @@ sources are written beside each one. What is measured and how:
 - 4-bit weights: bytes per tensor from bitsandbytes' block sizes (blocksize 64; with double
   quantization the fp32 absmax becomes uint8 plus one fp32 per 256 blocks and a 256-entry code
   book). Checked to the byte against loaded tiny models (tests/test_plan.py).
-- The parts bitsandbytes leaves unquantized (embeddings, lm_head, norms, biases) stay in the
-  compute dtype (model.prepare_frozen_base does not upcast them).
+- The parts bitsandbytes leaves unquantized (embeddings, lm_head, norms, biases) stay in the compute
+  dtype, but for an fp32 load's untied input embedding (stored 16-bit: models/embedding_storage.py).
 - Activations: the tensors autograd saves for backward, counted with
   ``torch.autograd.graph.saved_tensors_hooks`` on tiny Llama models under bf16 autocast. The
   residual stream is in the compute dtype; RMSNorm saves an fp32 copy of its input.
@@ -73,10 +73,8 @@ class PlanSettings:
     # rows, and TRL keeps a frozen copy of the starting adapter as the reference (no second base model).
     sequences_per_row: int = 1
     reference_adapter: bool = False
-    # GRPO (method: grpo): micro batches per generation batch (0: no generation phase); plan/grpo_terms.py
-    generation_steps: int = 0
-    # FSDP-QLoRA (`plan --gpus N`): each GPU's share of a FULL_SHARD run, and CPU offload (plan/fsdp.py)
-    gpus: int = 1
+    generation_steps: int = 0  # GRPO: micro batches per generation batch (0: none); plan/grpo_terms.py
+    gpus: int = 1  # FSDP-QLoRA (`plan --gpus N`): each GPU's share of a FULL_SHARD run (plan/fsdp.py)
     cpu_offload: bool = False
 
     @classmethod
@@ -167,6 +165,9 @@ def optimizer_bytes_per_param(optimizer: str, param_bytes: int) -> float:
 
 
 def weight_terms(shape: ModelShape, s: PlanSettings) -> list[tuple[str, int, str]]:
+    saved = shape.embedding_bytes_saved(s.compute_bytes, s.modules_to_save)
+    other_bytes = shape.other_params * s.compute_bytes - saved
+    stored = ", the input embedding in its stored 16-bit" if saved else ""
     if s.quantized:
         quantized = sum(nf4_tensor_bytes(lin.in_features * lin.out_features, s.double_quant) for lin in shape.linears)
         kind = "NF4 + double quant" if s.double_quant else "NF4"
@@ -174,12 +175,12 @@ def weight_terms(shape: ModelShape, s: PlanSettings) -> list[tuple[str, int, str
         first = ("base weights, 4-bit", quantized, f"{shape.quantized_params:,} params, {kind}: {per_param:.3f} bit")
         other = (
             "base weights, not quantized",
-            shape.other_params * s.compute_bytes,
-            f"embeddings, lm_head, norms, biases in {8 * s.compute_bytes}-bit",
+            other_bytes,
+            f"embeddings, lm_head, norms, biases in {8 * s.compute_bytes}-bit{stored}",
         )
     else:
         first = ("base weights, 16-bit", shape.quantized_params * s.compute_bytes, "linear layers (no quantization)")
-        other = ("base weights, other", shape.other_params * s.compute_bytes, "embeddings, lm_head, norms, biases")
+        other = ("base weights, other", other_bytes, f"embeddings, lm_head, norms, biases{stored}")
     return [first, other]
 
 
