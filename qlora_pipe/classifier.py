@@ -42,18 +42,21 @@ def load_classifier_base(recipe: Recipe, tokenizer, classes: list[str]):
     quantized = quantization_config(recipe)
     if quantized is not None:  # the new head is created at load: it stays out of 4-bit (all of it, for encoders)
         quantized.llm_int8_skip_modules = list(HEADS)
+    from qlora_pipe.compat.trl import sequence_classifier_load
+
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            model_location(name),
-            revision=recipe.model.revision,
-            trust_remote_code=recipe.model.trust_remote_code,
-            quantization_config=quantized,
-            dtype=DTYPES[with_resolved_precision(recipe).quantization.compute_dtype],
-            device_map={"": training_device()},
-            pad_token_id=tokenizer.pad_token_id,
-            use_safetensors=True,
-            **label_maps(classes),
-        )
+        with sequence_classifier_load():  # no report of the LM head left out and the new head: both expected
+            model = AutoModelForSequenceClassification.from_pretrained(
+                model_location(name),
+                revision=recipe.model.revision,
+                trust_remote_code=recipe.model.trust_remote_code,
+                quantization_config=quantized,
+                dtype=DTYPES[with_resolved_precision(recipe).quantization.compute_dtype],
+                device_map={"": training_device()},
+                pad_token_id=tokenizer.pad_token_id,
+                use_safetensors=True,
+                **label_maps(classes),
+            )
     except (OSError, ValueError) as exc:
         raise UserError(f"model.name_or_path: cannot load {name!r} as a sequence classifier: {exc}") from exc
     keep_plain_nf4_on_cpu(model)
@@ -67,14 +70,16 @@ def load_classifier(recipe: Recipe, tokenizer, classes: list[str]):
     return add_lora(load_classifier_base(recipe, tokenizer, classes), recipe, task_type="SEQ_CLS")
 
 
-def load_trained_classifier(recipe: Recipe, run_root: Path, tokenizer):
-    """A finished run's classifier as trained: base, adapter and trained head (eval mode)."""
+def load_trained_classifier(recipe: Recipe, run_root: Path, tokenizer, classes: list[str] | None = None):
+    """A finished run's classifier as trained: base, adapter and trained head (eval mode). ``classes``: the
+    head's outputs (None: classification.labels)."""
     from peft import PeftModel
 
     from qlora_pipe.model import prepare_frozen_base
 
     torch.manual_seed(recipe.seed)  # the untrained head (adapter disabled) is the one training started from
-    base = prepare_frozen_base(load_classifier_base(recipe, tokenizer, recipe.classification.labels), False)
+    classes = classes if classes is not None else recipe.classification.labels
+    base = prepare_frozen_base(load_classifier_base(recipe, tokenizer, classes), False)
     return PeftModel.from_pretrained(base, str(run_root), autocast_adapter_dtype=False).eval()
 
 

@@ -138,20 +138,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         args.lm_eval,
         args.lm_eval_include,
     )
-    if result.get("task") == "classification":
-        from qlora_pipe.evaluate.classification_eval import classification_table
-
-        print(f"\n{classification_table(result)}\n\nwrote {result['path']} ({result['seconds']:.0f}s)")
-        return 0
-    if result.get("method") == "grpo":
-        from qlora_pipe.evaluate.reward_scores import rewards_table
-
-        print(f"\n{rewards_table(result['columns'])}\n\nwrote {result['path']} ({result['seconds']:.0f}s)")
-        return 0
-    if result.get("method", "sft") != "sft":
-        from qlora_pipe.evaluate.preference_eval import preference_table
-
-        print(f"\n{preference_table(result)}\n\nwrote {result['path']} ({result['seconds']:.0f}s)")
+    if "table" in result:  # a method scored its own way prints its own table
+        print(f"\n{result['table']}\n\nwrote {result['path']} ({result['seconds']:.0f}s)")
         return 0
     print(f"\n{eval_heading(result)}\n\n{eval_table(result)}")
     if "lm_eval" in result["base"]:

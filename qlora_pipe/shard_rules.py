@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from qlora_pipe.errors import UserError
 from qlora_pipe.hardware import with_resolved_precision
+from qlora_pipe.recipe.methods import kind_of
 
 METHOD = "method"
 AUTO_MICRO_BATCH = "training.micro_batch_size"
@@ -24,12 +25,12 @@ def sharded_refusals(recipe, launch: str) -> list[tuple[str, str]]:
                 f"({q.compute_dtype}), got {q.quant_storage}",
             )
         )
-    if recipe.method == "grpo":
+    if reason := kind_of(recipe).not_sharded:
         out.append(
             (
                 METHOD,
-                f"method: grpo under a {launch} launch is not supported (TRL's GRPOTrainer generating from sharded "
-                "weights failed in qlora-pipe's CPU check); launch it with accelerate/ddp.yaml or torchrun",
+                f"method: {recipe.method} under a {launch} launch is not supported ({reason}); "
+                "launch it with accelerate/ddp.yaml or torchrun",
             )
         )
     if recipe.training.micro_batch_size == "auto":

@@ -26,6 +26,14 @@ training_template, stop_token_trained, our_training_copy
     Caught by: tests/test_masking.py (masks checked token by token for each bundled family),
     tests/test_tool_masking.py (Qwen2.5, Qwen3 and Llama 3.1 as released, rendered like the originals) and
     tests/test_template_errors.py (a bug in a template's tool branch).
+
+sequence_classifier_load
+    A causal LM's checkpoint loaded as a sequence classifier (task: classification, method: reward) makes
+    transformers print a load report naming lm_head.weight as unexpected and score.weight as missing: both
+    are what such a load means. TRL's RewardTrainer silences exactly those two keys with
+    ``trl.trainer.reward_trainer.suppress_seqcls_warning`` (not part of TRL's top-level API); the classifier
+    loads go through it. Without it the report comes back (noise only).
+    Caught by: tests/test_reward.py::test_a_reward_model_trains_exports_and_reloads_as_a_sequence_classifier.
 """
 
 from __future__ import annotations
@@ -33,6 +41,13 @@ from __future__ import annotations
 import torch
 
 VERIFIED = {"trl": "1.16.0"}
+
+
+def sequence_classifier_load():
+    """A context in which loading a causal LM's checkpoint as a sequence classifier reports no expected keys."""
+    from trl.trainer.reward_trainer import suppress_seqcls_warning
+
+    return suppress_seqcls_warning()
 
 
 def keep_adapter_fp32_unless_bf16(model: torch.nn.Module, bf16: bool) -> None:

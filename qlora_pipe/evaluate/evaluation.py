@@ -214,9 +214,10 @@ def run_eval(
     recipe = run_recipe(run, "eval")
     from qlora_pipe.methods import method_for
 
-    scored = method_for(recipe).held_out_eval(run, recipe, data, limit, batch_size, merged, lm_tasks is not None)
-    if scored is not None:  # a method with its own held-out scores (classes, rewards, pairs)
-        return scored
+    method = method_for(recipe)
+    scored = method.held_out_eval(run, recipe, data, limit, batch_size, merged, lm_tasks is not None)
+    if scored is not None:  # a method with its own held-out scores (classes, rewards, pairs), and its table
+        return {**scored, "table": method.eval_table(scored)}
     tokenizer = load_run_tokenizer(run.root)
     evalset = load_eval_set(recipe, tokenizer, data, limit)
     max_new_tokens = max_new_tokens or evalset.longest_answer + EXTRA_NEW_TOKENS

@@ -9,14 +9,14 @@ from qlora_pipe.classifier import label_maps
 from qlora_pipe.export.tensor_files import TensorReader
 
 
-def unused_base_tensors(base: Path, shards: list[Path], recipe) -> set[str]:
-    """Base checkpoint tensors the classifier does not have (the causal LM head)."""
+def unused_base_tensors(base: Path, shards: list[Path], recipe, classes: list[str]) -> set[str]:
+    """Base checkpoint tensors the classifier (a head for ``classes``) does not have (the causal LM head)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     from accelerate import init_empty_weights
 
     config = AutoConfig.from_pretrained(base, trust_remote_code=recipe.model.trust_remote_code)
-    config.update(label_maps(recipe.classification.labels))
+    config.update(label_maps(classes))
     with init_empty_weights():
         skeleton = AutoModelForSequenceClassification.from_config(config)
     names = set(skeleton.state_dict())
@@ -27,15 +27,15 @@ def unused_base_tensors(base: Path, shards: list[Path], recipe) -> set[str]:
     return unused
 
 
-def write_classifier_config(folder: Path, recipe, pad_token_id: int | None) -> None:
-    """config.json of the merged model names the classifier class and its labels."""
+def write_classifier_config(folder: Path, classes: list[str], pad_token_id: int | None) -> None:
+    """config.json of the merged model names the classifier class and its labels (``classes``)."""
     path = folder / "config.json"
     config = json.loads(path.read_text())
     architecture = (config.get("architectures") or ["Model"])[0]
     for suffix in ("ForCausalLM", "LMHeadModel", "ForMaskedLM"):
         architecture = architecture.removesuffix(suffix)
     config["architectures"] = [architecture + "ForSequenceClassification"]
-    maps = label_maps(recipe.classification.labels)
+    maps = label_maps(classes)
     config.update(id2label={str(k): v for k, v in maps["id2label"].items()}, label2id=maps["label2id"])
     config["pad_token_id"] = pad_token_id
     path.write_text(json.dumps(config, indent=2) + "\n")

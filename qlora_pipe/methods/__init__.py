@@ -5,6 +5,7 @@
     preference.py      DPO, ORPO and KTO on preference pairs (or KTO's labelled rows)
     grpo.py            GRPO on prompts with rewards
     classification.py  a sequence classifier (task: classification) with a trained head
+    reward.py          a reward model (a scalar head) on preference pairs, TRL's RewardTrainer
 
 A stage calls ``method_for(recipe).prepare_data(...)``, ``.trainer_class(...)``, ``.callbacks(...)`` and so
 on, and holds no branch on the method's name: adding a method is a module here and a line in ``_REGISTRY``.
@@ -21,9 +22,10 @@ if TYPE_CHECKING:
 def _registry() -> dict[str, type[Method]]:
     from qlora_pipe.methods.grpo import GRPO
     from qlora_pipe.methods.preference import Preference
+    from qlora_pipe.methods.reward import Reward
     from qlora_pipe.methods.sft import SFT
 
-    return {"sft": SFT, "dpo": Preference, "orpo": Preference, "kto": Preference, "grpo": GRPO}
+    return {"sft": SFT, "dpo": Preference, "orpo": Preference, "kto": Preference, "grpo": GRPO, "reward": Reward}
 
 
 def method_for(recipe) -> Method:

@@ -73,6 +73,10 @@ class Method:
         """`qlora-pipe eval` for a method scored its own way (None: the answers-and-loss evaluation of SFT)."""
         return None
 
+    def eval_table(self, result: dict, markdown: bool = False) -> str | None:
+        """`held_out_eval`'s scores as printed by `qlora-pipe eval` or, with ``markdown``, in the model card."""
+        return None
+
     def plan_settings(self, recipe) -> dict:
         """The planner's PlanSettings fields that differ for this method (qlora_pipe/plan/terms.py)."""
         return {}

@@ -31,12 +31,12 @@ class Classification(Method):
     def unused_base_tensors(self, base, shards, recipe) -> set[str]:
         from qlora_pipe.export.classifier_export import unused_base_tensors
 
-        return unused_base_tensors(base, shards, recipe)
+        return unused_base_tensors(base, shards, recipe, recipe.classification.labels)
 
     def write_export_config(self, folder, recipe, tokenizer) -> None:
         from qlora_pipe.export.classifier_export import write_classifier_config
 
-        write_classifier_config(folder, recipe, tokenizer.pad_token_id)
+        write_classifier_config(folder, recipe.classification.labels, tokenizer.pad_token_id)
 
     def check_merged(self, recipe, run, merged_dir, dtype) -> dict:
         from qlora_pipe.export.classifier_fidelity import verify_classifier
@@ -99,6 +99,11 @@ class Classification(Method):
         if lm_eval:
             raise UserError(f"eval {run.root}: --lm-eval is for text generation; a classifier is scored on labels")
         return run_classification_eval(run, recipe, data, limit, merged)
+
+    def eval_table(self, result: dict, markdown: bool = False) -> str:
+        from qlora_pipe.evaluate.classification_eval import classification_table
+
+        return f"```\n{classification_table(result)}\n```" if markdown else classification_table(result)
 
     def summary(self, recipe, run) -> dict:
         from qlora_pipe.training.classifier_scores import CLASSIFIER_EVAL

@@ -64,6 +64,11 @@ class GRPO(Method):
             )
         return run_grpo_eval(run, recipe, data, limit, batch_size)
 
+    def eval_table(self, result: dict, markdown: bool = False) -> str:
+        from qlora_pipe.evaluate.reward_scores import rewards_table
+
+        return rewards_table(result["columns"], markdown=markdown)
+
     def summary(self, recipe, run) -> dict:
         from qlora_pipe.training.grpo import grpo_summary
 

@@ -86,6 +86,11 @@ class Preference(Method):
             )
         return run_preference_eval(run, recipe, data, limit)
 
+    def eval_table(self, result: dict, markdown: bool = False) -> str:
+        from qlora_pipe.evaluate.preference_eval import preference_table
+
+        return f"```\n{preference_table(result)}\n```" if markdown else preference_table(result)
+
     def summary(self, recipe, run) -> dict:
         path = run.root / PREFERENCE_EVAL
         scores = json.loads(path.read_text()) if path.is_file() else {}

@@ -112,7 +112,7 @@ def recipe_plan(
     s = replace(PlanSettings.from_recipe(recipe, batch or 1, length or 2048), gpus=gpus, cpu_offload=cpu_offload)
     if budget is not None and length is None:
         s = replace(s, max_length=longest_sequence(shape, s, budget) or LENGTH_STEP)
-    if batch is None and recipe.method == "grpo":
+    if batch is None and s.generation_steps:  # a method that samples completions in each step (GRPO)
         completions = t.effective_batch_size or t.gradient_accumulation_steps  # per step, sampled at once
         return plan_memory(shape, grpo_auto_batch(shape, s, budget, completions), budget)
     if budget is not None and batch is None:

@@ -123,7 +123,7 @@ class _Shown(dict):
         return _fmt(super().__getitem__(key))
 
 
-def _eval_section(run: RunDir, merged: Path | None = None) -> str:
+def _eval_section(run: RunDir, recipe: Recipe, merged: Path | None = None) -> str:
     """The base-vs-tuned table of `qlora-pipe eval`, when it was run: the merged model's own, else the run's."""
     from qlora_pipe.evaluate.metrics import eval_heading, eval_table
 
@@ -131,18 +131,10 @@ def _eval_section(run: RunDir, merged: Path | None = None) -> str:
     result = next((_json(p) for p in paths if p.is_file()), None)
     if not result:
         return ""
-    if result.get("task") == "classification":
-        from qlora_pipe.evaluate.classification_eval import classification_table
+    from qlora_pipe.methods import method_for
 
-        return f"## Evaluation\n\n```\n{classification_table(result)}\n```\n\n"
-    if result.get("method") == "grpo":
-        from qlora_pipe.evaluate.reward_scores import rewards_table
-
-        return f"## Evaluation\n\n{rewards_table(result['columns'], markdown=True)}\n\n"
-    if result.get("method", "sft") != "sft":
-        from qlora_pipe.evaluate.preference_eval import preference_table
-
-        return f"## Evaluation\n\n```\n{preference_table(result)}\n```\n\n"
+    if (table := method_for(recipe).eval_table(result, markdown=True)) is not None:
+        return f"## Evaluation\n\n{table}\n\n"
     return f"## Evaluation\n\n{eval_heading(result)}.\n\n{eval_table(result, markdown=True)}\n\n"
 
 
@@ -216,7 +208,7 @@ With vLLM's LoRA serving (the base in 16-bit there, so answers can differ slight
     body = (
         f"# {repo_id.split('/')[-1]}\n\nA LoRA adapter for `{recipe.model.name_or_path}`, trained with "
         f"qlora-pipe (QLoRA: 4-bit base, LoRA adapters, supervised fine-tuning with TRL).\n\n"
-        f"{_training_section(run, recipe)}\n\n{_eval_section(run)}{usage}\n"
+        f"{_training_section(run, recipe)}\n\n{_eval_section(run, recipe)}{usage}\n"
         f"{_template_note() if method.serves_chat else ''}\n"
     )
     return ModelCard.from_template(
@@ -272,7 +264,7 @@ Serving:
 """
     body = (
         f"# {repo_id.split('/')[-1]}\n\n`{recipe.model.name_or_path}` with a qlora-pipe LoRA adapter merged in.\n\n"
-        f"{_training_section(run, recipe)}\n\n{_eval_section(run, merged)}{fidelity_text}\n{usage}\n"
+        f"{_training_section(run, recipe)}\n\n{_eval_section(run, recipe, merged)}{fidelity_text}\n{usage}\n"
         f"{_template_note()}\n"
     )
     metadata = _metadata(recipe, "transformers")

@@ -1,14 +1,16 @@
-"""The training method and its settings: preference tuning (TRL's DPO, ORPO, KTO) and the classification task."""
+"""The training method and its settings: preference tuning (TRL's DPO, ORPO, KTO), reward models, the
+classification task, and what the recipe's checks know of each kind of run (``KINDS``)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import Field
 
 from qlora_pipe.recipe.base import Section
 
-METHODS = Literal["sft", "dpo", "orpo", "kto", "grpo"]
+METHODS = Literal["sft", "dpo", "orpo", "kto", "grpo", "reward"]
 PAIR_METHODS = ("dpo", "orpo")  # trained on prompt / chosen / rejected pairs
 # TRL 1.16's DPOConfig.loss_type values (trl/trainer/dpo_config.py); several combine with loss_weights.
 DPO_LOSSES = Literal[
@@ -49,3 +51,44 @@ class ClassificationSection(Section):
     )
     text_field: str = Field("text", min_length=1, description="Column holding the text to classify.")
     label_field: str = Field("label", min_length=1, description="Column holding the label.")
+
+
+class RewardSection(Section):
+    center_rewards_coefficient: float | None = Field(
+        None,
+        ge=0,
+        description="Method reward: weight of a penalty on the mean squared reward, keeping scores near zero "
+        "(TRL's center_rewards_coefficient; None: off).",
+    )
+
+
+@dataclass(frozen=True)
+class Kind:
+    """What a recipe's checks know of a kind of run before anything loads (the rest is in qlora_pipe/methods/)."""
+
+    noun: str  # what the run trains, in error messages
+    generates: bool = True  # it answers training.preview_prompts
+    continues_adapter: bool = True  # it may start from model.adapter (a finished run's adapter)
+    methods: tuple[str, ...] = ()  # the only methods it trains with (empty: any)
+    not_sharded: str | None = None  # why no FSDP or ZeRO-3 launch runs it (None: they do)
+
+    def method_refusal(self, task: str, method: str) -> str | None:
+        if not self.methods or method in self.methods:
+            return None
+        return f"task {task} trains a {self.noun} with method {' or '.join(self.methods)}, not {method}"
+
+
+# A task other than causal_lm decides its kind; a causal LM's method decides it.
+KINDS = {
+    "classification": Kind("classifier", generates=False, continues_adapter=False, methods=("sft",)),
+    "reward": Kind("reward model", generates=False, continues_adapter=False),
+    "grpo": Kind(
+        "GRPO policy",
+        not_sharded="TRL's GRPOTrainer generating from sharded weights failed in qlora-pipe's CPU check",
+    ),
+}
+GENERATING = Kind("causal LM")
+
+
+def kind_of(recipe) -> Kind:
+    return KINDS.get(recipe.task) or KINDS.get(recipe.method) or GENERATING

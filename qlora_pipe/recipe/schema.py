@@ -14,7 +14,7 @@ from pydantic import Field, field_validator, model_validator
 
 from qlora_pipe.recipe.base import Section, _a_size
 from qlora_pipe.recipe.grpo import GrpoSection, grpo_refusal
-from qlora_pipe.recipe.methods import METHODS, TASKS, ClassificationSection, PreferenceSection
+from qlora_pipe.recipe.methods import METHODS, TASKS, ClassificationSection, PreferenceSection, RewardSection, kind_of
 from qlora_pipe.recipe.output_sections import ExportSection, GenerationSection, HubSection
 from qlora_pipe.recipe.trainer_limits import trainer_refusal
 
@@ -234,7 +234,9 @@ class Recipe(Section):
     output_dir: str = Field("runs", description="Parent directory of run directories.")
     seed: int = Field(42, ge=0, description="Seed for data order, LoRA init and dropout.")
     method: METHODS = Field(
-        "sft", description="sft (supervised); dpo, orpo, kto on preferences (docs/preference.md); grpo (docs/grpo.md)."
+        "sft",
+        description="sft (supervised); dpo, orpo, kto on preferences (docs/preference.md); grpo (docs/grpo.md); "
+        "reward: a reward model on preference pairs (docs/reward.md).",
     )
     model: ModelSection
     quantization: QuantizationSection = Field(default_factory=QuantizationSection)
@@ -243,6 +245,7 @@ class Recipe(Section):
     training: TrainingSection = Field(default_factory=TrainingSection)
     preference: PreferenceSection = Field(default_factory=PreferenceSection)
     grpo: GrpoSection = Field(default_factory=GrpoSection)
+    reward: RewardSection = Field(default_factory=RewardSection)
     task: TASKS = Field(
         "causal_lm", description="causal_lm (text generation) or classification (docs/classification.md)."
     )
@@ -259,12 +262,13 @@ class Recipe(Section):
 
     @model_validator(mode="after")
     def _task_fits(self) -> Recipe:
-        if self.task == "classification" and self.method != "sft":
-            raise ValueError(f"task classification trains a classifier with method sft, not {self.method}")
-        if self.task == "classification" and self.training.preview_prompts:
-            raise ValueError("training.preview_prompts: a classifier does not generate; leave it out")
-        if self.task == "classification" and self.model.adapter:
-            raise ValueError("model.adapter: a classifier starts from a fresh adapter and head; leave it out")
+        kind = kind_of(self)
+        if refusal := kind.method_refusal(self.task, self.method):
+            raise ValueError(refusal)
+        if not kind.generates and self.training.preview_prompts:
+            raise ValueError(f"training.preview_prompts: a {kind.noun} does not generate; leave it out")
+        if not kind.continues_adapter and self.model.adapter:
+            raise ValueError(f"model.adapter: a {kind.noun} starts from a fresh adapter and head; leave it out")
         if refusal := trainer_refusal(self):
             raise ValueError(refusal)
         t = self.training

@@ -9,6 +9,7 @@ runs every recipe refused here through the real trainer, so a rule TRL no longer
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from qlora_pipe.lora_targets import is_target
@@ -16,33 +17,51 @@ from qlora_pipe.lora_targets import is_target
 if TYPE_CHECKING:
     from qlora_pipe.recipe.schema import Recipe
 
-# The trainers that score completions with lm_head's weight directly (trl/trainer/dpo_trainer.py and
-# kto_trainer.py: "Applying a PEFT adapter to `lm_head` is not supported").
-LOGPROB_FROM_LM_HEAD = ("dpo", "kto")
 # kto_trainer.py: "Actual (not effective) batch size must be > 1" (qlora_pipe/methods/preference.py reads it too)
 KTO_SMALLEST_MICRO_BATCH = 2
 
 
-def trainer_refusal(recipe: Recipe) -> str | None:
-    """The one-line reason a trainer would refuse this recipe at construction, or None."""
+def _lm_head_adapter(recipe: Recipe) -> str | None:
+    """dpo_trainer.py and kto_trainer.py score completions with lm_head's weight directly ("Applying a PEFT
+    adapter to `lm_head` is not supported")."""
     targets = recipe.lora.target_modules
-    if recipe.method in LOGPROB_FROM_LM_HEAD and isinstance(targets, list) and is_target("lm_head", targets):
+    if isinstance(targets, list) and is_target("lm_head", targets):
         return (
             f"lora.target_modules: method {recipe.method} computes log-probabilities from lm_head's weight "
             "directly, so a LoRA adapter on lm_head would never train; remove lm_head"
         )
-    # kto_trainer.py: "Actual (not effective) batch size must be > 1": the KL term is estimated from the
-    # other rows of the same micro batch.
-    if (
-        recipe.method == "kto"
-        and recipe.training.micro_batch_size != "auto"
-        and (recipe.training.micro_batch_size < KTO_SMALLEST_MICRO_BATCH)
-    ):
+    return None
+
+
+def _kto_micro_batch(recipe: Recipe) -> str | None:
+    """kto_trainer.py: "Actual (not effective) batch size must be > 1": the KL term is estimated from the other
+    rows of the same micro batch."""
+    size = recipe.training.micro_batch_size
+    if size != "auto" and size < KTO_SMALLEST_MICRO_BATCH:
         return (
             "training.micro_batch_size: KTO estimates its KL term from the other rows of a micro batch; "
             f"use {KTO_SMALLEST_MICRO_BATCH} or more (or auto)"
         )
-    # dpo_trainer.py: exo_pair needs label_smoothing > 0, which the recipe does not set (TRL's default is 0).
-    if recipe.method == "dpo" and "exo_pair" in recipe.preference.loss_type:
+    return None
+
+
+def _exo_pair(recipe: Recipe) -> str | None:
+    """dpo_trainer.py: exo_pair needs label_smoothing > 0, which the recipe does not set (TRL's default is 0)."""
+    if "exo_pair" in recipe.preference.loss_type:
         return "preference.loss_type: exo_pair needs label smoothing, which recipes do not set; choose another loss"
+    return None
+
+
+# Each method's rules, in the order they are checked.
+RULES: dict[str, tuple[Callable[[Recipe], str | None], ...]] = {
+    "dpo": (_lm_head_adapter, _exo_pair),
+    "kto": (_lm_head_adapter, _kto_micro_batch),
+}
+
+
+def trainer_refusal(recipe: Recipe) -> str | None:
+    """The one-line reason a trainer would refuse this recipe at construction, or None."""
+    for rule in RULES.get(recipe.method, ()):
+        if refusal := rule(recipe):
+            return refusal
     return None
