@@ -14,13 +14,14 @@ import torch
 from torch import nn
 
 from qlora_pipe.compat.bitsandbytes import keep_plain_nf4_on_cpu
+from qlora_pipe.compat.transformers import tensors_loaded_as
 from qlora_pipe.data.chat_templates import select_chat_template
 from qlora_pipe.dist import local_rank, sharded_launch
 from qlora_pipe.errors import UserError
 from qlora_pipe.hardware import with_resolved_precision
 from qlora_pipe.lora_targets import unmatched_targets
 from qlora_pipe.model_source import check_model_files, local_path
-from qlora_pipe.models.embedding_storage import keep_input_embedding_stored
+from qlora_pipe.models.embedding_storage import keep_input_embedding_stored, stored_embedding_dtypes
 from qlora_pipe.recipe import Recipe
 from qlora_pipe.shard_rules import refuse_sharded
 from qlora_pipe.tokens import PAD_CANDIDATES, ensure_distinct_pad  # noqa: F401  (re-exported)
@@ -111,22 +112,25 @@ def load_base_model(recipe: Recipe, device: torch.device | None = None) -> nn.Mo
     device = device or training_device()
     name = recipe.model.name_or_path
     dtype = DTYPES[with_resolved_precision(recipe).quantization.compute_dtype]
+    stored = dtype == torch.float32 and not sharded_launch()  # the input embedding kept in its stored 16 bits
+    planned = stored_embedding_dtypes(model_location(name), recipe.lora.modules_to_save) if stored else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            model_location(name),
-            revision=recipe.model.revision,
-            trust_remote_code=recipe.model.trust_remote_code,
-            quantization_config=quantization_config(recipe),
-            dtype=dtype,
-            # Sharded launches (FSDP, ZeRO-3) place the weights themselves; otherwise one device per process.
-            device_map=None if sharded_launch() else {"": device},
-            attn_implementation=recipe.model.attn_implementation,
-            use_safetensors=True,  # pickle weights can run code when loaded: never loaded
-        )
+        with tensors_loaded_as(planned):
+            model = AutoModelForCausalLM.from_pretrained(
+                model_location(name),
+                revision=recipe.model.revision,
+                trust_remote_code=recipe.model.trust_remote_code,
+                quantization_config=quantization_config(recipe),
+                dtype=dtype,
+                # Sharded launches (FSDP, ZeRO-3) place the weights themselves; otherwise one device per process.
+                device_map=None if sharded_launch() else {"": device},
+                attn_implementation=recipe.model.attn_implementation,
+                use_safetensors=True,  # pickle weights can run code when loaded: never loaded
+            )
     except (OSError, ValueError) as exc:  # a Hub repo without safetensors, remote code refused, a broken file
         raise UserError(f"model.name_or_path: cannot load {name!r}: {exc}") from exc
     keep_plain_nf4_on_cpu(model)  # compat/bitsandbytes.py: the CPU fast path rewrites NF4 weights
-    if dtype == torch.float32 and not sharded_launch():
+    if stored:
         kept = keep_input_embedding_stored(model, recipe.lora.modules_to_save)
         if kept is not None:
             log.info("input embedding kept in its stored %s (exact; its output cast to float32)", str(kept)[6:])

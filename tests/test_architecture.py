@@ -29,6 +29,8 @@ INTERNALS = (
     "logging_dir",
     "chat_template_utils",
     "_foreach_norm",
+    "_get_dtype_plan",
+    "suppress_seqcls_warning",
 )
 
 

@@ -116,14 +116,15 @@ def test_evaluation_does_not_alter_the_4bit_base(make_recipe):
     assert before == evaluated == after
 
 
-def test_an_fp32_model_keeps_its_input_embedding_in_the_stored_bf16_exactly(make_recipe, tiny_model_dir):
+def test_an_fp32_model_keeps_its_input_embedding_in_the_stored_bf16_exactly(make_recipe, tiny_model_dir, tmp_path):
     """On an fp32-compute host the untied input embedding stays in the checkpoint's bf16 (half the bytes) and
     the model computes exactly what the all-fp32 load of transformers computes; a value bf16 cannot hold, a
     tied embedding and an embedding trained in full stay fp32."""
     from transformers import AutoModelForCausalLM
 
+    from qlora_pipe.compat.transformers import tensors_loaded_as
     from qlora_pipe.model import quantization_config
-    from qlora_pipe.models.embedding_storage import keep_input_embedding_stored
+    from qlora_pipe.models.embedding_storage import keep_input_embedding_stored, stored_embedding_dtypes
 
     recipe = make_recipe(precision="fp32")
     model = load_base_model(recipe)
@@ -140,6 +141,16 @@ def test_an_fp32_model_keeps_its_input_embedding_in_the_stored_bf16_exactly(make
 
     trained = make_recipe(precision="fp32", lora={"modules_to_save": ["embed_tokens"]})
     assert load_base_model(trained).get_input_embeddings().weight.dtype == torch.float32
+
+    # The checkpoint's bf16 embedding is read as bf16 (no fp32 copy while loading); an fp32 checkpoint's is not.
+    assert stored_embedding_dtypes(str(tiny_model_dir), []) == {"model.embed_tokens.weight": torch.bfloat16}
+    assert stored_embedding_dtypes(str(tiny_model_dir), ["embed_tokens"]) == {}
+    with tensors_loaded_as(stored_embedding_dtypes(str(tiny_model_dir), [])):
+        read = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    assert read.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert read.get_output_embeddings().weight.dtype == torch.float32
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).save_pretrained(tmp_path / "fp32")
+    assert stored_embedding_dtypes(str(tmp_path / "fp32"), []) == {}
 
     with torch.no_grad():
         plain.get_input_embeddings().weight[3, 0] = 1.0 + 2**-20  # not a bf16 or an fp16 value

@@ -43,10 +43,18 @@ decoder_blocks
     verified, each block's weights read from its own safetensors files for its forward only (device_map value
     "disk"). Caught by:
     tests/test_verify_memory.py::test_a_merged_model_too_large_to_hold_is_verified_a_block_at_a_time.
+tensors_loaded_as
+    ``from_pretrained`` casts every checkpoint tensor to the load dtype as it reads it, but for the model's own
+    ``_get_dtype_plan`` (name patterns to a dtype; verified with transformers 5.25.0, read by
+    core_model_loading's loader). Adding exact names to that plan while a model loads reads those tensors in
+    their stored 16-bit dtype: an fp32-compute load of a 7B never holds its input embedding in fp32, not even
+    for a moment (models/embedding_storage.py). Caught by:
+    tests/test_model.py::test_an_fp32_model_keeps_its_input_embedding_in_the_stored_bf16_exactly.
 """
 
 from __future__ import annotations
 
+import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -56,6 +64,26 @@ from typing import Any
 from qlora_pipe.errors import CheckpointWriteError
 
 VERIFIED = {"transformers": "5.24.0", "trl": "1.16.0"}
+
+
+@contextmanager
+def tensors_loaded_as(dtypes: dict[str, Any]) -> Iterator[None]:
+    """Inside: ``from_pretrained`` reads the named parameters (exact names) in the given dtypes."""
+    from transformers import PreTrainedModel
+
+    if not dtypes:
+        yield
+        return
+    original = PreTrainedModel._get_dtype_plan
+
+    def plan(self, dtype):
+        return {**original(self, dtype), **{f"^{re.escape(name)}$": wanted for name, wanted in dtypes.items()}}
+
+    PreTrainedModel._get_dtype_plan = plan
+    try:
+        yield
+    finally:
+        PreTrainedModel._get_dtype_plan = original
 
 
 class SkippableScheduler:
