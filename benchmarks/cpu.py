@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.batches import check_same_batches
-from qlora_pipe.hardware import machine_description
+from qlora_pipe.machine.hardware import machine_description
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks/results"

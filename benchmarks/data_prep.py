@@ -18,7 +18,7 @@ from datetime import date
 from pathlib import Path
 
 from qlora_pipe.data.prepare import prepare_data
-from qlora_pipe.hardware import machine_description
+from qlora_pipe.machine.hardware import machine_description
 from qlora_pipe.quickstart.builder import build_tokenizer
 from qlora_pipe.recipe import DataSection
 

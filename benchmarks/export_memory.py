@@ -21,7 +21,7 @@ import tempfile
 from datetime import date
 from pathlib import Path
 
-from qlora_pipe.hardware import machine_description
+from qlora_pipe.machine.hardware import machine_description
 
 REPO = Path(__file__).resolve().parents[1]
 COMMAND = "python -m benchmarks export-memory"

@@ -41,7 +41,7 @@ def table(merged: dict, rows: dict[str, dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     from qlora_pipe.export.gguf import check_gguf_type
     from qlora_pipe.export.gguf_command import export_gguf
-    from qlora_pipe.hardware import machine_description
+    from qlora_pipe.machine.hardware import machine_description
     from qlora_pipe.runs import RunDir
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks gguf", description=__doc__.splitlines()[0])

@@ -93,7 +93,7 @@ BUDGET_SECONDS = 450  # from the start, the 4-bit build included: the whole chec
 
 
 def measure(args: argparse.Namespace, tmp: Path, results: Results) -> None:
-    from qlora_pipe.model import add_lora
+    from qlora_pipe.models.loading import add_lora
     from qlora_pipe.plan.shapes import shape_from_config
     from qlora_pipe.quickstart.builder import build_tokenizer
 

@@ -29,7 +29,7 @@ GOALS = {"peak_memory_gib_at_torchtune_settings": 7.4, "mfu": 0.55, "longest_con
 
 def with_rank(model, tmp: Path, rank: int):
     """The same 4-bit base with a fresh LoRA adapter of this rank (on all linear layers)."""
-    from qlora_pipe.model import add_lora
+    from qlora_pipe.models.loading import add_lora
 
     base = model.unload() if hasattr(model, "unload") else model
     gc.collect()

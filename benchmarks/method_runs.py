@@ -58,7 +58,7 @@ def peak_rss() -> int:
 
 
 def base_dtype() -> torch.dtype:
-    from qlora_pipe.hardware import detect_hardware
+    from qlora_pipe.machine.hardware import detect_hardware
 
     return torch.bfloat16 if detect_hardware("cpu").native_bf16 else torch.float32
 

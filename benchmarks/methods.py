@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--worker"]:
         return worker(argv[1], Path(argv[2]), Path(argv[3]))
     from benchmarks.method_runs import METHODS
-    from qlora_pipe.hardware import machine_description
+    from qlora_pipe.machine.hardware import machine_description
 
     parser = argparse.ArgumentParser(prog=COMMAND, description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(REPO / "models/quickstart-base"), help="a local causal LM folder")

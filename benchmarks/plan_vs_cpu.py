@@ -48,7 +48,7 @@ def model_path(name: str) -> Path:
     path = Path(name).expanduser()
     if path.exists():
         return path
-    from qlora_pipe.example_models import get_model
+    from qlora_pipe.models.examples import get_model
 
     return get_model(name)
 
@@ -237,8 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         argv = ["plan-vs-cpu", *(sys.argv[1:] if argv is None else argv)]
         os.execve(sys.executable, [sys.executable, "-m", "benchmarks", *argv], {**os.environ, **MALLOC_ENV})
 
-    from qlora_pipe.cpu_threads import choose_cpu_threads
     from qlora_pipe.errors import UserError
+    from qlora_pipe.machine.cpu_threads import choose_cpu_threads
     from qlora_pipe.recipe import load_recipe, validate_recipe
     from qlora_pipe.terminal import quiet_library_progress
     from qlora_pipe.training.stage import run_training

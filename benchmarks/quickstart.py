@@ -23,7 +23,7 @@ import time
 from datetime import date
 from pathlib import Path
 
-from qlora_pipe.hardware import cpu_hardware, machine_description
+from qlora_pipe.machine.hardware import cpu_hardware, machine_description
 
 REPO = Path(__file__).resolve().parents[1]
 COMMAND = "python -m benchmarks quickstart"

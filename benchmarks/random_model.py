@@ -121,7 +121,7 @@ def tokenizer_folder(given: str | None) -> Path:
     if given is not None:
         folder = Path(given)
     else:
-        from qlora_pipe.gguf_source import SOURCE_FILE, cache_root
+        from qlora_pipe.models.gguf_source import SOURCE_FILE, cache_root
 
         found = sorted(p for p in cache_root().glob(DEFAULT_TOKENIZER) if (p / SOURCE_FILE).is_file())
         if not found:

@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from qlora_pipe.errors import UserError
-    from qlora_pipe.example_models import get_model
+    from qlora_pipe.models.examples import get_model
 
     path = Path(args.model).expanduser()
     try:

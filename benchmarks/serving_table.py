@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     from qlora_pipe.errors import UserError
     from qlora_pipe.export.command import export_merged
     from qlora_pipe.export.unmerged import export_unmerged
-    from qlora_pipe.hardware import machine_description
+    from qlora_pipe.machine.hardware import machine_description
     from qlora_pipe.runs import RunDir
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks serving", description=__doc__.splitlines()[0])

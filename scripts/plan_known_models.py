@@ -20,7 +20,7 @@ DOC = ROOT / "docs" / "planner.md"
 LONG_RUNS = ROOT / "docs" / "long-runs.md"
 sys.path.insert(0, str(ROOT))
 
-from qlora_pipe.hardware import ASSUMED_GPU, resolve_recipe_precision  # noqa: E402
+from qlora_pipe.machine.hardware import ASSUMED_GPU, resolve_recipe_precision  # noqa: E402
 from qlora_pipe.plan.advice import advise, fewest_gpus, parse_size, recipe_plan, recipe_shape  # noqa: E402
 from qlora_pipe.plan.report import advice_text, plan_table  # noqa: E402
 from qlora_pipe.plan.terms import GiB  # noqa: E402

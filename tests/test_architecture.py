@@ -44,14 +44,10 @@ def modules() -> dict[str, Path]:
 
 
 def imported(path: Path, known: dict[str, Path]) -> set[str]:
-    """qlora_pipe modules a file imports anywhere (functions included; TYPE_CHECKING blocks excluded)."""
+    """qlora_pipe modules a file imports anywhere: at the top, inside functions, and under TYPE_CHECKING."""
     found: set[str] = set()
 
     class Visitor(ast.NodeVisitor):
-        def visit_If(self, node: ast.If) -> None:
-            if "TYPE_CHECKING" not in ast.unparse(node.test):
-                self.generic_visit(node)
-
         def visit_ImportFrom(self, node: ast.ImportFrom) -> None:
             if node.module and node.module.startswith("qlora_pipe"):
                 for alias in node.names:
@@ -65,6 +61,59 @@ def imported(path: Path, known: dict[str, Path]) -> set[str]:
     return {m for m in found if m in known} - {module_name(path)}
 
 
+# The layers, lowest first. A module imports from its own layer and the layers below, never from above: each
+# stage is a layer of its own, so a stage reaches another only downwards. The method modules compose the stages
+# and sit above them; the stages know only Method and method_for (methods/__init__.py finds a method by name).
+KERNEL = ("errors", "lazy", "sizes", "finite", "terminal", "runs")
+LAYERS = (
+    tuple(f"qlora_pipe.{name}" for name in KERNEL),
+    ("qlora_pipe.compat",),
+    ("qlora_pipe.recipe",),
+    ("qlora_pipe.machine",),
+    ("qlora_pipe.rewards",),
+    ("qlora_pipe.data",),
+    ("qlora_pipe.models",),
+    ("qlora_pipe.methods", "qlora_pipe.methods.base"),
+    ("qlora_pipe.plan",),
+    ("qlora_pipe.evaluate",),
+    ("qlora_pipe.training",),
+    ("qlora_pipe.export",),
+    ("qlora_pipe.publish",),
+    ("qlora_pipe.methods.",),
+    ("qlora_pipe.quickstart", "qlora_pipe.wheelhouse"),
+    ("qlora_pipe.cli", "qlora_pipe"),
+)
+
+
+def layer_of(module: str) -> int:
+    """The layer of a module: the longest member of LAYERS that names it (a member ending in "." names the
+    modules under that package, not the package itself)."""
+    matches = [
+        (len(member), number)
+        for number, members in enumerate(LAYERS)
+        for member in members
+        if module == member or module.startswith(member if member.endswith(".") else member + ".")
+    ]
+    assert matches, f"{module} is in no layer of tests/test_architecture.py's LAYERS"
+    return max(matches)[1]
+
+
+def test_every_import_goes_down_the_layers():
+    known = modules()
+    up = [
+        f"{name} -> {target}"
+        for name, path in sorted(known.items())
+        for target in sorted(imported(path, known))
+        if layer_of(target) > layer_of(name)
+    ]
+    assert not up, "imports up the layers: " + "; ".join(up)
+
+
+def test_at_most_six_loose_modules():
+    loose = sorted(p.stem for p in PACKAGE.glob("*.py") if p.name != "__init__.py")
+    assert loose == sorted(KERNEL), f"modules beside the packages: {loose} (a module belongs in its package)"
+
+
 def test_every_stage_is_a_subpackage_that_states_its_api():
     for stage in STAGES:
         init = PACKAGE / stage / "__init__.py"
@@ -72,7 +121,7 @@ def test_every_stage_is_a_subpackage_that_states_its_api():
         assert ast.get_docstring(ast.parse(init.read_text())), f"{stage}/__init__.py states no API"
 
 
-def test_no_import_cycles():
+def test_no_import_cycles():  # every import counted, as in the layer test
     known = modules()
     graph = {name: imported(path, known) for name, path in known.items()}
     state: dict[str, str] = {}
@@ -93,7 +142,7 @@ def test_no_import_cycles():
 def test_no_stage_reaches_into_another_stages_command():
     known = modules()
     for name, path in known.items():
-        if name in ("qlora_pipe.cli", "qlora_pipe.cli_commands"):  # the CLI calls every command
+        if name.startswith("qlora_pipe.cli"):  # the CLI calls every command
             continue
         if name.startswith("qlora_pipe.methods."):  # a method answers for each command (the data preview, ...)
             continue
@@ -125,7 +174,7 @@ def test_compat_modules_name_their_verified_versions():
 
 def test_validating_a_recipe_does_not_import_torch():
     code = (
-        "import sys, qlora_pipe.recipe, qlora_pipe.cli, qlora_pipe.cli_commands, qlora_pipe.data, "
+        "import sys, qlora_pipe.recipe, qlora_pipe.cli, qlora_pipe.cli.commands, qlora_pipe.data, "
         "qlora_pipe.training, qlora_pipe.plan; "
         "qlora_pipe.recipe.load_recipe('recipes/qa-legal.yaml'); "
         "print(sorted(m for m in ('torch', 'transformers', 'datasets', 'trl') if m in sys.modules))"

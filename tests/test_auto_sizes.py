@@ -63,7 +63,7 @@ def _shape_settings(recipe, batch, length):
 def test_training_with_auto_sizes(tiny_model_dir, tmp_path):
     import yaml
 
-    from qlora_pipe.hardware import detect_hardware, resolve_recipe_precision
+    from qlora_pipe.machine.hardware import detect_hardware, resolve_recipe_precision
     from qlora_pipe.plan.auto_sizes import micro_batch_start
     from qlora_pipe.training.stage import run_training
 
@@ -90,7 +90,7 @@ def test_auto_sizes_and_advice_for_preference_runs(family_dirs, tiny_model_dir, 
     the sizes the plan chose."""
     import yaml
 
-    from qlora_pipe.hardware import detect_hardware, resolve_recipe_precision
+    from qlora_pipe.machine.hardware import detect_hardware, resolve_recipe_precision
     from qlora_pipe.plan.advice import advise
     from qlora_pipe.training.stage import run_training
     from tests.helpers.recipes import PAIRS_TRAIN

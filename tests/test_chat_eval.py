@@ -21,7 +21,7 @@ from qlora_pipe.cli import main
 from qlora_pipe.evaluate.chat import chat_loop, load_chat_model
 from qlora_pipe.evaluate.evaluation import run_eval
 from qlora_pipe.export.verdict import MAX_RELATIVE_LOSS_CHANGE
-from qlora_pipe.generation import GenerationSettings, chat_prompt_ids, generate_greedy
+from qlora_pipe.models.generation import GenerationSettings, chat_prompt_ids, generate_greedy
 from qlora_pipe.publish.model_card import adapter_card, merged_card
 from qlora_pipe.recipe import load_recipe, validate_recipe
 from qlora_pipe.runs import RunDir, run_of_merged, training_system_prompt

@@ -75,10 +75,10 @@ def test_label_edge_cases_are_named(tiny_model_dir, tokenizer, tmp_path, caplog)
 def test_classifier_trains_resumes_exports_and_evaluates(tiny_model_dir, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
-    from qlora_pipe.classifier import load_trained_classifier, predict
     from qlora_pipe.evaluate.classification_eval import classification_table, run_classification_eval
     from qlora_pipe.export.command import export_merged
-    from qlora_pipe.model import load_run_tokenizer
+    from qlora_pipe.models.classifier import load_trained_classifier, predict
+    from qlora_pipe.models.loading import load_run_tokenizer
 
     settings = {"max_steps": 40, "save_steps": 20, "eval_steps": None, "preview_prompts": []}
     straight = run_training(classifier_recipe(tiny_model_dir, tmp_path, "straight", **settings))
@@ -133,9 +133,9 @@ def test_an_encoder_classifier_uses_the_same_recipe_shape(tmp_path):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import AutoModelForSequenceClassification, RobertaConfig, RobertaForMaskedLM, RobertaTokenizerFast
 
-    from qlora_pipe.classifier import load_trained_classifier, predict
     from qlora_pipe.export.command import export_merged
-    from qlora_pipe.model import load_run_tokenizer
+    from qlora_pipe.models.classifier import load_trained_classifier, predict
+    from qlora_pipe.models.loading import load_run_tokenizer
     from tests.conftest import CORPUS
 
     base = tmp_path / "tiny-roberta"

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 
-from qlora_pipe import doctor as doctor_module
+from qlora_pipe.cli import doctor as doctor_module
 from qlora_pipe.cli import main
 from tests.helpers.terminal import avx512_bf16_site
 
@@ -23,7 +23,7 @@ def test_doctor_reports_versions_device_and_disk(capsys, tmp_path):
 
 
 def test_doctor_flags_a_version_that_was_not_tested(capsys, monkeypatch):
-    import qlora_pipe.doctor as doctor
+    import qlora_pipe.cli.doctor as doctor
 
     real = doctor.installed
     monkeypatch.setattr(doctor, "installed", lambda name: "0.9.0" if name == "trl" else real(name))

@@ -4,15 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from qlora_pipe.evaluate.metrics import (
-    eval_table,
-    exact_match,
-    lcs_length,
-    normalize,
-    rouge_l,
-    score_answers,
-    token_f1,
-)
+from qlora_pipe.evaluate.metrics import eval_table, score_answers
+from qlora_pipe.rewards.answer_match import exact_match, lcs_length, normalize, rouge_l, token_f1
 
 
 def test_normalize_lowercases_and_drops_punctuation_articles_and_extra_space():

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from qlora_pipe import example_models
 from qlora_pipe.errors import UserError
+from qlora_pipe.models import examples as example_models
 
 
 def data_wheel(folder: Path, name: str, member: str, data: bytes) -> None:

@@ -92,7 +92,7 @@ def test_a_served_folder_loads_and_a_run_keeps_its_training_template(make_recipe
     # logits are the trained model's (the reference of the card's fidelity figures), not a 16-bit base's.
     import torch
 
-    from qlora_pipe.model import load_trained_model
+    from qlora_pipe.models.loading import load_trained_model
     from qlora_pipe.publish.model_card import peft_snippet
     from qlora_pipe.recipe import load_recipe
 

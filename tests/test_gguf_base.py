@@ -18,11 +18,11 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from qlora_pipe.cli import main
-from qlora_pipe.gguf_source import base_folder, base_source, source_of
+from qlora_pipe.machine.user_cache import RACY_NS
+from qlora_pipe.models.gguf_source import base_folder, base_source, source_of
 from qlora_pipe.recipe import validate_recipe
 from qlora_pipe.runs import RunDir, file_sha256
 from qlora_pipe.training.stage import run_training
-from qlora_pipe.user_cache import RACY_NS
 from tests.conftest import recipe_dict
 from tests.helpers.crashes import CrashAtStep, SimulatedCrash
 from tests.helpers.mounts import cli_in, one_error
@@ -32,7 +32,7 @@ Q = "model.layers.0.self_attn.q_proj.weight"
 CONVERTS = "into a plain bf16 folder"  # the log line of a conversion
 CONVERT = (  # another process: ready once its imports are done, then converting when told to go
     "import logging, sys; from pathlib import Path; logging.basicConfig(level=logging.INFO); "
-    "import transformers; from qlora_pipe.gguf_source import base_folder; print('ready', flush=True); "
+    "import transformers; from qlora_pipe.models.gguf_source import base_folder; print('ready', flush=True); "
     "sys.stdin.readline(); print(base_folder(Path(sys.argv[1])))"
 )
 
@@ -139,8 +139,8 @@ def test_a_hub_base_records_its_commit_and_later_stages_load_that_commit(tiny_mo
     """The Hub cache as huggingface_hub lays it out (offline): refs/main names the snapshot loaded."""
     from huggingface_hub import constants
 
-    from qlora_pipe.base_record import check_same_base, record_base, run_recipe
     from qlora_pipe.errors import UserError
+    from qlora_pipe.models.base_record import check_same_base, record_base, run_recipe
 
     hub, first, second = tmp_path / "hub", "a" * 40, "b" * 40
     repo = hub / "models--me--tiny"
@@ -178,7 +178,7 @@ def test_an_incomplete_cache_entry_is_replaced_once_under_a_lock(tiny_gguf, cach
     assert other.stdout.readline().strip() == "ready"
     other.stdin.write("go\n")
     other.stdin.flush()
-    with caplog.at_level(logging.INFO, logger="qlora_pipe.gguf_source"):
+    with caplog.at_level(logging.INFO, logger="qlora_pipe.models.gguf_source"):
         assert base_folder(tiny_gguf) == folder  # this process and the other one at the same time
         out, err = other.communicate(timeout=300)
         assert other.returncode == 0 and out.strip() == str(folder), err

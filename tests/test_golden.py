@@ -84,7 +84,7 @@ def test_tiny_fp32_run_matches_the_golden_numbers(make_recipe):
     if os.environ.get("QLORA_PIPE_WRITE_GOLDEN") == "1":
         from importlib.metadata import version
 
-        from qlora_pipe.hardware import machine_description
+        from qlora_pipe.machine.hardware import machine_description
         from qlora_pipe.training.stage import LIBRARIES
 
         got["written_on"] = machine_description()

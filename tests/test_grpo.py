@@ -108,7 +108,7 @@ def test_grpo_step_peak_and_kv_cache_match_the_plan(tiny_model_dir, tmp_path):
     from dataclasses import replace
 
     from qlora_pipe.methods import method_for
-    from qlora_pipe.model import load_tokenizer
+    from qlora_pipe.models.loading import load_tokenizer
     from qlora_pipe.plan.advice import plan_for_recipe
     from qlora_pipe.plan.grpo_terms import GENERATION_TERM, kv_cache_bytes
     from qlora_pipe.runs import RunDir
@@ -182,7 +182,7 @@ def test_prompt_rows_are_checked_dropped_by_reason_and_previewed(tiny_model_dir,
     the prompt as rendered and what each reward reads."""
     from qlora_pipe.cli import main
     from qlora_pipe.data.prompts import prepare_prompt_data
-    from qlora_pipe.model import load_tokenizer
+    from qlora_pipe.models.loading import load_tokenizer
     from tests.data_helpers import write_jsonl
 
     rows = [

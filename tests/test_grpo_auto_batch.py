@@ -103,8 +103,8 @@ def test_grpo_auto_generation_probe_holds_the_planned_kv_cache_and_refuses_what_
 
     import torch
 
-    from qlora_pipe.hardware import with_resolved_precision
-    from qlora_pipe.model import DTYPES, load_tokenizer
+    from qlora_pipe.machine.hardware import with_resolved_precision
+    from qlora_pipe.models.loading import DTYPES, load_tokenizer
     from qlora_pipe.plan.advice import plan_for_recipe
     from qlora_pipe.plan.grpo_terms import kv_cache_bytes
     from qlora_pipe.training import micro_batch as autobatch

@@ -17,7 +17,7 @@ from tests.helpers.recipes import FORMAT, grpo_recipe, user_rewards
 def test_rewards_are_checked_at_validate(tiny_model_dir, tmp_path, capsys):
     """Bad reward entries are one-line errors from `validate` (exit 2), before any model or data loads."""
     from qlora_pipe.cli import main
-    from qlora_pipe.training.reward_funcs import resolve_rewards
+    from qlora_pipe.rewards.functions import resolve_rewards
 
     path = user_rewards(tmp_path)
 
@@ -60,7 +60,7 @@ def test_rewards_are_checked_at_validate(tiny_model_dir, tmp_path, capsys):
 
 def test_builtin_rewards_score_what_they_say():
     from qlora_pipe.recipe.grpo import RewardSection
-    from qlora_pipe.training.rewards import builtin_reward
+    from qlora_pipe.rewards.builtin import builtin_reward
 
     def score(spec: dict, texts: list[str], **columns) -> list[float]:
         completions = [[{"role": "assistant", "content": t}] for t in texts]

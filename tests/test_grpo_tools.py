@@ -42,7 +42,7 @@ def test_prompt_tools_are_rendered_reported_and_previewed(tiny_model_dir, tmp_pa
     and prompt tokens, says nothing is trained, and names the columns each reward reads."""
     from qlora_pipe.cli import main
     from qlora_pipe.data.prompts import prepare_prompt_data, prompt_rows, render_prompt
-    from qlora_pipe.model import load_tokenizer
+    from qlora_pipe.models.loading import load_tokenizer
 
     raw = tool_recipe(tiny_model_dir, tmp_path)
     recipe = validate_recipe(raw)
@@ -100,7 +100,7 @@ def test_grpo_renders_each_prompts_tools_in_training(tiny_model_dir, tmp_path):
     tools from the plain prompt), and a real GRPO step with the tool_call reward trains and logs it."""
     from qlora_pipe.data.prompts import render_prompt
     from qlora_pipe.methods import method_for
-    from qlora_pipe.model import load_tokenizer
+    from qlora_pipe.models.loading import load_tokenizer
     from qlora_pipe.runs import RunDir
     from qlora_pipe.training.method import load_policy
     from qlora_pipe.training.micro_batch import BatchChoice

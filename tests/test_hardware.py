@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from qlora_pipe.cpu_threads import cgroup_cpu_limit, choose_cpu_threads
 from qlora_pipe.errors import UserError
-from qlora_pipe.hardware import (
+from qlora_pipe.machine.cpu_threads import cgroup_cpu_limit, choose_cpu_threads
+from qlora_pipe.machine.hardware import (
     Hardware,
     cpu_hardware,
     cpu_info,
@@ -98,10 +98,10 @@ def test_threads_from_environment_recipe_and_available_cpus(monkeypatch):
     with pytest.raises(UserError, match="QLORA_PIPE_CPU_THREADS='two'"):
         choose_cpu_threads("auto", {"QLORA_PIPE_CPU_THREADS": "two"})
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
-    monkeypatch.setattr("qlora_pipe.cpu_threads.cgroup_cpu_limit", lambda: None)
+    monkeypatch.setattr("qlora_pipe.machine.cpu_threads.cgroup_cpu_limit", lambda: None)
     assert choose_cpu_threads("auto", {}).threads == 4
     assert choose_cpu_threads("auto", {"LOCAL_WORLD_SIZE": "2"}).threads == 2
-    monkeypatch.setattr("qlora_pipe.cpu_threads.cgroup_cpu_limit", lambda: 1.5)
+    monkeypatch.setattr("qlora_pipe.machine.cpu_threads.cgroup_cpu_limit", lambda: 1.5)
     choice = choose_cpu_threads("auto", {})
     assert choice.threads == 2 and "cgroup quota of 1.5 CPUs" in choice.reason
 
@@ -139,7 +139,7 @@ def test_fp32_run_trains_like_bf16(make_recipe, monkeypatch):
     from qlora_pipe.training.stage import run_training
 
     avx2_cpu = {"model name": "an AVX2-only CPU", "flags": " ".join(sorted(AVX2))}
-    monkeypatch.setattr("qlora_pipe.hardware.cpu_info", lambda: avx2_cpu)
+    monkeypatch.setattr("qlora_pipe.machine.hardware.cpu_info", lambda: avx2_cpu)
     fp32_recipe, bf16_recipe = make_recipe(), make_recipe(precision="bf16")
     fp32_recipe.run_name, bf16_recipe.run_name = "fp32", "bf16"
     fp32 = run_training(fp32_recipe)
@@ -168,6 +168,6 @@ def test_fp32_run_trains_like_bf16(make_recipe, monkeypatch):
     # Resumed where bf16 is native, auto would switch the run to bf16: refused, with the difference named.
     amx_cpu = {"model name": "an AMX CPU", "flags": " ".join(sorted(SAPPHIRE_RAPIDS))}
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)  # set when the suite runs as on an AVX2 CPU
-    monkeypatch.setattr("qlora_pipe.hardware.cpu_info", lambda: amx_cpu)
+    monkeypatch.setattr("qlora_pipe.machine.hardware.cpu_info", lambda: amx_cpu)
     with pytest.raises(UserError, match=r"training.precision: 'fp32' -> 'bf16'"):
         run_training(fp32_recipe, resume=True)

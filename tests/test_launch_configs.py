@@ -8,7 +8,7 @@ import pytest
 from accelerate.commands.config.config_args import ClusterConfig
 
 from qlora_pipe.errors import UserError
-from qlora_pipe.model import check_sharded_quantization
+from qlora_pipe.models.loading import check_sharded_quantization
 
 CONFIGS = Path(__file__).resolve().parents[1] / "accelerate"
 

@@ -18,7 +18,7 @@ from qlora_pipe.data.prepare import prepare_data
 from qlora_pipe.data.prepared import IGNORE
 from qlora_pipe.data.preview import DIM, GREEN, RESET, render_example
 from qlora_pipe.errors import UserError
-from qlora_pipe.model import ensure_distinct_pad, load_tokenizer
+from qlora_pipe.models.loading import ensure_distinct_pad, load_tokenizer
 from qlora_pipe.recipe import DataSection, SourceSection, validate_recipe
 from tests.data_helpers import add_llama_3_tokens
 

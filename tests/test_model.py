@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from qlora_pipe.errors import UserError
-from qlora_pipe.model import load_base_model, load_tokenizer, load_trainable_model
+from qlora_pipe.models.loading import load_base_model, load_tokenizer, load_trainable_model
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -123,8 +123,8 @@ def test_an_fp32_model_keeps_its_input_embedding_in_the_stored_bf16_exactly(make
     from transformers import AutoModelForCausalLM
 
     from qlora_pipe.compat.transformers import tensors_loaded_as
-    from qlora_pipe.model import quantization_config
     from qlora_pipe.models.embedding_storage import keep_input_embedding_stored, stored_embedding_dtypes
+    from qlora_pipe.models.loading import quantization_config
 
     recipe = make_recipe(precision="fp32")
     model = load_base_model(recipe)

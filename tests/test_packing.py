@@ -7,7 +7,7 @@ import torch
 
 from qlora_pipe.data.prepare import prepare_data
 from qlora_pipe.data.prepared import IGNORE
-from qlora_pipe.model import load_tokenizer, load_trainable_model
+from qlora_pipe.models.loading import load_tokenizer, load_trainable_model
 from qlora_pipe.runs import RunDir
 from qlora_pipe.training.stage import build_trainer
 

@@ -87,7 +87,7 @@ def test_dpo_plan_runs_chosen_and_rejected_together_and_keeps_a_reference_adapte
 @pytest.mark.parametrize(("double_quant", "precision"), [(True, "bf16"), (False, "bf16"), (True, "fp32")])
 def test_weight_terms_match_loaded_4bit_models(family_dirs, tmp_path, family, double_quant, precision):
     """Also in fp32 compute, where an untied input embedding stays in its stored bf16 and the rest is fp32."""
-    from qlora_pipe.model import add_lora, load_base_model
+    from qlora_pipe.models.loading import add_lora, load_base_model
 
     recipe = plan_recipe(family_dirs[family], tmp_path, precision=precision)
     recipe = recipe.model_copy(
@@ -123,7 +123,7 @@ def _saved_bytes(model, ids) -> int:
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 @pytest.mark.parametrize("lora", [{"dropout": 0.0}, {"dropout": 0.1, "target_modules": ["q_proj", "v_proj"]}])
 def test_activation_terms_match_saved_tensors(family_dirs, tmp_path, family, lora):
-    from qlora_pipe.model import add_lora, load_base_model
+    from qlora_pipe.models.loading import add_lora, load_base_model
 
     batch, length = 2, 96
     for checkpointing in (False, True):
@@ -148,7 +148,7 @@ def test_step_peak_matches_the_activation_terms(tmp_path_factory, tmp_path, chec
     A 128-entry vocabulary keeps the loss buffers negligible, so the layer terms are what is measured.
     """
 
-    from qlora_pipe.model import add_lora, load_base_model
+    from qlora_pipe.models.loading import add_lora, load_base_model
 
     folder = save_random_llama(
         tmp_path_factory.mktemp("wide"),

@@ -10,7 +10,7 @@ import pytest
 
 from qlora_pipe.cli import main
 from qlora_pipe.errors import UserError
-from qlora_pipe.model import check_sharded_quantization
+from qlora_pipe.models.loading import check_sharded_quantization
 from qlora_pipe.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]

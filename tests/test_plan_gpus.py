@@ -100,7 +100,7 @@ def test_plan_command_per_gpu(capsys):
 
 def test_a_bitsandbytes_optimizer_is_planned_as_the_one_fsdp_steps_with(family_dirs, capsys):
     """bitsandbytes' optimizers cannot step FSDP's sharded parameters: the run steps with adamw_torch_fused
-    (qlora_pipe/optimizers.py), and the plan counts that state, saying so in one line; one GPU keeps 8-bit."""
+    (qlora_pipe/machine/optimizers.py), and the plan counts that state, saying so in one line; one GPU keeps 8-bit."""
     shape, one = _tiny(family_dirs)
     fused = plan_memory(shape, replace(one, gpus=2, optimizer="adamw_torch_fused")).term("optimizer states")
     for name in ("paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit"):
@@ -130,7 +130,7 @@ def test_quant_state_stays_on_the_module_and_storage_keeps_the_packed_bytes(fami
     by the module as ``quant_state``, not by any parameter (so FSDP neither shards nor gathers them)."""
     import bitsandbytes as bnb
 
-    from qlora_pipe.model import load_base_model
+    from qlora_pipe.models.loading import load_base_model
 
     recipe = plan_recipe(family_dirs["llama"], tmp_path)
     q = recipe.quantization.model_copy(update={"quant_storage": "bfloat16", "compute_dtype": "bfloat16"})
@@ -187,7 +187,7 @@ def _fsdp_rank(rank: int, model_dir: str, out: str, port: int) -> None:
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
-    from qlora_pipe.model import add_lora, load_base_model
+    from qlora_pipe.models.loading import add_lora, load_base_model
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)

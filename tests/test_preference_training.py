@@ -181,7 +181,7 @@ def test_dpo_step_peak_matches_the_plan(tiny_model_dir, tmp_path):
     beside the planner's activations + transient peak + gradients at the batch's own size. In fp32 on this
     tiny model the fused LM head's tile dominates; measured here: 0.90 of the profiled peak."""
     from qlora_pipe.methods import method_for
-    from qlora_pipe.model import load_tokenizer
+    from qlora_pipe.models.loading import load_tokenizer
     from qlora_pipe.plan.advice import plan_for_recipe
     from qlora_pipe.runs import RunDir
     from qlora_pipe.training.method import load_policy

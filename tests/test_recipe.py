@@ -37,7 +37,7 @@ def test_bundled_recipes_validate(path):
 def test_defaults_follow_qlora_practice(tmp_path):
     recipe = load_recipe(write(tmp_path, MINIMAL))
     assert recipe.quantization.double_quant is True
-    assert recipe.quantization.compute_dtype == "auto"  # resolved per machine at run time (hardware.py)
+    assert recipe.quantization.compute_dtype == "auto"  # resolved per machine at run time (machine/hardware.py)
     assert recipe.training.optimizer == "paged_adamw_8bit"
     assert recipe.training.precision == "auto"
     assert recipe.training.lr_scheduler == "cosine"

@@ -49,7 +49,7 @@ def test_a_reward_model_trains_exports_and_reloads_as_a_sequence_classifier(tiny
     from qlora_pipe.evaluate.preference_eval import pairs_for
     from qlora_pipe.export.command import export_merged
     from qlora_pipe.methods.reward import pair_rewards, pairwise_scores
-    from qlora_pipe.model import load_run_tokenizer
+    from qlora_pipe.models.loading import load_run_tokenizer
     from qlora_pipe.publish.model_card import adapter_card
     from qlora_pipe.training.stage import run_training
 

@@ -61,7 +61,7 @@ def test_padding_free_reaches_trl_without_a_max_length_it_cannot_enforce(make_re
 
 
 def test_attention_implementation_reaches_the_loaded_model(make_recipe):
-    from qlora_pipe.model import load_base_model
+    from qlora_pipe.models.loading import load_base_model
 
     recipe = make_recipe()
     recipe.model.attn_implementation = "eager"

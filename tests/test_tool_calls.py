@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from qlora_pipe.cli import main
-from qlora_pipe.evaluate.tool_calls import ToolCall, parse_tool_calls, score_tool_calls
 from qlora_pipe.recipe import validate_recipe
+from qlora_pipe.rewards.tool_calls import ToolCall, parse_tool_calls, score_tool_calls
 from tests.conftest import recipe_dict
 
 TOOLS = [{"type": "function", "function": {"name": "define_term", "parameters": {"type": "object"}}}]
@@ -103,7 +103,7 @@ def test_eval_scores_tool_calls_base_against_tuned(tool_run):
 
 def test_chat_with_tools_renders_them_into_the_prompt(tool_run, tmp_path, capsys):
     from qlora_pipe.evaluate.chat import load_chat_model
-    from qlora_pipe.generation import chat_prompt_ids
+    from qlora_pipe.models.generation import chat_prompt_ids
 
     chat = load_chat_model(tool_run)
     question = [{"role": "user", "content": "What is a deed?"}]
@@ -132,7 +132,7 @@ def test_parsed_calls_are_shown_and_kept_in_the_conversation():
 
 def test_interactive_chat_answers_a_tool_result(tool_run, capsys):
     from qlora_pipe.evaluate.chat import chat_loop, load_chat_model
-    from qlora_pipe.generation import GenerationSettings
+    from qlora_pipe.models.generation import GenerationSettings
 
     chat = load_chat_model(tool_run)
     chat.tools = TOOLS

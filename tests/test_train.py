@@ -69,7 +69,7 @@ def test_same_seed_gives_same_losses(make_recipe):
 
 
 def test_adapter_reloads_onto_fresh_4bit_base_with_same_logits(make_recipe):
-    from qlora_pipe.model import load_trained_model
+    from qlora_pipe.models.loading import load_trained_model
 
     recipe = make_recipe(max_steps=4)
     result = run_training(recipe)

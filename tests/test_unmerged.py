@@ -12,12 +12,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from qlora_pipe.base_record import record_base
 from qlora_pipe.cli import main
 from qlora_pipe.errors import UserError
 from qlora_pipe.export.command import export_merged
 from qlora_pipe.export.lora_gguf import check_lora_gguf
 from qlora_pipe.export.unmerged import export_unmerged, trained_dtype
+from qlora_pipe.models.base_record import record_base
 from tests.helpers.export_models import trained_run
 
 

@@ -22,7 +22,7 @@ def test_verification_that_cannot_fit_is_refused_before_anything_is_written(tiny
 
     from qlora_pipe.export.merge import quantized_weight_names
     from qlora_pipe.export.verify_memory import AVAILABLE_ENV, preflight_verification
-    from qlora_pipe.hardware import dtype_for_inference
+    from qlora_pipe.machine.hardware import dtype_for_inference
     from qlora_pipe.recipe import load_recipe
     from qlora_pipe.runs import RunDir
 
@@ -67,7 +67,7 @@ def test_a_merged_model_too_large_to_hold_is_verified_a_block_at_a_time(tiny_mod
         preflight_verification,
         verification_peak,
     )
-    from qlora_pipe.hardware import with_resolved_precision
+    from qlora_pipe.machine.hardware import with_resolved_precision
     from qlora_pipe.recipe import load_recipe
     from qlora_pipe.runs import RunDir
 

@@ -19,7 +19,7 @@ def alive_4bit_layers() -> int:
 def test_the_merged_model_loads_after_the_trained_one_is_gone_with_the_same_numbers(make_recipe):
     from qlora_pipe.export.command import export_merged
     from qlora_pipe.export.fidelity import compare, served_model, verification_rows, verify_served
-    from qlora_pipe.model import load_trained_model
+    from qlora_pipe.models.loading import load_trained_model
     from qlora_pipe.recipe import load_recipe
     from qlora_pipe.training.stage import run_training
 

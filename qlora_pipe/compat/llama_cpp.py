@@ -1,9 +1,9 @@
 """Reaches into llama.cpp's converter. Verified with the converter vendored in llama-cpp-python 0.3.36
 (``vendor/llama.cpp``: ``convert_hf_to_gguf.py``, its ``conversion`` package and ``gguf-py``).
 
-Run as ``python -m qlora_pipe.compat.llama_cpp CONVERTER_DIR MODEL_DIR OUTFILE OUTTYPE`` (or ``lora
-CONVERTER_DIR ADAPTER_DIR BASE_DIR OUTFILE OUTTYPE`` for ``convert_lora_to_gguf.py``), in its own
-process: the converter puts its own ``gguf-py`` first on ``sys.path``, which must not shadow the
+``main`` runs in the converter's own process (``python -m qlora_pipe.export.converter_process CONVERTER_DIR
+MODEL_DIR OUTFILE OUTTYPE``, or ``lora CONVERTER_DIR ADAPTER_DIR BASE_DIR OUTFILE OUTTYPE`` for
+``convert_lora_to_gguf.py``): the converter puts its own ``gguf-py`` first on ``sys.path``, which must not shadow the
 installed ``gguf`` package that qlora-pipe reads the result with.
 
 known_pre_tokenizer
@@ -181,16 +181,5 @@ def main(argv: list[str]) -> int:
     else:
         script = converter / "convert_hf_to_gguf.py"
         sys.argv = [str(script), str(model_dir), "--outfile", outfile, "--outtype", outtype]
-    from qlora_pipe.machine.host_memory import HostMemory
-
-    memory = HostMemory()
-    try:
-        with memory:
-            runpy.run_path(str(script), run_name="__main__")
-    finally:  # the parent reads this line back (qlora_pipe/export/gguf.py, converter_memory)
-        print(f"{MEMORY_LINE} {json.dumps(memory.report())}", flush=True)
+    runpy.run_path(str(script), run_name="__main__")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

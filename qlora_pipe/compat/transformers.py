@@ -133,7 +133,9 @@ class TrainerInternals:
             super()._save_checkpoint(model, trial)
         except OSError as exc:
             shutil.rmtree(checkpoint, ignore_errors=True)
-            raise checkpoint_write_error(checkpoint, exc) from exc
+            # The newest complete checkpoint, from the trainer that knows the markers (training/trainer.py).
+            previous = getattr(self, "previous_checkpoint", lambda folder: None)(checkpoint.parent)
+            raise checkpoint_write_error(checkpoint, exc, previous) from exc
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         scheduler = super().create_scheduler(num_training_steps, optimizer)
@@ -142,10 +144,7 @@ class TrainerInternals:
         return self.lr_scheduler
 
 
-def checkpoint_write_error(checkpoint: Path, exc: OSError) -> CheckpointWriteError:
-    from qlora_pipe.training.checkpoints import latest_valid_checkpoint
-
-    previous = latest_valid_checkpoint(checkpoint.parent)
+def checkpoint_write_error(checkpoint: Path, exc: OSError, previous: Path | None) -> CheckpointWriteError:
     kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
     return CheckpointWriteError(f"could not write checkpoint {checkpoint}: {exc}; {kept}")
 

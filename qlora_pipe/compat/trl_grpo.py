@@ -34,8 +34,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from qlora_pipe.data.prompts import row_tools
-
 VERIFIED = {"trl": "1.16.0"}
 GRPO_LOGGER = "trl.trainer.grpo_trainer"
 UNSCORABLE_NOTICE = "All reward functions returned None for the following kwargs"
@@ -45,9 +43,10 @@ class RowToolsPrompts:
     """Mixed in before GRPOTrainer: each prompt rendered with its row's tools."""
 
     _row_tools: list | None = None
+    tools_of_row: Any = None  # the row's functions or None (data/prompts.py's row_tools, set by the trainer class)
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
-        self._row_tools = [row_tools(row) for row in inputs]
+        self._row_tools = [self.tools_of_row(row) for row in inputs]
         try:
             return super()._generate_and_score_completions(inputs)
         finally:

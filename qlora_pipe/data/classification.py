@@ -22,8 +22,8 @@ from typing import Any
 from qlora_pipe.data.prepare import collect, hold_out
 from qlora_pipe.data.prepared import PreparedData
 from qlora_pipe.data.report import SplitReport, require_eval_rows
-from qlora_pipe.dist import is_main_process
 from qlora_pipe.errors import UserError
+from qlora_pipe.machine.dist import is_main_process
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ from qlora_pipe.data.prepare import collect, hold_out
 from qlora_pipe.data.prepared import PreparedData
 from qlora_pipe.data.report import SplitReport, require_eval_rows
 from qlora_pipe.data.template_errors import row_drop_reason
-from qlora_pipe.dist import is_main_process
 from qlora_pipe.errors import UserError
+from qlora_pipe.machine.dist import is_main_process
 from qlora_pipe.recipe import DataSection
 
 log = logging.getLogger(__name__)

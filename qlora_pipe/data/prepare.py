@@ -22,11 +22,11 @@ from qlora_pipe.data.prepared import IGNORE, PreparedData
 from qlora_pipe.data.report import SplitReport, require_eval_rows
 from qlora_pipe.data.sources import detect_format, draw, read_source, rename_columns, to_example
 from qlora_pipe.data.template_errors import refuse_failing_template, row_drop_reason
+from qlora_pipe.data.tokens import ensure_distinct_pad
 from qlora_pipe.data.turn_spans import TurnFormat, probe_turns
-from qlora_pipe.dist import is_main_process
 from qlora_pipe.errors import UserError
+from qlora_pipe.machine.dist import is_main_process
 from qlora_pipe.recipe import DataSection, SourceSection
-from qlora_pipe.tokens import ensure_distinct_pad
 
 log = logging.getLogger(__name__)
 

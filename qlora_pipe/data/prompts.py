@@ -24,8 +24,8 @@ from qlora_pipe.data.prepare import collect, hold_out
 from qlora_pipe.data.prepared import PreparedData
 from qlora_pipe.data.report import SplitReport, require_eval_rows
 from qlora_pipe.data.template_errors import row_drop_reason
-from qlora_pipe.dist import is_main_process
 from qlora_pipe.errors import UserError
+from qlora_pipe.machine.dist import is_main_process
 
 log = logging.getLogger(__name__)
 ROLES = {"system", "user", "assistant"}
@@ -123,7 +123,7 @@ def reward_columns(recipe, recorded: dict[str, list[str]] | None = None) -> tupl
     tool_call's tools, the names a user reward requires; a user reward gets every column through **kwargs),
     and the columns every row must have -> the reward that needs it (a row's tools are optional).
     ``recorded``: what a run's data report recorded, read instead of importing the user rewards."""
-    from qlora_pipe.user_rewards import reward_columns as required
+    from qlora_pipe.rewards.user_rewards import reward_columns as required
 
     needs = dict(required(recipe.grpo.rewards, recorded))  # imports user rewards to read their signatures
     reads = {r.label(): list(needs[r.label()]) for r in recipe.grpo.rewards}

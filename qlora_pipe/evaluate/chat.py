@@ -15,14 +15,14 @@ from pathlib import Path
 from qlora_pipe.data.chat_masks import probe_template
 from qlora_pipe.data.conversation import check_tools
 from qlora_pipe.errors import UserError
-from qlora_pipe.evaluate.tool_calls import parse_tool_calls
-from qlora_pipe.generation import (
+from qlora_pipe.machine.hardware import load_dtype_for
+from qlora_pipe.models.generation import (
     DEFAULT_MAX_NEW_TOKENS,
     GenerationSettings,
     chat_prompt_ids,
     stop_token_ids,
 )
-from qlora_pipe.hardware import load_dtype_for
+from qlora_pipe.rewards.tool_calls import parse_tool_calls
 from qlora_pipe.runs import RESOLVED_RECIPE, STATUS, SUMMARY, resolve_run, run_of_merged, training_system_prompt
 
 log = logging.getLogger(__name__)
@@ -46,14 +46,14 @@ def load_chat_model(path: str | Path) -> ChatModel:
     """A finished run directory (adapter on its 4-bit base) or a model directory (a merged export)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qlora_pipe.model import load_run_tokenizer, training_device
+    from qlora_pipe.models.loading import load_run_tokenizer, training_device
 
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"chat: directory not found: {path}")
     if _is_run_dir(path):
-        from qlora_pipe.base_record import run_recipe
-        from qlora_pipe.model import load_trained_model
+        from qlora_pipe.models.base_record import run_recipe
+        from qlora_pipe.models.loading import load_trained_model
 
         run = resolve_run(path)
         recipe = run_recipe(run, "chat")

@@ -27,8 +27,8 @@ def labelled_rows(recipe, tokenizer, data: str | None, limit: int | None):
 
 
 def run_classification_eval(run: RunDir, recipe, data: str | None, limit: int | None, merged: bool) -> dict[str, Any]:
-    from qlora_pipe.classifier import load_trained_classifier, predict, scores
-    from qlora_pipe.model import load_run_tokenizer
+    from qlora_pipe.models.classifier import load_trained_classifier, predict, scores
+    from qlora_pipe.models.loading import load_run_tokenizer
 
     started = time.time()
     tokenizer = load_run_tokenizer(run.root)

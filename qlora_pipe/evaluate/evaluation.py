@@ -22,10 +22,10 @@ from qlora_pipe.data.prepared import IGNORE
 from qlora_pipe.errors import UserError
 from qlora_pipe.evaluate.lm_harness import parse_tasks
 from qlora_pipe.evaluate.metrics import score_answers
-from qlora_pipe.evaluate.tool_calls import score_tool_calls
-from qlora_pipe.generation import Generation, generate_greedy
-from qlora_pipe.hardware import load_dtype_for
+from qlora_pipe.machine.hardware import load_dtype_for
+from qlora_pipe.models.generation import Generation, generate_greedy
 from qlora_pipe.recipe import Recipe
+from qlora_pipe.rewards.tool_calls import score_tool_calls
 from qlora_pipe.runs import EVAL_REPORT, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -197,8 +197,8 @@ def run_eval(
     """Evaluate base and tuned models of a finished run; writes eval.json (RUN_DIR/merged/eval.json with merged)."""
     from transformers import AutoModelForCausalLM
 
-    from qlora_pipe.base_record import run_recipe
-    from qlora_pipe.model import load_run_tokenizer, load_trained_model, training_device
+    from qlora_pipe.models.base_record import run_recipe
+    from qlora_pipe.models.loading import load_run_tokenizer, load_trained_model, training_device
     from qlora_pipe.runs import resolve_run
 
     started = time.time()

@@ -44,7 +44,7 @@ def prompts_for(recipe, tokenizer, data: str | None, limit: int | None) -> tuple
 def run_grpo_eval(run: RunDir, recipe, data: str | None, limit: int | None, batch_size: int) -> dict[str, Any]:
     from qlora_pipe.evaluate.preference_eval import starting_adapter_problem
     from qlora_pipe.evaluate.reward_scores import held_out_rewards
-    from qlora_pipe.model import load_run_tokenizer, load_trained_model
+    from qlora_pipe.models.loading import load_run_tokenizer, load_trained_model
 
     started = time.time()
     tokenizer = load_run_tokenizer(run.root)

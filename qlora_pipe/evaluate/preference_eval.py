@@ -45,7 +45,7 @@ def pairs_for(recipe, tokenizer, data: str | None, limit: int | None) -> tuple[l
 def starting_adapter_problem(folder: Path) -> str | None:
     """Why the run's starting adapter (model.adapter, e.g. the SFT run) cannot be scored, or None: it may
     have been deleted or damaged since the run trained from it."""
-    from qlora_pipe.model import check_adapter_files
+    from qlora_pipe.models.loading import check_adapter_files
 
     try:
         check_adapter_files(folder)
@@ -56,7 +56,7 @@ def starting_adapter_problem(folder: Path) -> str | None:
 
 def run_preference_eval(run: RunDir, recipe, data: str | None, limit: int | None) -> dict[str, Any]:
     from qlora_pipe.evaluate.reward_accuracy import held_out_scores
-    from qlora_pipe.model import load_run_tokenizer, load_trained_model
+    from qlora_pipe.models.loading import load_run_tokenizer, load_trained_model
 
     started = time.time()
     tokenizer = load_run_tokenizer(run.root)

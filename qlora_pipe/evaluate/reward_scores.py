@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from qlora_pipe.generation import chat_prompt_ids, generate_greedy
+from qlora_pipe.models.generation import chat_prompt_ids, generate_greedy
 from qlora_pipe.recipe import Recipe
 
 EXAMPLES = 5  # answers kept in the result, with their rewards
@@ -26,7 +26,7 @@ def _best(function: str, value: float | None) -> bool:
 def held_out_rewards(model, tokenizer, recipe: Recipe, rows, batch_size: int = 8) -> dict[str, Any]:
     """Greedy answers (grpo.max_completion_length tokens at most) to ``rows`` (prompt rows), rewarded."""
     from qlora_pipe.data.prompts import row_tools
-    from qlora_pipe.training.reward_funcs import guarded, prompt_key, resolve_rewards
+    from qlora_pipe.rewards.functions import guarded, prompt_key, resolve_rewards
 
     rows = list(rows)
     prompts = [row["prompt"] for row in rows]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from qlora_pipe.classifier import label_maps
 from qlora_pipe.export.tensor_files import TensorReader
+from qlora_pipe.models.classifier import label_maps
 
 
 def unused_base_tensors(base: Path, shards: list[Path], recipe, classes: list[str]) -> set[str]:

@@ -15,10 +15,10 @@ def verify_classifier(recipe, run, merged_dir, dtype: torch.dtype, limit: int = 
     prediction agreement is reported."""
     from transformers import AutoModelForSequenceClassification
 
-    from qlora_pipe.classifier import load_trained_classifier, predict
     from qlora_pipe.data.classification import prepare_classification_data
-    from qlora_pipe.hardware import dtype_for_inference
-    from qlora_pipe.model import load_run_tokenizer, training_device
+    from qlora_pipe.machine.hardware import dtype_for_inference
+    from qlora_pipe.models.classifier import load_trained_classifier, predict
+    from qlora_pipe.models.loading import load_run_tokenizer, training_device
 
     tokenizer = load_run_tokenizer(run.root)
     data, _ = prepare_classification_data(recipe, tokenizer)

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qlora_pipe.base_record import recorded_source, run_recipe
 from qlora_pipe.errors import UserError
 from qlora_pipe.export.disk import disk_refusal
 from qlora_pipe.export.merge import base_checkpoint_dir, merge_stream
@@ -21,7 +20,8 @@ from qlora_pipe.export.streamed_model import STREAMED
 from qlora_pipe.machine import host_memory
 from qlora_pipe.machine.host_memory import HostMemory
 from qlora_pipe.methods import method_for
-from qlora_pipe.model import DTYPES
+from qlora_pipe.models.base_record import recorded_source, run_recipe
+from qlora_pipe.models.loading import DTYPES
 from qlora_pipe.runs import (
     EXPORT_INFO,
     RunDir,
@@ -156,7 +156,7 @@ def _export_run(
     compare_original: bool,
     gguf_types: list[str] | None,
 ) -> ExportResult:
-    from qlora_pipe.model import load_run_tokenizer
+    from qlora_pipe.models.loading import load_run_tokenizer
 
     started = time.time()
     recipe = run_recipe(run, "export")  # its base checked: the one the run trained on

@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 
 from qlora_pipe.errors import UserError
-from qlora_pipe.user_cache import disk_cause
+from qlora_pipe.machine.user_cache import disk_cause
 
 
 def disk_refusal(exc: BaseException, partial: Path) -> UserError | None:

@@ -18,7 +18,7 @@ import torch
 from qlora_pipe.export.stored_logits import StoredLogits
 from qlora_pipe.export.verdict import judge
 from qlora_pipe.finite import worst
-from qlora_pipe.hardware import dtype_for_inference
+from qlora_pipe.machine.hardware import dtype_for_inference
 from qlora_pipe.recipe import Recipe
 from qlora_pipe.runs import RunDir
 
@@ -85,8 +85,8 @@ def reference_noise(
     the arithmetic bf16 weights are served with, since rounding every weight to bf16 once is what such an
     export costs whatever the merge (2.5% of the mean logit on a random-weight 7B, whose logits are small).
     Zero otherwise: an fp32 run served in fp32 (or fp16, checked against the fixed floors)."""
-    from qlora_pipe.hardware import with_resolved_precision
-    from qlora_pipe.model import load_trained_model
+    from qlora_pipe.machine.hardware import with_resolved_precision
+    from qlora_pipe.models.loading import load_trained_model
 
     resolved = with_resolved_precision(recipe)
     compute = resolved.quantization.compute_dtype if resolved.quantization.enabled else resolved.training.precision
@@ -138,7 +138,7 @@ def verification_rows(recipe: Recipe, run: RunDir, limit: int = 16) -> Rows | No
     recorded path that no longer resolves) refuses the export before the merge. None for a classifier (its
     check reads its own held-out rows)."""
     from qlora_pipe.methods import method_for
-    from qlora_pipe.model import load_run_tokenizer
+    from qlora_pipe.models.loading import load_run_tokenizer
 
     if method_for(recipe).reads_own_check_rows:
         return None
@@ -180,7 +180,7 @@ def served_model(folder: Path, dtype: torch.dtype, adapter: Path | None = None, 
     the weights are read into fp32 (exact) and run there."""
     from transformers import AutoModelForCausalLM
 
-    from qlora_pipe.model import training_device
+    from qlora_pipe.models.loading import training_device
 
     dtype = getattr(torch, dtype_for_inference(str(dtype).removeprefix("torch.")))
     if streamed:
@@ -205,7 +205,7 @@ def verify_served(
 ) -> dict[str, Any]:
     """The trained model against what ``load_served()`` returns (its weights in ``served``), on the run's eval
     (or train) examples."""
-    from qlora_pipe.model import load_trained_model
+    from qlora_pipe.models.loading import load_trained_model
 
     recipe = recipe.model_copy(deep=True)
     rows, split = rows or verification_rows(recipe, run, limit)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from qlora_pipe.compat.llama_cpp import MEMORY_LINE, VERIFIED
 from qlora_pipe.errors import UserError
-from qlora_pipe.user_cache import cache_home, locked, writable_folder
+from qlora_pipe.machine.user_cache import cache_home, locked, writable_folder
 
 CONVERTER_TYPES = ("f16", "bf16", "q8_0", "f32")
 # llama.cpp's quantizer (llama_model_quantize), from an f16 GGUF: the name -> llama_cpp's LLAMA_FTYPE_* constant.
@@ -134,7 +134,7 @@ def convert(merged: Path, out_file: Path, gguf_type: str, log: Path) -> dict | N
     converter process's peak host memory (qlora_pipe/machine/host_memory.py), None where not measured."""
     converter_type = gguf_type if gguf_type in CONVERTER_TYPES else "f16"
     target = out_file if gguf_type in CONVERTER_TYPES else out_file.with_suffix(".f16.tmp")
-    command = [sys.executable, "-m", "qlora_pipe.compat.llama_cpp", str(converter_dir()), str(merged)]
+    command = [sys.executable, "-m", "qlora_pipe.export.converter_process", str(converter_dir()), str(merged)]
     # The output comes through a pipe and is written to the log afterwards: on a full disk the log cannot
     # be written either, and the reason must still reach the error line.
     done = subprocess.run(

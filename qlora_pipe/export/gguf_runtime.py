@@ -71,12 +71,12 @@ def compare_runtime(run: RunDir, gguf_file: Path, lora: Path | None = None) -> d
 def measure(run: RunDir, gguf_file: Path, lora: Path | None = None) -> dict[str, Any]:
     from llama_cpp import Llama
 
-    from qlora_pipe.base_record import run_recipe
-    from qlora_pipe.cpu_threads import choose_cpu_threads
     from qlora_pipe.export.fidelity import compare, fidelity_rows, reference_noise
     from qlora_pipe.export.verdict import judge
-    from qlora_pipe.generation import chat_prompt_ids, stop_token_ids
-    from qlora_pipe.model import load_run_tokenizer, load_trained_model
+    from qlora_pipe.machine.cpu_threads import choose_cpu_threads
+    from qlora_pipe.models.base_record import run_recipe
+    from qlora_pipe.models.generation import chat_prompt_ids, stop_token_ids
+    from qlora_pipe.models.loading import load_run_tokenizer, load_trained_model
 
     recipe = run_recipe(run, "export --format gguf")
     tokenizer = load_run_tokenizer(run.root)

@@ -54,7 +54,7 @@ def convert_lora(adapter: Path, base: Path, out_file: Path, log: Path) -> None:
         shutil.copy(adapter / "adapter_model.safetensors", source / "adapter_model.safetensors")
         config = {**config, "lora_alpha": lora_alpha_for_llama_cpp(config), "use_rslora": False}
         (source / "adapter_config.json").write_text(json.dumps(config, indent=2))
-        command = [sys.executable, "-m", "qlora_pipe.compat.llama_cpp", "lora", str(lora_converter_dir())]
+        command = [sys.executable, "-m", "qlora_pipe.export.converter_process", "lora", str(lora_converter_dir())]
         done = subprocess.run(
             [*command, str(source), str(base), str(out_file), LORA_TYPE],
             stdout=subprocess.PIPE,

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +23,13 @@ from qlora_pipe.compat.bitsandbytes import dequantized_fp32, quantized_like_load
 from qlora_pipe.compat.transformers import modules_kept_unquantized
 from qlora_pipe.errors import UserError
 from qlora_pipe.export.delta_kept import DeltaKept
-from qlora_pipe.export.row_blocks import check_adapter_fits, merge_in_row_blocks
+from qlora_pipe.export.row_blocks import LoraWeights, check_adapter_fits, merge_in_row_blocks
 from qlora_pipe.export.tensor_checks import check_finite, check_fits_float16, release_freed_memory
 from qlora_pipe.export.tensor_files import StreamingShardWriter, TensorEntry, TensorReader
-from qlora_pipe.hardware import with_resolved_precision
-from qlora_pipe.model import DTYPES
-from qlora_pipe.model_source import local_path
+from qlora_pipe.machine.hardware import with_resolved_precision
+from qlora_pipe.models.loading import DTYPES
 from qlora_pipe.recipe import Recipe
+from qlora_pipe.recipe.model_source import local_path
 from qlora_pipe.runs import RunDir
 
 log = logging.getLogger(__name__)
@@ -38,17 +37,9 @@ log = logging.getLogger(__name__)
 ADAPTER_PREFIX = "base_model.model."
 
 
-@dataclass
-class LoraWeights:
-    a: torch.Tensor
-    b: torch.Tensor
-    scale: float
-    magnitude: torch.Tensor | None
-
-
 def base_checkpoint_dir(recipe: Recipe) -> Path:
     """The base model's files: a local directory, or the Hub snapshot (safetensors and configs only)."""
-    from qlora_pipe.gguf_source import base_folder, gguf_file_of
+    from qlora_pipe.models.gguf_source import base_folder, gguf_file_of
 
     name = recipe.model.name_or_path
     gguf = gguf_file_of(name)

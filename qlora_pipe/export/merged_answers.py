@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from qlora_pipe.hardware import dtype_for_inference
-from qlora_pipe.model import DTYPES
+from qlora_pipe.machine.hardware import dtype_for_inference
+from qlora_pipe.models.loading import DTYPES
 
 log = logging.getLogger(__name__)
 
@@ -18,8 +18,8 @@ def print_merged_answers(out: Path, recipe, dtype_name: str, system: str | None,
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from qlora_pipe.export.verify_memory import HEADROOM, GiB, available_memory
-    from qlora_pipe.generation import generate_answers
-    from qlora_pipe.model import training_device
+    from qlora_pipe.models.generation import generate_answers
+    from qlora_pipe.models.loading import training_device
 
     runs_in = DTYPES[dtype_for_inference(dtype_name)]
     need = stored_bytes * runs_in.itemsize // DTYPES[dtype_name].itemsize * HEADROOM

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from qlora_pipe.machine import host_memory
+from qlora_pipe.machine.user_cache import sha256_of
 from qlora_pipe.runs import EXPORT_INFO, RunDir, write_json_atomic
-from qlora_pipe.user_cache import sha256_of
 
 FIDELITY = "fidelity.json"
 

@@ -17,7 +17,7 @@ Conv1D: the adapter's rows are the file's columns) and weights that are not matr
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
 
@@ -26,12 +26,20 @@ from qlora_pipe.errors import UserError
 from qlora_pipe.export.delta_kept import DeltaKept, share_terms
 from qlora_pipe.export.tensor_checks import check_finite, check_fits_float16, release_freed_memory
 from qlora_pipe.export.tensor_files import StreamingShardWriter, TensorReader
-from qlora_pipe.hardware import with_resolved_precision
-from qlora_pipe.model import DTYPES
+from qlora_pipe.machine.hardware import with_resolved_precision
+from qlora_pipe.models.loading import DTYPES
 from qlora_pipe.recipe import Recipe
 
-if TYPE_CHECKING:
-    from qlora_pipe.export.merge import LoraWeights
+
+@dataclass
+class LoraWeights:
+    """One adapted weight's LoRA factors (B @ A, times scale; DoRA's magnitude where trained)."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    scale: float
+    magnitude: torch.Tensor | None
+
 
 BLOCK_ELEMENTS = 1 << 19  # values per block of rows: 2 MiB in fp32
 # MKL's small-matrix kernels for 1 to 3 rows sum in another order than the whole product (measured); a block

@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from qlora_pipe.base_record import recorded_source, run_recipe
 from qlora_pipe.errors import UserError
 from qlora_pipe.export.command import (
     EXPORT_INFO,
@@ -37,7 +36,8 @@ from qlora_pipe.export.command import (
 )
 from qlora_pipe.export.merge import base_checkpoint_dir, merge_stream
 from qlora_pipe.export.serving import make_serving_files
-from qlora_pipe.model import DTYPES
+from qlora_pipe.models.base_record import recorded_source, run_recipe
+from qlora_pipe.models.loading import DTYPES
 from qlora_pipe.recipe import Recipe
 from qlora_pipe.runs import RunDir, resolve_run, write_json_atomic
 from qlora_pipe.sizes import parse_size
@@ -47,7 +47,7 @@ GGUF_OF_DTYPE = {"bfloat16": "bf16", "float16": "f16", "float32": "f32"}  # the 
 
 def trained_dtype(recipe: Recipe) -> str:
     """The dtype the adapter met the base weights in: the 4-bit compute dtype, or the training precision."""
-    from qlora_pipe.hardware import with_resolved_precision
+    from qlora_pipe.machine.hardware import with_resolved_precision
 
     resolved = with_resolved_precision(recipe)
     if resolved.quantization.enabled:
@@ -137,7 +137,7 @@ def _export(run: RunDir, out, dtype: str | None, verify: bool | None, gguf_type:
 
 def _write_pair(recipe: Recipe, run: RunDir, base: Path, partial: Path, out: Path, dtype_name: str) -> dict[str, Any]:
     """base/ (dequantized, no delta) and adapter/ (the run's adapter naming base/ as its base)."""
-    from qlora_pipe.model import load_run_tokenizer
+    from qlora_pipe.models.loading import load_run_tokenizer
 
     max_bytes = parse_size(recipe.export.max_shard_size, "export.max_shard_size")
     written = merge_stream(recipe, run, base, partial / "base", "dequantized", DTYPES[dtype_name], max_bytes, False)

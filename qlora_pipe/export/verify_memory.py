@@ -62,8 +62,8 @@ def verification_need(
     from qlora_pipe.export.merge import base_shards
     from qlora_pipe.export.streamed_model import streamed_bytes
     from qlora_pipe.export.tensor_files import TensorReader
-    from qlora_pipe.hardware import with_resolved_precision
-    from qlora_pipe.model import DTYPES
+    from qlora_pipe.machine.hardware import with_resolved_precision
+    from qlora_pipe.models.loading import DTYPES
 
     q = with_resolved_precision(recipe).quantization
     compute = DTYPES[q.compute_dtype].itemsize
@@ -127,9 +127,9 @@ def preflight_verification(recipe, run, base: Path, dtype_name: str) -> dict[str
 
     from qlora_pipe.export.merge import quantized_weight_names
     from qlora_pipe.export.streamed_model import block_names
-    from qlora_pipe.hardware import dtype_for_inference, with_resolved_precision
+    from qlora_pipe.machine.hardware import dtype_for_inference, with_resolved_precision
     from qlora_pipe.methods import method_for
-    from qlora_pipe.model import training_device
+    from qlora_pipe.models.loading import training_device
 
     quantized = quantized_weight_names(base, recipe)  # the trained model is always the 4-bit one
     served = getattr(torch, dtype_for_inference(dtype_name))

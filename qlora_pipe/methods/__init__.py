@@ -8,30 +8,32 @@
     reward.py          a reward model (a scalar head) on preference pairs, TRL's RewardTrainer
 
 A stage calls ``method_for(recipe).prepare_data(...)``, ``.trainer_class(...)``, ``.callbacks(...)`` and so
-on, and holds no branch on the method's name: adding a method is a module here and a line in ``_REGISTRY``.
+on, and holds no branch on the method's name: adding a method is a module here and a line in ``REGISTRY``
+(plus its name in recipe/methods.py's METHODS). The stages import only this package's ``method_for`` and
+``base.Method``: the method modules sit above the stages they compose, as PEFT's tuners sit above its
+registry, and are found by name.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from importlib import import_module
 
-if TYPE_CHECKING:
-    from qlora_pipe.methods.base import Method
+from qlora_pipe.methods.base import Method
 
-
-def _registry() -> dict[str, type[Method]]:
-    from qlora_pipe.methods.grpo import GRPO
-    from qlora_pipe.methods.preference import Preference
-    from qlora_pipe.methods.reward import Reward
-    from qlora_pipe.methods.sft import SFT
-
-    return {"sft": SFT, "dpo": Preference, "orpo": Preference, "kto": Preference, "grpo": GRPO, "reward": Reward}
+# Each method's class, by module and name, found when a recipe asks for it. The stages depend only on Method
+# (base.py); a method module depends on the stages it composes (the layer order in tests/test_architecture.py).
+REGISTRY = {
+    "sft": "qlora_pipe.methods.sft:SFT",
+    "dpo": "qlora_pipe.methods.preference:Preference",
+    "orpo": "qlora_pipe.methods.preference:Preference",
+    "kto": "qlora_pipe.methods.preference:Preference",
+    "grpo": "qlora_pipe.methods.grpo:GRPO",
+    "reward": "qlora_pipe.methods.reward:Reward",
+}
+TASKS = {"classification": "qlora_pipe.methods.classification:Classification"}
 
 
 def method_for(recipe) -> Method:
     """The method object of a recipe (its ``task`` first: a classifier trains with supervised rows)."""
-    if recipe.task == "classification":
-        from qlora_pipe.methods.classification import Classification
-
-        return Classification(recipe.method)
-    return _registry()[recipe.method](recipe.method)
+    module, name = (TASKS.get(recipe.task) or REGISTRY[recipe.method]).split(":")
+    return getattr(import_module(module), name)(recipe.method)

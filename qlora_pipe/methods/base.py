@@ -48,7 +48,7 @@ class Method:
 
     def load_fresh_policy(self, recipe, tokenizer) -> Any:
         """The 4-bit base with a fresh adapter to train (TrainableModel)."""
-        from qlora_pipe.model import load_trainable_model
+        from qlora_pipe.models.loading import load_trainable_model
 
         return load_trainable_model(recipe, tokenizer)[1]
 
@@ -62,12 +62,11 @@ class Method:
 
     def batch_probe(
         self, recipe, model, effective: int, length: int
-    ) -> tuple[Callable[[int], None], Callable[[int], int]]:
+    ) -> tuple[Callable[[int], None], Callable[[int], int]] | None:
         """For ``micro_batch_size: auto``: a probe that runs one micro batch of a size (raising
-        torch.OutOfMemoryError when it does not fit), and the rounding of a size to one the method takes."""
-        from qlora_pipe.training.micro_batch import try_micro_batch
-
-        return (lambda n: try_micro_batch(model, n, length)), (lambda n: n)
+        torch.OutOfMemoryError when it does not fit), and the rounding of a size to one the method takes.
+        None: one forward and backward of that many rows (training/micro_batch.py's try_micro_batch)."""
+        return None
 
     def held_out_eval(self, run, recipe, data, limit, batch_size: int, merged: bool, lm_eval: bool) -> dict | None:
         """`qlora-pipe eval` for a method scored its own way (None: the answers-and-loss evaluation of SFT)."""

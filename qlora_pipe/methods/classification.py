@@ -81,7 +81,7 @@ class Classification(Method):
         return TrainingArguments(**{k: v for k, v in arguments.items() if k in accepted})
 
     def load_fresh_policy(self, recipe, tokenizer):
-        from qlora_pipe.classifier import load_classifier
+        from qlora_pipe.models.classifier import load_classifier
 
         return load_classifier(recipe, tokenizer, recipe.classification.labels)
 

@@ -15,7 +15,7 @@ class GRPO(Method):
 
     def validate(self, recipe) -> None:
         """User rewards imported and their signatures checked, before anything loads."""
-        from qlora_pipe.training.reward_funcs import resolve_rewards
+        from qlora_pipe.rewards.functions import resolve_rewards
 
         resolve_rewards(recipe)
 

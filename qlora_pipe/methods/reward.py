@@ -16,8 +16,8 @@ from __future__ import annotations
 import json
 import time
 
-from qlora_pipe.classifier import HEADS
 from qlora_pipe.methods.base import Method
+from qlora_pipe.models.classifier import HEADS
 
 REWARD_EVAL = "reward_eval.json"
 OUTPUTS = ["reward"]  # the head's one output
@@ -35,8 +35,8 @@ def _sequences(tokenizer, pairs) -> list[dict[str, list[int]]]:
 
 def pair_rewards(model, tokenizer, pairs):
     """The rewards of the chosen and of the rejected answers (two fp32 tensors, one value per pair)."""
-    from qlora_pipe.classifier import predict
     from qlora_pipe.evaluate.reward_accuracy import evaluating
+    from qlora_pipe.models.classifier import predict
 
     with evaluating(model):
         _, scores = predict(model, _sequences(tokenizer, pairs), batch_size=8)
@@ -132,7 +132,7 @@ class Reward(Method):
         return RewardConfig(**{**shared, **own})
 
     def load_fresh_policy(self, recipe, tokenizer):
-        from qlora_pipe.classifier import load_classifier
+        from qlora_pipe.models.classifier import load_classifier
 
         return load_classifier(recipe, tokenizer, OUTPUTS)
 
@@ -148,10 +148,10 @@ class Reward(Method):
     def held_out_eval(self, run, recipe, data, limit, batch_size: int, merged: bool, lm_eval: bool) -> dict:
         """Pairwise accuracy of the base with its untrained head (the adapter disabled) and of the reward model
         (with --merged: the exported model loaded by plain transformers)."""
-        from qlora_pipe.classifier import load_trained_classifier
         from qlora_pipe.errors import UserError
         from qlora_pipe.evaluate.preference_eval import pairs_for
-        from qlora_pipe.model import load_run_tokenizer
+        from qlora_pipe.models.classifier import load_trained_classifier
+        from qlora_pipe.models.loading import load_run_tokenizer
         from qlora_pipe.runs import write_json_atomic
 
         if lm_eval:
@@ -200,11 +200,11 @@ class Reward(Method):
         import torch
         from transformers import AutoModelForSequenceClassification
 
-        from qlora_pipe.classifier import load_trained_classifier
         from qlora_pipe.evaluate.preference_eval import pairs_for
         from qlora_pipe.export.verdict import judge
-        from qlora_pipe.hardware import dtype_for_inference
-        from qlora_pipe.model import load_run_tokenizer, training_device
+        from qlora_pipe.machine.hardware import dtype_for_inference
+        from qlora_pipe.models.classifier import load_trained_classifier
+        from qlora_pipe.models.loading import load_run_tokenizer, training_device
 
         tokenizer = load_run_tokenizer(run.root)
         pairs, source = pairs_for(recipe, tokenizer, None, limit)

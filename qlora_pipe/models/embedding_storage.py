@@ -62,7 +62,7 @@ def _stored_dtype(folder: Path, name: str) -> str | None:
     try:
         shard = json.loads(index.read_text())["weight_map"][name] if index.is_file() else "model.safetensors"
         with safe_open(folder / shard, framework="pt") as reader:
-            return reader.get_slice(name).get_dtype() if name in reader.keys() else None
+            return reader.get_slice(name).get_dtype() if name in set(reader.keys()) else None
     except (OSError, KeyError, ValueError, json.JSONDecodeError):
         return None
 
@@ -73,8 +73,9 @@ def stored_embedding_dtypes(location: str, trained_in_full: list[str]) -> dict[s
     folder = Path(location)
     if not (folder / "config.json").is_file():
         return {}
-    from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from accelerate import init_empty_weights
 
     try:
         with init_empty_weights():

@@ -31,11 +31,11 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from qlora_pipe.optimizers import OptimizerChoice, optimizer_used
+from qlora_pipe.machine.optimizers import OptimizerChoice, optimizer_used
 from qlora_pipe.plan.shapes import ModelShape
 
 if TYPE_CHECKING:
-    from qlora_pipe.plan.terms import PlanSettings
+    from qlora_pipe.plan.settings import PlanSettings
 
 Row = tuple[str, int, str]
 PREFETCHED_LAYERS = 2  # the decoder layer running and the next one, all-gathered ahead (BACKWARD_PRE)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from qlora_pipe.plan.shapes import ModelShape
 
 if TYPE_CHECKING:
-    from qlora_pipe.plan.terms import PlanSettings
+    from qlora_pipe.plan.settings import PlanSettings
     from qlora_pipe.recipe import Recipe
 
 GENERATION_TERM = "generation beyond the step"

@@ -7,12 +7,12 @@ from dataclasses import replace
 from typing import Any
 
 from qlora_pipe.errors import UserError
-from qlora_pipe.hardware import PrecisionChoice, planning_hardware, resolve_recipe_precision
+from qlora_pipe.machine.hardware import PrecisionChoice, planning_hardware, resolve_recipe_precision
+from qlora_pipe.machine.shard_rules import planned_fsdp_changes
 from qlora_pipe.plan.advice import Advice, advise, fewest_gpus, parse_size, recipe_plan
 from qlora_pipe.plan.fsdp import fsdp_header
 from qlora_pipe.plan.terms import GiB, MemoryPlan, plan_memory
 from qlora_pipe.recipe import load_recipe
-from qlora_pipe.shard_rules import planned_fsdp_changes
 
 DEFAULT_BUDGET = "24GiB"
 

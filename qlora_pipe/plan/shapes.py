@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from qlora_pipe.errors import UserError
-from qlora_pipe.model_source import local_path
+from qlora_pipe.recipe.model_source import local_path
 
 BUNDLED = Path(__file__).parent / "model_configs"
 
@@ -76,7 +76,7 @@ def bundled_config_path(name: str) -> Path | None:
 def read_config(name_or_path: str, revision: str | None = None) -> dict[str, Any]:
     """config.json of a local model directory, a GGUF file (read from its metadata, no conversion), a bundled
     well-known model, or the Hub (config only)."""
-    from qlora_pipe.gguf_source import gguf_config, gguf_file_of
+    from qlora_pipe.models.gguf_source import gguf_config, gguf_file_of
 
     gguf = gguf_file_of(name_or_path)
     if gguf is not None:

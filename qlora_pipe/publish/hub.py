@@ -15,12 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qlora_pipe.base_record import run_recipe
 from qlora_pipe.errors import UserError
 from qlora_pipe.export.serving import make_serving_files
-from qlora_pipe.model_source import local_path
+from qlora_pipe.models.base_record import run_recipe
 from qlora_pipe.publish.model_card import adapter_card, merged_card
 from qlora_pipe.recipe import Recipe
+from qlora_pipe.recipe.model_source import local_path
 from qlora_pipe.runs import RunDir
 
 log = logging.getLogger(__name__)

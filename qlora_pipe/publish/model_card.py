@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from qlora_pipe.model_source import is_local
 from qlora_pipe.recipe import Recipe
+from qlora_pipe.recipe.model_source import is_local
 from qlora_pipe.runs import EVAL_REPORT, RunDir
 
 TAGS = ["qlora", "lora", "sft", "trl", "peft", "qlora-pipe"]
@@ -46,7 +46,7 @@ def _metadata(recipe: Recipe, library: str) -> dict[str, Any]:
 
 
 def _gguf_line(recipe: Recipe) -> list[str]:
-    from qlora_pipe.gguf_source import base_source
+    from qlora_pipe.models.gguf_source import base_source
 
     source = base_source(recipe)
     if source is None:

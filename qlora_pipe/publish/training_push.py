@@ -17,7 +17,7 @@ class HubPush:
 
     def checkpoint_callbacks(self) -> tuple:
         """Callbacks for the trainer (the first process only: one upload per checkpoint)."""
-        from qlora_pipe.dist import is_main_process
+        from qlora_pipe.machine.dist import is_main_process
 
         if not (self.hub.push_checkpoints and is_main_process()):
             return ()

@@ -2,7 +2,7 @@
 
 Only the form of each reward is checked here (a built-in's parameters, a regex that compiles, a user
 reward written module:function or file.py:function); finding, importing and checking the user's
-function is qlora_pipe.training.reward_funcs.resolve_rewards, which `validate` and `train` call before
+function is qlora_pipe.rewards.functions.resolve_rewards, which `validate` and `train` call before
 anything loads (importing user code stays out of the schema, so reading a finished run's recipe for
 export never runs it).
 """
@@ -18,7 +18,7 @@ from qlora_pipe.recipe.base import Section
 
 # TRL 1.16's GRPOConfig.loss_type values (trl/trainer/grpo_config.py).
 GRPO_LOSSES = Literal["grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo"]
-# Built-in rewards (qlora_pipe/training/rewards.py) and the parameters each needs.
+# Built-in rewards (qlora_pipe/rewards/builtin.py) and the parameters each needs.
 BUILTIN_REWARDS = ("exact_match", "token_f1", "regex", "json", "tool_call", "length")
 USER_REWARD = re.compile(r"^[^:]*[^:\s]:[A-Za-z_][A-Za-z0-9_]*$")  # a path may hold spaces
 

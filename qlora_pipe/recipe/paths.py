@@ -16,8 +16,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qlora_pipe.model_source import is_local
 from qlora_pipe.recipe.grpo import BUILTIN_REWARDS
+from qlora_pipe.recipe.model_source import is_local
 
 if TYPE_CHECKING:
     from qlora_pipe.recipe.schema import DataSection, Recipe, SourceSection

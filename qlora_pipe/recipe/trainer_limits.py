@@ -10,12 +10,11 @@ runs every recipe refused here through the real trainer, so a rule TRL no longer
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Any
 
-from qlora_pipe.lora_targets import is_target
+from qlora_pipe.recipe.lora_targets import is_target
 
-if TYPE_CHECKING:
-    from qlora_pipe.recipe.schema import Recipe
+Recipe = Any  # recipe/schema.py's Recipe, which calls these rules while it validates itself (no import back)
 
 # kto_trainer.py: "Actual (not effective) batch size must be > 1" (qlora_pipe/methods/preference.py reads it too)
 KTO_SMALLEST_MICRO_BATCH = 2

@@ -23,7 +23,7 @@ CAUSAL_LM_TASKS = (None, "CAUSAL_LM")
 
 def check_start_run(recipe: Recipe, folder: Path) -> None:
     """Refuse, in one line, a model.adapter that is not a finished run of a text-generation adapter."""
-    from qlora_pipe.model import check_adapter_files
+    from qlora_pipe.models.loading import check_adapter_files
 
     if not folder.is_dir():
         raise UserError(f"model.adapter: {folder} does not exist (name a finished run directory)")

@@ -42,7 +42,7 @@ class HeldOutBeforeAfter(TrainerCallback):
         self.path, self.measure = path, measure
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        from qlora_pipe.dist import is_main_process
+        from qlora_pipe.machine.dist import is_main_process
         from qlora_pipe.runs import write_json_atomic
         from qlora_pipe.training.sharded import runs_model_passes
 
@@ -52,7 +52,7 @@ class HeldOutBeforeAfter(TrainerCallback):
                 write_json_atomic(self.path, {"before": before})
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        from qlora_pipe.dist import is_main_process
+        from qlora_pipe.machine.dist import is_main_process
         from qlora_pipe.runs import write_json_atomic
         from qlora_pipe.training.sharded import is_sharded
 

@@ -6,7 +6,7 @@ CLASSIFIER_EVAL = "classifier_eval.json"
 
 
 def held_out_classifier_scores(recipe, run, data):
-    from qlora_pipe.classifier import predict, scores
+    from qlora_pipe.models.classifier import predict, scores
     from qlora_pipe.training.callbacks import HeldOutBeforeAfter
 
     path = run.root / CLASSIFIER_EVAL

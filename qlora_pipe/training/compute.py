@@ -8,10 +8,16 @@ from typing import Any
 
 import torch
 
-from qlora_pipe.cpu_threads import ThreadChoice, apply_cpu_threads
-from qlora_pipe.dist import is_main_process
-from qlora_pipe.hardware import PrecisionChoice, cpu_flags, detect_hardware, isa_summary, resolve_recipe_precision
-from qlora_pipe.model import training_device
+from qlora_pipe.machine.cpu_threads import ThreadChoice, apply_cpu_threads
+from qlora_pipe.machine.dist import is_main_process
+from qlora_pipe.machine.hardware import (
+    PrecisionChoice,
+    cpu_flags,
+    detect_hardware,
+    isa_summary,
+    resolve_recipe_precision,
+)
+from qlora_pipe.models.loading import training_device
 from qlora_pipe.recipe import Recipe
 
 log = logging.getLogger(__name__)

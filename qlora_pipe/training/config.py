@@ -7,10 +7,10 @@ import logging
 
 import torch
 
-from qlora_pipe.dist import is_main_process, sharded_launch
 from qlora_pipe.errors import UserError
-from qlora_pipe.hardware import detect_hardware, with_resolved_precision
-from qlora_pipe.optimizers import optimizer_used
+from qlora_pipe.machine.dist import is_main_process, sharded_launch
+from qlora_pipe.machine.hardware import detect_hardware, with_resolved_precision
+from qlora_pipe.machine.optimizers import optimizer_used
 from qlora_pipe.recipe import Recipe
 from qlora_pipe.runs import RunDir
 from qlora_pipe.training.micro_batch import BatchChoice

@@ -43,18 +43,21 @@ def grpo_config(recipe: Recipe, arguments: dict):
 
 
 def grpo_trainer_class(recipe: Recipe):
-    """GRPOTrainer with the run's guarantees; its rewards are the recipe's, guarded (reward_funcs.py); each
+    """GRPOTrainer with the run's guarantees; its rewards are the recipe's, guarded (rewards/functions.py); each
     prompt rendered with its row's tools (compat/trl_grpo.py)."""
     from trl import GRPOTrainer
 
     from qlora_pipe.compat.transformers import TrainerInternals
     from qlora_pipe.compat.trl_grpo import RowToolsPrompts, quiet_unscorable_rows_notice
-    from qlora_pipe.training.reward_funcs import trl_rewards
+    from qlora_pipe.data.prompts import row_tools
+    from qlora_pipe.rewards.functions import trl_rewards
     from qlora_pipe.training.trainer import RunGuarantees
 
     quiet_unscorable_rows_notice()
 
     class PipeGrpoTrainer(TrainerInternals, RunGuarantees, RowToolsPrompts, GRPOTrainer):
+        tools_of_row = staticmethod(row_tools)
+
         def __init__(self, *args, train_dataset=None, **kwargs):
             rewards, _ = trl_rewards(recipe, list(train_dataset["prompt"]))
             super().__init__(*args, reward_funcs=rewards, train_dataset=train_dataset, **kwargs)

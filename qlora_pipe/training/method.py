@@ -24,9 +24,9 @@ def starting_adapter(recipe: Recipe) -> Path | None:
     check_start_run(recipe, folder)  # a finished run, its adapter whole, a text-generation adapter
     config = folder / "adapter_config.json"
     base = json.loads(config.read_text()).get("base_model_name_or_path", "")
-    from qlora_pipe.base_record import check_same_base
-    from qlora_pipe.gguf_source import source_of
-    from qlora_pipe.model import model_location
+    from qlora_pipe.models.base_record import check_same_base
+    from qlora_pipe.models.gguf_source import source_of
+    from qlora_pipe.models.loading import model_location
     from qlora_pipe.runs import RunDir
 
     wanted = model_location(recipe.model.name_or_path)  # a GGUF base: the folder converted from it
@@ -44,7 +44,7 @@ def starting_adapter(recipe: Recipe) -> Path | None:
 
 def load_policy(recipe: Recipe, tokenizer):
     """The 4-bit base with the adapter to train: model.adapter's (trainable), else a fresh one."""
-    from qlora_pipe.model import TrainableModel, load_base_model, prepare_frozen_base
+    from qlora_pipe.models.loading import TrainableModel, load_base_model, prepare_frozen_base
 
     folder = starting_adapter(recipe)
     if folder is None:

@@ -138,7 +138,10 @@ def choose_batch(recipe: Recipe, run: RunDir, model, method, start: int | None =
     start = start or t.auto_micro_batch_start
     smallest = method.smallest_micro_batch
     effective = t.effective_batch_size or t.gradient_accumulation_steps
-    probe, allowed = method.batch_probe(recipe, model, effective, length)
+    probe, allowed = method.batch_probe(recipe, model, effective, length) or (
+        (lambda n: try_micro_batch(model, n, length)),
+        (lambda n: n),
+    )
     size = find_micro_batch(probe, max(start, smallest), smallest, allowed)
     choice = BatchChoice(size, max(1, math.ceil(effective / size)))
     log.info(

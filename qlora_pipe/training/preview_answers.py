@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from qlora_pipe.dist import is_main_process, sharded_launch
-from qlora_pipe.generation import generate_answers
+from qlora_pipe.machine.dist import is_main_process, sharded_launch
+from qlora_pipe.models.generation import generate_answers
 from qlora_pipe.runs import write_json_atomic
 
 

@@ -125,7 +125,7 @@ def resume_command(recipe: Recipe, run: RunDir) -> str:
     """The command that resumes this run: the recipe file with the same --set overrides, or, for a recipe
     that was not loaded from a file (the Python API), the run's own resolved recipe; launched as this run
     was (the same torchrun / accelerate launch, whose process count the checkpoint needs)."""
-    from qlora_pipe.launch import cli_command, several_machines
+    from qlora_pipe.machine.launch import cli_command, several_machines
 
     if recipe.source and Path(recipe.source).is_file():
         sets = [part for item in recipe.overrides for part in ("--set", item)]
@@ -155,7 +155,7 @@ def resolve_checkpoint(run: RunDir, path: str | None) -> Path:
 def check_same_processes(checkpoint: Path, run: RunDir) -> None:
     """A checkpoint resumes only under as many processes as wrote it: each process's batches (so the
     effective batch and the data order), its RNG state and, under FSDP, its shard depend on that number."""
-    from qlora_pipe.dist import world_size
+    from qlora_pipe.machine.dist import world_size
 
     marker = read_marker(checkpoint)
     saved, now = marker.get("processes"), world_size()

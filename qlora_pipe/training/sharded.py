@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from qlora_pipe.dist import is_main_process
+from qlora_pipe.machine.dist import is_main_process
 from qlora_pipe.runs import RunDir
 
 

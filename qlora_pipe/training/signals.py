@@ -31,7 +31,7 @@ def signal_of_any_process(signal_name: str | None) -> str | None:
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return signal_name
-    from qlora_pipe.model import training_device
+    from qlora_pipe.models.loading import training_device
 
     number = torch.tensor([signal.Signals[signal_name].value if signal_name else 0], device=training_device())
     dist.all_reduce(number, op=dist.ReduceOp.MAX)

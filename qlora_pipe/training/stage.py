@@ -1,7 +1,7 @@
 """The training stage: recipe -> SFTConfig -> SFTTrainer -> adapter in the run directory.
 
 ``run_training`` reads as the list of stages it runs. Data formatting lives in data/prepare.py, model
-loading in model.py, the trainer config in config.py; this module runs the stages and records what happened.
+loading in models/loading.py, the trainer config in config.py; this module runs the stages and records what happened.
 """
 
 from __future__ import annotations
@@ -15,14 +15,14 @@ from dataclasses import dataclass
 from importlib.metadata import version
 from typing import Any
 
-from qlora_pipe.base_record import check_same_base, record_base, recorded_source
 from qlora_pipe.data.prepared import PreparedData
-from qlora_pipe.dist import is_main_process, world_size
 from qlora_pipe.errors import Interrupted, TrainingAborted, UserError
-from qlora_pipe.generation import generate_answers
+from qlora_pipe.machine.dist import is_main_process, world_size
 from qlora_pipe.machine.host_memory import HostMemory
 from qlora_pipe.methods import method_for
-from qlora_pipe.model import check_sharded_quantization, load_tokenizer, training_device
+from qlora_pipe.models.base_record import check_same_base, record_base, recorded_source
+from qlora_pipe.models.generation import generate_answers
+from qlora_pipe.models.loading import check_sharded_quantization, load_tokenizer, training_device
 from qlora_pipe.plan.auto_sizes import resolve_auto_sizes
 from qlora_pipe.recipe import Recipe, resolve_paths
 from qlora_pipe.runs import RunDir, write_json_atomic, write_text_atomic

@@ -89,7 +89,7 @@ class CheckpointCompletion(TrainerCallback):
             write_marker(checkpoint, {**trainer.marker_fields(), "supervised_tokens": supervised})
         except OSError as exc:
             shutil.rmtree(checkpoint, ignore_errors=True)
-            raise checkpoint_write_error(checkpoint, exc) from exc
+            raise checkpoint_write_error(checkpoint, exc, latest_valid_checkpoint(checkpoint.parent)) from exc
         trainer.rotate_checkpoints()
 
 
@@ -139,6 +139,9 @@ class RunGuarantees:
             self.bad_loss_in_step = True
             return torch.zeros_like(loss)  # keep the logged running loss finite; the skip is logged apart
         return loss
+
+    def previous_checkpoint(self, folder: Path) -> Path | None:
+        return latest_valid_checkpoint(folder)
 
     def total_supervised_tokens(self) -> int:
         """Trained tokens of all processes together."""

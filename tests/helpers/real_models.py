@@ -15,7 +15,7 @@ DATA = REPO / "data/legal-qa"
 
 def fetched(name: str) -> Path:
     """`qlora-pipe get-model NAME`, or a skip naming why when the registry cannot be reached."""
-    from qlora_pipe.example_models import get_model
+    from qlora_pipe.models.examples import get_model
 
     try:
         return get_model(name)

@@ -1,4 +1,4 @@
-"""What each `qlora-pipe` command does once its arguments are parsed (qlora_pipe/cli.py parses them).
+"""What each `qlora-pipe` command does once its arguments are parsed (qlora_pipe/cli/__init__.py parses them).
 
 Each handler imports its stage lazily, so `qlora-pipe --help` and the light commands load no torch.
 """
@@ -30,7 +30,7 @@ def needs_bitsandbytes(command: Callable[[argparse.Namespace], int]) -> Callable
 
 @needs_bitsandbytes
 def cmd_train(args: argparse.Namespace) -> int:
-    from qlora_pipe.dist import close_process_group
+    from qlora_pipe.machine.dist import close_process_group
     from qlora_pipe.publish.training_push import HubPush
     from qlora_pipe.recipe import load_recipe
     from qlora_pipe.training.stage import run_training
@@ -155,7 +155,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_data(args: argparse.Namespace) -> int:
     from qlora_pipe.methods import method_for
-    from qlora_pipe.model import load_tokenizer
+    from qlora_pipe.models.loading import load_tokenizer
     from qlora_pipe.plan.auto_sizes import memory_budget, resolve_max_length
     from qlora_pipe.recipe import load_recipe
 
@@ -210,7 +210,7 @@ def cmd_setup_gguf(args: argparse.Namespace) -> int:
 
 
 def cmd_get_model(args: argparse.Namespace) -> int:
-    from qlora_pipe.example_models import MODELS, get_model
+    from qlora_pipe.models.examples import MODELS, get_model
 
     path = get_model(args.name)
     print(f"{MODELS[args.name].about}: {path}")
@@ -236,7 +236,7 @@ def cmd_wheelhouse(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from qlora_pipe.doctor import run_doctor
+    from qlora_pipe.cli.doctor import run_doctor
 
     return run_doctor(args.output_dir)
 

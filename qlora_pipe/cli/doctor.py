@@ -8,7 +8,7 @@ import shutil
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-CONSTRAINTS = Path(__file__).with_name("constraints.txt")
+CONSTRAINTS = Path(__file__).resolve().parents[1] / "constraints.txt"
 OPTIONAL = {"flash_attn": "flash-attn (model.attn_implementation: flash_attention_2)", "liger_kernel": "liger-kernel"}
 LOW_DISK_BYTES = 50 * 2**30  # a 7B run: the base download, checkpoints and a merged export
 
@@ -43,8 +43,8 @@ def version_lines() -> tuple[list[str], int]:
 def device_lines() -> list[str]:
     import torch
 
-    from qlora_pipe.cpu_threads import choose_cpu_threads
-    from qlora_pipe.hardware import detect_hardware, machine_description, resolve_precision
+    from qlora_pipe.machine.cpu_threads import choose_cpu_threads
+    from qlora_pipe.machine.hardware import detect_hardware, machine_description, resolve_precision
 
     hardware = detect_hardware()
     choice = resolve_precision("auto", "auto", hardware)

@@ -34,8 +34,14 @@ def load_classifier_base(recipe: Recipe, tokenizer, classes: list[str]):
     from transformers import AutoModelForSequenceClassification
 
     from qlora_pipe.compat.bitsandbytes import keep_plain_nf4_on_cpu
-    from qlora_pipe.hardware import with_resolved_precision
-    from qlora_pipe.model import DTYPES, check_model_source, model_location, quantization_config, training_device
+    from qlora_pipe.machine.hardware import with_resolved_precision
+    from qlora_pipe.models.loading import (
+        DTYPES,
+        check_model_source,
+        model_location,
+        quantization_config,
+        training_device,
+    )
 
     check_model_source(recipe)
     name = recipe.model.name_or_path
@@ -65,7 +71,7 @@ def load_classifier_base(recipe: Recipe, tokenizer, classes: list[str]):
 
 def load_classifier(recipe: Recipe, tokenizer, classes: list[str]):
     """The classifier to train: the 4-bit base, a LoRA adapter and the trainable head."""
-    from qlora_pipe.model import add_lora
+    from qlora_pipe.models.loading import add_lora
 
     return add_lora(load_classifier_base(recipe, tokenizer, classes), recipe, task_type="SEQ_CLS")
 
@@ -75,7 +81,7 @@ def load_trained_classifier(recipe: Recipe, run_root: Path, tokenizer, classes: 
     head's outputs (None: classification.labels)."""
     from peft import PeftModel
 
-    from qlora_pipe.model import prepare_frozen_base
+    from qlora_pipe.models.loading import prepare_frozen_base
 
     torch.manual_seed(recipe.seed)  # the untrained head (adapter disabled) is the one training started from
     classes = classes if classes is not None else recipe.classification.labels

@@ -21,7 +21,7 @@ from typing import Any
 
 from qlora_pipe.errors import UserError
 from qlora_pipe.recipe.grpo import BUILTIN_REWARDS, RewardSection
-from qlora_pipe.user_code import run_user_code
+from qlora_pipe.rewards.user_code import run_user_code
 
 TRL_ARGUMENTS = {"prompts", "completions", "completion_ids", "trainer_state", "log_extra", "log_metric"}
 

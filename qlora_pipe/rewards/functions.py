@@ -1,5 +1,5 @@
 """The rewards of a GRPO recipe as TRL reward functions: user rewards found and checked before anything
-loads (qlora_pipe/user_rewards.py, shared with the data stage), every reward guarded so that one that
+loads (qlora_pipe/rewards/user_rewards.py, shared with the data stage), every reward guarded so that one that
 raises or returns a non-number stops the run in one line naming the reward and the row.
 
 TRL calls each reward with keyword arguments only: prompts, completions, completion_ids, every other
@@ -20,9 +20,9 @@ from typing import Any
 from qlora_pipe.errors import UserError
 from qlora_pipe.recipe import Recipe
 from qlora_pipe.recipe.grpo import BUILTIN_REWARDS, RewardSection
-from qlora_pipe.training.rewards import builtin_reward, completion_text
-from qlora_pipe.user_code import USER_CODE_ERRORS, ctrl_c_watched, is_code_failure, what_happened
-from qlora_pipe.user_rewards import user_reward
+from qlora_pipe.rewards.builtin import builtin_reward, completion_text
+from qlora_pipe.rewards.user_code import USER_CODE_ERRORS, ctrl_c_watched, is_code_failure, what_happened
+from qlora_pipe.rewards.user_rewards import user_reward
 
 
 @dataclass(frozen=True)

@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from qlora_pipe.errors import UserError
-from qlora_pipe.gguf_source import gguf_file_of, gguf_source
-from qlora_pipe.model_source import local_path
+from qlora_pipe.machine.user_cache import sha256_of
+from qlora_pipe.models.gguf_source import gguf_file_of, gguf_source
 from qlora_pipe.recipe import Recipe, load_recipe
+from qlora_pipe.recipe.model_source import local_path
 from qlora_pipe.runs import RunDir, write_json_atomic
-from qlora_pipe.user_cache import sha256_of
 
 WATCHED = ("config.json", "model.safetensors.index.json")  # besides every *.safetensors of the folder
 COMMIT = re.compile(r"[0-9a-f]{40}")

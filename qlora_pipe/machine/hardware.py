@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qlora_pipe.cpu_threads import available_cpus
+from qlora_pipe.machine.cpu_threads import available_cpus
 
 # CPU flags (as /proc/cpuinfo spells them) of instructions that compute in bf16 natively.
 NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")

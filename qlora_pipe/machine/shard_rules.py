@@ -5,7 +5,7 @@ method no such launch runs and names what else the recipe must change before tha
 from __future__ import annotations
 
 from qlora_pipe.errors import UserError
-from qlora_pipe.hardware import with_resolved_precision
+from qlora_pipe.machine.hardware import with_resolved_precision
 from qlora_pipe.recipe.methods import kind_of
 
 METHOD = "method"

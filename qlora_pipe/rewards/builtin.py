@@ -13,9 +13,9 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from qlora_pipe.evaluate.metrics import exact_match, token_f1
-from qlora_pipe.evaluate.tool_calls import parse_tool_calls
 from qlora_pipe.recipe.grpo import RewardSection
+from qlora_pipe.rewards.answer_match import exact_match, token_f1
+from qlora_pipe.rewards.tool_calls import parse_tool_calls
 
 Reward = Callable[..., list[float]]
 

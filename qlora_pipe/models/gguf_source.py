@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from qlora_pipe.errors import UserError
+from qlora_pipe.machine.user_cache import cache_home, cache_refusal, disk_cause, locked, sha256_of
 from qlora_pipe.runs import write_json_atomic
-from qlora_pipe.user_cache import cache_home, cache_refusal, disk_cause, locked, sha256_of
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from qlora_pipe.errors import UserError
 T = TypeVar("T")
 # What user code can raise that is its own failure (and not an Exception, for the last two).
 USER_CODE_ERRORS = (Exception, SystemExit, KeyboardInterrupt)
-PACKAGE = Path(__file__).resolve().parent
+PACKAGE = Path(__file__).resolve().parents[1]  # qlora_pipe/: frames inside it are ours
 
 
 def what_happened(exc: BaseException) -> str:

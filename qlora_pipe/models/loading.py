@@ -16,15 +16,15 @@ from torch import nn
 from qlora_pipe.compat.bitsandbytes import keep_plain_nf4_on_cpu
 from qlora_pipe.compat.transformers import tensors_loaded_as
 from qlora_pipe.data.chat_templates import select_chat_template
-from qlora_pipe.dist import local_rank, sharded_launch
+from qlora_pipe.data.tokens import PAD_CANDIDATES, ensure_distinct_pad  # noqa: F401  (re-exported)
 from qlora_pipe.errors import UserError
-from qlora_pipe.hardware import with_resolved_precision
-from qlora_pipe.lora_targets import unmatched_targets
-from qlora_pipe.model_source import check_model_files, local_path
+from qlora_pipe.machine.dist import local_rank, sharded_launch
+from qlora_pipe.machine.hardware import with_resolved_precision
+from qlora_pipe.machine.shard_rules import refuse_sharded
 from qlora_pipe.models.embedding_storage import keep_input_embedding_stored, stored_embedding_dtypes
 from qlora_pipe.recipe import Recipe
-from qlora_pipe.shard_rules import refuse_sharded
-from qlora_pipe.tokens import PAD_CANDIDATES, ensure_distinct_pad  # noqa: F401  (re-exported)
+from qlora_pipe.recipe.lora_targets import unmatched_targets
+from qlora_pipe.recipe.model_source import check_model_files, local_path
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def training_device() -> torch.device:
 def model_location(name: str) -> str:
     """What from_pretrained gets: the expanded local path, the plain folder converted from a GGUF file (once,
     cached), or the Hub id as written."""
-    from qlora_pipe.gguf_source import base_folder, gguf_file_of
+    from qlora_pipe.models.gguf_source import base_folder, gguf_file_of
 
     gguf = gguf_file_of(name)
     if gguf is not None:
@@ -245,7 +245,7 @@ def load_trained_model(recipe: Recipe, adapter_dir: str | Path) -> nn.Module:
 
 def check_adapter_files(adapter_dir: Path) -> None:
     """A run's adapter must be there and whole before its base is loaded."""
-    from qlora_pipe.model_source import safetensors_problem
+    from qlora_pipe.recipe.model_source import safetensors_problem
 
     weights, config = adapter_dir / "adapter_model.safetensors", adapter_dir / "adapter_config.json"
     for path in (config, weights):

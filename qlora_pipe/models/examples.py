@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qlora_pipe.errors import UserError
+from qlora_pipe.machine.user_cache import cache_home, cache_refusal, disk_cause, sha256_of
 from qlora_pipe.runs import file_sha256
-from qlora_pipe.user_cache import cache_home, cache_refusal, disk_cause, sha256_of
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from qlora_pipe.cli_commands import COMMANDS  # the handlers, one per command
+from qlora_pipe.cli.commands import COMMANDS  # the handlers, one per command
 from qlora_pipe.errors import Interrupted, RunStopped, UserError
 
 USER_ERROR_EXIT = 2
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.debug:
         # transformers 5 renames gradient checkpointing; PEFT still calls the old names. Not actionable.
         warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated", category=FutureWarning)
-    from qlora_pipe.dist import is_main_process
+    from qlora_pipe.machine.dist import is_main_process
 
     quiet = not is_main_process()  # under torchrun, one process speaks for the run
     handler = logging.StreamHandler()
@@ -195,8 +195,8 @@ def main(argv: list[str] | None = None) -> int:
 
             quiet_library_progress()  # datasets', TRL's and transformers' bars: --debug shows them
     try:
-        from qlora_pipe.cpu_threads import set_up_cpu
-        from qlora_pipe.user_code import exits_are_errors
+        from qlora_pipe.machine.cpu_threads import set_up_cpu
+        from qlora_pipe.rewards.user_code import exits_are_errors
 
         set_up_cpu(args.command)
         # sys.exit() in code a command runs (a model's own code, ...) is an error: exit 2, not the code's exit
@@ -218,7 +218,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())
