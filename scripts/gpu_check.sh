@@ -37,27 +37,8 @@ fsdp_stage() {
     for item in data recipes accelerate; do ln -s "$PWD/$item" "$work/$item"; done
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
     (cd "$work" && python -m qlora_pipe.cli build-quickstart-model --out models/quickstart-base --steps 5 >build.log 2>&1)
-    # 1.3B parameters, the quickstart tokenizer: big enough that the shards, not the CUDA context, show.
-    (cd "$work" && python - <<'EOF'
-import shutil
-from pathlib import Path
-
-import torch
-import transformers
-
-base = Path("models/quickstart-base")
-config = transformers.AutoConfig.from_pretrained(base)
-config.update(dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=20, num_attention_heads=16,
-                   num_key_value_heads=8, head_dim=128, max_position_embeddings=4096, tie_word_embeddings=False))
-torch.manual_seed(0)
-with torch.device("cuda"):
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-model.save_pretrained("models/fsdp-base")
-for path in base.iterdir():
-    if "token" in path.name or path.name.endswith(".jinja"):
-        shutil.copy(path, Path("models/fsdp-base") / path.name)
-EOF
-    )
+    # 1.3B parameters, the quickstart tokenizer (benchmarks/gpu_fsdp.py).
+    (cd "$work" && python -m benchmarks.gpu_fsdp base)
     local one=0 many=0
     # One GPU for the baseline: a plain process that sees several would get transformers' DataParallel.
     (cd "$work" && CUDA_VISIBLE_DEVICES=0 python -m qlora_pipe.cli train recipes/quickstart.yaml "${FSDP_SETS[@]}" \
@@ -68,39 +49,7 @@ EOF
     (cd "$work" && python -m qlora_pipe.cli plan recipes/quickstart.yaml "${FSDP_SETS[@]}" --json >plan-1.json)
     (cd "$work" && python -m qlora_pipe.cli plan recipes/quickstart.yaml "${FSDP_SETS[@]}" --gpus "$gpus" \
         --json >plan-n.json)
-    (cd "$work" && python - "$gpus" "$one" "$many" "$out" <<'EOF'
-import json
-import sys
-from pathlib import Path
-
-gpus, one_rc, many_rc, out = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])
-
-
-def run(name: str, rc: int, plan_file: str) -> dict:
-    plan = json.loads(Path(plan_file).read_text())
-    row = {"exit": rc, "planned_allocated_bytes": plan["allocated"], "planned_total_bytes": plan["total"]}
-    summary = Path("runs") / name / "summary.json"
-    if summary.is_file():
-        data = json.loads(summary.read_text())
-        keys = ("peak_memory_bytes", "peak_memory_kind", "supervised_tokens_per_second", "device")
-        row.update({key: data.get(key) for key in keys})
-        if row.get("peak_memory_bytes"):
-            row["measured_over_planned"] = round(row["peak_memory_bytes"] / plan["allocated"], 3)
-    else:
-        row["log_tail"] = " ".join(Path(f"{name}.log").read_text(errors="replace")[-600:].split())
-    return row
-
-
-result = {"gpus": gpus, "one_gpu": run("one-gpu", one_rc, "plan-1.json"), "fsdp": run("fsdp", many_rc, "plan-n.json")}
-speeds = [result[k].get("supervised_tokens_per_second") for k in ("one_gpu", "fsdp")]
-if all(speeds):
-    result["fsdp_speedup_over_one_gpu"] = round(speeds[1] / speeds[0], 2)  # summary.json counts every rank
-out.parent.mkdir(parents=True, exist_ok=True)
-out.write_text(json.dumps(result, indent=2) + "\n")
-print(json.dumps(result, indent=2))
-print(f"written: {out}")
-EOF
-    )
+    (cd "$work" && python -m benchmarks.gpu_fsdp report "$gpus" "$one" "$many" "$out")
 }
 
 status=0

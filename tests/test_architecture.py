@@ -201,3 +201,13 @@ def test_branches_on_the_method_name_stay_in_methods():
         if branch.search(line)
     ]
     assert len(found) <= METHOD_BRANCHES_LEFT, "a new branch on the method name outside methods/: " + ", ".join(found)
+
+
+def test_stages_after_training_read_the_settled_settings():
+    """Precision and the compute dtype are settled once, when training starts (training/compute.py), and recorded
+    in the run's recipe (models/base_record.py's run_recipe refuses one left at auto); export, evaluate and
+    publish read them and never resolve them again."""
+    for stage in ("export", "evaluate", "publish"):
+        for path in sorted((PACKAGE / stage).rglob("*.py")):
+            text = path.read_text()
+            assert "resolved_precision" not in text and "resolve_recipe_precision" not in text, path

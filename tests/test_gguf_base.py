@@ -140,6 +140,7 @@ def test_a_hub_base_records_its_commit_and_later_stages_load_that_commit(tiny_mo
     from huggingface_hub import constants
 
     from qlora_pipe.errors import UserError
+    from qlora_pipe.machine.hardware import resolve_recipe_precision
     from qlora_pipe.models.base_record import check_same_base, record_base, run_recipe
 
     hub, first, second = tmp_path / "hub", "a" * 40, "b" * 40
@@ -152,6 +153,10 @@ def test_a_hub_base_records_its_commit_and_later_stages_load_that_commit(tiny_mo
     recipe = validate_recipe(recipe_dict("me/tiny", tmp_path / "runs"))
     run = RunDir(tmp_path / "runs/test")
     run.root.mkdir(parents=True)
+    run.resolved_recipe.write_text(recipe.dump_yaml())  # precision auto: not what training records
+    with pytest.raises(UserError, match=r"leaves training\.precision, quantization\.compute_dtype at auto; training"):
+        run_recipe(run, "export")
+    recipe = resolve_recipe_precision(recipe)[0]  # settled once, as training does, and read by every later stage
     run.resolved_recipe.write_text(recipe.dump_yaml())
     assert record_base(run, recipe)["commit"] == first
     (repo / "refs/main").write_text(second)  # the branch moved on since the run trained

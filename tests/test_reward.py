@@ -96,6 +96,9 @@ def test_a_reward_model_trains_exports_and_reloads_as_a_sequence_classifier(tiny
     assert "reward model" in card and "AutoModelForSequenceClassification" in card and "num_labels=1" in card
     assert main(["chat", str(result.run_dir.root), "--prompt", "hello"]) == 2
     assert "is a reward model" in capsys.readouterr().err
+    assert main(["export", str(result.run_dir.root), "--format", "gguf"]) == 2
+    assert "llama.cpp serves language models, not a reward model's" in capsys.readouterr().err
+    assert (merged / "fidelity.json").is_file()  # the verified export is left as it was
 
 
 def test_plan_and_preview_of_a_reward_recipe(tiny_model_dir, tmp_path, capsys):

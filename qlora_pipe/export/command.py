@@ -170,6 +170,8 @@ def _export_run(
     out = Path(out) if out else run.root / "merged"
     if gguf_types and out.resolve() != (run.root / "merged").resolve():
         raise UserError("export --format gguf: converts the run's own merged folder (RUN/merged); leave out --out")
+    if gguf_types and (refusal := method_for(recipe).refusal("export --format gguf", run)):
+        raise UserError(refusal)
     base = base_checkpoint_dir(recipe)
     wanted = gguf_types if gguf_types is not None else settings.gguf
     if wanted and out.resolve() == (run.root / "merged").resolve():

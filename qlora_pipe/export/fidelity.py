@@ -85,10 +85,9 @@ def reference_noise(
     the arithmetic bf16 weights are served with, since rounding every weight to bf16 once is what such an
     export costs whatever the merge (2.5% of the mean logit on a random-weight 7B, whose logits are small).
     Zero otherwise: an fp32 run served in fp32 (or fp16, checked against the fixed floors)."""
-    from qlora_pipe.machine.hardware import with_resolved_precision
     from qlora_pipe.models.loading import load_trained_model
 
-    resolved = with_resolved_precision(recipe)
+    resolved = recipe  # a run's recorded recipe: its dtypes settled when it trained
     compute = resolved.quantization.compute_dtype if resolved.quantization.enabled else resolved.training.precision
     against = noise_compute(resolved, served)
     if against is None:

@@ -26,7 +26,6 @@ from qlora_pipe.export.delta_kept import DeltaKept
 from qlora_pipe.export.row_blocks import LoraWeights, check_adapter_fits, merge_in_row_blocks
 from qlora_pipe.export.tensor_checks import check_finite, check_fits_float16, release_freed_memory
 from qlora_pipe.export.tensor_files import StreamingShardWriter, TensorEntry, TensorReader
-from qlora_pipe.machine.hardware import with_resolved_precision
 from qlora_pipe.models.loading import DTYPES
 from qlora_pipe.recipe import Recipe
 from qlora_pipe.recipe.model_source import local_path
@@ -123,7 +122,7 @@ def quantized_weight_names(base: Path, recipe: Recipe) -> set[str]:
 def nf4_roundtrip(weight: torch.Tensor, recipe: Recipe, transposed: bool) -> torch.Tensor:
     """dequant(quant(W)) exactly as the training load produced it (same class, same settings), in fp32.
     The caller passes its only reference: the 16-bit source is dropped once quantized."""
-    q = with_resolved_precision(recipe).quantization
+    q = recipe.quantization  # a run's recorded recipe: its dtypes settled when it trained
     value = weight.to(DTYPES[q.compute_dtype])
     del weight
     value = value.T.contiguous() if transposed else value

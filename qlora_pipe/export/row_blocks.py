@@ -26,7 +26,6 @@ from qlora_pipe.errors import UserError
 from qlora_pipe.export.delta_kept import DeltaKept, share_terms
 from qlora_pipe.export.tensor_checks import check_finite, check_fits_float16, release_freed_memory
 from qlora_pipe.export.tensor_files import StreamingShardWriter, TensorReader
-from qlora_pipe.machine.hardware import with_resolved_precision
 from qlora_pipe.models.loading import DTYPES
 from qlora_pipe.recipe import Recipe
 
@@ -96,7 +95,7 @@ def merge_in_row_blocks(
     rows, columns = reader.entry(name).shape
     if lora is not None:
         check_adapter_fits(lora, (rows, columns))
-    q = with_resolved_precision(recipe).quantization
+    q = recipe.quantization  # a run's recorded recipe: its dtypes settled when it trained
     nf4 = NF4Rows(q.quant_type, q.double_quant) if quantized else None
     starts = row_starts(rows, columns, nf4.blocksize if nf4 else 1)
     blocks = list(zip(starts, [*starts[1:], rows], strict=True))

@@ -47,9 +47,7 @@ GGUF_OF_DTYPE = {"bfloat16": "bf16", "float16": "f16", "float32": "f32"}  # the 
 
 def trained_dtype(recipe: Recipe) -> str:
     """The dtype the adapter met the base weights in: the 4-bit compute dtype, or the training precision."""
-    from qlora_pipe.machine.hardware import with_resolved_precision
-
-    resolved = with_resolved_precision(recipe)
+    resolved = recipe  # a run's recorded recipe: its dtypes settled when it trained
     if resolved.quantization.enabled:
         return resolved.quantization.compute_dtype
     return {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(resolved.training.precision, "float32")

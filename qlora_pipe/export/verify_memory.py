@@ -62,10 +62,9 @@ def verification_need(
     from qlora_pipe.export.merge import base_shards
     from qlora_pipe.export.streamed_model import streamed_bytes
     from qlora_pipe.export.tensor_files import TensorReader
-    from qlora_pipe.machine.hardware import with_resolved_precision
     from qlora_pipe.models.loading import DTYPES
 
-    q = with_resolved_precision(recipe).quantization
+    q = recipe.quantization  # a run's recorded recipe: its dtypes settled when it trained
     compute = DTYPES[q.compute_dtype].itemsize
     trained, served = 0.0, {}
     for shard in base_shards(base):
@@ -127,7 +126,7 @@ def preflight_verification(recipe, run, base: Path, dtype_name: str) -> dict[str
 
     from qlora_pipe.export.merge import quantized_weight_names
     from qlora_pipe.export.streamed_model import block_names
-    from qlora_pipe.machine.hardware import dtype_for_inference, with_resolved_precision
+    from qlora_pipe.machine.hardware import dtype_for_inference
     from qlora_pipe.methods import method_for
     from qlora_pipe.models.loading import training_device
 
@@ -136,7 +135,7 @@ def preflight_verification(recipe, run, base: Path, dtype_name: str) -> dict[str
     max_length = recipe.data.max_length if isinstance(recipe.data.max_length, int) else 2048
     blocks = block_names(base) if method_for(recipe).verified_block_by_block else []  # a classifier loads whole
     need = verification_need(recipe, base, run.adapter_weights, quantized, served, max_length, blocks)
-    noise_copy = loads_noise_copy(with_resolved_precision(recipe), dtype_name)
+    noise_copy = loads_noise_copy(recipe, dtype_name)
     return {**check_verification_fits(need, str(training_device()), noise_copy), "terms": need}
 
 

@@ -89,7 +89,8 @@ class Method:
         return ""
 
     def refusal(self, what: str, run) -> str | None:
-        """Why a command (``what``: "chat", "export --unmerged") does not apply to this method's runs; or None."""
+        """Why a command (``what``: "chat", "export --unmerged", "export --format gguf") does not apply to this
+        method's runs; or None."""
         return None
 
     def plan_note(self) -> str | None:

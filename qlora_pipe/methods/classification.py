@@ -20,6 +20,8 @@ class Classification(Method):
             "chat": f"chat: {run.root} is a classifier (task: classification); score it with qlora-pipe eval",
             "export --unmerged": "export --unmerged: a classifier is exported merged (its head is trained whole); "
             "leave it out",
+            "export --format gguf": "export --format gguf: llama.cpp serves language models, not a classifier's "
+            "head; the merged transformers folder is the export (leave out --format)",
         }.get(what)
 
     def plan_note(self) -> str | None:

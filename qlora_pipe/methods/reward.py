@@ -81,6 +81,8 @@ class Reward(Method):
             "chat": f"chat: {run.root} is a reward model (method: reward); score pairs with qlora-pipe eval",
             "export --unmerged": "export --unmerged: a reward model is exported merged (its head is trained "
             "whole); leave it out",
+            "export --format gguf": "export --format gguf: llama.cpp serves language models, not a reward model's "
+            "scalar head; the merged transformers folder is the export (leave out --format)",
         }.get(what)
 
     def plan_settings(self, recipe) -> dict:

@@ -124,10 +124,26 @@ def check_same_base(run: RunDir, recipe: Recipe, doing: str) -> None:
         )
 
 
+def settled_values(recipe: Recipe) -> dict[str, object]:
+    """The settings training resolves once for this machine and records in the run's recipe (the micro batch
+    auto chooses is recorded apart, in auto_batch.json)."""
+    return {
+        "training.precision": recipe.training.precision,
+        "quantization.compute_dtype": recipe.quantization.compute_dtype,
+        "data.max_length": recipe.data.max_length,
+    }
+
+
 def run_recipe(run: RunDir, doing: str) -> Recipe:
     """The recipe a finished run trained with, its base checked against the recorded one (a Hub base pinned to
     the commit it trained on): what export, eval, chat and push start from."""
     recipe = load_recipe(run.resolved_recipe)
+    unsettled = [key for key, value in settled_values(recipe).items() if value == "auto"]
+    if unsettled:
+        raise UserError(
+            f"{doing}: {run.resolved_recipe} leaves {', '.join(unsettled)} at auto; training settles them once and "
+            "every later stage reads them (this file was not written by qlora-pipe train)"
+        )
     recorded = recorded_base(run) or {}
     commit = recorded.get("commit")
     if commit and recipe.model.revision != commit:

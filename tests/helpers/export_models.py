@@ -10,6 +10,7 @@ import torch
 import yaml
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from qlora_pipe.machine.hardware import resolve_recipe_precision
 from qlora_pipe.recipe import validate_recipe
 from qlora_pipe.training.stage import run_training
 from tests.conftest import TRAIN, recipe_dict
@@ -82,6 +83,9 @@ def finished_run(
         "data": {"train_path": str(TRAIN)},
         "export": {"verify": False},
     }
+    settled = resolve_recipe_precision(validate_recipe(recipe))[0]  # as training records it on this machine
+    recipe["training"] = {"precision": settled.training.precision}
+    recipe["quantization"] = {"compute_dtype": settled.quantization.compute_dtype}
     (run / "recipe.resolved.yaml").write_text(yaml.safe_dump(recipe))
     (run / "summary.json").write_text("{}\n")
     return run, size
