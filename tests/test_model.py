@@ -151,6 +151,11 @@ def test_an_fp32_model_keeps_its_input_embedding_in_the_stored_bf16_exactly(make
     assert read.get_output_embeddings().weight.dtype == torch.float32
     AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).save_pretrained(tmp_path / "fp32")
     assert stored_embedding_dtypes(str(tmp_path / "fp32"), []) == {}
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    dims = dict(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=1)
+    LlamaForCausalLM(LlamaConfig(**dims, tie_word_embeddings=True)).to(torch.bfloat16).save_pretrained(tmp_path / "t")
+    assert stored_embedding_dtypes(str(tmp_path / "t"), []) == {}  # tied only once loaded: the lm_head's matrix
 
     with torch.no_grad():
         plain.get_input_embeddings().weight[3, 0] = 1.0 + 2**-20  # not a bf16 or an fp16 value

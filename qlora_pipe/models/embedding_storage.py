@@ -78,9 +78,12 @@ def stored_embedding_dtypes(location: str, trained_in_full: list[str]) -> dict[s
     from accelerate import init_empty_weights
 
     try:
+        config = AutoConfig.from_pretrained(folder)
         with init_empty_weights():
-            skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+            skeleton = AutoModelForCausalLM.from_config(config)
     except (ValueError, KeyError, OSError):  # remote code, an unknown architecture: the load says so itself
+        return {}
+    if getattr(config.get_text_config(), "tie_word_embeddings", False):  # tied only once loaded (GPT-2)
         return {}
     embedding = _lookup_embedding(skeleton, trained_in_full)
     if embedding is None:
