@@ -18,6 +18,7 @@ from qlora_pipe.export.command import export_merged
 from qlora_pipe.export.lora_gguf import check_lora_gguf
 from qlora_pipe.export.unmerged import export_unmerged, trained_dtype
 from qlora_pipe.models.base_record import record_base
+from qlora_pipe.recipe import load_recipe
 from tests.helpers.export_models import trained_run
 
 
@@ -28,7 +29,7 @@ def test_base_and_adapter_reproduce_the_trained_model_and_their_gguf_files_check
     monkeypatch,
 ):
     monkeypatch.setenv("QLORA_PIPE_LLAMA_CPP", str(converter))
-    recipe, result = trained_run("llama", tokenizer_dir, tmp_path, use_rslora=True)
+    _, result = trained_run("llama", tokenizer_dir, tmp_path, use_rslora=True)
     exported = export_unmerged(result.run_dir.root, gguf_type="auto")
     out = exported.out
     assert out == result.run_dir.root / "unmerged" and not out.with_name("unmerged.partial").exists()
@@ -39,7 +40,7 @@ def test_base_and_adapter_reproduce_the_trained_model_and_their_gguf_files_check
     state.dtype = torch.float32
     dense = bnb.functional.dequantize_4bit(layer.base_layer.weight.data, state)
     base = load_file(out / "base" / "model.safetensors")
-    dtype = trained_dtype(recipe)  # fp32 on a CPU without native bf16, bf16 with it
+    dtype = trained_dtype(load_recipe(result.run_dir.resolved_recipe))  # as recorded: fp32 without native bf16
     assert exported.info["dtype"] == dtype
     assert torch.equal(base["model.layers.0.self_attn.q_proj.weight"], dense.to(getattr(torch, dtype)))
 
