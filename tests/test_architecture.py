@@ -211,3 +211,15 @@ def test_stages_after_training_read_the_settled_settings():
         for path in sorted((PACKAGE / stage).rglob("*.py")):
             text = path.read_text()
             assert "resolved_precision" not in text and "resolve_recipe_precision" not in text, path
+
+
+def test_test_files_share_code_only_through_tests_helpers():
+    """Shared test code lives in tests/helpers/ (and the fixtures in conftest.py); no test file imports another."""
+    tests = PACKAGE.parent / "tests"
+    loose = sorted(p.name for p in tests.glob("*.py") if not p.name.startswith("test_") and p.name != "conftest.py")
+    assert not loose, f"shared test code outside tests/helpers/: {loose}"
+    for path in sorted(tests.glob("test_*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("tests.test_"):
+                raise AssertionError(f"{path.name} imports {node.module}: move what they share into tests/helpers/")

@@ -17,9 +17,9 @@ import pytest
 import yaml
 
 from tests.conftest import TRAIN, recipe_dict
-from tests.data_helpers import numbered, write_csv, write_jsonl, write_parquet
 from tests.helpers.cli import assert_one_line_error, cli
 from tests.helpers.damage import truncate
+from tests.helpers.data import numbered, write_csv, write_jsonl, write_parquet
 
 
 def write_recipe(tmp_path: Path, model_dir: Path, **data) -> Path:

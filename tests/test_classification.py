@@ -43,7 +43,7 @@ def test_label_edge_cases_are_named(tiny_model_dir, tokenizer, tmp_path, caplog)
     (an integer column with a gap, as pandas writes it) are their integers; all rows dropped says why; and a
     class left out of classification.labels is a warning with its row count, not only a report line."""
     from qlora_pipe.data.classification import prepare_classification_data
-    from tests.data_helpers import write_jsonl
+    from tests.helpers.data import write_jsonl
 
     convert = labelled_row("text", "label")
     assert convert({"text": "A", "label": 2.0}) == {"text": "A", "label": "2"}

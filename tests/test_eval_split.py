@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import recipe_dict
-from tests.data_helpers import chat, write_jsonl
+from tests.helpers.data import chat, write_jsonl
 from tests.helpers.recipes import PROMPTS_EVAL, dpo_recipe, grpo_recipe, write_rows
 
 

@@ -183,7 +183,7 @@ def test_prompt_rows_are_checked_dropped_by_reason_and_previewed(tiny_model_dir,
     from qlora_pipe.cli import main
     from qlora_pipe.data.prompts import prepare_prompt_data
     from qlora_pipe.models.loading import load_tokenizer
-    from tests.data_helpers import write_jsonl
+    from tests.helpers.data import write_jsonl
 
     rows = [
         {"prompt": "What is an offer?", "answer": "contracts", "source": {"page": 3}},

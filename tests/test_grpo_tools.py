@@ -10,9 +10,9 @@ import pytest
 
 from qlora_pipe.errors import UserError
 from qlora_pipe.recipe import validate_recipe
-from tests.data_helpers import write_jsonl
+from tests.helpers.data import write_jsonl
 from tests.helpers.recipes import grpo_recipe
-from tests.tool_data import TOOLS
+from tests.helpers.tool_data import TOOLS
 
 CALL_REWARD = {"function": "tool_call", "name": "call"}
 STATUTE = [TOOLS[0]["function"]]  # given bare ({"name", "parameters"}), as SFT rows may

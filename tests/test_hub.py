@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from tests.conftest import recipe_dict
-from tests.fake_hub import FakeHub
+from tests.helpers.fake_hub import FakeHub
 
 REPO = Path(__file__).resolve().parents[1]
 WRITE, READ = "hf_writer_secret_123", "hf_reader_secret_456"

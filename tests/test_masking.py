@@ -20,7 +20,7 @@ from qlora_pipe.data.preview import DIM, GREEN, RESET, render_example
 from qlora_pipe.errors import UserError
 from qlora_pipe.models.loading import ensure_distinct_pad, load_tokenizer
 from qlora_pipe.recipe import DataSection, SourceSection, validate_recipe
-from tests.data_helpers import add_llama_3_tokens
+from tests.helpers.data import add_llama_3_tokens
 
 REPO = Path(__file__).resolve().parents[1]
 

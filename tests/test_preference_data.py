@@ -13,7 +13,7 @@ from qlora_pipe.data.preference import prepare_preference_data, to_pair
 from qlora_pipe.errors import UserError
 from qlora_pipe.recipe import validate_recipe
 from tests.conftest import recipe_dict
-from tests.data_helpers import write_jsonl
+from tests.helpers.data import write_jsonl
 from tests.helpers.recipes import PAIRS_TRAIN
 
 

@@ -12,7 +12,7 @@ import pytest
 from qlora_pipe.data.preference import prepare_preference_data
 from qlora_pipe.errors import UserError
 from qlora_pipe.recipe import validate_recipe
-from tests.data_helpers import write_jsonl
+from tests.helpers.data import write_jsonl
 from tests.helpers.recipes import PAIRS_TRAIN, dpo_recipe
 
 REFUSED = [  # (method, recipe change, the key the one-line error names)

@@ -22,7 +22,7 @@ from qlora_pipe.data.prepared import IGNORE
 from qlora_pipe.data.turn_spans import probe_turns
 from qlora_pipe.errors import UserError
 from qlora_pipe.recipe import DataSection
-from tests.data_helpers import write_jsonl
+from tests.helpers.data import write_jsonl
 
 TRL_TEMPLATES = Path(trl.__file__).parent / "chat_templates"
 OURS = Path(__file__).parent / "templates"

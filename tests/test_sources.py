@@ -9,7 +9,7 @@ import pytest
 
 from qlora_pipe.errors import UserError
 from qlora_pipe.recipe import SourceSection
-from tests.data_helpers import (
+from tests.helpers.data import (
     QA,
     answers,
     chat,

@@ -18,9 +18,9 @@ from qlora_pipe.data.prompts import prepare_prompt_data
 from qlora_pipe.errors import UserError
 from qlora_pipe.recipe import DataSection, validate_recipe
 from tests.conftest import recipe_dict
-from tests.data_helpers import chat, write_jsonl
+from tests.helpers.data import chat, write_jsonl
 from tests.helpers.recipes import dpo_recipe, grpo_recipe
-from tests.tool_data import TOOL_ROW
+from tests.helpers.tool_data import TOOL_ROW
 
 # ChatML with markers; line 3 adds a number to the text of a user turn that says BOOM (a TypeError on that row).
 MARKED = "\n".join(

@@ -1,4 +1,4 @@
-"""Tool calls and reasoning traces, token by token, on six template families (tests/tool_data.py).
+"""Tool calls and reasoning traces, token by token, on six template families (tests/helpers/tool_data.py).
 
 Each case checks which tokens are trained: the tool call is, the tool result and the tools list are not;
 reasoning follows data.reasoning; an empty thinking block is never trained; multi-turn reasoning follows
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.tool_data import (
+from tests.helpers.tool_data import (
     EARLIER,
     END_OF_TURN,
     FAMILIES,

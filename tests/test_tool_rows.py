@@ -11,7 +11,7 @@ import pytest
 
 from qlora_pipe.data.chat_templates import select_chat_template
 from qlora_pipe.errors import UserError
-from tests.tool_data import CALL, RESULT, THINK_ROW, THOUGHT, TOOL_ROW, TOOLS, prepare, split, with_family
+from tests.helpers.tool_data import CALL, RESULT, THINK_ROW, THOUGHT, TOOL_ROW, TOOLS, prepare, split, with_family
 
 
 def test_tool_arguments_keep_their_own_keys_across_rows(tokenizer, tmp_path):

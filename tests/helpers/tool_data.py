@@ -12,7 +12,7 @@ from qlora_pipe.data.chat_templates import select_chat_template
 from qlora_pipe.data.prepare import prepare_data
 from qlora_pipe.data.prepared import IGNORE
 from qlora_pipe.recipe import DataSection
-from tests.data_helpers import add_llama_3_tokens, write_jsonl
+from tests.helpers.data import add_llama_3_tokens, write_jsonl
 
 TOOLS = [
     {
