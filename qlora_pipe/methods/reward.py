@@ -48,11 +48,13 @@ def pairwise_scores(chosen, rejected) -> dict:
     import torch
 
     margin = chosen - rejected
+    if not len(margin):
+        return {"pairs": 0, "pairwise_accuracy": 0.0, "mean_margin": 0.0, "pairwise_loss": 0.0}
     return {
         "pairs": len(margin),
-        "pairwise_accuracy": float((margin > 0).float().mean()) if len(margin) else 0.0,
-        "mean_margin": float(margin.mean()) if len(margin) else 0.0,
-        "pairwise_loss": float(-torch.nn.functional.logsigmoid(margin).mean()) if len(margin) else 0.0,
+        "pairwise_accuracy": float((margin > 0).float().mean()),
+        "mean_margin": float(margin.mean()),
+        "pairwise_loss": float(-torch.nn.functional.logsigmoid(margin).mean()),
     }
 
 
