@@ -1,6 +1,7 @@
 """The planner's terms against what torch allocates in one real training step on this CPU.
 
-    python -m benchmarks plan-vs-cpu MODEL [--micro-batch 2] [--max-length 512] [--out FILE.json]
+    python -m benchmarks plan-vs-cpu MODEL [--micro-batch 2] [--max-length 512] [--document] [--set KEY=VALUE]
+        [--out FILE.json]
 
 MODEL: a name `qlora-pipe get-model` knows (qwen2.5-coder-0.5b-instruct, ...), a GGUF file or a model folder.
 A real run of the bundled legal recipe (recipes/smollm2-legal.yaml: NF4 with double quantization, LoRA r=16 on
@@ -15,6 +16,11 @@ model's weight bytes (4-bit data with their quantization constants, counted once
 tensors. The plan is the one `qlora-pipe plan` makes for the settings the run resolved on this machine
 (precision, compute dtype) and the batch's actual shape, so the bytes are those a GPU would hold for the same
 settings.
+
+--document: long-context steps. Every row is one document of --max-length tokens (the bundled legal answers
+joined one after the other, a text row, cut at max_length; no packing: the attention has no mask, as a real
+long document has), so the step runs exactly one sequence of that length per row. --set KEY=VALUE: a recipe
+override (training.tiled_mlp=true, lora.dropout=0, ...), as `qlora-pipe train --set` takes it.
 """
 
 from __future__ import annotations
@@ -53,7 +59,21 @@ def model_path(name: str) -> Path:
     return get_model(name)
 
 
-def recipe_for(model: Path, out: Path, micro_batch: int, max_length: int) -> dict[str, Any]:
+def write_documents(path: Path, rows: int, max_length: int) -> Path:
+    """``rows`` text rows, each the bundled answers joined until it is surely longer than ``max_length`` tokens."""
+    answers = [json.loads(line)["messages"][-1]["content"] for line in (REPO / "data/legal-qa/train.jsonl").open()]
+    text = " ".join(answers)
+    while len(text) < 6 * max_length:  # fewer than 6 characters per token in English prose
+        text += " " + text
+    with path.open("w") as out:
+        for i in range(rows):
+            out.write(json.dumps({"text": f"Document {i}. " + text[: 6 * max_length]}) + "\n")
+    return path
+
+
+def recipe_for(
+    model: Path, out: Path, micro_batch: int, max_length: int, document: bool = False, sets: tuple[str, ...] = ()
+) -> dict[str, Any]:
     raw = yaml.safe_load((REPO / "recipes/smollm2-legal.yaml").read_text())
     raw.update(run_name="plan-vs-cpu", output_dir=str(out))
     raw["model"]["name_or_path"] = str(model)
@@ -65,6 +85,14 @@ def recipe_for(model: Path, out: Path, micro_batch: int, max_length: int) -> dic
         packing=True,  # every micro batch filled to max_length, so the terms are measured at that length
         cache_dir=str(out / "data-cache"),
     )
+    if document:
+        rows = micro_batch * (PROFILED_STEP + 1)
+        raw["data"].update(
+            train_path=str(write_documents(out / "documents.jsonl", rows, max_length)),
+            packing=False,
+            overlength="truncate",
+            loss_on="all",
+        )
     raw["training"].update(
         max_steps=PROFILED_STEP + 1,
         micro_batch_size=micro_batch,
@@ -73,6 +101,10 @@ def recipe_for(model: Path, out: Path, micro_batch: int, max_length: int) -> dic
         save_steps=1000,
         preview_prompts=[],
     )
+    from qlora_pipe.recipe.loading import apply_override
+
+    for item in sets:
+        apply_override(raw, item)
     return raw
 
 
@@ -172,15 +204,24 @@ def step_recorder(measure: type):
     return Recorder()
 
 
-def compare(found: dict[str, Any], recipe) -> dict[str, Any]:
+def compare(found: dict[str, Any], recipe, loss_tile: int = 4096) -> dict[str, Any]:
+    """The plan's terms beside the measurement. The step is planned as on a GPU, and again with the CPU-only
+    temporaries of TRL's LM head (``loss_tile`` tokens per tile, the tile this run used)."""
     from qlora_pipe.plan.advice import recipe_plan
+    from qlora_pipe.plan.terms import VOCAB_TILE, layer_transient_bytes, loss_bytes
 
     batch, length = found["batch_shape"]
     plan = recipe_plan(recipe, None, micro_batch_size=batch, max_length=length)
     terms = dict(plan.terms)
+    s = plan.settings
     planned_weights = sum(terms[name] for name in terms if name.startswith("base weights")) + terms["LoRA weights"]
     planned_states = sum(b for name, b in terms.items() if name.startswith("optimizer states"))
-    planned_step = terms["LoRA gradients"] + terms["activations kept"] + terms["transient peak"]
+    held = terms["LoRA gradients"] + terms["activations kept"]
+    layer = layer_transient_bytes(plan.shape, s)
+    tile = min(batch * length, loss_tile) * VOCAB_TILE * s.compute_bytes
+    loss = loss_bytes(plan.shape, batch * length, s.compute_bytes, loss_tile)
+    loss_cpu = loss + CPU_TILE_TEMPORARIES * tile
+    planned_step = held + max(layer, loss)
     weights = found["weights"]["quantized"] + found["weights"]["other"]
     rows = {
         "weights (4-bit + not quantized + LoRA)": (planned_weights, weights),
@@ -189,26 +230,53 @@ def compare(found: dict[str, Any], recipe) -> dict[str, Any]:
     }
     total_planned = planned_weights + planned_states + planned_step
     total_measured = weights + found["optimizer_states"] + found["step_peak"]
-    tile = min(batch * length, 4096) * 32768 * plan.settings.compute_bytes
-    rows["step peak + the CPU's LM-head tile temporaries"] = (
-        planned_step + CPU_TILE_TEMPORARIES * tile,
-        found["step_peak"],
-    )
+    rows["step peak + the CPU's LM-head tile temporaries"] = (held + max(layer, loss_cpu), found["step_peak"])
     rows["allocated in all"] = (total_planned, total_measured)
     return {
         "settings": {
             "micro_batch_size": batch,
             "tokens_per_row": length,
-            "precision": plan.settings.precision,
-            "compute_bytes": plan.settings.compute_bytes,
-            "optimizer": plan.settings.optimizer,
+            "precision": s.precision,
+            "compute_bytes": s.compute_bytes,
+            "optimizer": s.optimizer,
+            "tiled_mlp": s.tiled_mlp,
+            "lora_dropout": s.lora_dropout,
+            "loss_token_tile": loss_tile,
         },
         "rows": {
             name: {"planned": p, "measured": m, "difference": (p - m) / m if m else None}
             for name, (p, m) in rows.items()
         },
+        "step_parts": {
+            "gradients + activations kept": held,
+            "layer backward": layer,
+            "loss (GPU)": loss,
+            "loss with the CPU's tile temporaries": loss_cpu,
+        },
         "plan_terms": terms,
     }
+
+
+def measured_of(result: dict[str, Any]) -> dict[str, Any]:
+    """What a result measured (its planned side aside), as ``compare`` takes it."""
+    rows = result["rows"]
+    weights = rows["weights (4-bit + not quantized + LoRA)"]["measured"]
+    return {
+        "batch_shape": [result["settings"]["micro_batch_size"], result["settings"]["tokens_per_row"]],
+        "weights": {"quantized": weights, "other": 0},
+        "optimizer_states": rows["optimizer states"]["measured"],
+        "step_peak": rows["step peak (gradients + activations + transient)"]["measured"],
+    }
+
+
+def replan(path: Path) -> dict[str, Any]:
+    """A result's measurement against the planner as it is now (the measurement is not repeated)."""
+    from qlora_pipe.recipe import validate_recipe
+
+    result = json.loads(path.read_text())
+    recipe = validate_recipe(result["recipe"], str(path))
+    kept = {k: v for k, v in result.items() if k not in ("rows", "step_parts", "plan_terms", "settings")}
+    return compare(measured_of(result), recipe, result["settings"]["loss_token_tile"]) | kept
 
 
 def table(result: dict[str, Any]) -> str:
@@ -231,7 +299,25 @@ def main(argv: list[str] | None = None) -> int:
         help="measure the step with PyTorch's profiler (every allocation; exact, but it needs gigabytes of its own "
         "on long steps) instead of sampling the process's anonymous memory every 2 ms",
     )
+    parser.add_argument("--replan", action="store_true", help="MODEL is a result JSON: plan its measurement again")
+    parser.add_argument("--document", action="store_true", help="one long document per row (long-context steps)")
+    parser.add_argument(
+        "--loss-tile",
+        type=int,
+        default=4096,
+        help="tokens per tile of TRL's fused LM head in this run (TRL's default 4096; smaller keeps its CPU-only "
+        "temporaries below the layer terms on long documents)",
+    )
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a recipe override")
     args = parser.parse_args(argv)
+    if args.replan:
+        found = replan(Path(args.model))
+        print(table(found))
+        parts = ", ".join(f"{k} {v / 2**30:.3f} GiB" for k, v in found["step_parts"].items())
+        print("planned parts of the step: " + parts)
+        if args.out:
+            args.out.write_text(json.dumps(found, indent=2) + "\n")
+        return 0
     if not args.profiler and any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
         # glibc reads its settings when the process starts: start again with them
         argv = ["plan-vs-cpu", *(sys.argv[1:] if argv is None else argv)]
@@ -251,13 +337,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{COMMAND}: {exc}", file=sys.stderr)
         return 2
     recorder = step_recorder(ProfiledStep if args.profiler else SampledStep)
-    with tempfile.TemporaryDirectory(prefix="plan-vs-cpu-") as tmp:
+    from qlora_pipe.compat.trl import loss_token_tile
+
+    with tempfile.TemporaryDirectory(prefix="plan-vs-cpu-") as tmp, loss_token_tile(args.loss_tile):
         started = time.perf_counter()
         result = run_training(
-            validate_recipe(recipe_for(model, Path(tmp), args.micro_batch, args.max_length)), callbacks=(recorder,)
+            validate_recipe(
+                recipe_for(model, Path(tmp), args.micro_batch, args.max_length, args.document, tuple(args.set))
+            ),
+            callbacks=(recorder,),
         )
         resolved = load_recipe(result.run_dir.root / "recipe.resolved.yaml")
-        found = compare(recorder.found, resolved)
+        found = compare(recorder.found, resolved, args.loss_tile)
+        found["recipe"] = resolved.model_dump(mode="json", exclude={"source"})
     found.update(
         model=str(model),
         step_measured_by="profiler" if args.profiler else "anonymous memory sampled every 2 ms",
@@ -271,6 +363,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{found['settings']['precision']} (optimizer {found['optimizer_class']})"
     )
     print(table(found))
+    print("planned parts of the step: " + ", ".join(f"{k} {v / 2**30:.3f} GiB" for k, v in found["step_parts"].items()))
+    print(f"the measured step took {found['profiled_step_seconds']} s")
     if args.out:
         args.out.write_text(json.dumps(found, indent=2) + "\n")
         print(f"written: {args.out}")

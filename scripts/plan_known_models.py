@@ -2,7 +2,8 @@
 
     python scripts/plan_known_models.py            # markdown table on stdout
     python scripts/plan_known_models.py --gpus     # the FSDP table (per GPU, 2 / 4 / 8 GPUs) on stdout
-    python scripts/plan_known_models.py --docs     # rewrite docs/planner.md and docs/long-runs.md between markers
+    python scripts/plan_known_models.py --long     # recipes/long-context.yaml: the longest sequence per switch
+    python scripts/plan_known_models.py --docs     # rewrite docs/planner.md, long-runs.md, performance.md (markers)
 
 Uses the bundled configs (qlora_pipe/plan/model_configs/), so it works offline. The one-GPU recipe is
 recipes/qa-legal.yaml with only the model and the sequence length changed; the FSDP one is
@@ -21,7 +22,14 @@ LONG_RUNS = ROOT / "docs" / "long-runs.md"
 sys.path.insert(0, str(ROOT))
 
 from qlora_pipe.machine.hardware import ASSUMED_GPU, resolve_recipe_precision  # noqa: E402
-from qlora_pipe.plan.advice import advise, fewest_gpus, parse_size, recipe_plan, recipe_shape  # noqa: E402
+from qlora_pipe.plan.advice import (  # noqa: E402
+    advise,
+    fewest_gpus,
+    longest_by_switches,
+    parse_size,
+    recipe_plan,
+    recipe_shape,
+)
 from qlora_pipe.plan.report import advice_text, plan_table  # noqa: E402
 from qlora_pipe.plan.terms import GiB  # noqa: E402
 from qlora_pipe.recipe import load_recipe  # noqa: E402
@@ -34,6 +42,15 @@ MODELS = [
     "Qwen/Qwen2.5-14B",
 ]
 BUDGET = "24GiB"
+LONG_RECIPE = "recipes/long-context.yaml"
+LONG_MODELS = [
+    "meta-llama/Llama-3.1-8B-Instruct",
+    "Qwen/Qwen2.5-7B-Instruct",
+    "mistralai/Mistral-7B-Instruct-v0.3",
+    "google/gemma-2-9b-it",
+]
+PERFORMANCE = ROOT / "docs" / "performance.md"
+LONG_START, LONG_END = "<!-- long-context-table:start -->\n", "<!-- long-context-table:end -->\n"
 START, END = "<!-- plan-table:start -->\n", "<!-- plan-table:end -->\n"
 EXAMPLE_START, EXAMPLE_END = "<!-- plan-example:start -->\n", "<!-- plan-example:end -->\n"
 FSDP_RECIPE = "recipes/llama3-70b-fsdp.yaml"
@@ -85,27 +102,54 @@ def replace_between(text: str, start: str, end: str, body: str) -> str:
 
 
 def table() -> str:
+    """Peaks at 2k and 8k tokens (the recipe's switches as it sets them) and the longest sequence at micro batch 1
+    for each combination of the long-context switches."""
     budget = parse_size(BUDGET)
     rows = [
         "| model | params | weights (4-bit + bf16 rest) | peak at 2k tokens | peak at 8k tokens "
-        "| longest on 24 GiB | with activation offloading |",
-        "|---|---|---|---|---|---|---|",
+        "| longest on 24 GiB: neither switch | tiled MLP | activation offloading | both |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name in MODELS:
         recipe = load_recipe(ROOT / "recipes/qa-legal.yaml", [f"model.name_or_path={name}"])
         plans = [recipe_plan(recipe, budget, micro_batch_size=1, max_length=n) for n in (2048, 8192)]
         weights = plans[0].term("base weights, 4-bit") + plans[0].term("base weights, not quantized")
         cells = [f"{p.total / GiB:.1f} GiB {'fits' if p.fits else 'no'}" for p in plans]
-        longest = advise(plans[0]).max_length
-        lean = load_recipe(
-            ROOT / "recipes/qa-legal.yaml",
-            [f"model.name_or_path={name}", "training.activation_offloading=true"],
+        longest = " | ".join(
+            _tokens(row.longest) for row in longest_by_switches(plans[0].shape, plans[0].settings, budget)
         )
-        longest_lean = advise(recipe_plan(lean, budget, micro_batch_size=1, max_length=2048)).max_length
         rows.append(
             f"| {name} | {plans[0].shape.total_params / 1e9:.2f}B | {weights / GiB:.1f} GiB | "
-            f"{cells[0]} | {cells[1]} | {longest:,} | {longest_lean:,} |"
+            f"{cells[0]} | {cells[1]} | {longest} |"
         )
+    return "\n".join(rows) + "\n"
+
+
+def _tokens(n: int | None, positions: int | None = None) -> str:
+    """A planned length; one beyond the model's positions is marked (memory allows it, the model does not)."""
+    if n is None:
+        return "none"
+    return f"{n:,}*" if positions and n > positions else f"{n:,}"
+
+
+def long_context_table() -> str:
+    """recipes/long-context.yaml on each model: the longest sequence at micro batch 1 on 24 GiB per switch, as
+    memory allows it (marked * beyond the model's positions, which data.max_length auto does not exceed)."""
+    budget = parse_size(BUDGET)
+    rows = [
+        "| model | positions | neither switch | tiled MLP | activation offloading | both | both, LoRA dropout 0.05 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in LONG_MODELS:
+        cells = []
+        for dropout in (0.0, 0.05):
+            recipe = load_recipe(ROOT / LONG_RECIPE, [f"model.name_or_path={name}", f"lora.dropout={dropout}"])
+            plan = recipe_plan(recipe, budget, micro_batch_size=1, max_length=2048)
+            found = longest_by_switches(plan.shape, plan.settings, budget, capped=False)
+            positions = plan.shape.max_positions
+            tokens = [_tokens(row.longest, positions) for row in found]
+            cells += tokens if dropout == 0 else tokens[-1:]
+        rows.append(f"| {name} | {plan.shape.max_positions:,} | {' | '.join(cells)} |")
     return "\n".join(rows) + "\n"
 
 
@@ -115,12 +159,14 @@ if __name__ == "__main__":
         "--docs", "--readme", dest="docs", action="store_true", help="rewrite the example and table in docs/planner.md"
     )
     parser.add_argument("--gpus", action="store_true", help="print the FSDP table (per GPU) instead")
+    parser.add_argument("--long", action="store_true", help="print the long-context table instead")
     args = parser.parse_args()
     if args.docs:
         updated = replace_between(DOC.read_text(), START, END, table())
         DOC.write_text(replace_between(updated, EXAMPLE_START, EXAMPLE_END, example()))
         long_runs = replace_between(LONG_RUNS.read_text(), FSDP_START, FSDP_END, fsdp_table())
         LONG_RUNS.write_text(replace_between(long_runs, FSDP_EXAMPLE_START, FSDP_EXAMPLE_END, fsdp_example()))
-        print(f"updated {DOC} and {LONG_RUNS}")
+        PERFORMANCE.write_text(replace_between(PERFORMANCE.read_text(), LONG_START, LONG_END, long_context_table()))
+        print(f"updated {DOC}, {LONG_RUNS} and {PERFORMANCE}")
     else:
-        print(fsdp_table() if args.gpus else table(), end="")
+        print(fsdp_table() if args.gpus else long_context_table() if args.long else table(), end="")

@@ -34,9 +34,18 @@ sequence_classifier_load
     ``trl.trainer.reward_trainer.suppress_seqcls_warning`` (not part of TRL's top-level API); the classifier
     loads go through it. Without it the report comes back (noise only).
     Caught by: tests/test_reward.py::test_a_reward_model_trains_exports_and_reloads_as_a_sequence_classifier.
+
+loss_token_tile
+    TRL's fused LM head projects ``trl.kernels.chunked_logprob.TOKEN_CHUNK_SIZE`` (4096) tokens at a time, a
+    module global. Without Triton (a CPU) each tile's backward holds about six more tile-sized fp32 tensors, so
+    the long-context benchmark (``python -m benchmarks plan-vs-cpu --document``) sets a smaller tile for its CPU
+    steps and plans with the same one; training never changes it.
+    Caught by: tests/test_long_context.py::test_loss_tile_is_set_and_restored.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -115,3 +124,16 @@ def orpo_config():
     from trl.experimental.orpo import ORPOConfig
 
     return ORPOConfig
+
+
+@contextlib.contextmanager
+def loss_token_tile(tokens: int):
+    """TRL's fused LM head with ``tokens`` per projection tile inside the block (the default after)."""
+    from trl.kernels import chunked_logprob
+
+    before = chunked_logprob.TOKEN_CHUNK_SIZE
+    chunked_logprob.TOKEN_CHUNK_SIZE = tokens
+    try:
+        yield
+    finally:
+        chunked_logprob.TOKEN_CHUNK_SIZE = before

@@ -203,6 +203,10 @@ def add_lora(model: nn.Module, recipe: Recipe, task_type: str = "CAUSAL_LM") -> 
         task_type=task_type,
     )
     peft_model = get_peft_model(model, config)
+    if recipe.training.tiled_mlp is True:  # 'auto' is settled before training (plan/long_context.py)
+        from qlora_pipe.models.tiled_mlp import tile_mlps
+
+        log.info("tiled MLP: %d decoder layers' MLPs run over sequence tiles", tile_mlps(peft_model))
     trainable, total = peft_model.get_nb_trainable_parameters()
     if trainable == 0:
         raise UserError("lora: the adapter has no trainable parameters; check lora.target_modules")

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from itertools import product
 
+from qlora_pipe.plan.long_context import SWITCHES as LONG_SWITCHES
+from qlora_pipe.plan.long_context import auto_switches, settle_switches, unavailable_off
 from qlora_pipe.plan.shapes import ModelShape, read_config, shape_from_config
 from qlora_pipe.plan.terms import MemoryPlan, PlanSettings, plan_memory
 from qlora_pipe.recipe import Recipe
@@ -32,9 +35,9 @@ def largest_micro_batch(shape: ModelShape, s: PlanSettings, budget: int) -> int 
     return largest(lambda b: plan_memory(shape, replace(s, micro_batch_size=b)).total <= budget, 1, MAX_MICRO_BATCH)
 
 
-def longest_sequence(shape: ModelShape, s: PlanSettings, budget: int) -> int | None:
-    """The longest max_length (a multiple of 64, within the model's positions) that fits the budget."""
-    top = (shape.max_positions or 1 << 20) // LENGTH_STEP
+def longest_sequence(shape: ModelShape, s: PlanSettings, budget: int, capped: bool = True) -> int | None:
+    """The longest max_length (a multiple of 64, within the model's positions unless not ``capped``) that fits."""
+    top = ((shape.max_positions if capped else None) or 1 << 20) // LENGTH_STEP
     steps = largest(lambda n: plan_memory(shape, replace(s, max_length=n * LENGTH_STEP)).total <= budget, 1, top)
     return None if steps is None else steps * LENGTH_STEP
 
@@ -43,6 +46,7 @@ def longest_sequence(shape: ModelShape, s: PlanSettings, budget: int) -> int | N
 SWITCHES: list[tuple[str, Callable[[PlanSettings], PlanSettings]]] = [
     ("training.gradient_checkpointing=true", lambda s: replace(s, gradient_checkpointing=True)),
     ("training.activation_offloading=true", lambda s: replace(s, activation_offloading=True)),
+    ("training.tiled_mlp=true", lambda s: replace(s, tiled_mlp=True)),
     ("training.optimizer=paged_adamw_8bit", lambda s: replace(s, optimizer="paged_adamw_8bit")),
     ("quantization.double_quant=true", lambda s: replace(s, double_quant=True)),
     ("quantization.enabled=true", lambda s: replace(s, quantized=True)),
@@ -101,17 +105,21 @@ def recipe_plan(
     shape: ModelShape | None = None,
     gpus: int = 1,
     cpu_offload: bool = False,
+    gpu: bool = True,
 ) -> MemoryPlan:
     """The plan of a recipe; 'auto' sizes resolve to the largest that fit the budget (1 / 2048 without one).
     ``shape``: the model's shapes when the caller already has them (building them takes a meta-device model).
-    ``gpus`` > 1: one GPU's share of an FSDP-QLoRA run (plan/fsdp.py), the budget per GPU."""
+    ``gpus`` > 1: one GPU's share of an FSDP-QLoRA run (plan/fsdp.py), the budget per GPU. ``gpu``: the run
+    has a CUDA GPU (activation offloading at 'auto' can be on); 'auto' switches are settled (plan/long_context.py)."""
     shape = shape or recipe_shape(recipe, config)
     t, d = recipe.training, recipe.data
     batch = micro_batch_size or (t.micro_batch_size if t.micro_batch_size != "auto" else None)
     length = max_length or (d.max_length if d.max_length != "auto" else None)
     s = replace(PlanSettings.from_recipe(recipe, batch or 1, length or 2048), gpus=gpus, cpu_offload=cpu_offload)
+    s = unavailable_off(recipe, s, gpu)
     if budget is not None and length is None:
         s = replace(s, max_length=longest_sequence(shape, s, budget) or LENGTH_STEP)
+    s = settle_switches(shape, s, auto_switches(recipe, gpu), budget)
     if batch is None and s.generation_steps:  # a method that samples completions in each step (GRPO)
         completions = t.effective_batch_size or t.gradient_accumulation_steps  # per step, sampled at once
         return plan_memory(shape, grpo_auto_batch(shape, s, budget, completions), budget)
@@ -141,3 +149,25 @@ def plan_for_recipe(
         parse_size(recipe.training.memory_budget, "training.memory_budget") if recipe.training.memory_budget else None
     )
     return recipe_plan(recipe, budget, config, micro_batch_size, max_length)
+
+
+@dataclass(frozen=True)
+class SwitchRow:
+    tiled_mlp: bool
+    activation_offloading: bool
+    longest: int | None  # tokens at micro batch 1, within the budget
+
+    @property
+    def label(self) -> str:
+        on = [LONG_SWITCHES[name].split(".")[1] for name in LONG_SWITCHES if getattr(self, name)]
+        return " + ".join(on) or "neither"
+
+
+def longest_by_switches(shape: ModelShape, s: PlanSettings, budget: int, capped: bool = True) -> list[SwitchRow]:
+    """The longest sequence at micro batch 1 for each combination of the two switches (the rest as ``s``);
+    not ``capped``: what memory allows, beyond the model's positions too."""
+    rows = []
+    for tiled, offload in product((False, True), repeat=2):
+        settings = replace(s, micro_batch_size=1, tiled_mlp=tiled, activation_offloading=offload)
+        rows.append(SwitchRow(tiled, offload, longest_sequence(shape, settings, budget, capped)))
+    return rows

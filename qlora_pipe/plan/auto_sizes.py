@@ -15,6 +15,8 @@ import os
 from dataclasses import dataclass
 
 from qlora_pipe.plan.advice import largest_micro_batch, parse_size, recipe_plan, recipe_shape
+from qlora_pipe.plan.long_context import SWITCHES, auto_switches, settled_recipe
+from qlora_pipe.plan.settings import PlanSettings
 from qlora_pipe.plan.shapes import ModelShape
 from qlora_pipe.plan.terms import GiB
 from qlora_pipe.recipe import Recipe
@@ -55,11 +57,16 @@ class AutoSizes:
 
 
 def resolve_auto_sizes(recipe: Recipe) -> AutoSizes:
+    import torch
+
     budget = memory_budget(recipe)
     t = recipe.training
     planning = budget is not None and t.micro_batch_size == "auto"
-    shape = recipe_shape(recipe) if planning or recipe.data.max_length == "auto" else None
+    gpu = torch.cuda.is_available()
+    switches = auto_switches(recipe, gpu)
+    shape = recipe_shape(recipe) if planning or recipe.data.max_length == "auto" or switches else None
     recipe = resolve_max_length(recipe, budget, shape)
+    recipe = resolve_long_context(recipe, budget, shape, gpu)
     start = micro_batch_start(recipe, budget, shape) if t.micro_batch_size == "auto" else t.auto_micro_batch_start
     return AutoSizes(recipe, start, budget)
 
@@ -83,6 +90,21 @@ def resolve_max_length(recipe: Recipe, budget: int | None, shape: ModelShape | N
             f" (per GPU, FSDP over {gpus})" if gpus > 1 else "",
         )
     return recipe.model_copy(update={"data": recipe.data.model_copy(update={"max_length": length})})
+
+
+def resolve_long_context(recipe: Recipe, budget: int | None, shape: ModelShape | None, gpu: bool) -> Recipe:
+    """The recipe with training.tiled_mlp and activation_offloading 'auto' settled at its length
+    (plan/long_context.py; offloading stays off without a GPU)."""
+    if not auto_switches(recipe, gpu):
+        return settled_recipe(recipe, PlanSettings(1, 1), gpu)  # only 'auto' offloading without a GPU: off
+    gpus, offload = fsdp_launch()
+    plan = recipe_plan(recipe, budget, shape=shape, gpus=gpus, cpu_offload=offload, gpu=gpu)
+    settled = settled_recipe(recipe, plan.settings, gpu)
+    for name, key in SWITCHES.items():
+        if getattr(recipe.training, name) == "auto":
+            state = "on" if getattr(settled.training, name) else "off"
+            log.info("%s auto: %s at %d tokens (plan/long_context.py)", key, state, recipe.data.max_length)
+    return settled
 
 
 def micro_batch_start(recipe: Recipe, budget: int | None, shape: ModelShape | None = None) -> int:

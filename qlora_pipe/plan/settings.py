@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from qlora_pipe.machine.hardware import planning_hardware, with_resolved_precision
+from qlora_pipe.models.tiled_mlp import TILE_TOKENS
 from qlora_pipe.recipe import Recipe
 
 
@@ -26,6 +27,8 @@ class PlanSettings:
     precision: str = "bf16"
     gradient_checkpointing: bool = True
     activation_offloading: bool = False
+    tiled_mlp: bool = False  # each layer's MLP over sequence tiles (models/tiled_mlp.py)
+    mlp_tile_tokens: int = TILE_TOKENS
     # Preference tuning (method: dpo): chosen and rejected go through the model as one batch of twice the
     # rows, and TRL keeps a frozen copy of the starting adapter as the reference (no second base model).
     sequences_per_row: int = 1
@@ -53,7 +56,9 @@ class PlanSettings:
             optimizer=t.optimizer,
             precision=t.precision,
             gradient_checkpointing=t.gradient_checkpointing,
-            activation_offloading=t.activation_offloading,
+            # 'auto' switches are planned on here; plan/long_context.py settles them at the run's length
+            activation_offloading=t.activation_offloading is not False,
+            tiled_mlp=t.tiled_mlp is not False,
         )
         from qlora_pipe.methods import method_for
 

@@ -168,23 +168,54 @@ def layer_lora_params(shape: ModelShape, s: PlanSettings) -> int:
     return adapter_params(adapted_linears([lin for lin in shape.linears if ".0." in lin.name], s.target_modules), s)
 
 
-def layer_saved_bytes_per_token(shape: ModelShape, s: PlanSettings) -> int:
-    """Bytes autograd saves for backward in one decoder layer, per token (counted on tiny models)."""
+OUTPUT_PROJECTIONS = ("o_proj", "down_proj", "out_proj", "dense", "c_proj", "wo", "w2", "fc2", "dense_4h_to_h")
+
+
+def _input_of(lin: Linear) -> tuple[str, bool]:
+    """Which tensor a linear layer reads: its block's input (shared: q/k/v, gate/up) or its own (o, down)."""
+    block = "mlp" if ".mlp." in lin.name else "attn"
+    own = lin.name.rsplit(".", 1)[-1] in OUTPUT_PROJECTIONS
+    return block, own
+
+
+def lora_saved_bytes_per_token(linears: list[Linear], s: PlanSettings) -> int:
+    """What the adapters of these linear layers save per token (counted per module on tiny models,
+    tests/test_plan.py). The 4-bit base layer saves nothing of its input. Without dropout an adapter saves its
+    input, shared by the adapters reading the same tensor (q/k/v; gate/up) when it is already in the adapter's
+    dtype; with dropout each adapter saves its mask (in the adapter's dtype) and its dropped-out input."""
+    if not linears:
+        return 0
+    rb, ab = s.compute_bytes, lora_param_bytes(s)
+    rank = rb * s.lora_r * len(linears)  # each lora_B's input
+    if s.lora_dropout > 0:
+        return rank + (ab + rb) * sum(lin.in_features for lin in linears)
+    if ab != rb:  # fp16 autocast with fp32 adapters: each adapter's own 16-bit copy of its input
+        return rank + rb * sum(lin.in_features for lin in linears)
+    shared = {_input_of(lin): lin.in_features for lin in linears}
+    return rank + rb * sum(shared.values())
+
+
+def layer_saved_bytes_per_token(shape: ModelShape, s: PlanSettings, part: str = "layer") -> int:
+    """Bytes autograd saves for backward in one decoder layer, per token (counted on tiny models).
+
+    ``part``: "layer" (all of it), "mlp" (the MLP's share: its intermediates and its adapters' inputs) or
+    "tiled" (the layer with a tiled MLP, which keeps only the MLP's input: models/tiled_mlp.py)."""
     layer0 = [lin for lin in shape.linears if ".0." in lin.name]  # one decoder layer's linear layers
     per_layer = adapted_linears(layer0, s.target_modules)
-    inputs = sum(lin.in_features for lin in per_layer)
+    mlp_layers = [lin for lin in per_layer if ".mlp." in lin.name]
     h, i, d, rb = shape.hidden_size, shape.intermediate_size, shape.head_dim, s.compute_bytes
-    saved = 3 * rb * i + 8 * h  # MLP gate, up and activation; fp32 copies of the two norms' inputs
-    saved += 4 * (shape.num_heads + shape.num_kv_heads) * d + 4 * shape.num_heads + 8  # attention q/out/k/v, lse
-    saved += 2 * inputs + 4 * s.lora_r * len(per_layer)  # bf16 copies of LoRA inputs; rank-r intermediates
-    if s.lora_dropout > 0:
-        saved += 3 * inputs  # each adapted layer's dropout mask and dropped-out input (measured)
-    return saved
+    mlp = 3 * rb * i + lora_saved_bytes_per_token(mlp_layers, s)  # gate, up, the activation; adapters' inputs
+    if part == "mlp":
+        return mlp
+    saved = 8 * h + 8  # fp32 copies of the two norms' inputs, and their 1/rms
+    saved += rb * (2 * shape.num_heads + 2 * shape.num_kv_heads) * d + 4 * shape.num_heads  # q, out, k, v; lse
+    saved += lora_saved_bytes_per_token([lin for lin in per_layer if lin not in mlp_layers], s)
+    return saved + (rb * h if part == "tiled" else mlp)
 
 
 def activation_terms(shape: ModelShape, s: PlanSettings) -> list[tuple[str, int, str]]:
     tokens = s.micro_batch_size * s.max_length * s.sequences_per_row
-    layer = layer_saved_bytes_per_token(shape, s) * tokens
+    layer = layer_saved_bytes_per_token(shape, s, "tiled" if s.tiled_mlp else "layer") * tokens
     residual = s.compute_bytes * shape.hidden_size * tokens  # one hidden state
     if s.gradient_checkpointing:
         kept = residual * shape.num_layers + 4 * shape.hidden_size * tokens  # + the final norm's fp32 input
@@ -195,34 +226,61 @@ def activation_terms(shape: ModelShape, s: PlanSettings) -> list[tuple[str, int,
         kept, note = layer * shape.num_layers, f"every layer's saved tensors ({shape.num_layers} layers)"
         if s.activation_offloading:
             kept, note = 2 * layer, "saved tensors offloaded to CPU; two layers in flight"
-    backward = layer_backward_bytes(layer, s)
+    backward = layer_transient_bytes(shape, s)
+    mlp = f", MLP in tiles of {s.mlp_tile_tokens:,} tokens" if s.tiled_mlp else ""
     logits = loss_bytes(shape, tokens, s.compute_bytes)
-    peak_note = f"max of layer backward {_gib(backward)} and chunked loss {_gib(logits)}"
+    peak_note = f"max of layer backward {_gib(backward)}{mlp} and chunked loss {_gib(logits)}"
     return [
         ("activations kept", kept, f"{tokens:,} tokens{pairs_note(s)}: {note}"),
         ("transient peak", max(backward, logits), peak_note),
     ]
 
 
+def layer_transient_bytes(shape: ModelShape, s: PlanSettings) -> int:
+    """What one decoder layer adds while it runs backward (measured per module on tiny Llama models in fp32 and
+    bf16, with and without dropout, and on SmolLM2-135M at 4k and 8k tokens: tests/test_plan.py, docs/long-context.md).
+
+    With checkpointing, its saved tensors recomputed; then the MLP's gradients, 1.5 intermediates' worth while its
+    backward runs. With a tiled MLP (models/tiled_mlp.py): the layer's saved tensors without the MLP's, one tile's
+    MLP and its gradients, and the gradient of the MLP's input for the whole sequence."""
+    tokens = s.micro_batch_size * s.max_length * s.sequences_per_row
+    rb, h, i = s.compute_bytes, shape.hidden_size, shape.intermediate_size
+
+    def mlp_gradients(n: int) -> int:
+        return 3 * rb * i * n // 2
+
+    if not s.tiled_mlp:
+        recomputed = layer_saved_bytes_per_token(shape, s) * tokens if s.gradient_checkpointing else 0
+        return recomputed + mlp_gradients(tokens)
+    tile = s.micro_batch_size * min(s.max_length, s.mlp_tile_tokens) * s.sequences_per_row
+    recomputed = layer_saved_bytes_per_token(shape, s, "tiled") * tokens if s.gradient_checkpointing else 0
+    one_tile = layer_saved_bytes_per_token(shape, s, "mlp") * tile + mlp_gradients(tile)
+    return recomputed + one_tile + rb * h * tokens
+
+
+def offloaded_host_bytes(shape: ModelShape, s: PlanSettings) -> int:
+    """Pinned host memory activation offloading takes: what the GPU would otherwise keep (checkpointed layer
+    inputs, or every layer's saved tensors without checkpointing), all layers' worth, at the step's peak."""
+    if not s.activation_offloading:
+        return 0
+    tokens = s.micro_batch_size * s.max_length * s.sequences_per_row
+    if s.gradient_checkpointing:
+        return s.compute_bytes * shape.hidden_size * tokens * shape.num_layers
+    return layer_saved_bytes_per_token(shape, s, "tiled" if s.tiled_mlp else "layer") * tokens * shape.num_layers
+
+
 def pairs_note(s: PlanSettings) -> str:
     return " (chosen + rejected per pair)" if s.sequences_per_row == 2 else ""
 
 
-def layer_backward_bytes(layer_saved: int, s: PlanSettings) -> int:
-    """Memory one decoder layer adds while it runs backward: with checkpointing its recomputed saved
-    tensors plus gradients (1.50-1.64 x its saved bytes), without only the gradients (0.56-0.71 x);
-    measured with the profiler's memory timeline on CPU (tests/test_plan.py)."""
-    return layer_saved * 8 // 5 if s.gradient_checkpointing else layer_saved * 13 // 20
-
-
-def loss_bytes(shape: ModelShape, tokens: int, compute_bytes: int = 2) -> int:
+def loss_bytes(shape: ModelShape, tokens: int, compute_bytes: int = 2, token_tile: int = TOKEN_TILE) -> int:
     """TRL 1.16's fused LM head (always on in SFTTrainer): log-probs in [4096 tokens x 32768 vocab] tiles.
 
     Its forward saves a copy of the final hidden states (compute dtype) and its backward accumulates an
     fp32 gradient of them; the tile buffer (compute dtype, allocated at the full 32768 width whatever
     the vocabulary) is transient. Full-vocabulary logits never exist (trl/kernels/chunked_logprob.py).
     """
-    tile = min(tokens, TOKEN_TILE) * VOCAB_TILE * compute_bytes
+    tile = min(tokens, token_tile) * VOCAB_TILE * compute_bytes
     return (compute_bytes + 4) * shape.hidden_size * tokens + tile
 
 

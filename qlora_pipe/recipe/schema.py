@@ -192,8 +192,16 @@ class TrainingSection(Section):
         False, description="Concatenate each micro batch without padding (needs flash_attention_2, or packing)."
     )
     liger_kernels: bool = Field(False, description="Liger Triton kernels: fused RMSNorm, RoPE, SwiGLU (needs a GPU).")
-    activation_offloading: bool = Field(
-        False, description="Move checkpointed activations to CPU memory during forward (TRL; needs a GPU)."
+    activation_offloading: bool | Literal["auto"] = Field(
+        "auto",
+        description="Keep checkpointed activations in pinned CPU memory during forward (TRL; needs a GPU). 'auto': "
+        "on a GPU when the planner finds it lowers the peak by 10% or more, or is needed to fit (docs/long-context.md).",
+    )
+    tiled_mlp: bool | Literal["auto"] = Field(
+        "auto",
+        description="Run each layer's MLP over 2,048-token tiles so its intermediate never exists for the whole "
+        "sequence (one more MLP forward per step). 'auto': on when the planner finds it lowers the peak by 10% "
+        "or more, or is needed to fit (docs/long-context.md).",
     )
     torch_compile: bool = Field(False, description="Compile the model with torch.compile (slow start, faster steps).")
     memory_budget: str | None = Field(

@@ -79,7 +79,7 @@ def sft_arguments(recipe: Recipe, run: RunDir, device: torch.device, batch: Batc
         # Speed and memory switches (checked by speed.check_speed_switches before anything loads).
         padding_free=t.padding_free,
         use_liger_kernel=t.liger_kernels,
-        activation_offloading=t.activation_offloading,
+        activation_offloading=t.activation_offloading is True,  # settled by plan/auto_sizes.py
         torch_compile=t.torch_compile,
         # No chunked-loss switch: TRL 1.16's SFTTrainer always computes the loss with its chunked fused LM
         # head (no full-vocabulary logits), and it rejects Liger's fused linear cross-entropy.

@@ -38,7 +38,7 @@ def requested_gpu_switches(recipe: Recipe) -> list[str]:
         keys.append("model.attn_implementation: flash_attention_2")
     if t.liger_kernels:
         keys.append("training.liger_kernels")
-    if t.activation_offloading:
+    if t.activation_offloading is True:  # 'auto' stays off without a GPU
         keys.append("training.activation_offloading")
     return keys
 
