@@ -47,7 +47,7 @@ def _model(folder, tmp_path, dropout: float, checkpointing: bool):
     recipe = validate_recipe(raw)
     model = add_lora(load_base_model(recipe, torch.device("cpu")), recipe).model.train()
     torch.manual_seed(1)
-    for name, param in model.named_parameters():  # LoRA B starts at zero: give every adapter weight a gradient path
+    for param in model.parameters():  # LoRA B starts at zero: give every adapter weight a gradient path
         if param.requires_grad:
             param.data.normal_(0, 0.05)
     return model
@@ -107,7 +107,6 @@ def test_tiled_mlp_replays_each_tiles_dropout_masks_in_backward(family_models, t
 def test_tiled_mlp_keeps_no_intermediate_for_the_whole_sequence(family_models, tmp_path):
     """Saved for backward in forward: the untiled MLP keeps its intermediates, the tiled one its input alone."""
     model = _model(family_models["llama"], tmp_path, dropout=0.0, checkpointing=False)
-    ids = torch.randint(0, 320, (1, 256), generator=torch.Generator().manual_seed(0))
     mlp = model.get_base_model().model.layers[0].mlp
 
     def saved_by_mlp() -> int:

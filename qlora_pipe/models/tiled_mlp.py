@@ -47,7 +47,8 @@ class _TiledForward(torch.autograd.Function):
         grad_x = torch.empty_like(x) if ctx.needs_input_grad[2] else None
         sums = [torch.zeros_like(p, dtype=torch.float32) for p in wanted]
         start = 0
-        for piece, grad, state in zip(x.split(ctx.tile, dim=1), grad_output.split(ctx.tile, dim=1), ctx.states):
+        pieces = zip(x.split(ctx.tile, dim=1), grad_output.split(ctx.tile, dim=1), ctx.states, strict=True)
+        for piece, grad, state in pieces:
             piece = piece.detach().requires_grad_(grad_x is not None)
             with torch.enable_grad(), _restored_rng(x.device, state), _autocast(x.device.type, ctx.autocast):
                 out = ctx.run(piece)

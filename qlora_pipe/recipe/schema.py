@@ -194,8 +194,9 @@ class TrainingSection(Section):
     liger_kernels: bool = Field(False, description="Liger Triton kernels: fused RMSNorm, RoPE, SwiGLU (needs a GPU).")
     activation_offloading: bool | Literal["auto"] = Field(
         "auto",
-        description="Keep checkpointed activations in pinned CPU memory during forward (TRL; needs a GPU). 'auto': "
-        "on a GPU when the planner finds it lowers the peak by 10% or more, or is needed to fit (docs/long-context.md).",
+        description="Keep checkpointed activations in pinned CPU memory during forward (TRL; needs a GPU). "
+        "'auto': on a GPU when the planner finds it lowers the peak by 10% or more, or is needed to fit "
+        "(docs/long-context.md).",
     )
     tiled_mlp: bool | Literal["auto"] = Field(
         "auto",
