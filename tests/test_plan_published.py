@@ -33,7 +33,9 @@ TORCHTUNE_README = "https://github.com/pytorch/torchtune/blob/main/README.md#mem
 
 
 def _published_plan(sets: list[str], budget_gb: int, batch: int, length: int, gpus: int, offload: bool = False):
-    recipe = load_recipe(REPO / "recipes/llama3-70b-fsdp.yaml", ["training.precision=bf16", *sets])
+    # The published runs tiled nothing and offloaded only where their sets say so
+    published = ["training.precision=bf16", "training.tiled_mlp=false", "training.activation_offloading=false"]
+    recipe = load_recipe(REPO / "recipes/llama3-70b-fsdp.yaml", [*published, *sets])
     return recipe_plan(
         recipe, budget_gb * 10**9, micro_batch_size=batch, max_length=length, gpus=gpus, cpu_offload=offload
     )
@@ -54,11 +56,13 @@ def test_answerai_70b_on_two_24gb_gpus():
     """Llama-2 70B, 2 x 24 GB (RTX 3090 / 4090), FSDP CPU offload, batch 2 x 2048 tokens (dummy data, so every
     sequence is full): Answer.AI measured a peak of 14.92 GiB per GPU. The planner must say it fits 24 GB and
     land within 15%: their figure is reserved memory (the caching allocator's, above our 5% slack) and their
-    script computes full-vocabulary logits (2 x 2048 x 32000, about 1 GiB fp32 + bf16) where TRL's loss is chunked."""
+    script computes full-vocabulary logits where TRL's loss is chunked: 2 x 2048 x 32000 in bf16, their fp32 upcast
+    and its fp32 gradient (1.22 GiB), added to the plan here."""
     plan = _published_plan(ANSWERAI, 24, 2, 2048, gpus=2, offload=True)
     assert plan.fits
     measured = 14.92 * GiB
-    assert abs(plan.total - measured) <= 0.15 * measured, plan.total / GiB
+    their_logits = 2 * 2048 * 32000 * (2 + 4 + 4)
+    assert abs(plan.total + their_logits - measured) <= 0.15 * measured, (plan.total + their_logits) / GiB
 
 
 @pytest.mark.parametrize(

@@ -9,9 +9,10 @@ from typing import Any
 from qlora_pipe.errors import UserError
 from qlora_pipe.machine.hardware import PrecisionChoice, planning_hardware, resolve_recipe_precision
 from qlora_pipe.machine.shard_rules import planned_fsdp_changes
-from qlora_pipe.plan.advice import Advice, advise, fewest_gpus, parse_size, recipe_plan
+from qlora_pipe.plan.advice import Advice, advise, fewest_gpus, longest_by_switches, parse_size, recipe_plan
 from qlora_pipe.plan.fsdp import fsdp_header
-from qlora_pipe.plan.terms import GiB, MemoryPlan, plan_memory
+from qlora_pipe.plan.long_context import SWITCHES as LONG_SWITCHES
+from qlora_pipe.plan.terms import GiB, MemoryPlan, offloaded_host_bytes, plan_memory
 from qlora_pipe.recipe import load_recipe
 
 DEFAULT_BUDGET = "24GiB"
@@ -43,11 +44,28 @@ def plan_table(plan: MemoryPlan, precision: PrecisionChoice | None = None) -> st
     return "\n".join(lines)
 
 
+def switch_lines(plan: MemoryPlan) -> list[str]:
+    """The long-context switches of this plan, the host memory offloading takes, and the longest sequence at
+    micro batch 1 for each combination of the switches (plan/long_context.py)."""
+    s = plan.settings
+    state = ", ".join(f"{key} {'on' if getattr(s, name) else 'off'}" for name, key in LONG_SWITCHES.items())
+    lines = [f"long-context switches in this plan: {state}"]
+    if host := offloaded_host_bytes(plan.shape, s):
+        lines.append(f"host memory the offloaded activations take (pinned): {gib(host)}")
+    if plan.budget is not None and s.gpus == 1:
+        lines.append(f"longest sequence at micro batch 1 in {gib(plan.budget)}, by switch:")
+        for row in longest_by_switches(plan.shape, s, plan.budget):
+            tokens = f"{row.longest:,} tokens" if row.longest else "none"
+            lines.append(f"  {row.label:<38} {tokens:>14}")
+    return lines
+
+
 def advice_text(plan: MemoryPlan, advice: Advice) -> str:
     s = plan.settings
     lines = [
         f"largest micro batch at {s.max_length} tokens: {advice.max_micro_batch or 'none'}",
         f"longest sequence at micro batch {s.micro_batch_size}: {advice.max_length or 'none'} tokens",
+        *switch_lines(plan),
     ]
     if advice.best_switch:
         outcome = "fits" if advice.switch_fits else "still does not fit"
@@ -78,7 +96,13 @@ def plan_json(plan: MemoryPlan, advice: Advice, precision: PrecisionChoice | Non
         "max_micro_batch": advice.max_micro_batch,
         "longest_sequence": advice.max_length,
         "best_switch": advice.best_switch,
+        "tiled_mlp": plan.settings.tiled_mlp,
+        "activation_offloading": plan.settings.activation_offloading,
+        "offloaded_host_bytes": offloaded_host_bytes(plan.shape, plan.settings),
     }
+    if plan.budget is not None and plan.settings.gpus == 1:
+        rows = longest_by_switches(plan.shape, plan.settings, plan.budget)
+        report["longest_by_switches"] = {row.label: row.longest for row in rows}
     if plan.settings.gpus > 1:  # per GPU; one GPU's JSON stays as it was
         report |= {
             "gpus": plan.settings.gpus,
