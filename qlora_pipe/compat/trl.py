@@ -4,6 +4,12 @@ orpo_trainer, orpo_config
     ORPO lives in ``trl.experimental.orpo`` in TRL 1.16 (an API TRL may change or remove without notice;
     importing it warns, silenced here). method: orpo imports it only through these two functions.
     Caught by: tests/test_preference_training.py::test_orpo_trains_on_pairs_without_a_reference.
+    Its ``concatenated_forward`` builds the (rows x tokens x vocabulary) logits, where TRL's other trainers use
+    the fused LM head of ``trl.trainer.utils.add_fused_lm_head`` (tiles; full logits never exist). The trainer
+    returned here is ORPO with that head: the same chosen NLL (over prompt and response) and mean response
+    log-probabilities from the head's per-token log-probabilities; ``logits/chosen`` and ``logits/rejected``
+    become the mean logit over the attended positions (ORPO's counted the padding too).
+    Caught by: tests/test_chunked_loss.py::test_orpo_chunked_forward_equals_trls.
 
 keep_adapter_fp32_unless_bf16
     SFTTrainer.__init__ casts the trainable weights of every quantized model to bf16, whatever the
@@ -113,8 +119,38 @@ def orpo_trainer():
 
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     from trl.experimental.orpo import ORPOTrainer
+    from trl.trainer.utils import add_fused_lm_head
 
-    return ORPOTrainer
+    IGNORED = -100  # ORPO's label for a token that is not scored (TRL 1.16 hard-codes it)
+
+    class ChunkedORPOTrainer(ORPOTrainer):
+        """ORPO whose log-probabilities come from TRL's fused, tiled LM head (no full-vocabulary logits)."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            model = self.model
+            base = model.get_base_model() if hasattr(model, "get_base_model") else model
+            add_fused_lm_head(base, outputs=("log_probs", "mean_logits"))
+
+        def concatenated_forward(self, model, batch):
+            if self.is_encoder_decoder or self.aux_loss_enabled:
+                return super().concatenated_forward(model, batch)
+            device = self.accelerator.device
+            joined = self.concatenated_inputs(
+                batch, is_encoder_decoder=False, padding_value=self.padding_value, device=device
+            )
+            rows = batch["chosen_labels"].shape[0]
+            ids, attention = joined["concatenated_input_ids"], joined["concatenated_attention_mask"]
+            attended = torch.where(attention == 1, ids, IGNORED)
+            out = model(ids, attention_mask=attention, labels=attended, fused_lm_head=True, use_cache=False)
+            scored = attended[:, 1:] != IGNORED  # the head's positions (label shifted by one)
+            chosen_nll = -(out.log_probs[:rows] * scored[:rows]).sum() / scored[:rows].sum().clamp(min=1)
+            response = joined["concatenated_labels"][:, 1:] != IGNORED
+            logps = (out.log_probs * response).sum(-1) / response.sum(-1)
+            means = out.mean_logits
+            return logps[:rows], logps[rows:], means[:rows][scored[:rows]], means[rows:][scored[rows:]], chosen_nll
+
+    return ChunkedORPOTrainer
 
 
 def orpo_config():
