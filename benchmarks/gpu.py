@@ -25,6 +25,7 @@ import torch
 
 from benchmarks.flops import TransformerShape, qlora_flops_per_token
 from benchmarks.gpu_anchors import flash_attention, torchtune_point, unsloth_point, with_rank
+from benchmarks.gpu_long_context import long_context
 from benchmarks.gpu_model import REFERENCES, build_4bit_llama, llama_config, peak_bf16_flops
 from benchmarks.gpu_paths import quickstart_pipeline, resume_after_sigterm
 from benchmarks.gpu_report import headline
@@ -88,6 +89,7 @@ STAGE_LIMITS = {
     "torchtune_anchor": 150,
     "flash_attention": 60,
     "switches": 150,
+    "long_context": 300,
 }
 BUDGET_SECONDS = 450  # from the start, the 4-bit build included: the whole check within 8 minutes
 
@@ -159,6 +161,14 @@ def measure(args: argparse.Namespace, tmp: Path, results: Results) -> None:
         model = with_rank(model, tmp, 8)
         return torchtune_point(model, tokenizer, tmp, config, args.steps, args.dry, peak_flops)
 
+    def long_context_stage() -> dict[str, Any]:
+        nonlocal model
+        model = with_rank(model, tmp, recipe.lora.r)
+        progress = results.data.setdefault("search_progress", {}).setdefault("long_context", {})
+        found = long_context(model, tokenizer, tmp, config, CAP_BYTES, args.dry, progress, results.write)
+        results.data["search_progress"].pop("long_context")
+        return found
+
     def switches() -> list[dict[str, Any]]:
         nonlocal model
         model = with_rank(model, tmp, recipe.lora.r)  # the switches are compared with the default lengths
@@ -179,6 +189,7 @@ def measure(args: argparse.Namespace, tmp: Path, results: Results) -> None:
             model, tokenizer, tmp, args.lengths[0], args.steps, config.vocab_size
         ),
         "switches": switches,
+        "long_context": long_context_stage,
     }
     faults = {stage: "crash" for stage in args.simulate_crash} | {stage: "hang" for stage in args.simulate_hang}
     for stage, work_of in stages.items():

@@ -73,8 +73,29 @@ def anchor_rows(r: dict[str, Any]) -> list[str]:
     return rows
 
 
+def long_context_rows(r: dict[str, Any]) -> list[str]:
+    """The planner's longest sequence per long-context switch, and whether it (and 10% more) fit the GPU."""
+    found = r.get("long_context")
+    if not found:
+        failed = _failed(r, "long_context")
+        return [f"Long-context stage: failed: {failed}."] if failed else []
+    rows = ["| switches | planned longest | fits at it | fits 10% above |", "|---|---:|---|---|"]
+    for name in ("neither", "tiled_mlp", "activation_offloading", "both"):
+        row = found.get(name, {})
+        if "skipped" in row:
+            rows.append(f"| {name.replace('_', ' ')} | – | {row['skipped']} | |")
+            continue
+        planned = row.get("planned_longest")
+        cells = [_verdict(row.get(key)) for key in ("fits_at_planned", "fits_10_percent_above")]
+        tried = f" ({row['tokens_at_planned']:,} tried)" if row.get("tokens_at_planned") not in (None, planned) else ""
+        rows.append(
+            f"| {name.replace('_', ' ')} | {f'{planned:,}' if planned else '–'}{tried} | {cells[0]} | {cells[1]} |"
+        )
+    return rows
+
+
 def _verdict(met: bool | None) -> str:
-    return {True: "met", False: "not met", None: "–"}[met]
+    return {True: "met", False: "not met", None: "–"}[met]  # for fits: met = it fit
 
 
 def path_rows(r: dict[str, Any]) -> list[str]:
@@ -122,7 +143,7 @@ def gpu_section(r: dict[str, Any], rel: str) -> str:
     )
     lines = [head, "", *length_rows(r), ""]
     lines.append(f"Longest sequence under the cap: {f'{longest:,} tokens' if longest else '–'}.")
-    lines += ["", *anchor_rows(r), "", *path_rows(r), ""]
+    lines += ["", *anchor_rows(r), "", *long_context_rows(r), "", *path_rows(r), ""]
     lines.append(f"Raw numbers: `{rel}`. Regenerate with `python -m benchmarks docs {rel}`.")
     return "\n".join(lines) + "\n"
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 # The runs below that test the check's own machinery skip the end-to-end CLI stages (a minute on CPU).
-MODEL_STAGES = "lengths,longest_sequence,unsloth_anchor,switches"
+MODEL_STAGES = "lengths,longest_sequence,unsloth_anchor,switches,long_context"
 
 
 def test_gpu_check_dry_run_runs_every_model_stage(tmp_path):
@@ -46,6 +46,12 @@ def test_gpu_check_dry_run_runs_every_model_stage(tmp_path):
     assert torchtune["reference"]["mfu_implied_on_rtx4090"] == pytest.approx(0.487, abs=0.005)
     assert torchtune["tokens_per_second"] > 0 and torchtune["planned"]["allocated"] > 0
     assert "needs a CUDA GPU" in result["flash_attention"]["skipped"]
+    # The long-context stage: the planner's longest per switch, tried (at the dry length on CPU) and 10% above.
+    long = result["long_context"]
+    for name in ("neither", "tiled_mlp"):
+        assert long[name]["planned_longest"] > 128 and long[name]["tokens_at_planned"] == 128
+        assert long[name]["fits_at_planned"] is True and long[name]["fits_10_percent_above"] is True
+    assert "needs a CUDA GPU" in long["activation_offloading"]["skipped"] and "skipped" in long["both"]
     # The docs tables come from this file: every stage has its row, the anchors beside their figures.
     section = gpu_section(result, "gpu-dry.json")
     assert "a dry run: not a result" in section and "| 64 | " in section

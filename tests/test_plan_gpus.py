@@ -291,10 +291,10 @@ def test_auto_sizes_plan_one_gpus_share_under_an_fsdp_launch(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     assert fsdp_launch() == (4, False)
     sharded = resolve_max_length(recipe, budget)
-    assert sharded.data.max_length == recipe_plan(recipe, budget, gpus=4).settings.max_length
+    assert sharded.data.max_length == recipe_plan(recipe, budget, gpus=4, gpu=False).settings.max_length
     assert sharded.data.max_length >= 2048 > alone
     assert micro_batch_start(sharded, budget) >= 1
     monkeypatch.setenv("FSDP_OFFLOAD_PARAMS", "true")
     assert fsdp_launch() == (4, True)
     offloaded = resolve_max_length(recipe, budget).data.max_length
-    assert offloaded == recipe_plan(recipe, budget, gpus=4, cpu_offload=True).settings.max_length > 2048
+    assert offloaded == recipe_plan(recipe, budget, gpus=4, cpu_offload=True, gpu=False).settings.max_length > 2048

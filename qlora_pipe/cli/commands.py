@@ -160,7 +160,9 @@ def cmd_data(args: argparse.Namespace) -> int:
     from qlora_pipe.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, overrides=args.overrides)
-    recipe = resolve_max_length(recipe, memory_budget(recipe))
+    import torch
+
+    recipe = resolve_max_length(recipe, memory_budget(recipe), gpu=torch.cuda.is_available())  # as training will
     tokenizer = load_tokenizer(recipe)
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
     print(method_for(recipe).preview(recipe, tokenizer, args.preview, color))

@@ -41,17 +41,9 @@ def available_memory(device: str) -> tuple[int, str]:
         import torch
 
         return torch.cuda.mem_get_info()[0], "free GPU memory"
-    meminfo = Path("/proc/meminfo")
-    if not meminfo.is_file():
-        return 1 << 62, "not known here"
-    fields = dict(line.split(":", 1) for line in meminfo.read_text().splitlines() if ":" in line)
-    available, source = int(fields["MemAvailable"].split()[0]) * 1024, "MemAvailable"
-    limit, used = Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory.current")
-    if limit.is_file() and used.is_file() and limit.read_text().strip() != "max":
-        room = int(limit.read_text()) - int(used.read_text())
-        if room < available:
-            available, source = room, "the cgroup's memory.max"
-    return available, source
+    from qlora_pipe.machine.host_memory import host_available
+
+    return host_available()
 
 
 def verification_need(

@@ -102,3 +102,19 @@ class HostMemory:
 def current() -> HostMemory | None:
     """The innermost stage being measured in this process, if any."""
     return _ACTIVE[-1] if _ACTIVE else None
+
+
+def host_available() -> tuple[int, str]:
+    """Host memory this process may still use (MemAvailable, or the cgroup's memory.max if tighter), and where
+    the figure comes from."""
+    meminfo = Path("/proc/meminfo")
+    if not meminfo.is_file():
+        return 1 << 62, "not known here"
+    fields = dict(line.split(":", 1) for line in meminfo.read_text().splitlines() if ":" in line)
+    available, source = int(fields["MemAvailable"].split()[0]) * 1024, "MemAvailable"
+    limit, used = Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory.current")
+    if limit.is_file() and used.is_file() and limit.read_text().strip() != "max":
+        room = int(limit.read_text()) - int(used.read_text())
+        if room < available:
+            available, source = room, "the cgroup's memory.max"
+    return available, source

@@ -41,6 +41,14 @@ def sharded_refusals(recipe, launch: str) -> list[tuple[str, str]]:
                 "give a number (qlora-pipe plan RECIPE --gpus N shows what fits)",
             )
         )
+    if recipe.training.tiled_mlp is True:
+        out.append(
+            (
+                "training.tiled_mlp",
+                f"training.tiled_mlp: the tiled MLP has not been run under a {launch} launch; set it to false or auto "
+                "(auto leaves it off there)",
+            )
+        )
     if launch == "fsdp" and recipe.hub.push_checkpoints:
         out.append(
             (

@@ -128,3 +128,14 @@ def tile_mlps(model: nn.Module, tile: int = TILE_TOKENS) -> int:
             "set training.tiled_mlp: false"
         )
     return count
+
+
+def untile_mlps(model: nn.Module) -> int:
+    """Give every tiled MLP its own forward back; returns how many."""
+    count = 0
+    for _, module in model.named_modules():
+        untiled = getattr(module.__dict__.get("forward"), "untiled", None)
+        if untiled is not None:
+            del module.forward  # the instance attribute: the class's forward again
+            count += 1
+    return count

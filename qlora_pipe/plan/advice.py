@@ -8,12 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from itertools import product
 
 from qlora_pipe.plan.long_context import SWITCHES as LONG_SWITCHES
 from qlora_pipe.plan.long_context import auto_switches, settle_switches, unavailable_off
 from qlora_pipe.plan.shapes import ModelShape, read_config, shape_from_config
-from qlora_pipe.plan.terms import MemoryPlan, PlanSettings, plan_memory
+from qlora_pipe.plan.terms import MemoryPlan, PlanSettings, offloaded_host_bytes, plan_memory
 from qlora_pipe.recipe import Recipe
 from qlora_pipe.sizes import parse_size
 
@@ -35,10 +34,20 @@ def largest_micro_batch(shape: ModelShape, s: PlanSettings, budget: int) -> int 
     return largest(lambda b: plan_memory(shape, replace(s, micro_batch_size=b)).total <= budget, 1, MAX_MICRO_BATCH)
 
 
-def longest_sequence(shape: ModelShape, s: PlanSettings, budget: int, capped: bool = True) -> int | None:
-    """The longest max_length (a multiple of 64, within the model's positions unless not ``capped``) that fits."""
+def longest_sequence(
+    shape: ModelShape, s: PlanSettings, budget: int, capped: bool = True, host_budget: int | None = None
+) -> int | None:
+    """The longest max_length (a multiple of 64, within the model's positions unless not ``capped``) that fits;
+    with ``host_budget``, the activations offloading pins in host memory must fit it too."""
     top = ((shape.max_positions if capped else None) or 1 << 20) // LENGTH_STEP
-    steps = largest(lambda n: plan_memory(shape, replace(s, max_length=n * LENGTH_STEP)).total <= budget, 1, top)
+
+    def fits(n: int) -> bool:
+        settings = replace(s, max_length=n * LENGTH_STEP)
+        if host_budget is not None and offloaded_host_bytes(shape, settings) > host_budget:
+            return False
+        return plan_memory(shape, settings).total <= budget
+
+    steps = largest(fits, 1, top)
     return None if steps is None else steps * LENGTH_STEP
 
 
@@ -106,11 +115,13 @@ def recipe_plan(
     gpus: int = 1,
     cpu_offload: bool = False,
     gpu: bool = True,
+    host_budget: int | None = None,
 ) -> MemoryPlan:
     """The plan of a recipe; 'auto' sizes resolve to the largest that fit the budget (1 / 2048 without one).
     ``shape``: the model's shapes when the caller already has them (building them takes a meta-device model).
     ``gpus`` > 1: one GPU's share of an FSDP-QLoRA run (plan/fsdp.py), the budget per GPU. ``gpu``: the run
-    has a CUDA GPU (activation offloading at 'auto' can be on); 'auto' switches are settled (plan/long_context.py)."""
+    has a CUDA GPU (activation offloading at 'auto' can be on); 'auto' switches are settled (plan/long_context.py).
+    ``host_budget``: host memory the offloaded activations may pin (an 'auto' length stays within it)."""
     shape = shape or recipe_shape(recipe, config)
     t, d = recipe.training, recipe.data
     batch = micro_batch_size or (t.micro_batch_size if t.micro_batch_size != "auto" else None)
@@ -118,7 +129,7 @@ def recipe_plan(
     s = replace(PlanSettings.from_recipe(recipe, batch or 1, length or 2048), gpus=gpus, cpu_offload=cpu_offload)
     s = unavailable_off(recipe, s, gpu)
     if budget is not None and length is None:
-        s = replace(s, max_length=longest_sequence(shape, s, budget) or LENGTH_STEP)
+        s = replace(s, max_length=longest_sequence(shape, s, budget, host_budget=host_budget) or LENGTH_STEP)
     s = settle_switches(shape, s, auto_switches(recipe, gpu), budget)
     if batch is None and s.generation_steps:  # a method that samples completions in each step (GRPO)
         completions = t.effective_batch_size or t.gradient_accumulation_steps  # per step, sampled at once
@@ -167,7 +178,7 @@ def longest_by_switches(shape: ModelShape, s: PlanSettings, budget: int, capped:
     """The longest sequence at micro batch 1 for each combination of the two switches (the rest as ``s``);
     not ``capped``: what memory allows, beyond the model's positions too."""
     rows = []
-    for tiled, offload in product((False, True), repeat=2):
+    for tiled, offload in ((False, False), (True, False), (False, True), (True, True)):
         settings = replace(s, micro_batch_size=1, tiled_mlp=tiled, activation_offloading=offload)
         rows.append(SwitchRow(tiled, offload, longest_sequence(shape, settings, budget, capped)))
     return rows

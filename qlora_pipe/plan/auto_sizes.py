@@ -14,6 +14,7 @@ import logging
 import os
 from dataclasses import dataclass
 
+from qlora_pipe.machine.host_memory import host_available
 from qlora_pipe.plan.advice import largest_micro_batch, parse_size, recipe_plan, recipe_shape
 from qlora_pipe.plan.long_context import SWITCHES, auto_switches, settled_recipe
 from qlora_pipe.plan.settings import PlanSettings
@@ -24,6 +25,7 @@ from qlora_pipe.recipe import Recipe
 log = logging.getLogger(__name__)
 
 NO_BUDGET_LENGTH = 2048
+HOST_SHARE = 0.5  # of the host memory available at start, what offloaded activations may pin
 
 
 def memory_budget(recipe: Recipe) -> int | None:
@@ -65,18 +67,22 @@ def resolve_auto_sizes(recipe: Recipe) -> AutoSizes:
     gpu = torch.cuda.is_available()
     switches = auto_switches(recipe, gpu)
     shape = recipe_shape(recipe) if planning or recipe.data.max_length == "auto" or switches else None
-    recipe = resolve_max_length(recipe, budget, shape)
+    recipe = resolve_max_length(recipe, budget, shape, gpu)
     recipe = resolve_long_context(recipe, budget, shape, gpu)
     start = micro_batch_start(recipe, budget, shape) if t.micro_batch_size == "auto" else t.auto_micro_batch_start
     return AutoSizes(recipe, start, budget)
 
 
-def resolve_max_length(recipe: Recipe, budget: int | None, shape: ModelShape | None = None) -> Recipe:
-    """The recipe with data.max_length 'auto' replaced by a number (unchanged otherwise)."""
+def resolve_max_length(
+    recipe: Recipe, budget: int | None, shape: ModelShape | None = None, gpu: bool = False
+) -> Recipe:
+    """The recipe with data.max_length 'auto' replaced by a number (unchanged otherwise). On a GPU, activation
+    offloading may pin at most HOST_SHARE of the host memory available now."""
     if recipe.data.max_length != "auto":
         return recipe
     gpus, offload = fsdp_launch()
-    plan = recipe_plan(recipe, budget, shape=shape, gpus=gpus, cpu_offload=offload)
+    host = int(HOST_SHARE * host_available()[0]) if gpu else None
+    plan = recipe_plan(recipe, budget, shape=shape, gpus=gpus, cpu_offload=offload, gpu=gpu, host_budget=host)
     if budget is None:
         length = min(NO_BUDGET_LENGTH, plan.shape.max_positions or NO_BUDGET_LENGTH)
         log.info("data.max_length auto: %d tokens (no GPU and no training.memory_budget to plan against)", length)

@@ -4,8 +4,10 @@
 inputs kept in pinned host memory) each lower the planned peak at a time cost (one more MLP forward per step;
 host-to-GPU copies). At 'auto' a switch is on when, with the other 'auto' switches on, it lowers the planned peak
 by at least ``PAYS`` of it or the plan does not fit the budget without it. Offloading needs a CUDA GPU: a CPU run
-leaves it off. With ``data.max_length: auto`` the longest length is planned with the 'auto' switches on and they
-are then settled at that length (where the plan does not fit without them, so they stay on).
+leaves it off. A sharded launch (FSDP) leaves both off at 'auto', and refuses tiled_mlp: true
+(machine/shard_rules.py): neither has been run sharded. With ``data.max_length: auto`` the longest length is
+planned with the 'auto' switches on and they are then settled at that length (where the plan does not fit
+without them, so they stay on).
 """
 
 from __future__ import annotations
@@ -34,7 +36,10 @@ def unavailable_off(recipe: Recipe, s: PlanSettings, gpu: bool) -> PlanSettings:
 
 
 def settle_switches(shape: ModelShape, s: PlanSettings, auto: list[str], budget: int | None) -> PlanSettings:
-    """``s`` with each 'auto' switch of ``auto`` on or off by the rule above (the others as ``s`` has them)."""
+    """``s`` with each 'auto' switch of ``auto`` on or off by the rule above (the others as ``s`` has them).
+    Under a sharded launch (FSDP, ``s.gpus`` > 1) 'auto' leaves both off: neither is verified there yet."""
+    if s.gpus > 1:
+        return replace(s, **dict.fromkeys(auto, False))
     on = replace(s, **dict.fromkeys(auto, True))
     total = plan_memory(shape, on).total
     settled = {}
