@@ -115,8 +115,10 @@ def tiled(mlp: nn.Module, tile: int = TILE_TOKENS):
     return forward
 
 
-def tile_mlps(model: nn.Module, tile: int = TILE_TOKENS) -> int:
-    """Make every decoder layer's MLP tiled; returns how many. A model without ``layers.N.mlp`` is refused."""
+def tile_mlps(model: nn.Module, tile: int | None = None) -> int:
+    """Make every decoder layer's MLP tiled (``tile`` tokens, default TILE_TOKENS); returns how many. A model
+    without ``layers.N.mlp`` is refused."""
+    tile = tile or TILE_TOKENS
     count = 0
     for name, module in model.named_modules():
         if MLP_NAME.search(name) and not hasattr(module.forward, "untiled"):
