@@ -208,7 +208,8 @@ def compare(found: dict[str, Any], recipe, loss_tile: int = 4096) -> dict[str, A
     """The plan's terms beside the measurement. The step is planned as on a GPU, and again with the CPU-only
     temporaries of TRL's LM head (``loss_tile`` tokens per tile, the tile this run used)."""
     from qlora_pipe.plan.advice import recipe_plan
-    from qlora_pipe.plan.terms import VOCAB_TILE, layer_transient_bytes, loss_bytes
+    from qlora_pipe.plan.layer_bytes import layer_transient_bytes
+    from qlora_pipe.plan.terms import VOCAB_TILE, loss_bytes
 
     batch, length = found["batch_shape"]
     plan = recipe_plan(recipe, None, micro_batch_size=batch, max_length=length)

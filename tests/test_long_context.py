@@ -48,7 +48,7 @@ def test_auto_turns_a_switch_on_only_where_it_pays():
 
 
 def test_offloading_is_planned_with_its_host_memory_and_max_length_auto_stays_within_it():
-    from qlora_pipe.plan.terms import offloaded_host_bytes
+    from qlora_pipe.plan.layer_bytes import offloaded_host_bytes
 
     plan = _plan(LONG, [], 131072)
     assert offloaded_host_bytes(plan.shape, plan.settings) == 2 * 4096 * 32 * 131072  # bf16 inputs of 32 layers

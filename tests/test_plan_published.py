@@ -9,7 +9,8 @@ import pytest
 
 from qlora_pipe.plan.advice import recipe_plan
 from qlora_pipe.plan.fsdp import LAYERS_TERM
-from qlora_pipe.plan.terms import GiB, layer_saved_bytes_per_token
+from qlora_pipe.plan.layer_bytes import layer_saved_bytes_per_token
+from qlora_pipe.plan.terms import GiB
 from qlora_pipe.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,10 +9,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+from qlora_pipe.plan.layer_bytes import offloaded_host_bytes
 from qlora_pipe.plan.long_context import SWITCHES as LONG_SWITCHES
 from qlora_pipe.plan.long_context import auto_switches, settle_switches, unavailable_off
 from qlora_pipe.plan.shapes import ModelShape, read_config, shape_from_config
-from qlora_pipe.plan.terms import MemoryPlan, PlanSettings, offloaded_host_bytes, plan_memory
+from qlora_pipe.plan.terms import MemoryPlan, PlanSettings, plan_memory
 from qlora_pipe.recipe import Recipe
 from qlora_pipe.sizes import parse_size
 

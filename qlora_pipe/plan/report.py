@@ -11,8 +11,9 @@ from qlora_pipe.machine.hardware import PrecisionChoice, planning_hardware, reso
 from qlora_pipe.machine.shard_rules import planned_fsdp_changes
 from qlora_pipe.plan.advice import Advice, advise, fewest_gpus, longest_by_switches, parse_size, recipe_plan
 from qlora_pipe.plan.fsdp import fsdp_header
+from qlora_pipe.plan.layer_bytes import offloaded_host_bytes
 from qlora_pipe.plan.long_context import SWITCHES as LONG_SWITCHES
-from qlora_pipe.plan.terms import GiB, MemoryPlan, offloaded_host_bytes, plan_memory
+from qlora_pipe.plan.terms import GiB, MemoryPlan, plan_memory
 from qlora_pipe.recipe import load_recipe
 
 DEFAULT_BUDGET = "24GiB"
