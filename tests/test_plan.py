@@ -274,3 +274,7 @@ def test_readme_plan_table_is_current():
     assert module.START + module.table() + module.END in page, (
         "docs/planner.md's plan table is stale: run python scripts/plan_known_models.py --docs"
     )
+    performance = (REPO / "docs" / "performance.md").read_text()
+    assert module.LONG_START + module.long_context_table() + module.LONG_END in performance, (
+        "docs/performance.md's long-context table is stale: run python scripts/plan_known_models.py --docs"
+    )
