@@ -119,3 +119,18 @@ def test_a_run_records_the_settled_switches_and_trains_with_the_tiled_mlp(
         losses[tiled] = [row["loss"] for row in rows if "loss" in row]
     assert len(losses[True]) == 3
     assert losses[True] == pytest.approx(losses["auto"], rel=1e-4)
+
+
+def test_auto_leaves_the_tiled_mlp_off_where_the_layers_have_no_mlp_to_tile():
+    from dataclasses import replace
+
+    from qlora_pipe.plan.long_context import settle_switches, tileable
+    from qlora_pipe.plan.shapes import Linear
+
+    plan = _plan(LONG, [], 81920)
+    assert tileable(plan.shape) and plan.settings.tiled_mlp
+    gpt2_names = [replace(lin, name=lin.name.replace("model.layers.", "transformer.h.")) for lin in plan.shape.linears]
+    gpt2 = replace(plan.shape, linears=gpt2_names)
+    assert not tileable(gpt2) and isinstance(gpt2_names[0], Linear)
+    settled = settle_switches(gpt2, plan.settings, ["tiled_mlp", "activation_offloading"], GIB24)
+    assert not settled.tiled_mlp and settled.activation_offloading

@@ -14,6 +14,7 @@ import logging
 import os
 from dataclasses import dataclass
 
+from qlora_pipe.errors import UserError
 from qlora_pipe.machine.host_memory import host_available
 from qlora_pipe.plan.advice import largest_micro_batch, parse_size, recipe_plan, recipe_shape
 from qlora_pipe.plan.long_context import SWITCHES, auto_switches, settled_recipe
@@ -65,9 +66,10 @@ def resolve_auto_sizes(recipe: Recipe) -> AutoSizes:
     t = recipe.training
     planning = budget is not None and t.micro_batch_size == "auto"
     gpu = torch.cuda.is_available()
-    switches = auto_switches(recipe, gpu)
-    shape = recipe_shape(recipe) if planning or recipe.data.max_length == "auto" or switches else None
+    shape = recipe_shape(recipe) if planning or recipe.data.max_length == "auto" else None
     recipe = resolve_max_length(recipe, budget, shape, gpu)
+    if shape is None and auto_switches(recipe, gpu):
+        shape = optional_shape(recipe)
     recipe = resolve_long_context(recipe, budget, shape, gpu)
     start = micro_batch_start(recipe, budget, shape) if t.micro_batch_size == "auto" else t.auto_micro_batch_start
     return AutoSizes(recipe, start, budget)
@@ -98,11 +100,25 @@ def resolve_max_length(
     return recipe.model_copy(update={"data": recipe.data.model_copy(update={"max_length": length})})
 
 
+def optional_shape(recipe: Recipe) -> ModelShape | None:
+    """The model's shapes where only the 'auto' switches need them: None, logged, where the planner cannot read
+    them (an architecture it does not know, a config the model stage will name as broken): the switches stay off
+    and the model stage reports any real problem in its own words."""
+    try:
+        return recipe_shape(recipe)
+    except (UserError, AttributeError, KeyError, TypeError, ValueError, OSError) as exc:
+        reason = " ".join(str(exc).split())[:200]
+        log.info(
+            "long-context switches: not planned (%s: %s); tiled MLP and offloading off", type(exc).__name__, reason
+        )
+        return None
+
+
 def resolve_long_context(recipe: Recipe, budget: int | None, shape: ModelShape | None, gpu: bool) -> Recipe:
     """The recipe with training.tiled_mlp and activation_offloading 'auto' settled at its length
-    (plan/long_context.py; offloading stays off without a GPU)."""
-    if not auto_switches(recipe, gpu):
-        return settled_recipe(recipe, PlanSettings(1, 1), gpu)  # only 'auto' offloading without a GPU: off
+    (plan/long_context.py; offloading stays off without a GPU; both off where the shapes are unknown)."""
+    if shape is None or not auto_switches(recipe, gpu):
+        return settled_recipe(recipe, PlanSettings(1, 1), gpu)  # 'auto': off
     gpus, offload = fsdp_launch()
     plan = recipe_plan(recipe, budget, shape=shape, gpus=gpus, cpu_offload=offload, gpu=gpu)
     settled = settled_recipe(recipe, plan.settings, gpu)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from qlora_pipe.models.tiled_mlp import MLP_NAME
 from qlora_pipe.plan.settings import PlanSettings
 from qlora_pipe.plan.shapes import ModelShape
 from qlora_pipe.plan.terms import plan_memory
@@ -30,6 +31,11 @@ def auto_switches(recipe: Recipe, gpu: bool) -> list[str]:
     return [name for name in found if gpu or name != "activation_offloading"]
 
 
+def tileable(shape: ModelShape) -> bool:
+    """Whether the model's decoder layers have the ``layers.N.mlp`` modules models/tiled_mlp.py tiles."""
+    return any(MLP_NAME.search(lin.name.rsplit(".", 1)[0]) for lin in shape.linears)
+
+
 def unavailable_off(recipe: Recipe, s: PlanSettings, gpu: bool) -> PlanSettings:
     """``s`` with 'auto' offloading off where no GPU runs it (PlanSettings.from_recipe plans 'auto' as on)."""
     return s if gpu or recipe.training.activation_offloading != "auto" else replace(s, activation_offloading=False)
@@ -40,6 +46,9 @@ def settle_switches(shape: ModelShape, s: PlanSettings, auto: list[str], budget:
     Under a sharded launch (FSDP, ``s.gpus`` > 1) 'auto' leaves both off: neither is verified there yet."""
     if s.gpus > 1:
         return replace(s, **dict.fromkeys(auto, False))
+    if "tiled_mlp" in auto and not tileable(shape):  # no decoder-layer MLP the tiled forward knows
+        auto = [name for name in auto if name != "tiled_mlp"]
+        s = replace(s, tiled_mlp=False)
     on = replace(s, **dict.fromkeys(auto, True))
     total = plan_memory(shape, on).total
     settled = {}
