@@ -113,6 +113,7 @@ def gguf_config(path: Path) -> dict[str, Any]:
         raise UserError(f"model.name_or_path: {path.name}: transformers cannot read this GGUF ({reason})") from exc
     config_dict = config.to_dict()
     config_dict.pop("quantization_config", None)
+    config_dict["dtype"] = "bfloat16"  # the model stage loads the folder _convert writes, in bf16
     return config_dict
 
 
