@@ -157,7 +157,7 @@ def test_step_peak_matches_the_activation_terms(tmp_path_factory, tmp_path, chec
     """A whole forward + backward, measured: kept activations + the layer backward + gradients.
 
     A 128-entry vocabulary keeps the loss buffers negligible, so the layer terms are what is measured. The tiled
-    MLP runs in tiles of 256 of the 1,024 tokens, planned with the same tile."""
+    MLP runs in tiles of 128 of the 512 tokens, planned with the same tile."""
     from qlora_pipe.models.loading import add_lora, load_base_model
     from qlora_pipe.models.tiled_mlp import tile_mlps
 
@@ -174,8 +174,8 @@ def test_step_peak_matches_the_activation_terms(tmp_path_factory, tmp_path, chec
     recipe = plan_recipe(folder, tmp_path, {"dropout": 0.05}, gradient_checkpointing=checkpointing)
     model = as_trl_trains_it(add_lora(load_base_model(recipe, torch.device("cpu")), recipe).model.train())
     if tiled:
-        tile_mlps(model, tile=256)
-    ids = torch.randint(0, 128, (1, 1024))
+        tile_mlps(model, tile=128)
+    ids = torch.randint(0, 128, (1, 512))
 
     def step():
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -185,8 +185,8 @@ def test_step_peak_matches_the_activation_terms(tmp_path_factory, tmp_path, chec
     step()  # the first step allocates the gradients once; later steps reuse nothing else
     model.zero_grad(set_to_none=True)
     measured = step_peak(step)
-    plan = recipe_plan(recipe, None, micro_batch_size=1, max_length=1024)
-    settings = replace(plan.settings, tiled_mlp=tiled, mlp_tile_tokens=256)
+    plan = recipe_plan(recipe, None, micro_batch_size=1, max_length=512)
+    settings = replace(plan.settings, tiled_mlp=tiled, mlp_tile_tokens=128)
     plan = plan_memory(plan.shape, settings)
     predicted = (
         plan.term("activations kept") + layer_transient_bytes(plan.shape, settings) + plan.term("LoRA gradients")
