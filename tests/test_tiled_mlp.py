@@ -8,7 +8,7 @@ import transformers
 from conftest import recipe_dict
 
 from qlora_pipe.errors import UserError
-from qlora_pipe.models.tiled_mlp import tile_mlps
+from qlora_pipe.models.tiled_mlp import tile_mlps, untile_mlps, untiled_forward
 from qlora_pipe.recipe import validate_recipe
 
 TILE, LENGTH = 32, 100  # four tiles, the last one short
@@ -79,7 +79,7 @@ def test_tiled_mlp_gives_the_plain_loss_and_gradients(family_models, tmp_path, f
 
 def _untiled_copy_of_tiles(mlp, tile: int):
     """The reference for dropout: the same tiles run with autograd recording them all (no replay)."""
-    run = mlp.forward.untiled
+    run = untiled_forward(mlp)
 
     def forward(x):
         return torch.cat([run(piece) for piece in x.split(tile, dim=1)], dim=1)
@@ -125,6 +125,24 @@ def test_tiled_mlp_keeps_no_intermediate_for_the_whole_sequence(family_models, t
     tile_mlps(model, tile=TILE)
     assert saved_by_mlp() == 256 * 128 * 4  # its fp32 input only
     assert plain >= 3 * 256 * 384 * 4  # gate, up and the activation, each 384 wide
+
+
+def test_a_copied_model_tiles_its_own_mlps_and_untiling_restores_them(family_models, tmp_path):
+    import copy
+
+    model = _model(family_models["qwen2"], tmp_path, dropout=0.0, checkpointing=True)
+    ids = torch.randint(0, 320, (1, LENGTH), generator=torch.Generator().manual_seed(0))
+    plain_loss, plain = _loss_and_grads(model, ids)
+    tile_mlps(model, tile=TILE)
+    model.zero_grad(set_to_none=True)
+    twin = copy.deepcopy(model)
+    twin_loss, twin_grads = _loss_and_grads(twin, ids)
+    assert twin_loss == pytest.approx(plain_loss, rel=1e-6)
+    assert all(p.grad is None for p in model.parameters())  # the copy's gradients land on the copy
+    for name, grad in plain.items():
+        torch.testing.assert_close(twin_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert untile_mlps(model) == 2 and not any(type(m).__name__.startswith("Tiled") for m in model.modules())
+    assert _loss_and_grads(model, ids)[0] == plain_loss  # the same computation as before tiling, bit for bit
 
 
 def test_a_model_without_decoder_mlps_is_refused(tmp_path):

@@ -14,6 +14,7 @@ untiled MLP up to the order of floating-point sums (tests/test_tiled_mlp.py).
 
 from __future__ import annotations
 
+import functools
 import re
 from contextlib import nullcontext
 
@@ -99,30 +100,45 @@ class _restored_rng:
         return self.fork.__exit__(*exc)
 
 
-def tiled(mlp: nn.Module, tile: int = TILE_TOKENS):
-    """A forward for ``mlp`` that runs it over sequence tiles of ``tile`` tokens (dimension 1 of its input)."""
-    run = mlp.forward
+_TILED: dict[type, type] = {}  # an MLP class -> its tiled subclass
 
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 3 or x.shape[1] <= tile:
-            return run(x)
-        params = [p for p in mlp.parameters() if p.requires_grad]
-        if not torch.is_grad_enabled():
-            return torch.cat([run(piece) for piece in x.split(tile, dim=1)], dim=1)
-        return _TiledForward.apply(run, tile, x, *params)
 
-    forward.untiled = run
-    return forward
+def tiled_class(cls: type) -> type:
+    """The subclass of an MLP class whose forward runs over sequence tiles of ``self.tiled_mlp_tokens`` tokens
+    (dimension 1 of its input). A class, not a closure on the instance: a copied model (``copy.deepcopy``) tiles
+    its own modules."""
+    if cls in _TILED.values():
+        return cls
+    if cls not in _TILED:
+
+        def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+            run = functools.partial(cls.forward, self)  # this module's own, untiled forward
+            tile = self.tiled_mlp_tokens
+            if args or kwargs or x.dim() != 3 or x.shape[1] <= tile:
+                return run(x, *args, **kwargs)
+            if not torch.is_grad_enabled():
+                return torch.cat([run(piece) for piece in x.split(tile, dim=1)], dim=1)
+            params = [p for p in self.parameters() if p.requires_grad]
+            return _TiledForward.apply(run, tile, x, *params)
+
+        _TILED[cls] = type(f"Tiled{cls.__name__}", (cls,), {"forward": forward, "__module__": __name__})
+    return _TILED[cls]
+
+
+def untiled_forward(mlp: nn.Module):
+    """The MLP's own forward, bound to it, whether it is tiled or not."""
+    base = type(mlp).__mro__[1] if type(mlp) in _TILED.values() else type(mlp)
+    return functools.partial(base.forward, mlp)
 
 
 def tile_mlps(model: nn.Module, tile: int | None = None) -> int:
     """Make every decoder layer's MLP tiled (``tile`` tokens, default TILE_TOKENS); returns how many. A model
     without ``layers.N.mlp`` is refused."""
-    tile = tile or TILE_TOKENS
     count = 0
     for name, module in model.named_modules():
-        if MLP_NAME.search(name) and not hasattr(module.forward, "untiled"):
-            module.forward = tiled(module, tile)
+        if MLP_NAME.search(name):
+            module.tiled_mlp_tokens = tile or TILE_TOKENS
+            module.__class__ = tiled_class(type(module))
             count += 1
     if count == 0:
         raise UserError(
@@ -133,11 +149,11 @@ def tile_mlps(model: nn.Module, tile: int | None = None) -> int:
 
 
 def untile_mlps(model: nn.Module) -> int:
-    """Give every tiled MLP its own forward back; returns how many."""
+    """Give every tiled MLP its own class back; returns how many."""
     count = 0
     for _, module in model.named_modules():
-        untiled = getattr(module.__dict__.get("forward"), "untiled", None)
-        if untiled is not None:
-            del module.forward  # the instance attribute: the class's forward again
+        if type(module) in _TILED.values():
+            module.__class__ = type(module).__mro__[1]
+            del module.tiled_mlp_tokens
             count += 1
     return count
