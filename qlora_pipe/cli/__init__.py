@@ -14,7 +14,16 @@ from qlora_pipe.errors import Interrupted, RunStopped, UserError
 
 USER_ERROR_EXIT = 2
 # The commands that run datasets or transformers (and would show their progress bars).
-LIBRARY_COMMANDS = {"train", "export", "chat", "eval", "data", "plan", "build-quickstart-model"}
+LIBRARY_COMMANDS = {
+    "train",
+    "export",
+    "chat",
+    "eval",
+    "data",
+    "plan",
+    "build-quickstart-model",
+    "build-vision-model",
+}
 
 
 def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
@@ -158,6 +167,18 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--corpus", default="data/legal-qa/corpus.txt", help="plain-text corpus")
     build.add_argument("--steps", type=int, default=None, help="pretraining steps (default: the built-in spec)")
     build.add_argument("--force", action="store_true", help="rebuild even if already built")
+
+    vision = commands.add_parser(
+        "build-vision-model",
+        help="join a real language model to a small vision encoder: the base of recipes/quickstart-vision.yaml",
+    )
+    vision.add_argument(
+        "--language",
+        default="smollm2-135m-instruct",
+        help="the language model: a get-model name, a model folder or a .gguf file (default: smollm2-135m-instruct)",
+    )
+    vision.add_argument("--out", default="models/quickstart-vision", help="output directory")
+    vision.add_argument("--force", action="store_true", help="rebuild even if already built")
     return parser
 
 

@@ -204,6 +204,17 @@ def cmd_build_quickstart_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_build_vision_model(args: argparse.Namespace) -> int:
+    from qlora_pipe.models.examples import MODELS, get_model
+    from qlora_pipe.models.loading import model_location
+    from qlora_pipe.vision.builder import build_vision_model
+
+    language = str(get_model(args.language)) if args.language in MODELS else args.language
+    out = build_vision_model(Path(model_location(language)), Path(args.out), force=args.force)
+    print(f"vision model ready: {out}")
+    return 0
+
+
 def cmd_setup_gguf(args: argparse.Namespace) -> int:
     from qlora_pipe.export.gguf import setup_converter
 
@@ -255,6 +266,7 @@ COMMANDS = {
     "plan": cmd_plan,
     "validate": cmd_validate,
     "build-quickstart-model": cmd_build_quickstart_model,
+    "build-vision-model": cmd_build_vision_model,
     "setup-gguf": cmd_setup_gguf,
     "get-model": cmd_get_model,
 }

@@ -9,6 +9,7 @@ what ``qlora-pipe data --preview`` shows is exactly what training sees.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import random
@@ -92,14 +93,18 @@ def collect(
     rng: random.Random,
     report: SplitReport,
     convert: Callable[[dict[str, Any]], Any] | None = None,
+    source_convert: Callable[[dict[str, Any], SourceSection], Any] | None = None,
 ) -> list:
     """Read, normalize, check and mix the rows of several sources. ``convert`` turns a raw row into an
-    example or the reason to drop it (default: the SFT formats, detected per source)."""
+    example or the reason to drop it (default: the SFT formats, detected per source); ``source_convert`` does
+    the same knowing the row's source (rows that name files beside their data file: images)."""
     examples: list[dict[str, Any]] = []
     seen: set[str] = set()  # rows already read, across sources: repeats are counted (and dropped with dedupe)
     for source in sources:
         rows = rename_columns(read_source(source), source.columns)
-        if convert is None:
+        if source_convert is not None:
+            convert = functools.partial(source_convert, source=source)
+        elif convert is None:
             fmt = source.format if source.format != "auto" else detect_format(rows, source.label())
         kept = []
         for index, row in enumerate(rows):

@@ -158,11 +158,13 @@ REASONING_PARTS = (
     ("empty_think_masked", "empty <think></think> blocks masked"),
 )
 
+IMAGE_PARTS = (("images", "images"), ("image_tokens", "image tokens, never trained"))
+
 
 def parts_line(parts: Counter) -> str:
-    """'; tools: ..., reasoning: ...' for a split with tool calls or reasoning, else ''."""
+    """'; tools: ..., reasoning: ..., images: ...' for a split with tool calls, reasoning or images, else ''."""
     out = ""
-    for title, known in (("tools", TOOL_PARTS), ("reasoning", REASONING_PARTS)):
+    for title, known in (("tools", TOOL_PARTS), ("reasoning", REASONING_PARTS), ("images", IMAGE_PARTS)):
         found = [f"{parts[key]} {words}" for key, words in known if parts.get(key)]
         out += f"; {title}: {', '.join(found)}" if found else ""
     return out

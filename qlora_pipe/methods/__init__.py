@@ -5,6 +5,7 @@
     preference.py      DPO, ORPO and KTO on preference pairs (or KTO's labelled rows)
     grpo.py            GRPO on prompts with rewards
     classification.py  a sequence classifier (task: classification) with a trained head
+    vision.py          a vision-language model (task: vision): images in the rows, the language model in 4-bit
     reward.py          a reward model (a scalar head) on preference pairs, TRL's RewardTrainer
 
 A stage calls ``method_for(recipe).prepare_data(...)``, ``.trainer_class(...)``, ``.callbacks(...)`` and so
@@ -30,7 +31,10 @@ REGISTRY = {
     "grpo": "qlora_pipe.methods.grpo:GRPO",
     "reward": "qlora_pipe.methods.reward:Reward",
 }
-TASKS = {"classification": "qlora_pipe.methods.classification:Classification"}
+TASKS = {
+    "classification": "qlora_pipe.methods.classification:Classification",
+    "vision": "qlora_pipe.methods.vision:Vision",
+}
 
 
 def method_for(recipe) -> Method:

@@ -41,6 +41,15 @@ class Method:
     def trainer_class(self, recipe) -> type:
         raise NotImplementedError
 
+    def data_collator(self, recipe, tokenizer) -> Any:
+        """The trainer's data collator (None: the trainer's own)."""
+        return None
+
+    def saved_processing(self, recipe, tokenizer) -> Any:
+        """What the run saves beside its adapter for chat, eval and export to load: the tokenizer, or a
+        processor that holds it."""
+        return tokenizer
+
     def trainer_config(self, recipe, arguments: dict) -> Any:
         """The trainer's config from the arguments every method shares (training/config.py's sft_arguments),
         those the config has, plus the method's own."""

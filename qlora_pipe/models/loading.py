@@ -184,21 +184,29 @@ def prepare_frozen_base(model: nn.Module, checkpointing: bool) -> nn.Module:
     return model
 
 
-def add_lora(model: nn.Module, recipe: Recipe, task_type: str = "CAUSAL_LM") -> TrainableModel:
-    """Prepare the frozen base for training and wrap it with a fresh LoRA adapter."""
+def add_lora(
+    model: nn.Module,
+    recipe: Recipe,
+    task_type: str = "CAUSAL_LM",
+    targets: str | None = None,
+    modules_to_save: list[str] | None = None,
+) -> TrainableModel:
+    """Prepare the frozen base for training and wrap it with a fresh LoRA adapter. ``targets`` and
+    ``modules_to_save``: the caller's own choice (a vision model's: qlora_pipe/vision/model.py), already checked."""
     from peft import LoraConfig, get_peft_model
 
-    check_target_modules(model, recipe.lora.target_modules)
+    if targets is None:
+        check_target_modules(model, recipe.lora.target_modules)
     model = prepare_frozen_base(model, recipe.training.gradient_checkpointing)
     lora = recipe.lora
     config = LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
-        target_modules=lora.target_modules,
+        target_modules=targets if targets is not None else lora.target_modules,
         use_rslora=lora.use_rslora,
         use_dora=lora.use_dora,
-        modules_to_save=lora.modules_to_save or None,
+        modules_to_save=(modules_to_save if targets is not None else lora.modules_to_save) or None,
         bias="none",
         task_type=task_type,
     )

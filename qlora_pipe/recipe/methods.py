@@ -42,7 +42,7 @@ class PreferenceSection(Section):
     )
 
 
-TASKS = Literal["causal_lm", "classification"]
+TASKS = Literal["causal_lm", "classification", "vision"]
 
 
 class ClassificationSection(Section):
@@ -51,6 +51,24 @@ class ClassificationSection(Section):
     )
     text_field: str = Field("text", min_length=1, description="Column holding the text to classify.")
     label_field: str = Field("label", min_length=1, description="Column holding the label.")
+
+
+class VisionSection(Section):
+    tower: Literal["frozen", "lora", "full"] = Field(
+        "frozen",
+        description="task vision: the vision encoder left frozen in 16 bits, given LoRA, or trained whole.",
+    )
+    projector: Literal["frozen", "lora", "full"] = Field(
+        "frozen",
+        description="task vision: the projector (image features -> language model) frozen, given LoRA, or "
+        "trained whole.",
+    )
+    longest_edge: int | None = Field(
+        None,
+        ge=16,
+        description="task vision: resize images so their longest edge is at most this many pixels (fewer image "
+        "tokens; None: the processor's own setting).",
+    )
 
 
 class RewardSection(Section):
@@ -81,6 +99,11 @@ class Kind:
 # A task other than causal_lm decides its kind; a causal LM's method decides it.
 KINDS = {
     "classification": Kind("classifier", generates=False, continues_adapter=False, methods=("sft",)),
+    "vision": Kind(
+        "vision-language model",
+        methods=("sft",),
+        not_sharded="task vision has been run on one device only",
+    ),
     "reward": Kind("reward model", generates=False, continues_adapter=False),
     "grpo": Kind(
         "GRPO policy",

@@ -14,7 +14,15 @@ from pydantic import Field, field_validator, model_validator
 
 from qlora_pipe.recipe.base import Section, _a_size
 from qlora_pipe.recipe.grpo import GrpoSection, grpo_refusal
-from qlora_pipe.recipe.methods import METHODS, TASKS, ClassificationSection, PreferenceSection, RewardSection, kind_of
+from qlora_pipe.recipe.methods import (
+    METHODS,
+    TASKS,
+    ClassificationSection,
+    PreferenceSection,
+    RewardSection,
+    VisionSection,
+    kind_of,
+)
 from qlora_pipe.recipe.output_sections import ExportSection, GenerationSection, HubSection
 from qlora_pipe.recipe.trainer_limits import trainer_refusal
 
@@ -256,9 +264,12 @@ class Recipe(Section):
     grpo: GrpoSection = Field(default_factory=GrpoSection)
     reward: RewardSection = Field(default_factory=RewardSection)
     task: TASKS = Field(
-        "causal_lm", description="causal_lm (text generation) or classification (docs/classification.md)."
+        "causal_lm",
+        description="causal_lm (text generation), classification (docs/classification.md), or vision: images and "
+        "text in, text out (docs/vision.md).",
     )
     classification: ClassificationSection = Field(default_factory=ClassificationSection)
+    vision: VisionSection = Field(default_factory=VisionSection)
     export: ExportSection = Field(default_factory=ExportSection)
     generation: GenerationSection = Field(default_factory=GenerationSection)
     hub: HubSection = Field(default_factory=HubSection)

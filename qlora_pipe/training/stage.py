@@ -81,6 +81,7 @@ def build_trainer(
 
     method = method_for(recipe)
     batch = batch or choose_batch(recipe, run, model, method)
+    collator = method.data_collator(recipe, tokenizer)
     trainer = method.trainer_class(recipe)(
         model=model,
         args=method.trainer_config(recipe, sft_arguments(recipe, run, training_device(), batch, resuming)),
@@ -90,6 +91,7 @@ def build_trainer(
         callbacks=[MetricsRecorder(run), *method.callbacks(recipe, run, tokenizer, data), *callbacks],
         max_bad_steps=recipe.training.max_bad_steps,
         keep_checkpoints=recipe.training.save_total_limit,
+        **({"data_collator": collator} if collator is not None else {}),
     )
     replace_progress_callbacks(trainer, RunProgress(trainer, label))
     if "tensorboard" in recipe.training.report_to:
@@ -239,7 +241,7 @@ def _train_and_save(
         write_json_atomic(run.preview, rows)
         print_preview(rows)
 
-    save_adapter(model, tokenizer, run, adapter)
+    save_adapter(model, method_for(recipe).saved_processing(recipe, tokenizer), run, adapter)
     curve = plot_losses(run.metrics, run.loss_curve, f"{recipe.run_name}: {recipe.model.name_or_path}")
     evals = [(row["eval_loss"], row["step"]) for row in trainer.state.log_history if "eval_loss" in row]
     best_loss, best_step = min(evals) if evals else (None, None)

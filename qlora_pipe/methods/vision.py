@@ -1,0 +1,85 @@
+"""task: vision: a vision-language model fine-tuned on chat rows with images (docs/vision.md).
+
+The language model in 4-bit NF4 with LoRA, the vision tower and projector in 16 bits (frozen, LoRA or trained
+whole: vision.tower, vision.projector); supervised rows whose loss is on the assistant's words only, image
+tokens never trained; held-out image questions answered before and after training, against the baseline of
+always giving the most frequent answer.
+"""
+
+from __future__ import annotations
+
+from qlora_pipe.methods.base import Method
+
+
+class Vision(Method):
+    auto_class = "AutoModelForImageTextToText"
+    verified_block_by_block = False
+
+    def refusal(self, what: str, run) -> str | None:
+        return {
+            "export --unmerged": "export --unmerged: serving a vision model's adapter unmerged is not supported; "
+            "export it merged (leave out --unmerged)",
+        }.get(what)
+
+    def processor(self, recipe, tokenizer):
+        from qlora_pipe.vision.model import load_processor
+
+        return load_processor(recipe, tokenizer)
+
+    def prepare_data(self, recipe, tokenizer):
+        from qlora_pipe.vision.data import prepare_vision_data
+
+        return prepare_vision_data(recipe.data, self.processor(recipe, tokenizer), recipe.seed)
+
+    def preview(self, recipe, tokenizer, rows: int, color: bool) -> str:
+        from qlora_pipe.vision.preview import vision_preview
+
+        processor = self.processor(recipe, tokenizer)
+        return vision_preview(self.prepare_data(recipe, tokenizer), processor, rows, color)
+
+    def trainer_class(self, recipe) -> type:
+        from qlora_pipe.training.trainer import PipeTrainer
+
+        return PipeTrainer
+
+    def trainer_config(self, recipe, arguments: dict):
+        from trl import SFTConfig
+
+        # The rows are encoded and their images are the collator's: TRL prepares nothing and drops no column.
+        return SFTConfig(**arguments, remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True})
+
+    def data_collator(self, recipe, tokenizer):
+        from qlora_pipe.vision.collate import VisionCollator
+
+        return VisionCollator(self.processor(recipe, tokenizer))
+
+    def saved_processing(self, recipe, tokenizer):
+        return self.processor(recipe, tokenizer)
+
+    def load_fresh_policy(self, recipe, tokenizer):
+        from qlora_pipe.vision.model import load_vision_policy
+
+        return load_vision_policy(recipe, tokenizer)
+
+    def callbacks(self, recipe, run, tokenizer, data) -> list:
+        if data.eval is None:
+            return []
+        from qlora_pipe.vision.answers import held_out_image_scores
+
+        return [held_out_image_scores(run, data, self.processor(recipe, tokenizer))]
+
+    def summary(self, recipe, run) -> dict:
+        from qlora_pipe.vision.answers import read_scores
+
+        return {
+            "method": "sft",
+            "task": "vision",
+            "vision": recipe.vision.model_dump(mode="json"),
+            "held_out": read_scores(run.root),
+        }
+
+    def card_line(self, recipe, sources: str) -> str:
+        return (
+            f"- Data: {sources}; chat rows with images; loss on the assistant's words (image tokens never "
+            f"trained); max length {recipe.data.max_length}"
+        )

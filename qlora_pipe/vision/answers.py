@@ -1,0 +1,102 @@
+"""Greedy answers to held-out image questions, and their scores against the reference answers.
+
+A held-out row is cut where its trained tokens begin: before that is the question with its image tokens
+(exactly as training saw it), after it the reference answer. One row per generate call, so no answer depends
+on another row's padding or images. Scores: exact match and token F1 (evaluate/metrics.py), and the
+baseline a model that never looks at the image can reach: always the training data's most frequent answer.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qlora_pipe.data.prepared import IGNORE
+from qlora_pipe.evaluate.metrics import score_answers
+from qlora_pipe.vision.collate import IMAGE_COLUMN, pixel_inputs
+
+VISION_EVAL = "vision_eval.json"
+ANSWER_TOKENS = 32
+
+
+def question_and_answer(row: dict[str, Any], tokenizer) -> tuple[list[int], str]:
+    """The prompt ids (up to the first trained token) and the reference answer's text."""
+    labels = row["labels"]
+    start = next(i for i, label in enumerate(labels) if label != IGNORE)
+    end = next((i for i in range(start, len(labels)) if labels[i] == IGNORE), len(labels))
+    return row["input_ids"][:start], tokenizer.decode(row["input_ids"][start:end], skip_special_tokens=True).strip()
+
+
+@torch.no_grad()
+def image_answers(model, processor, rows, max_new_tokens: int = ANSWER_TOKENS) -> list[str]:
+    """The model's greedy answers to the rows' questions (each with its images)."""
+    from qlora_pipe.models.generation import GenerationSettings, stop_token_ids, to_generation
+    from qlora_pipe.terminal import progress_bar
+
+    tokenizer = processor.tokenizer
+    stops = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
+    kwargs = GenerationSettings(max_new_tokens).generate_kwargs(stops, tokenizer.pad_token_id)
+    was_training = model.training
+    model.eval()
+    answers = []
+    try:
+        with progress_bar(total=len(rows), desc="image answers", unit="answer", leave=False) as bar:
+            for row in rows:
+                prompt, _ = question_and_answer(row, tokenizer)
+                ids = torch.tensor([prompt], device=model.device)
+                pixels = {k: v.to(model.device) for k, v in pixel_inputs(processor, [row[IMAGE_COLUMN]]).items()}
+                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **pixels, **kwargs)
+                answers.append(to_generation(tokenizer, out[0, ids.shape[1] :].tolist(), stops).text)
+                bar.update(1)
+    finally:
+        model.train(was_training)
+    return answers
+
+
+def most_frequent_answer(train, tokenizer) -> str:
+    """The training data's most frequent reference answer (ties: the first seen)."""
+    counts = Counter(question_and_answer(row, tokenizer)[1] for row in train)
+    return counts.most_common(1)[0][0] if counts else ""
+
+
+def image_scores(model, processor, rows, baseline_answer: str) -> dict[str, Any]:
+    """Exact match and token F1 of the model's answers, with the most-frequent-answer baseline's."""
+    references = [question_and_answer(row, processor.tokenizer)[1] for row in rows]
+    answers = image_answers(model, processor, rows)
+    return {
+        **score_answers(answers, references),
+        "rows": len(rows),
+        "baseline": {"answer": baseline_answer, **score_answers([baseline_answer] * len(rows), references)},
+        "examples": [{"reference": r, "answer": a} for r, a in list(zip(references, answers, strict=True))[:8]],
+    }
+
+
+def held_out_image_scores(run, data, processor):
+    """The trainer callback that scores the held-out image questions before and after training."""
+    from qlora_pipe.training.callbacks import HeldOutBeforeAfter
+
+    rows = list(data.eval)
+    baseline = most_frequent_answer(data.train, processor.tokenizer)
+    return HeldOutBeforeAfter(run.root / VISION_EVAL, lambda model: image_scores(model, processor, rows, baseline))
+
+
+def read_scores(run_root: Path) -> dict[str, Any]:
+    path = run_root / VISION_EVAL
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def scores_table(result: dict[str, Any]) -> str:
+    """Held-out image questions: exact match and token F1 before and after, with the baseline."""
+    before, after = result.get("before", {}), result.get("after", {})
+    baseline = (after or before).get("baseline", {})
+    lines = [f"{'held-out image questions':<34}{'before':>10}{'after':>10}{'baseline':>10}"]
+    for label, key in (("exact match", "exact_match"), ("token F1", "token_f1")):
+        cells = [f"{d[key]:.1%}" if key in d else "-" for d in (before, after, baseline)]
+        lines.append(f"{label:<34}{cells[0]:>10}{cells[1]:>10}{cells[2]:>10}")
+    if baseline:
+        lines.append(f"(baseline: always {baseline['answer']!r}, the most frequent training answer)")
+    return "\n".join(lines)
