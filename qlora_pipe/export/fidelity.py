@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from qlora_pipe.export.stored_logits import StoredLogits
+from qlora_pipe.export.stored_logits import StoredLogits, row_logits
 from qlora_pipe.export.verdict import judge
 from qlora_pipe.finite import worst
 from qlora_pipe.machine.hardware import dtype_for_inference
@@ -23,11 +23,6 @@ from qlora_pipe.recipe import Recipe
 from qlora_pipe.runs import RunDir
 
 log = logging.getLogger(__name__)
-
-
-def _logits(model, row: dict[str, list[int]]) -> torch.Tensor:
-    device = next(model.parameters()).device
-    return model(input_ids=torch.tensor([row["input_ids"]], device=device)).logits.float()[0]
 
 
 @torch.no_grad()
@@ -38,8 +33,8 @@ def compare(reference, candidate, rows: list[dict[str, list[int]]]) -> dict[str,
     agree = total = 0
     losses = {"trained": 0.0, "merged": 0.0}
     for index, row in enumerate(rows):
-        a = reference.row(index) if isinstance(reference, StoredLogits) else _logits(reference, row)
-        b = _logits(candidate, row).to(a.device)
+        a = reference.row(index) if isinstance(reference, StoredLogits) else row_logits(reference, row)
+        b = row_logits(candidate, row).to(a.device)
         targets = torch.tensor(row["labels"][1:], device=a.device)
         mask = targets != -100
         for key, logits in (("trained", a), ("merged", b)):
@@ -85,8 +80,9 @@ def reference_noise(
     the arithmetic bf16 weights are served with, since rounding every weight to bf16 once is what such an
     export costs whatever the merge (2.5% of the mean logit on a random-weight 7B, whose logits are small).
     Zero otherwise: an fp32 run served in fp32 (or fp16, checked against the fixed floors)."""
-    from qlora_pipe.models.loading import load_trained_model
+    from qlora_pipe.methods import method_for
 
+    load_trained_model = method_for(recipe).load_trained
     resolved = recipe  # a run's recorded recipe: its dtypes settled when it trained
     compute = resolved.quantization.compute_dtype if resolved.quantization.enabled else resolved.training.precision
     against = noise_compute(resolved, served)
@@ -157,27 +153,35 @@ def verify_merged(
     verification_rows' answer, when read beforehand; ``streamed``: the merged model read a block at a time)."""
     from qlora_pipe.methods import method_for
 
-    own = method_for(recipe).check_merged(recipe, run, merged_dir, dtype)
+    method = method_for(recipe)
+    own = method.check_merged(recipe, run, merged_dir, dtype)
     if own is not None:  # a method with its own check (a classifier's class logits)
         return own
+    auto = method.auto_class
     if dtype != torch.float16 or dtype_for_inference("float16") == "float16":
-        load = lambda: served_model(merged_dir, dtype, streamed=streamed)  # noqa: E731
+        load = lambda: served_model(merged_dir, dtype, streamed=streamed, auto_class=auto)  # noqa: E731
         return verify_served(recipe, run, load, limit, rows, dtype)
     from qlora_pipe.export.float16_range import ActivationRange
 
     watch = ActivationRange()  # fp16 weights checked in fp32 here: would float16 hold the activations?
-    load = lambda: watch.attach(served_model(merged_dir, dtype, streamed=streamed))  # noqa: E731
+    load = lambda: watch.attach(served_model(merged_dir, dtype, streamed=streamed, auto_class=auto))  # noqa: E731
     result = verify_served(recipe, run, load, limit, rows, dtype)
     if overflow := watch.overflow():
         result["float16_overflow"], result["passed"] = overflow, False
     return result
 
 
-def served_model(folder: Path, dtype: torch.dtype, adapter: Path | None = None, streamed: bool = False):
-    """A served folder loaded with plain transformers (plus a PEFT adapter on it, for the unmerged export; or
-    its decoder blocks read from its files as they run, ``streamed``). Where this CPU emulates 16-bit matmuls
-    the weights are read into fp32 (exact) and run there."""
-    from transformers import AutoModelForCausalLM
+def served_model(
+    folder: Path,
+    dtype: torch.dtype,
+    adapter: Path | None = None,
+    streamed: bool = False,
+    auto_class: str = "AutoModelForCausalLM",
+):
+    """A served folder loaded with plain transformers (``auto_class``; plus a PEFT adapter on it, for the unmerged
+    export; or its decoder blocks read from its files as they run, ``streamed``). Where this CPU emulates 16-bit
+    matmuls the weights are read into fp32 (exact) and run there."""
+    import transformers
 
     from qlora_pipe.models.loading import training_device
 
@@ -186,7 +190,7 @@ def served_model(folder: Path, dtype: torch.dtype, adapter: Path | None = None, 
         from qlora_pipe.export.streamed_model import load_streamed
 
         return load_streamed(folder, dtype, str(training_device()))
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map={"": training_device()})
+    model = getattr(transformers, auto_class).from_pretrained(folder, dtype=dtype, device_map={"": training_device()})
     if adapter is not None:
         from peft import PeftModel
 
@@ -204,11 +208,11 @@ def verify_served(
 ) -> dict[str, Any]:
     """The trained model against what ``load_served()`` returns (its weights in ``served``), on the run's eval
     (or train) examples."""
-    from qlora_pipe.models.loading import load_trained_model
+    from qlora_pipe.methods import method_for
 
     recipe = recipe.model_copy(deep=True)
     rows, split = rows or verification_rows(recipe, run, limit)
-    trained = load_trained_model(recipe, run.root)
+    trained = method_for(recipe).load_trained(recipe, run.root)
     noise = reference_noise(recipe, run, trained, rows, served)
     # One model at a time: the trained model's logits go to disk, then the served model loads.
     with StoredLogits(trained, rows, near=run.root) as stored:

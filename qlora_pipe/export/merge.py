@@ -103,9 +103,13 @@ def quantized_weight_names(base: Path, recipe: Recipe) -> set[str]:
     from transformers.pytorch_utils import Conv1D
 
     from accelerate import init_empty_weights
+    from qlora_pipe.methods import method_for
 
     if not recipe.quantization.enabled:
         return set()
+    own = method_for(recipe).quantized_weight_names(base, recipe)
+    if own is not None:
+        return own
     config = AutoConfig.from_pretrained(base, trust_remote_code=recipe.model.trust_remote_code)
     with init_empty_weights():
         skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
@@ -155,14 +159,16 @@ def merge_tensor(base: torch.Tensor, lora: LoraWeights, transposed: bool) -> tor
 
 def conv1d_weight_names(base: Path, recipe: Recipe) -> set[str]:
     """GPT-2 style Conv1D layers store their weight transposed (in, out)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    import transformers
     from transformers.pytorch_utils import Conv1D
 
     from accelerate import init_empty_weights
+    from qlora_pipe.methods import method_for
 
-    config = AutoConfig.from_pretrained(base, trust_remote_code=recipe.model.trust_remote_code)
+    config = transformers.AutoConfig.from_pretrained(base, trust_remote_code=recipe.model.trust_remote_code)
+    auto = getattr(transformers, method_for(recipe).base_class)
     with init_empty_weights():
-        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
+        skeleton = auto.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
     return {f"{n}.weight" for n, m in skeleton.named_modules() if isinstance(m, Conv1D)}
 
 

@@ -16,6 +16,14 @@ from pathlib import Path
 import torch
 
 
+def row_logits(model, row: dict) -> torch.Tensor:
+    """fp32 logits of one row: its input ids, plus the extra model inputs a method's check rows carry (the pixel
+    values of a vision row, under "model_inputs")."""
+    device = next(model.parameters()).device
+    extra = {k: v.to(device) for k, v in row.get("model_inputs", {}).items()}
+    return model(input_ids=torch.tensor([row["input_ids"]], device=device), **extra).logits.float()[0]
+
+
 class StoredLogits:
     """``with StoredLogits(model, rows, near=RUN) as stored:`` then ``stored.row(i)``: row i's fp32 logits."""
 
@@ -25,10 +33,9 @@ class StoredLogits:
 
     def __enter__(self) -> StoredLogits:
         self.folder = Path(tempfile.mkdtemp(prefix=".verify-logits-", dir=self.near))
-        device = next(self.model.parameters()).device
         with torch.no_grad():
             for index, row in enumerate(self.rows):
-                logits = self.model(input_ids=torch.tensor([row["input_ids"]], device=device)).logits.float()[0]
+                logits = row_logits(self.model, row)
                 torch.save(logits.cpu(), self.folder / f"{index}.pt")
                 del logits
         self.model = None  # the caller drops its own reference; this one must not keep the model alive

@@ -11,6 +11,7 @@ class Method:
 
     smallest_micro_batch = 1  # the least micro batch the method can train with
     auto_class = "AutoModelForCausalLM"  # what loads the trained model (model cards)
+    base_class = "AutoModelForCausalLM"  # what builds the base's skeleton (the export's layer names)
     kept_unquantized: tuple[str, ...] = ()  # modules of its own a 4-bit load keeps in 16-bit (a classifier's head)
     serves_chat = True  # a chat model: a chat template, vLLM LoRA serving
     reads_own_check_rows = False  # the export's check reads its own rows (not the run's eval rows, beforehand)
@@ -60,6 +61,18 @@ class Method:
         from qlora_pipe.models.loading import load_trainable_model
 
         return load_trainable_model(recipe, tokenizer)[1]
+
+    def load_trained(self, recipe, adapter_dir) -> Any:
+        """The base as training loaded it plus a finished run's adapter (eval mode): what chat, eval and the
+        export's check run as the trained model."""
+        from qlora_pipe.models.loading import load_trained_model
+
+        return load_trained_model(recipe, adapter_dir)
+
+    def quantized_weight_names(self, base, recipe) -> set[str] | None:
+        """The base weights a 4-bit load quantizes, when the method knows them itself (None: every linear layer
+        of the causal LM but the ones transformers keeps out)."""
+        return None
 
     def callbacks(self, recipe, run, tokenizer, data) -> list:
         """The method's own trainer callbacks (held-out scores before and after training)."""

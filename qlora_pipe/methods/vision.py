@@ -12,7 +12,7 @@ from qlora_pipe.methods.base import Method
 
 
 class Vision(Method):
-    auto_class = "AutoModelForImageTextToText"
+    auto_class = base_class = "AutoModelForImageTextToText"
     verified_block_by_block = False
 
     def refusal(self, what: str, run) -> str | None:
@@ -60,6 +60,35 @@ class Vision(Method):
         from qlora_pipe.vision.model import load_vision_policy
 
         return load_vision_policy(recipe, tokenizer)
+
+    def load_trained(self, recipe, adapter_dir):
+        from qlora_pipe.vision.model import load_trained_vision
+
+        return load_trained_vision(recipe, adapter_dir)
+
+    def quantized_weight_names(self, base, recipe) -> set[str]:
+        from qlora_pipe.vision.model import quantized_language_weights
+
+        return quantized_language_weights(base, recipe)
+
+    def fidelity_rows(self, recipe, tokenizer, rows: list[dict]) -> list[dict]:
+        """Each row with its pixel values, as the trained and the merged model both take them."""
+        from qlora_pipe.vision.collate import IMAGE_COLUMN, pixel_inputs
+
+        processor = self.processor(recipe, tokenizer)
+        return [{**row, "model_inputs": pixel_inputs(processor, [row[IMAGE_COLUMN]])} for row in rows]
+
+    def write_export_config(self, folder, recipe, tokenizer) -> None:
+        """The processor's settings beside the merged weights (the serving chat template is already there)."""
+        import shutil
+        import tempfile
+        from pathlib import Path
+
+        with tempfile.TemporaryDirectory(dir=folder) as aside:
+            self.processor(recipe, tokenizer).save_pretrained(aside)
+            for name in ("processor_config.json", "preprocessor_config.json"):
+                if (Path(aside) / name).is_file():
+                    shutil.copy(Path(aside) / name, Path(folder) / name)
 
     def callbacks(self, recipe, run, tokenizer, data) -> list:
         if data.eval is None:

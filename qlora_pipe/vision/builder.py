@@ -66,7 +66,9 @@ def chatml_tokenizer(language_dir: Path):
     tokenizer = AutoTokenizer.from_pretrained(str(language_dir))
     missing = [t for t in ("<|im_start|>", "<|im_end|>") if t not in tokenizer.get_vocab()]
     if missing:
-        raise UserError(f"{language_dir}: the tokenizer has no {', '.join(missing)} (a ChatML language model is needed)")
+        raise UserError(
+            f"{language_dir}: the tokenizer has no {', '.join(missing)} (a ChatML language model is needed)"
+        )
     tokenizer.add_tokens(IMAGE_TOKENS, special_tokens=True)
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer

@@ -47,7 +47,13 @@ def vision_parts(config) -> VisionParts:
     siblings = [f"{parent}.{n}" if parent else n for n, _ in model.get_submodule(parent).named_children()]
     outside = [s for s in siblings if s != language]
     projector = [s for s in outside if PROJECTOR.search(s)]
-    projector += [n for n, _ in model.named_modules() if PROJECTOR.search(n) and not any(n.startswith(p) for p in projector) and any(n.startswith(o + ".") for o in outside)]
+    projector += [
+        n
+        for n, _ in model.named_modules()
+        if PROJECTOR.search(n)
+        and not any(n.startswith(p) for p in projector)
+        and any(n.startswith(o + ".") for o in outside)
+    ]
     tower = [s for s in outside if s not in projector]
     linear = {"language": [], "tower": [], "projector": []}
     for name, module in model.named_modules():
@@ -81,7 +87,10 @@ def lora_targets(parts: VisionParts, recipe) -> tuple[str, list[str]]:
     if not names:
         raise UserError("lora.target_modules: no linear layer to adapt")
     pattern = "|".join(re.escape(n) for n in names)
-    full = [*(parts.tower if recipe.vision.tower == "full" else ()), *(parts.projector if recipe.vision.projector == "full" else ())]
+    full = [
+        *(parts.tower if recipe.vision.tower == "full" else ()),
+        *(parts.projector if recipe.vision.projector == "full" else ()),
+    ]
     return f"^(?:{pattern})$", full
 
 
@@ -99,9 +108,13 @@ def load_processor(recipe, tokenizer=None):
             trust_remote_code=recipe.model.trust_remote_code,
         )
     except (OSError, ValueError) as exc:
-        raise UserError(f"model.name_or_path: cannot load the image processor of {recipe.model.name_or_path!r}: {exc}") from exc
+        raise UserError(
+            f"model.name_or_path: cannot load the image processor of {recipe.model.name_or_path!r}: {exc}"
+        ) from exc
     if not hasattr(processor, "image_processor"):
-        raise UserError(f"model.name_or_path: {recipe.model.name_or_path!r} has no image processor (task: vision needs one)")
+        raise UserError(
+            f"model.name_or_path: {recipe.model.name_or_path!r} has no image processor (task: vision needs one)"
+        )
     if tokenizer is not None:
         processor.tokenizer = tokenizer
     if recipe.vision.longest_edge is not None:
@@ -131,7 +144,13 @@ def load_vision_base(recipe, parts: VisionParts):
 
     from qlora_pipe.compat.bitsandbytes import keep_plain_nf4_on_cpu
     from qlora_pipe.machine.hardware import with_resolved_precision
-    from qlora_pipe.models.loading import DTYPES, check_model_source, model_location, quantization_config, training_device
+    from qlora_pipe.models.loading import (
+        DTYPES,
+        check_model_source,
+        model_location,
+        quantization_config,
+        training_device,
+    )
 
     check_model_source(recipe)
     name = recipe.model.name_or_path
@@ -178,7 +197,9 @@ def load_vision_policy(recipe, tokenizer):
     try:
         parts = vision_parts(config)
     except (ValueError, KeyError) as exc:
-        raise UserError(f"model.name_or_path: {recipe.model.name_or_path!r} is not an image-text-to-text model ({exc})") from exc
+        raise UserError(
+            f"model.name_or_path: {recipe.model.name_or_path!r} is not an image-text-to-text model ({exc})"
+        ) from exc
     base = load_vision_base(recipe, parts)
     if base.config.get_text_config().pad_token_id is None:
         base.config.get_text_config().pad_token_id = tokenizer.pad_token_id
@@ -196,3 +217,31 @@ def load_vision_policy(recipe, tokenizer):
         f"{trainable.total_params:,}",
     )
     return trainable
+
+
+def load_trained_vision(recipe, adapter_dir):
+    """The base as training loaded it plus a finished run's adapter and trained vision parts (eval mode)."""
+    from pathlib import Path
+
+    from peft import PeftModel
+
+    from qlora_pipe.models.loading import check_adapter_files, prepare_frozen_base
+
+    check_adapter_files(Path(adapter_dir))
+    base = prepare_frozen_base(load_vision_base(recipe, vision_parts(model_config(recipe))), checkpointing=False)
+    try:
+        model = PeftModel.from_pretrained(base, str(adapter_dir), autocast_adapter_dtype=False)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        reason = " ".join(str(exc).split())[:300]
+        raise UserError(
+            f"the adapter in {adapter_dir} does not fit its base {recipe.model.name_or_path}: {reason}"
+        ) from exc
+    return model.eval()
+
+
+def quantized_language_weights(base_dir, recipe) -> set[str]:
+    """The weights a 4-bit load of this base quantizes: the language model's linear layers, nothing else."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(base_dir), trust_remote_code=recipe.model.trust_remote_code)
+    return {f"{name}.weight" for name in vision_parts(config).linear["language"]}

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from itertools import groupby
 
-from qlora_pipe.data.preview import render_example
 from qlora_pipe.data.prepared import PreparedData
+from qlora_pipe.data.preview import render_example
 
 
 def image_runs(input_ids: list[int], labels: list[int], image_token: int | None) -> list[tuple[bool, list, list]]:
@@ -32,6 +32,8 @@ def vision_preview(prepared: PreparedData, processor, count: int, color: bool) -
         text = []
         for is_image, ids, labels in image_runs(row["input_ids"], row["labels"], image_token):
             text.append(f"<image: {len(ids)} tokens>" if is_image else render_example(ids, labels, tokenizer, color))
-        lines.append(f"\n--- example {index + 1} ({len(row['input_ids'])} tokens, {len(row['image_files'])} images) ---")
+        lines.append(
+            f"\n--- example {index + 1} ({len(row['input_ids'])} tokens, {len(row['image_files'])} images) ---"
+        )
         lines.append("".join(text))
     return "\n".join(lines)
