@@ -27,8 +27,11 @@ def image_bytes(value: Any, folder: Path | None) -> bytes:
     """The encoded bytes of one image reference (see the module's docstring); BadImage when it cannot be read."""
     if isinstance(value, dict):
         if value.get("bytes"):
-            return decoded(bytes(value["bytes"]))
-        for key in ("path", "url", "image", "base64"):
+            given = value["bytes"]
+            return decoded(from_base64(given) if isinstance(given, str) else bytes(given))
+        if isinstance(value.get("base64"), str):
+            return decoded(from_base64(value["base64"].partition(",")[2] if value["base64"].startswith("data:") else value["base64"]))
+        for key in ("path", "url", "image"):
             if value.get(key):
                 return image_bytes(value[key], folder)
         if isinstance(value.get("image_url"), dict | str):  # OpenAI's {"image_url": {"url": ...}}

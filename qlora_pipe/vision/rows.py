@@ -12,6 +12,7 @@ system turns; an image in an assistant turn is dropped with its reason (nothing 
 from __future__ import annotations
 
 import base64
+import json
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,11 @@ IMAGE_TYPES = ("image", "image_url")
 def vision_example(row: dict[str, Any], folder: Path | None) -> dict[str, Any] | str:
     """The normalized example of one row (``folder``: where relative image paths are found), or its drop reason."""
     messages = row.get("messages")
+    if isinstance(messages, str):  # a table column holding the conversation as JSON
+        try:
+            messages = json.loads(messages)
+        except json.JSONDecodeError:
+            return "messages are not valid JSON"
     if messages is None and isinstance(row.get("conversations"), list):
         messages = [
             {"role": SHAREGPT_ROLES.get(turn.get("from"), turn.get("from")), "content": turn.get("value")}
