@@ -142,7 +142,7 @@ def test_loss_mask_is_the_answer_only_and_ids_are_the_processors_own(vlm_dir, sh
     from qlora_pipe.data.prepared import IGNORE
     from qlora_pipe.methods import method_for
     from qlora_pipe.models.loading import load_tokenizer
-    from qlora_pipe.vision.preview import vision_preview
+    from qlora_pipe.data.preview import vision_preview
 
     recipe = validate_recipe(vision_recipe(vlm_dir, shapes, tmp_path))
     tokenizer = load_tokenizer(recipe)

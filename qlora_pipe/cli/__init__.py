@@ -121,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--temperature", type=float, metavar="T", help="sample with this temperature")
     chat.add_argument("--top-p", type=float, metavar="P", help="sample from the top-p nucleus")
     chat.add_argument("--greedy", action="store_true", help="always pick the most likely token")
+    chat.add_argument("--image", metavar="FILE", help="a picture shown with the first message (a vision model)")
     chat.add_argument(
         "--tools", metavar="FILE.json", help="functions (JSON schema) rendered into the prompt; calls shown, not run"
     )

@@ -120,7 +120,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from qlora_pipe.evaluate.chat import run_chat
 
     flags = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p}
-    return run_chat(args.path, args.prompt, args.system, {**flags, "greedy": args.greedy}, args.tools)
+    return run_chat(args.path, args.prompt, args.system, {**flags, "greedy": args.greedy}, args.tools, args.image)
 
 
 @needs_bitsandbytes

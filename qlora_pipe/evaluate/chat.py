@@ -36,6 +36,8 @@ class ChatModel:
     source: str  # what was loaded, for the banner
     defaults: object = None  # generation defaults: the recipe's generation section, or generation_config.json
     tools: list[dict] | None = None  # --tools: functions rendered into every prompt; calls are shown, not run
+    processor: object = None  # a vision-language model's processor (its image processor and chat template)
+    image: object = None  # --image: the picture shown with the first user message (PIL image)
 
 
 def _is_run_dir(path: Path) -> bool:
@@ -59,12 +61,15 @@ def load_chat_model(path: str | Path) -> ChatModel:
         recipe = run_recipe(run, "chat")
         from qlora_pipe.methods import method_for
 
-        if refusal := method_for(recipe).refusal("chat", run):
+        method = method_for(recipe)
+        if refusal := method.refusal("chat", run):
             raise UserError(refusal)
-        model = load_trained_model(recipe, run.root)
+        model = method.load_trained(recipe, run.root)
         tokenizer = load_run_tokenizer(run.root)
         source = f"{run.root} (4-bit base + adapter)"
         chat = ChatModel(model, tokenizer, training_system_prompt(run), source, recipe.generation)
+        if (run.root / "processor_config.json").is_file():
+            chat.processor = saved_processor(run.root, tokenizer)
     elif (path / "config.json").is_file():
         if any(
             a.endswith("ForSequenceClassification")
@@ -72,16 +77,54 @@ def load_chat_model(path: str | Path) -> ChatModel:
         ):
             raise UserError(f"chat: {path} is a classifier; load it with AutoModelForSequenceClassification")
         dtype = load_dtype_for(path)  # fp32 on a CPU that emulates bf16
+        vision = (path / "processor_config.json").is_file()
+        if vision:
+            from transformers import AutoModelForImageTextToText as AutoModelForCausalLM  # noqa: N814
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": training_device()}).eval()
         tokenizer = AutoTokenizer.from_pretrained(path)
         # export wrote the recipe's generation section into generation_config.json
         system = training_system_prompt(run_of_merged(path))
         chat = ChatModel(model, tokenizer, system, f"{path} (merged model)", model.generation_config)
+        chat.processor = saved_processor(path, tokenizer) if vision else None
     else:
         raise UserError(f"chat: {path} is neither a run directory ({RESOLVED_RECIPE}) nor a model (config.json)")
     if not getattr(chat.tokenizer, "chat_template", None):
         raise UserError(f"chat: the tokenizer in {path} has no chat template")
     return chat
+
+
+def saved_processor(folder: Path, tokenizer):
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(str(folder))
+    processor.tokenizer = tokenizer
+    return processor
+
+
+def load_image(path: str):
+    """--image FILE: the picture, decoded (one line naming the file when it cannot be)."""
+    from qlora_pipe.vision.images import BadImage, image_bytes, open_rgb
+
+    try:
+        return open_rgb(image_bytes(str(Path(path).expanduser().resolve()), None))
+    except BadImage as exc:
+        raise UserError(f"chat --image: {path}: {exc}") from exc
+
+
+def prompt_inputs(chat: ChatModel, messages: list[dict]) -> dict:
+    """The generate inputs of a conversation: its ids, and with --image the picture in the first user
+    message, as the processor renders and expands it."""
+    import torch
+
+    if chat.image is None:
+        ids = torch.tensor([chat_prompt_ids(chat.tokenizer, messages, chat.tools)], device=chat.model.device)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    first = next(i for i, m in enumerate(messages) if m["role"] == "user")
+    parts = [{"type": "image"}, {"type": "text", "text": messages[first]["content"]}]
+    shown = [*messages[:first], {"role": "user", "content": parts}, *messages[first + 1 :]]
+    text = chat.processor.apply_chat_template(shown, add_generation_prompt=True)
+    out = chat.processor(text=[text], images=[[chat.image]], add_special_tokens=False, return_tensors="pt")
+    return {k: v.to(chat.model.device) for k, v in out.items() if isinstance(v, torch.Tensor)}
 
 
 def check_generation_flags(max_new_tokens: int | None, temperature: float | None, top_p: float | None) -> None:
@@ -119,7 +162,7 @@ def stream_reply(chat: ChatModel, messages: list[dict[str, str]], settings: Gene
     from transformers import TextStreamer
 
     tokenizer = chat.tokenizer
-    ids = torch.tensor([chat_prompt_ids(tokenizer, messages, chat.tools)], device=chat.model.device)
+    inputs = prompt_inputs(chat, messages)
     pieces: list[str] = []
 
     class Collector(TextStreamer):  # prints like TextStreamer and keeps the text for the conversation
@@ -132,8 +175,7 @@ def stream_reply(chat: ChatModel, messages: list[dict[str, str]], settings: Gene
     try:
         with torch.no_grad():
             chat.model.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
+                **inputs,
                 streamer=streamer,
                 **settings.generate_kwargs(stops, tokenizer.pad_token_id),
             )
@@ -218,12 +260,23 @@ def chat_loop(
 
 
 def run_chat(
-    path: str, prompt: str | None, system: str | None, settings_flags: dict, tools_path: str | None = None
+    path: str,
+    prompt: str | None,
+    system: str | None,
+    settings_flags: dict,
+    tools_path: str | None = None,
+    image_path: str | None = None,
 ) -> int:
-    """The chat command: one answer for --prompt, else an interactive session."""
+    """The chat command: one answer for --prompt, else an interactive session (``image_path``: a picture shown
+    with the first message, for a vision-language model)."""
     check_generation_flags(settings_flags["max_new_tokens"], settings_flags["temperature"], settings_flags["top_p"])
     tools = load_tools(tools_path) if tools_path else None
+    image = load_image(image_path) if image_path else None
     chat = load_chat_model(path)
+    if image is not None:
+        if chat.processor is None:
+            raise UserError(f"chat --image: {path} is a text model (no image processor); leave out --image")
+        chat.image = image
     if tools:
         if not probe_template(chat.tokenizer, None).renders_tools:
             raise UserError(f"chat --tools: the chat template of {path} does not render tools")

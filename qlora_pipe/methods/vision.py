@@ -32,7 +32,7 @@ class Vision(Method):
         return prepare_vision_data(recipe.data, self.processor(recipe, tokenizer), recipe.seed)
 
     def preview(self, recipe, tokenizer, rows: int, color: bool) -> str:
-        from qlora_pipe.vision.preview import vision_preview
+        from qlora_pipe.data.preview import vision_preview
 
         processor = self.processor(recipe, tokenizer)
         return vision_preview(self.prepare_data(recipe, tokenizer), processor, rows, color)
@@ -93,9 +93,12 @@ class Vision(Method):
     def callbacks(self, recipe, run, tokenizer, data) -> list:
         if data.eval is None:
             return []
-        from qlora_pipe.vision.answers import held_out_image_scores
+        from qlora_pipe.training.callbacks import HeldOutBeforeAfter
+        from qlora_pipe.vision.answers import VISION_EVAL, image_scores, most_frequent_answer
 
-        return [held_out_image_scores(run, data, self.processor(recipe, tokenizer))]
+        processor, rows = self.processor(recipe, tokenizer), list(data.eval)
+        baseline = most_frequent_answer(data.train, tokenizer)
+        return [HeldOutBeforeAfter(run.root / VISION_EVAL, lambda model: image_scores(model, processor, rows, baseline))]
 
     def summary(self, recipe, run) -> dict:
         from qlora_pipe.vision.answers import read_scores

@@ -24,6 +24,7 @@ from qlora_pipe.recipe.methods import (
     kind_of,
 )
 from qlora_pipe.recipe.output_sections import ExportSection, GenerationSection, HubSection
+from qlora_pipe.recipe.source_section import SourceSection
 from qlora_pipe.recipe.trainer_limits import trainer_refusal
 
 ComputeDtype = Literal["auto", "bfloat16", "float16", "float32"]
@@ -73,33 +74,6 @@ class LoraSection(Section):
         if (isinstance(value, list) and not value) or (isinstance(value, str) and value != "all-linear"):
             raise ValueError("must be a non-empty list of module names, or 'all-linear'")
         return value
-
-
-class SourceSection(Section):
-    path: str | None = Field(None, description="Local file, directory or glob (.jsonl, .json, .csv, .parquet).")
-    hub: str | None = Field(None, description="Hugging Face Hub dataset id (or a local dataset folder).")
-    config: str | None = Field(None, description="Hub dataset configuration name.")
-    split: str = Field("train", description="Hub dataset split.")
-    revision: str | None = Field(None, description="Hub dataset revision (branch, tag or commit).")
-    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"] = Field(
-        "auto", description="Row format; 'auto' detects it from the columns and says what it found."
-    )
-    columns: dict[str, str] = Field(
-        default_factory=dict, description="Rename columns to the format's names, e.g. {instruction: question}."
-    )
-    weight: float = Field(1.0, gt=0, description="Rows drawn relative to the source size (0.5: half, 2: twice).")
-    samples: int | None = Field(None, ge=1, description="Exact number of rows to draw (instead of weight).")
-
-    @model_validator(mode="after")
-    def _one_location(self) -> SourceSection:
-        if (self.path is None) == (self.hub is None):
-            raise ValueError("give exactly one of 'path' or 'hub'")
-        if self.samples is not None and self.weight != 1.0:
-            raise ValueError("give 'weight' or 'samples', not both")
-        return self
-
-    def label(self) -> str:
-        return self.path or f"hub:{self.hub}" + (f"/{self.config}" if self.config else "") + f"[{self.split}]"
 
 
 class DataSection(Section):
@@ -264,9 +238,7 @@ class Recipe(Section):
     grpo: GrpoSection = Field(default_factory=GrpoSection)
     reward: RewardSection = Field(default_factory=RewardSection)
     task: TASKS = Field(
-        "causal_lm",
-        description="causal_lm (text generation), classification (docs/classification.md), or vision: images and "
-        "text in, text out (docs/vision.md).",
+        "causal_lm", description="causal_lm (text), classification (docs/classification.md), vision (docs/vision.md)."
     )
     classification: ClassificationSection = Field(default_factory=ClassificationSection)
     vision: VisionSection = Field(default_factory=VisionSection)

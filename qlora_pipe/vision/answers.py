@@ -75,15 +75,6 @@ def image_scores(model, processor, rows, baseline_answer: str) -> dict[str, Any]
     }
 
 
-def held_out_image_scores(run, data, processor):
-    """The trainer callback that scores the held-out image questions before and after training."""
-    from qlora_pipe.training.callbacks import HeldOutBeforeAfter
-
-    rows = list(data.eval)
-    baseline = most_frequent_answer(data.train, processor.tokenizer)
-    return HeldOutBeforeAfter(run.root / VISION_EVAL, lambda model: image_scores(model, processor, rows, baseline))
-
-
 def read_scores(run_root: Path) -> dict[str, Any]:
     path = run_root / VISION_EVAL
     return json.loads(path.read_text()) if path.is_file() else {}
