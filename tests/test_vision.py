@@ -213,7 +213,7 @@ def test_a_bad_image_with_on_bad_row_error_is_one_line(vlm_dir, shapes, tmp_path
     assert_one_line_error(cli("data", str(path), "--preview", "1"), "row 2", "image not decodable")
 
 
-def test_a_vision_run_trains_exports_and_reloads_in_plain_transformers(vlm_dir, shapes, tmp_path):
+def test_a_vision_run_trains_exports_and_reloads_in_plain_transformers(vlm_dir, shapes, tmp_path, capsys):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from qlora_pipe.export.command import export_merged
@@ -246,4 +246,18 @@ def test_a_vision_run_trains_exports_and_reloads_in_plain_transformers(vlm_dir, 
 
     data = method_for(recipe).prepare_data(recipe, load_run_tokenizer(run.root))
     rows = [data.eval[i] for i in range(2)]
-    assert image_answers(merged, processor, rows, 4) == image_answers(trained, processor, rows, 4)
+    answers = image_answers(merged, processor, rows, 4)
+    assert answers == image_answers(trained, processor, rows, 4)
+
+    # chat shows the picture with the question: the same greedy answer from the run and from the merged folder
+    from qlora_pipe.evaluate.chat import run_chat
+
+    first = json.loads((shapes / "eval.jsonl").read_text().splitlines()[0])["messages"][0]["content"]
+    flags = {"max_new_tokens": 4, "temperature": None, "top_p": None, "greedy": True}
+    for folder in (run.root, merged_dir):
+        capsys.readouterr()
+        run_chat(str(folder), first[1]["text"], "", flags, image_path=str(shapes / first[0]["path"]))
+        assert capsys.readouterr().out.strip() == answers[0]
+    assert_one_line_error(
+        cli("chat", str(merged_dir), "--prompt", "hi", "--image", str(shapes / "nowhere.png")), "nowhere.png", "missing"
+    )
