@@ -105,10 +105,14 @@ def test_rows_of_every_form_become_parts_with_checked_images(tmp_path):
         row({"type": "image", "base64": b64}, "red"),
         row({"type": "image_url", "image_url": {"url": f"data:image/png;base64,{b64}"}}, "red"),
         row({"type": "image", "image": {"bytes": data, "path": None}}, "red"),  # a Parquet Image column
-        {"messages": [{"role": "user", "content": "<image>What colour?"}, {"role": "assistant", "content": "red"}],
-         "images": ["a.png"]},  # LLaVA form
-        {"conversations": [{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "red"}],
-         "image": str(tmp_path / "a.png")},  # ShareGPT with one image, absolute path
+        {
+            "messages": [{"role": "user", "content": "<image>What colour?"}, {"role": "assistant", "content": "red"}],
+            "images": ["a.png"],
+        },  # LLaVA form
+        {
+            "conversations": [{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "red"}],
+            "image": str(tmp_path / "a.png"),
+        },  # ShareGPT with one image, absolute path
         {**row({"type": "image"}, "red"), "images": [{"bytes": data}]},  # TRL's bare image parts
     ]
     for raw in kept:
@@ -140,9 +144,9 @@ def test_rows_of_every_form_become_parts_with_checked_images(tmp_path):
 
 def test_loss_mask_is_the_answer_only_and_ids_are_the_processors_own(vlm_dir, shapes, tmp_path):
     from qlora_pipe.data.prepared import IGNORE
+    from qlora_pipe.data.preview import vision_preview
     from qlora_pipe.methods import method_for
     from qlora_pipe.models.loading import load_tokenizer
-    from qlora_pipe.data.preview import vision_preview
 
     recipe = validate_recipe(vision_recipe(vlm_dir, shapes, tmp_path))
     tokenizer = load_tokenizer(recipe)
@@ -157,8 +161,13 @@ def test_loss_mask_is_the_answer_only_and_ids_are_the_processors_own(vlm_dir, sh
     for example, encoded in zip(source, data.train, strict=True):
         messages = example["messages"]
         text = processor.apply_chat_template(
-            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is the circle?"}]},
-             {"role": "assistant", "content": [{"type": "text", "text": messages[1]["content"]}]}]
+            [
+                {
+                    "role": "user",
+                    "content": [{"type": "image"}, {"type": "text", "text": "What colour is the circle?"}],
+                },
+                {"role": "assistant", "content": [{"type": "text", "text": messages[1]["content"]}]},
+            ]
         )
         image = Image.open(shapes / messages[0]["content"][0]["path"]).convert("RGB")
         expected = processor(text=[text], images=[[image]], add_special_tokens=False)["input_ids"][0]
@@ -166,10 +175,11 @@ def test_loss_mask_is_the_answer_only_and_ids_are_the_processors_own(vlm_dir, sh
         trained = [t for t, label in zip(encoded["input_ids"], encoded["labels"], strict=True) if label != IGNORE]
         assert tokenizer.decode(trained) == messages[1]["content"] + "<|im_end|>"
         assert encoded["input_ids"].count(image_id) == 16
-        assert all(label == IGNORE for t, label in zip(encoded["input_ids"], encoded["labels"], strict=True)
-                   if t == image_id)
+        assert all(
+            label == IGNORE for t, label in zip(encoded["input_ids"], encoded["labels"], strict=True) if t == image_id
+        )
     shown = vision_preview(data, processor, 1, color=False)
-    assert "<image: 16 tokens>" in shown and "[[red<|im_end|>]]" in shown or "[[blue<|im_end|>]]" in shown
+    assert ("<image: 16 tokens>" in shown and "[[red<|im_end|>]]" in shown) or "[[blue<|im_end|>]]" in shown
     assert "images: 24 images, 384 image tokens, never trained" in shown
 
 
@@ -181,9 +191,15 @@ def test_truncation_never_cuts_an_image_and_bad_images_are_counted(vlm_dir, tmp_
     long_question = "Look closely at this picture please. " * 10
     rows = [
         row({"type": "image", "path": "a.png"}, "red " * 40),  # the image early: truncated after it
-        {"messages": [{"role": "user", "content": [{"type": "text", "text": long_question},
-                                                  {"type": "image", "path": "a.png"}]},
-                      {"role": "assistant", "content": "red"}]},  # the image past the cut: dropped
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [{"type": "text", "text": long_question}, {"type": "image", "path": "a.png"}],
+                },
+                {"role": "assistant", "content": "red"},
+            ]
+        },  # the image past the cut: dropped
         row({"type": "image", "path": "missing.png"}, "red"),
         row({"type": "image", "path": "a.png"}, "red"),
     ]
@@ -213,7 +229,7 @@ def test_a_bad_image_with_on_bad_row_error_is_one_line(vlm_dir, shapes, tmp_path
     assert_one_line_error(cli("data", str(path), "--preview", "1"), "row 2", "image not decodable")
 
 
-def test_a_vision_run_trains_exports_and_reloads_in_plain_transformers(vlm_dir, shapes, tmp_path, capsys):
+def test_a_vision_run_trains_exports_and_reloads_in_plain_transformers(vlm_dir, shapes, tmp_path, capsys, converter):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from qlora_pipe.export.command import export_merged
@@ -233,8 +249,13 @@ def test_a_vision_run_trains_exports_and_reloads_in_plain_transformers(vlm_dir, 
     before_first = json.loads(run.metrics.read_text().splitlines()[0])
     assert before_first["step"] == 0 and "eval_loss" in before_first
 
-    exported = export_merged(run.root)
+    exported = export_merged(run.root, gguf_types=["q8_0"])
     assert exported.fidelity["passed"], exported.fidelity
+    gguf = json.loads((exported.out / "fidelity.json").read_text())["gguf"]["q8_0"]
+    assert gguf["passed"] and gguf["quantized_tensors"] > 0  # the language model, checked tensor by tensor
+    projector = gguf["mmproj"]  # the vision encoder and projector, for llama.cpp's --mmproj
+    assert projector["passed"] and projector["tensors"] == projector["exact_tensors"] > 0
+    assert not projector["unmatched_tensors"] and (run.root / "gguf" / projector["file"]).is_file()
     assert exported.info["replaced"] > 0  # the vision tower and projector, trained whole
     merged_dir = exported.out
     processor = AutoProcessor.from_pretrained(merged_dir)

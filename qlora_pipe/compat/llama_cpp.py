@@ -150,28 +150,41 @@ def known_pre_tokenizer(model_dir: Path) -> None:
 MEMORY_LINE = "qlora-pipe converter host memory:"
 
 
-def supported(architecture: str) -> bool:
+def supported(architecture: str, mmproj: bool = False) -> bool:
     from conversion import get_model_class
 
     try:
-        get_model_class(architecture)
+        get_model_class(architecture, mmproj=mmproj)
     except NotImplementedError:
         return False
     return True
 
 
+def converted_architecture(config: dict, mmproj: bool) -> str:
+    """The architecture the converter converts, as it picks it (verified on llama.cpp 0.3.36's converter): a
+    vision-language model's language model by its text_config's architecture; its projector (mmproj) by the
+    model's own."""
+    text = config.get("text_config") or {}
+    if not mmproj and text.get("architectures"):
+        return text["architectures"][0]
+    return (config.get("architectures") or ["?"])[0]
+
+
 def main(argv: list[str]) -> int:
-    """``CONVERTER MODEL_DIR OUTFILE OUTTYPE`` (a model), or ``lora CONVERTER ADAPTER_DIR BASE_DIR OUTFILE
+    """``CONVERTER MODEL_DIR OUTFILE OUTTYPE`` (a model), ``mmproj CONVERTER MODEL_DIR OUTFILE OUTTYPE`` (a
+    vision-language model's vision encoder and projector), or ``lora CONVERTER ADAPTER_DIR BASE_DIR OUTFILE
     OUTTYPE`` (a PEFT LoRA adapter, with the base folder it is served on giving the architecture)."""
-    lora = argv[0] == "lora"
+    lora, mmproj = argv[0] == "lora", argv[0] == "mmproj"
+    argv = argv[1:] if mmproj else argv
     if lora:
         converter, adapter_dir, model_dir, outfile, outtype = Path(argv[1]), argv[2], Path(argv[3]), argv[4], argv[5]
     else:
         converter, model_dir, outfile, outtype = Path(argv[0]), Path(argv[1]), argv[2], argv[3]
     sys.path[:0] = [str(converter), str(converter / "gguf-py")]
-    architecture = (json.loads((model_dir / "config.json").read_text()).get("architectures") or ["?"])[0]
-    if not supported(architecture):
-        print(f"gguf: llama.cpp's converter does not support {architecture}", file=sys.stderr)
+    architecture = converted_architecture(json.loads((model_dir / "config.json").read_text()), mmproj)
+    if not supported(architecture, mmproj):
+        what = "the vision projector (mmproj) of " if mmproj else ""
+        print(f"gguf: llama.cpp's converter does not support {what}{architecture}", file=sys.stderr)
         return 2
     known_pre_tokenizer(model_dir)
     gpt2_context_length()
@@ -181,5 +194,6 @@ def main(argv: list[str]) -> int:
     else:
         script = converter / "convert_hf_to_gguf.py"
         sys.argv = [str(script), str(model_dir), "--outfile", outfile, "--outtype", outtype]
+        sys.argv += ["--mmproj"] if mmproj else []
     runpy.run_path(str(script), run_name="__main__")
     return 0

@@ -67,7 +67,6 @@ def preference_preview_text(prepared: PreparedData, tokenizer, count: int) -> st
             answer = full[len(prompt) :] if full.startswith(prompt) else full
             lines.append(f"  {name:>8}{label}: {OPEN}{answer}{CLOSE}")
     return "\n".join(lines)
-from qlora_pipe.data.preview import render_example
 
 
 def image_runs(input_ids: list[int], labels: list[int], image_token: int | None) -> list[tuple[bool, list, list]]:

@@ -55,7 +55,6 @@ def load_chat_model(path: str | Path) -> ChatModel:
         raise UserError(f"chat: directory not found: {path}")
     if _is_run_dir(path):
         from qlora_pipe.models.base_record import run_recipe
-        from qlora_pipe.models.loading import load_trained_model
 
         run = resolve_run(path)
         recipe = run_recipe(run, "chat")
@@ -79,7 +78,7 @@ def load_chat_model(path: str | Path) -> ChatModel:
         dtype = load_dtype_for(path)  # fp32 on a CPU that emulates bf16
         vision = (path / "processor_config.json").is_file()
         if vision:
-            from transformers import AutoModelForImageTextToText as AutoModelForCausalLM  # noqa: N814
+            from transformers import AutoModelForImageTextToText as AutoModelForCausalLM
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": training_device()}).eval()
         tokenizer = AutoTokenizer.from_pretrained(path)
         # export wrote the recipe's generation section into generation_config.json

@@ -129,12 +129,14 @@ def _download_converter(target: Path) -> None:
         partial.rename(target)
 
 
-def convert(merged: Path, out_file: Path, gguf_type: str, log: Path) -> dict | None:
+def convert(merged: Path, out_file: Path, gguf_type: str, log: Path, mmproj: bool = False) -> dict | None:
     """Run the converter (in its own process) on the merged folder; a one-line error if it fails. Returns the
-    converter process's peak host memory (qlora_pipe/machine/host_memory.py), None where not measured."""
+    converter process's peak host memory (qlora_pipe/machine/host_memory.py), None where not measured.
+    ``mmproj``: a vision-language model's vision encoder and projector, in their own file."""
     converter_type = gguf_type if gguf_type in CONVERTER_TYPES else "f16"
     target = out_file if gguf_type in CONVERTER_TYPES else out_file.with_suffix(".f16.tmp")
-    command = [sys.executable, "-m", "qlora_pipe.export.converter_process", str(converter_dir()), str(merged)]
+    command = [sys.executable, "-m", "qlora_pipe.export.converter_process", *(["mmproj"] if mmproj else [])]
+    command += [str(converter_dir()), str(merged)]
     # The output comes through a pipe and is written to the log afterwards: on a full disk the log cannot
     # be written either, and the reason must still reach the error line.
     done = subprocess.run(

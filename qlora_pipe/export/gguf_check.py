@@ -106,16 +106,41 @@ def compared_blocks(tensor, hf_name: str, weights: MergedWeights, config: dict[s
         yield got, weights.rows(hf_name, start, stop).float()
 
 
-def check_gguf(merged: Path, gguf_file: Path, gguf_type: str) -> dict[str, Any]:
+def converted_config(config: dict[str, Any], mmproj: bool) -> dict[str, Any]:
+    """The part of the merged config a file holds: a vision-language model's language model (its text_config)
+    in the main file, its vision encoder (vision_config, laid out as stored) in the mmproj file."""
+    if mmproj:
+        return {**config.get("vision_config", {}), "architectures": []}
+    text = config.get("text_config")
+    if not text:
+        return config
+    return {**text, "architectures": text.get("architectures") or config.get("architectures")}
+
+
+# Where a vision-language model keeps its language model; the converter writes it under the plain names.
+LANGUAGE_PREFIXES = (".text_model.", ".language_model.")
+
+
+def mapped_name(names, hf_name: str) -> str | None:
+    found = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+    for prefix in LANGUAGE_PREFIXES:
+        if found is None and prefix in hf_name:
+            found = names.get_name(hf_name.replace(prefix, ".", 1), try_suffixes=(".weight", ".bias"))
+    return found
+
+
+def check_gguf(merged: Path, gguf_file: Path, gguf_type: str, mmproj: bool = False) -> dict[str, Any]:
+    """The file against the merged folder (``mmproj``: a vision-language model's projector file, whose
+    tensors are the vision encoder's and the projector's)."""
     import gguf
 
     reader = gguf.GGUFReader(gguf_file)
-    config = json.loads((merged / "config.json").read_text())
+    config = converted_config(json.loads((merged / "config.json").read_text()), mmproj)
     names = gguf_name_map(reader, config.get("num_hidden_layers", config.get("n_layer", 0)))
     weights = MergedWeights(merged)
     by_gguf_name = {}
     for hf_name in weights.names():
-        mapped = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        mapped = mapped_name(names, hf_name)
         if mapped is not None:
             by_gguf_name[mapped] = hf_name
     if "output.weight" not in by_gguf_name and "token_embd.weight" in by_gguf_name:
@@ -183,8 +208,8 @@ def check_gguf(merged: Path, gguf_file: Path, gguf_type: str) -> dict[str, Any]:
         and not non_finite
         and exact_diff == 0.0
         and within(quant_error, tolerance)
-        and result["eos_token_id"] == end_of_turn
-        and (serving is None or result["chat_template_is_serving_template"])
+        and (mmproj or result["eos_token_id"] == end_of_turn)
+        and (mmproj or serving is None or result["chat_template_is_serving_template"])
     )
     result["criteria"] = {"exact_tensors": "bit-equal", "max_relative_quantization_error": tolerance}
     return result

@@ -133,8 +133,29 @@ def export_gguf(run: RunDir, merged: Path, gguf_type: str) -> dict[str, Any]:
         partial.unlink(missing_ok=True)  # ours: written a moment ago under the temporary name
         raise
     partial.replace(final)
+    if (merged / "processor_config.json").is_file():  # a vision-language model: its projector file beside
+        result["mmproj"] = export_projector(run, merged, folder)
     result["ollama_modelfile"] = write_ollama_modelfile(run, merged, folder, final)
     record(merged, gguf_type, result)
+    return result
+
+
+def export_projector(run: RunDir, merged: Path, folder: Path) -> dict[str, Any]:
+    """RUN/gguf/<run>-mmproj-f16.gguf: the vision encoder and projector as llama.cpp's multimodal tools load
+    them (--mmproj), converted by llama.cpp's converter and checked tensor by tensor like the main file."""
+    final = folder / f"{run.root.name}-mmproj-f16.gguf"
+    partial = final.with_name(final.name + ".partial")
+    print(f"converting the vision encoder and projector of {merged} to GGUF (mmproj, f16) ...", flush=True)
+    convert(merged, partial, "f16", folder / "convert-mmproj.log", mmproj=True)
+    try:
+        result = check_gguf(merged, partial, "f16", mmproj=True)
+        if not result["passed"]:
+            raise UserError(f"export --format gguf: the mmproj file does not match the merged model: {failure(result)}")
+    except BaseException:
+        partial.unlink(missing_ok=True)  # ours: written a moment ago under the temporary name
+        raise
+    partial.replace(final)
+    result["file"] = final.name
     return result
 
 
@@ -186,6 +207,12 @@ def gguf_table(result: dict[str, Any]) -> str:
                 f"(+{report['peak_file_mapped_bytes'] / 2**30:.2f} GiB memory-mapped files)"
                 for step, report in peaks.items()
             )
+        )
+    if projector := result.get("mmproj"):
+        lines.append(
+            f"  vision: {projector['file']} ({projector['bytes'] / 2**20:.1f} MiB), {projector['tensors']} tensors "
+            f"of the vision encoder and projector, {projector['exact_tensors']} bit-equal to the merged weights "
+            "(llama.cpp: llama-mtmd-cli -m MODEL.gguf --mmproj THIS_FILE)"
         )
     modelfile = result.get("ollama_modelfile", {})
     lines.append(f"  Ollama: {modelfile.get('path') or 'no Modelfile: ' + modelfile.get('reason', '')}")

@@ -74,9 +74,10 @@ def measure(run: RunDir, gguf_file: Path, lora: Path | None = None) -> dict[str,
     from qlora_pipe.export.fidelity import compare, fidelity_rows, reference_noise
     from qlora_pipe.export.verdict import judge
     from qlora_pipe.machine.cpu_threads import choose_cpu_threads
+    from qlora_pipe.methods import method_for
     from qlora_pipe.models.base_record import run_recipe
     from qlora_pipe.models.generation import chat_prompt_ids, stop_token_ids
-    from qlora_pipe.models.loading import load_run_tokenizer, load_trained_model
+    from qlora_pipe.models.loading import load_run_tokenizer
 
     recipe = run_recipe(run, "export --format gguf")
     tokenizer = load_run_tokenizer(run.root)
@@ -99,7 +100,7 @@ def measure(run: RunDir, gguf_file: Path, lora: Path | None = None) -> dict[str,
         == tokenizer(text, add_special_tokens=False)["input_ids"]
         for text in texts
     )
-    trained = load_trained_model(recipe, run.root)
+    trained = method_for(recipe).load_trained(recipe, run.root)
     # judged as the merged export is: bounds widened by the trained model's own precision noise on these rows
     result = judge(compare(trained, served, rows), reference_noise(recipe, run, trained, rows))
     result["eval_loss_llama_cpp"] = result.pop("eval_loss_merged")

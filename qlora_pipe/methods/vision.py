@@ -98,7 +98,9 @@ class Vision(Method):
 
         processor, rows = self.processor(recipe, tokenizer), list(data.eval)
         baseline = most_frequent_answer(data.train, tokenizer)
-        return [HeldOutBeforeAfter(run.root / VISION_EVAL, lambda model: image_scores(model, processor, rows, baseline))]
+        return [
+            HeldOutBeforeAfter(run.root / VISION_EVAL, lambda model: image_scores(model, processor, rows, baseline))
+        ]
 
     def summary(self, recipe, run) -> dict:
         from qlora_pipe.vision.answers import read_scores

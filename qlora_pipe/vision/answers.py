@@ -20,7 +20,8 @@ from qlora_pipe.evaluate.metrics import score_answers
 from qlora_pipe.vision.collate import IMAGE_COLUMN, pixel_inputs
 
 VISION_EVAL = "vision_eval.json"
-ANSWER_TOKENS = 32
+ANSWER_TOKENS = 256  # at most
+ANSWER_SLACK = 8  # tokens beyond the longest reference answer
 
 
 def question_and_answer(row: dict[str, Any], tokenizer) -> tuple[list[int], str]:
@@ -49,7 +50,9 @@ def image_answers(model, processor, rows, max_new_tokens: int = ANSWER_TOKENS) -
                 prompt, _ = question_and_answer(row, tokenizer)
                 ids = torch.tensor([prompt], device=model.device)
                 pixels = {k: v.to(model.device) for k, v in pixel_inputs(processor, [row[IMAGE_COLUMN]]).items()}
-                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **pixels, **kwargs)
+                out = model.generate(  # the KV cache, whatever training's checkpointing set in the config
+                    input_ids=ids, attention_mask=torch.ones_like(ids), **pixels, **kwargs, use_cache=True
+                )
                 answers.append(to_generation(tokenizer, out[0, ids.shape[1] :].tolist(), stops).text)
                 bar.update(1)
     finally:
@@ -64,9 +67,11 @@ def most_frequent_answer(train, tokenizer) -> str:
 
 
 def image_scores(model, processor, rows, baseline_answer: str) -> dict[str, Any]:
-    """Exact match and token F1 of the model's answers, with the most-frequent-answer baseline's."""
+    """Exact match and token F1 of the model's answers, with the most-frequent-answer baseline's. Answers may
+    run to the longest reference answer's length and a few tokens more."""
     references = [question_and_answer(row, processor.tokenizer)[1] for row in rows]
-    answers = image_answers(model, processor, rows)
+    longest = max((sum(label != IGNORE for label in row["labels"]) for row in rows), default=0)
+    answers = image_answers(model, processor, rows, min(ANSWER_TOKENS, longest + ANSWER_SLACK))
     return {
         **score_answers(answers, references),
         "rows": len(rows),

@@ -30,7 +30,11 @@ def image_bytes(value: Any, folder: Path | None) -> bytes:
             given = value["bytes"]
             return decoded(from_base64(given) if isinstance(given, str) else bytes(given))
         if isinstance(value.get("base64"), str):
-            return decoded(from_base64(value["base64"].partition(",")[2] if value["base64"].startswith("data:") else value["base64"]))
+            return decoded(
+                from_base64(
+                    value["base64"].partition(",")[2] if value["base64"].startswith("data:") else value["base64"]
+                )
+            )
         for key in ("path", "url", "image"):
             if value.get(key):
                 return image_bytes(value[key], folder)
