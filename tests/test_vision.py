@@ -45,9 +45,9 @@ def row(image_part: dict, answer: str, question: str = "What colour is the circl
 
 @pytest.fixture(scope="module")
 def vlm_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    from qlora_pipe.vision.builder import build_vision_model
+    from qlora_pipe.vision.builder import VisionSpec, build_vision_model
 
-    return build_vision_model(tiny_model_dir, tmp_path_factory.mktemp("vlm") / "model")
+    return build_vision_model(tiny_model_dir, tmp_path_factory.mktemp("vlm") / "model", VisionSpec(pretrain_steps=50))
 
 
 @pytest.fixture(scope="module")
@@ -282,3 +282,11 @@ def test_a_vision_run_trains_exports_and_reloads_in_plain_transformers(vlm_dir, 
     assert_one_line_error(
         cli("chat", str(merged_dir), "--prompt", "hi", "--image", str(shapes / "nowhere.png")), "nowhere.png", "missing"
     )
+
+    # eval: the held-out image questions, base (adapter and trained vision parts off) against the merged export
+    from qlora_pipe.vision.answers import run_vision_eval
+
+    evaluated = run_vision_eval(run, recipe, None, 2, merged=True)
+    assert evaluated["after"]["rows"] == evaluated["before"]["rows"] == 2
+    assert evaluated["before"]["examples"] != evaluated["after"]["examples"]  # the trained parts are switched off
+    assert json.loads((merged_dir / "eval_report.json").read_text())["tuned_model"] == "merged model"

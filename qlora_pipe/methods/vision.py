@@ -19,6 +19,8 @@ class Vision(Method):
         return {
             "export --unmerged": "export --unmerged: serving a vision model's adapter unmerged is not supported; "
             "export it merged (leave out --unmerged)",
+            "plan": "plan: task vision is not planned yet (the planner counts a causal language model's terms, "
+            "not image tokens or the vision tower; docs/vision.md)",
         }.get(what)
 
     def processor(self, recipe, tokenizer):
@@ -101,6 +103,21 @@ class Vision(Method):
         return [
             HeldOutBeforeAfter(run.root / VISION_EVAL, lambda model: image_scores(model, processor, rows, baseline))
         ]
+
+    def held_out_eval(self, run, recipe, data, limit, batch_size: int, merged: bool, lm_eval: bool) -> dict:
+        from qlora_pipe.errors import UserError
+        from qlora_pipe.vision.answers import run_vision_eval
+
+        if lm_eval:
+            raise UserError(f"eval {run.root}: --lm-eval runs text benchmarks; a vision run is scored on its images")
+        return run_vision_eval(run, recipe, data, limit, merged)
+
+    def eval_table(self, result: dict, markdown: bool = False) -> str:
+        from qlora_pipe.vision.answers import scores_table
+
+        table = f"{result['after']['rows']} held-out image questions; tuned: {result['tuned_model']}\n"
+        table += scores_table(result)
+        return f"```\n{table}\n```" if markdown else table
 
     def summary(self, recipe, run) -> dict:
         from qlora_pipe.vision.answers import read_scores

@@ -104,6 +104,11 @@ def optional_shape(recipe: Recipe) -> ModelShape | None:
     """The model's shapes where only the 'auto' switches need them: None, logged, where the planner cannot read
     them (an architecture it does not know, a config the model stage will name as broken): the switches stay off
     and the model stage reports any real problem in its own words."""
+    from qlora_pipe.methods import method_for
+
+    if refusal := method_for(recipe).refusal("plan", None):
+        log.info("long-context switches: not planned (%s); tiled MLP and offloading off", refusal.partition(": ")[2])
+        return None
     try:
         return recipe_shape(recipe)
     except (UserError, AttributeError, KeyError, TypeError, ValueError, OSError) as exc:

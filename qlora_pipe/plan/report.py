@@ -134,8 +134,12 @@ def run_plan_command(
     gpus: str | None = None,
     cpu_offload: bool = False,
 ) -> int:
+    from qlora_pipe.methods import method_for
+
     n_gpus = parse_gpus(gpus, cpu_offload)
     recipe, precision = resolve_recipe_precision(load_recipe(recipe_path, overrides=overrides), planning_hardware())
+    if refusal := method_for(recipe).refusal("plan", None):
+        raise UserError(refusal)
     changes = planned_fsdp_changes(recipe, n_gpus) if n_gpus > 1 else []  # refuses GRPO: no FSDP launch runs it
     if gpu_memory:
         budget = parse_size(gpu_memory, "--gpu-memory")

@@ -89,6 +89,7 @@ class Kind:
     continues_adapter: bool = True  # it may start from model.adapter (a finished run's adapter)
     methods: tuple[str, ...] = ()  # the only methods it trains with (empty: any)
     not_sharded: str | None = None  # why no FSDP or ZeRO-3 launch runs it (None: they do)
+    planned: bool = True  # the planner knows its terms (data.max_length and micro_batch_size may be 'auto')
 
     def method_refusal(self, task: str, method: str) -> str | None:
         if not self.methods or method in self.methods:
@@ -103,6 +104,7 @@ KINDS = {
         "vision-language model",
         methods=("sft",),
         not_sharded="task vision has been run on one device only",
+        planned=False,
     ),
     "reward": Kind("reward model", generates=False, continues_adapter=False),
     "grpo": Kind(

@@ -263,6 +263,8 @@ class Recipe(Section):
             raise ValueError(f"model.adapter: a {kind.noun} starts from a fresh adapter and head; leave it out")
         if refusal := trainer_refusal(self):
             raise ValueError(refusal)
+        if not kind.planned and "auto" in (self.data.max_length, self.training.micro_batch_size):
+            raise ValueError(f"a {kind.noun} is not planned yet: give data.max_length and micro_batch_size as numbers")
         t = self.training
         effective = (t.effective_batch_size or t.gradient_accumulation_steps) if t.micro_batch_size == "auto" else None
         accumulation = t.gradient_accumulation_steps

@@ -96,3 +96,42 @@ def scores_table(result: dict[str, Any]) -> str:
     if baseline:
         lines.append(f"(baseline: always {baseline['answer']!r}, the most frequent training answer)")
     return "\n".join(lines)
+
+
+def run_vision_eval(run, recipe, data_path: str | None, limit: int | None, merged: bool) -> dict[str, Any]:
+    """`qlora-pipe eval RUN` for a vision run: held-out image questions answered by the base (the adapter and
+    the trained vision parts switched off) and by the tuned model (or the merged export), with the baseline."""
+    import time
+
+    from transformers import AutoProcessor
+
+    from qlora_pipe.errors import UserError
+    from qlora_pipe.models.loading import load_run_tokenizer
+    from qlora_pipe.runs import write_json_atomic
+    from qlora_pipe.vision.data import prepare_vision_data
+    from qlora_pipe.vision.model import load_trained_vision
+
+    started = time.time()
+    tokenizer = load_run_tokenizer(run.root)
+    processor = AutoProcessor.from_pretrained(str(run.root))
+    processor.tokenizer = tokenizer
+    section = recipe.data if data_path is None else recipe.data.model_copy(update={"eval_path": data_path})
+    data = prepare_vision_data(section, processor, recipe.seed)
+    if data.eval is None or not len(data.eval):
+        raise UserError(f"eval {run.root}: no held-out image rows (give --data FILE or data.eval_path)")
+    rows = [data.eval[i] for i in range(min(limit or len(data.eval), len(data.eval)))]
+    baseline = most_frequent_answer(data.train, tokenizer)
+    model = load_trained_vision(recipe, run.root)
+    with model.disable_adapter():
+        columns = {"before": image_scores(model, processor, rows, baseline)}
+    if merged:
+        from transformers import AutoModelForImageTextToText
+
+        del model
+        model = AutoModelForImageTextToText.from_pretrained(str(run.root / "merged")).eval()
+    columns["after"] = image_scores(model, processor, rows, baseline)
+    result = {"run": str(run.root), "task": "vision", "data": data_path or "held-out rows", **columns}
+    result["tuned_model"] = "merged model" if merged else "4-bit base + adapter"
+    out = (run.root / "merged" / run.eval_report.name) if merged else run.eval_report
+    write_json_atomic(out, result)
+    return {**result, "path": str(out), "seconds": time.time() - started}
