@@ -21,7 +21,7 @@ from qlora_pipe.vision.collate import IMAGE_COLUMN, pixel_inputs
 
 VISION_EVAL = "vision_eval.json"
 ANSWER_TOKENS = 256  # at most
-ANSWER_SLACK = 8  # tokens beyond the longest reference answer
+ANSWER_SLACK = 4  # tokens beyond the longest reference answer
 
 
 def question_and_answer(row: dict[str, Any], tokenizer) -> tuple[list[int], str]:
