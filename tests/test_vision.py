@@ -289,4 +289,4 @@ def test_a_vision_run_trains_exports_and_reloads_in_plain_transformers(vlm_dir, 
     evaluated = run_vision_eval(run, recipe, None, 2, merged=True)
     assert evaluated["after"]["rows"] == evaluated["before"]["rows"] == 2
     assert evaluated["before"]["examples"] != evaluated["after"]["examples"]  # the trained parts are switched off
-    assert json.loads((merged_dir / "eval_report.json").read_text())["tuned_model"] == "merged model"
+    assert json.loads((merged_dir / "eval.json").read_text())["tuned_model"] == "merged model"

@@ -69,11 +69,11 @@ def preference_preview_text(prepared: PreparedData, tokenizer, count: int) -> st
     return "\n".join(lines)
 
 
-def image_runs(input_ids: list[int], labels: list[int], image_token: int | None) -> list[tuple[bool, list, list]]:
+def image_runs(input_ids: list[int], labels: list[int], image_tokens: set[int]) -> list[tuple[bool, list, list]]:
     """The row cut into (is an image run, ids, labels) pieces."""
     pieces = []
     index = 0
-    for is_image, run in groupby(input_ids, key=lambda token: token == image_token):
+    for is_image, run in groupby(input_ids, key=lambda token: token in image_tokens):
         n = len(list(run))
         pieces.append((is_image, input_ids[index : index + n], labels[index : index + n]))
         index += n
@@ -81,8 +81,10 @@ def image_runs(input_ids: list[int], labels: list[int], image_token: int | None)
 
 
 def vision_preview(prepared: PreparedData, processor, count: int, color: bool) -> str:
+    from qlora_pipe.vision.encode import image_token_ids
+
     tokenizer = processor.tokenizer
-    image_token = getattr(processor, "image_token_id", None)
+    image_tokens = image_token_ids(processor)
     legend = "trained tokens in green, masked dimmed" if color else "trained tokens between [[ and ]]"
     lines = ["data report:", *[f"  {report.line()}" for report in prepared.reports]]
     shown = min(count, len(prepared.train))
@@ -90,7 +92,7 @@ def vision_preview(prepared: PreparedData, processor, count: int, color: bool) -
     for index in range(shown):
         row = prepared.train[index]
         text = []
-        for is_image, ids, labels in image_runs(row["input_ids"], row["labels"], image_token):
+        for is_image, ids, labels in image_runs(row["input_ids"], row["labels"], image_tokens):
             text.append(f"<image: {len(ids)} tokens>" if is_image else render_example(ids, labels, tokenizer, color))
         lines.append(
             f"\n--- example {index + 1} ({len(row['input_ids'])} tokens, {len(row['image_files'])} images) ---"

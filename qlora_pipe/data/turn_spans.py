@@ -116,12 +116,22 @@ def _refusal(reason: str) -> UserError:
     )
 
 
+def _located_text(message: dict[str, Any]) -> str:
+    """The text a message is found by: its content, or for content parts (a vision row's) the assistant's text
+    parts joined, another role's last text part (its images are rendered around it as placeholders)."""
+    content = message.get("content") or ""
+    if isinstance(content, list):
+        texts = [part.get("text", "") for part in content if part.get("type") == "text"]
+        content = "".join(texts) if message["role"] == "assistant" else (texts[-1] if texts else "")
+    return content.strip()
+
+
 def assistant_spans(text: str, messages: list[dict[str, Any]], turns: TurnFormat) -> list[tuple[int, int]] | None:
     """Character spans of the assistant turns in ``text`` (header end or content start, to the end of the
     end-of-turn token), found in message order; None when one cannot be located (the row is dropped)."""
     spans, cursor = [], 0
     for message in messages:
-        content = (message.get("content") or "").strip()
+        content = _located_text(message)
         if message["role"] != "assistant":
             at = text.find(content, cursor) if content else -1
             cursor = at + len(content) if at >= 0 else cursor  # a template may leave a message out

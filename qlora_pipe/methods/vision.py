@@ -75,10 +75,21 @@ class Vision(Method):
 
     def fidelity_rows(self, recipe, tokenizer, rows: list[dict]) -> list[dict]:
         """Each row with its pixel values, as the trained and the merged model both take them."""
-        from qlora_pipe.vision.collate import IMAGE_COLUMN, pixel_inputs
+        import torch
+
+        from qlora_pipe.vision.collate import IMAGE_COLUMN, pixel_inputs, token_type_inputs
 
         processor = self.processor(recipe, tokenizer)
-        return [{**row, "model_inputs": pixel_inputs(processor, [row[IMAGE_COLUMN]])} for row in rows]
+        return [
+            {
+                **row,
+                "model_inputs": {
+                    **pixel_inputs(processor, [row[IMAGE_COLUMN]]),
+                    **token_type_inputs(processor, torch.tensor([row["input_ids"]])),
+                },
+            }
+            for row in rows
+        ]
 
     def write_export_config(self, folder, recipe, tokenizer) -> None:
         """The processor's settings beside the merged weights (the serving chat template is already there)."""

@@ -17,7 +17,7 @@ import torch
 
 from qlora_pipe.data.prepared import IGNORE
 from qlora_pipe.evaluate.metrics import score_answers
-from qlora_pipe.vision.collate import IMAGE_COLUMN, pixel_inputs
+from qlora_pipe.vision.collate import IMAGE_COLUMN, pixel_inputs, token_type_inputs
 
 VISION_EVAL = "vision_eval.json"
 ANSWER_TOKENS = 256  # at most
@@ -49,7 +49,8 @@ def image_answers(model, processor, rows, max_new_tokens: int = ANSWER_TOKENS) -
             for row in rows:
                 prompt, _ = question_and_answer(row, tokenizer)
                 ids = torch.tensor([prompt], device=model.device)
-                pixels = {k: v.to(model.device) for k, v in pixel_inputs(processor, [row[IMAGE_COLUMN]]).items()}
+                extra = {**pixel_inputs(processor, [row[IMAGE_COLUMN]]), **token_type_inputs(processor, ids)}
+                pixels = {k: v.to(model.device) for k, v in extra.items()}
                 out = model.generate(  # the KV cache, whatever training's checkpointing set in the config
                     input_ids=ids, attention_mask=torch.ones_like(ids), **pixels, **kwargs, use_cache=True
                 )

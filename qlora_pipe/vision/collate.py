@@ -22,6 +22,17 @@ def pixel_inputs(processor, images: list[list[bytes]]) -> dict[str, torch.Tensor
     return {k: v for k, v in out.items() if isinstance(v, torch.Tensor) and k not in ("rows", "cols")}
 
 
+def token_type_inputs(processor, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Which tokens are image tokens, where the model takes that as an input: Gemma 3's ``token_type_ids``
+    (image tokens attend to each other), Qwen2-VL's ``mm_token_type_ids`` (its 3-D positions). The processor
+    returns them itself; a batch built from stored ids must add them, or the model silently runs without."""
+    if not getattr(processor, "return_mm_token_type_ids", False):
+        return {}
+    types = torch.tensor(processor.create_mm_token_type_ids(ids.tolist()), dtype=torch.long)
+    name = "token_type_ids" if "token_type_ids" in getattr(processor, "model_input_names", ()) else "mm_token_type_ids"
+    return {name: types}
+
+
 class VisionCollator:
     """The trainer's data collator for task: vision."""
 
@@ -39,5 +50,10 @@ class VisionCollator:
             ids[i, :n] = torch.tensor(row["input_ids"])
             labels[i, :n] = torch.tensor(row["labels"])
             attention[i, :n] = 1
-        batch = {"input_ids": ids, "attention_mask": attention, "labels": labels}
+        batch = {
+            "input_ids": ids,
+            "attention_mask": attention,
+            "labels": labels,
+            **token_type_inputs(self.processor, ids),
+        }
         return {**batch, **pixel_inputs(self.processor, [r[IMAGE_COLUMN] for r in rows])}

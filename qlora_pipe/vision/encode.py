@@ -34,6 +34,15 @@ def expanded(processor, text: str, images: list) -> list[int]:
     return ids.tolist() if hasattr(ids, "tolist") else list(ids)
 
 
+def image_token_ids(processor) -> set[int]:
+    """The ids of the tokens that stand for image features (Gemma 3's soft tokens, not its <start_of_image>)."""
+    ids = getattr(processor, "image_token_ids", None)
+    if ids:
+        return set(ids)
+    single = getattr(processor, "image_token_id", None)
+    return {single} if single is not None else set()
+
+
 def aligned_mask(short: list[int], mask: list[int], long: list[int]) -> tuple[list[int], list[bool]]:
     """``mask`` (over ``short``, placeholders unexpanded) carried over to ``long``, and which of ``long``'s
     tokens the expansion added or replaced."""
@@ -58,8 +67,7 @@ def encode_vision(example: dict[str, Any], processor, template: str | None, data
     text = render(tokenizer, example["messages"], None, template if data.loss_on != "all" else None)
     ids = expanded(processor, text, [open_rgb(b) for b in images])
     mask, changed = aligned_mask(encoded.input_ids, encoded.mask, ids)
-    image_token = getattr(processor, "image_token_id", None)
-    image_tokens = sum(1 for t in ids if t == image_token) if image_token is not None else sum(changed)
+    image_tokens = sum(1 for t in ids if t in image_token_ids(processor)) or sum(changed)
     truncated = False
     if len(ids) > data.max_length:
         last_image = max((i for i, c in enumerate(changed) if c), default=-1)

@@ -71,8 +71,7 @@ def vision_parts(config) -> VisionParts:
 def lora_targets(parts: VisionParts, recipe) -> tuple[str, list[str]]:
     """PEFT's target_modules (a regex over qualified names: the language model's linear layers, and the
     vision parts given ``lora``) and modules_to_save (the parts given ``full``)."""
-    chosen = {"language": True, "tower": recipe.vision.tower == "lora", "projector": recipe.vision.projector == "lora"}
-    names = [n for part, on in chosen.items() if on for n in parts.linear[part]]
+    names = list(parts.linear["language"])
     wanted = recipe.lora.target_modules
     if wanted != "all-linear":
         names = [n for n in names if n.rsplit(".", 1)[-1] in wanted or n in wanted]
@@ -84,6 +83,11 @@ def lora_targets(parts: VisionParts, recipe) -> tuple[str, list[str]]:
                 f"lora.target_modules: {', '.join(missing)} match no linear layer of the language model "
                 f"(available: {', '.join(available)})"
             )
+    for part in ("tower", "projector"):  # a vision part given LoRA: all of its linear layers
+        if getattr(recipe.vision, part) == "lora":
+            if not parts.linear[part]:
+                raise UserError(f"vision.{part}: lora: this model's {part} has no linear layer; use frozen or full")
+            names += parts.linear[part]
     if not names:
         raise UserError("lora.target_modules: no linear layer to adapt")
     pattern = "|".join(re.escape(n) for n in names)
@@ -107,6 +111,13 @@ def load_processor(recipe, tokenizer=None):
             revision=recipe.model.revision,
             trust_remote_code=recipe.model.trust_remote_code,
         )
+    except ImportError as exc:  # transformers 5 builds Qwen2-VL's video processor only with torchvision
+        named = re.search(r"requires the (\w+) library", str(exc))
+        library = named.group(1).lower() if named else " ".join(str(exc).split())[:120]
+        raise UserError(
+            f"model.name_or_path: the processor of {recipe.model.name_or_path!r} needs {library}, which is not "
+            f"installed here (pip install {library}, the build matching your torch)"
+        ) from exc
     except (OSError, ValueError) as exc:
         raise UserError(
             f"model.name_or_path: cannot load the image processor of {recipe.model.name_or_path!r}: {exc}"
