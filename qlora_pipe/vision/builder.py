@@ -5,7 +5,7 @@ made the way SmolVLM was: a language model (SmolLM2-135M-Instruct from its PyPI 
 SmolVLM-256M) joined to a vision encoder (SigLIP-shaped) by a pixel-shuffle projector. The encoder and
 projector here are small and start random (their sizes multiples of 64); the recipe trains them whole
 (vision.tower and vision.projector: full) beside a LoRA adapter on the 4-bit language model. The tokenizer
-gains Idefics3's three image tokens; its chat template is ChatML with image parts and {% generation %}
+gains Idefics3's image tokens; its chat template is ChatML with image parts and {% generation %}
 markers, so the loss mask is proven on it like any other. Deterministic (seeded); stored in bf16.
 """
 
@@ -23,7 +23,9 @@ from qlora_pipe.errors import UserError
 
 log = logging.getLogger(__name__)
 
-IMAGE_TOKENS = ["<fake_token_around_image>", "<image>", "<global-img>"]
+# Idefics3's image tokens, and the end-of-utterance token its processor adds to any tokenizer it is given (the
+# embeddings must have a row for every id the saved tokenizer holds, or llama.cpp's converter refuses the model).
+IMAGE_TOKENS = ["<fake_token_around_image>", "<image>", "<global-img>", "<end_of_utterance>"]
 BUILD_INFO = "vision_build.json"
 
 # ChatML with image parts; the assistant's words and its end-of-turn token inside {% generation %}.

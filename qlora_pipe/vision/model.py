@@ -211,6 +211,12 @@ def load_vision_policy(recipe, tokenizer):
         raise UserError(
             f"model.name_or_path: {recipe.model.name_or_path!r} is not an image-text-to-text model ({exc})"
         ) from exc
+    rows = config.get_text_config().vocab_size
+    if max(tokenizer.get_vocab().values()) >= rows:
+        raise UserError(
+            f"model.name_or_path: the tokenizer has ids up to {max(tokenizer.get_vocab().values())} but the language "
+            f"model's embeddings have {rows} rows; resize them to the tokenizer before training"
+        )
     base = load_vision_base(recipe, parts)
     if base.config.get_text_config().pad_token_id is None:
         base.config.get_text_config().pad_token_id = tokenizer.pad_token_id
