@@ -227,6 +227,8 @@ def test_a_bad_image_with_on_bad_row_error_is_one_line(vlm_dir, shapes, tmp_path
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(raw))
     assert_one_line_error(cli("data", str(path), "--preview", "1"), "row 2", "image not decodable")
+    assert_one_line_error(cli("plan", str(path)), "task vision is not planned yet")
+    assert_one_line_error(cli("validate", str(path), "--set", "data.max_length=auto"), "give data.max_length")
 
 
 def test_a_vision_run_trains_exports_and_reloads_in_plain_transformers(vlm_dir, shapes, tmp_path, capsys, converter):

@@ -115,6 +115,10 @@ class Method:
         method's runs; or None."""
         return None
 
+    def plan_refusal(self) -> str | None:
+        """Why the planner cannot plan this method's runs (None: it can)."""
+        return None
+
     def plan_note(self) -> str | None:
         """A note under `qlora-pipe plan`'s table when its terms describe this method only approximately."""
         return None

@@ -19,9 +19,13 @@ class Vision(Method):
         return {
             "export --unmerged": "export --unmerged: serving a vision model's adapter unmerged is not supported; "
             "export it merged (leave out --unmerged)",
-            "plan": "plan: task vision is not planned yet (the planner counts a causal language model's terms, "
-            "not image tokens or the vision tower; docs/vision.md)",
         }.get(what)
+
+    def plan_refusal(self) -> str | None:
+        return (
+            "plan: task vision is not planned yet (the planner counts a causal language model's terms, not image "
+            "tokens or the vision tower; docs/vision.md)"
+        )
 
     def processor(self, recipe, tokenizer):
         from qlora_pipe.vision.model import load_processor

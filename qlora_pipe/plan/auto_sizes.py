@@ -106,7 +106,7 @@ def optional_shape(recipe: Recipe) -> ModelShape | None:
     and the model stage reports any real problem in its own words."""
     from qlora_pipe.methods import method_for
 
-    if refusal := method_for(recipe).refusal("plan", None):
+    if refusal := method_for(recipe).plan_refusal():
         log.info("long-context switches: not planned (%s); tiled MLP and offloading off", refusal.partition(": ")[2])
         return None
     try:

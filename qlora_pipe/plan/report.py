@@ -138,7 +138,7 @@ def run_plan_command(
 
     n_gpus = parse_gpus(gpus, cpu_offload)
     recipe, precision = resolve_recipe_precision(load_recipe(recipe_path, overrides=overrides), planning_hardware())
-    if refusal := method_for(recipe).refusal("plan", None):
+    if refusal := method_for(recipe).plan_refusal():
         raise UserError(refusal)
     changes = planned_fsdp_changes(recipe, n_gpus) if n_gpus > 1 else []  # refuses GRPO: no FSDP launch runs it
     if gpu_memory:
