@@ -1,10 +1,9 @@
 """Rows -> validated, templated, tokenized, masked SFT dataset (+ report).
 
-Gets a tokenizer; never loads a model. Every row is checked and either kept or counted under
-the reason it was dropped. Conversations are rendered with the chat template and masked with
-TRL's assistant-mask machinery ({% generation %} markers), so the end-of-turn token is always
-trained. The trainer receives ``input_ids`` and ``labels`` (-100 where no loss) ready made, so
-what ``qlora-pipe data --preview`` shows is exactly what training sees.
+Gets a tokenizer; never loads a model. Every row is checked and kept or counted under the reason it was
+dropped. Conversations are rendered with the chat template and masked ({% generation %} markers or located
+turns), the end-of-turn token always trained. The trainer receives ``input_ids`` and ``labels`` (-100 where
+no loss) ready made: what ``qlora-pipe data --preview`` shows is what training sees.
 """
 
 from __future__ import annotations
@@ -95,9 +94,7 @@ def collect(
     convert: Callable[[dict[str, Any]], Any] | None = None,
     source_convert: Callable[[dict[str, Any], SourceSection], Any] | None = None,
 ) -> list:
-    """Read, normalize, check and mix the rows of several sources. ``convert`` turns a raw row into an
-    example or the reason to drop it (default: the SFT formats, detected per source); ``source_convert`` does
-    the same knowing the row's source (rows that name files beside their data file: images)."""
+    """Rows of several sources read, checked, mixed (``convert``, ``source_convert``: a row -> example or why not)."""
     examples: list[dict[str, Any]] = []
     seen: set[str] = set()  # rows already read, across sources: repeats are counted (and dropped with dedupe)
     for source in sources:
@@ -128,14 +125,26 @@ def collect(
 
 
 def hold_out(train: list, held_out: list, data: DataSection, rng: random.Random, report: SplitReport):
-    """The eval split: data.eval_fraction of the shuffled training rows (else the held-out sources'), at most
-    data.max_eval_samples of it."""
+    """The eval split: data.eval_fraction of the shuffled training rows (else the held-out sources'), capped."""
     if data.eval_fraction > 0:
         rng.shuffle(train)
         cut = max(1, round(len(train) * data.eval_fraction))
         held_out, train = train[:cut], train[cut:]
         report.rows_read = len(held_out)
     return train, held_out[: data.max_eval_samples]
+
+
+def collected_splits(data: DataSection, rng: random.Random, train_report, eval_report, **convert) -> tuple[list, list]:
+    """Training and held-out examples (``convert``: collect's); training rows repeating held-out ones dropped."""
+    train = collect(data.train_sources(), data, rng, train_report, **convert)[: data.max_train_samples]
+    held_out = collect(data.held_out_sources(), data, rng, eval_report, **convert) if data.held_out_sources() else []
+    train, held_out = hold_out(train, held_out, data, rng, eval_report)
+    eval_keys = {example_key(e) for e in held_out}
+    before = len(train)
+    train = [e for e in train if example_key(e) not in eval_keys]
+    if before - len(train):
+        train_report.dropped["duplicate of an eval row"] += before - len(train)
+    return train, held_out
 
 
 def example_key(example: dict[str, Any]) -> str:
@@ -265,15 +274,7 @@ def prepare_data(data: DataSection, tokenizer, seed: int = 42) -> PreparedData:
         return cached
     rng = random.Random(seed)
     train_report, eval_report = SplitReport("train"), SplitReport("eval")
-    train = collect(data.train_sources(), data, rng, train_report)[: data.max_train_samples]
-    held_out = collect(data.held_out_sources(), data, rng, eval_report) if data.held_out_sources() else []
-    train, held_out = hold_out(train, held_out, data, rng, eval_report)
-    eval_keys = {example_key(e) for e in held_out}
-    before = len(train)
-    train = [e for e in train if example_key(e) not in eval_keys]
-    if before - len(train):
-        train_report.dropped["duplicate of an eval row"] += before - len(train)
-
+    train, held_out = collected_splits(data, rng, train_report, eval_report)
     if not train:
         raise UserError(f"training data: no usable rows after checks ({train_report.line()})")
     template, empty_think, turns = None, False, None

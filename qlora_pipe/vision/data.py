@@ -16,7 +16,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from qlora_pipe.data.prepare import collect, example_key, hold_out, masking_method, masking_plan
+from qlora_pipe.data.prepare import collected_splits, masking_method, masking_plan
 from qlora_pipe.data.prepared import PreparedData
 from qlora_pipe.data.report import SplitReport, require_eval_rows
 from qlora_pipe.errors import UserError
@@ -76,14 +76,7 @@ def prepare_vision_data(data: DataSection, processor, seed: int = 42) -> Prepare
     """The data stage of a vision run (see the module's docstring)."""
     rng = random.Random(seed)
     train_report, eval_report = SplitReport("train"), SplitReport("eval")
-    train = collect(data.train_sources(), data, rng, train_report, source_convert=read_row)[: data.max_train_samples]
-    held_out = collect(data.held_out_sources(), data, rng, eval_report, source_convert=read_row)
-    train, held_out = hold_out(train, held_out, data, rng, eval_report)
-    eval_keys = {example_key(e) for e in held_out}
-    before = len(train)
-    train = [e for e in train if example_key(e) not in eval_keys]
-    if before - len(train):
-        train_report.dropped["duplicate of an eval row"] += before - len(train)
+    train, held_out = collected_splits(data, rng, train_report, eval_report, source_convert=read_row)
     if not train:
         raise UserError(f"training data: no usable rows after checks ({train_report.line()})")
     template, turns = None, None
