@@ -3,7 +3,7 @@
 transformers' ``AutoModelForImageTextToText`` loads the families (Idefics3/SmolVLM, Qwen2-VL, Qwen2.5-VL,
 Gemma 3, LLaVA, ...). Which modules are the language model is read from the model itself
 (``get_decoder()``), built on the meta device from its config; every other part beside it (the vision tower,
-the projector) is kept out of 4-bit, as the anchors (QLoRA's LLaVA runs, unsloth, TRL's examples) keep them.
+the projector) is kept out of 4-bit.
 LoRA goes on the language model's linear layers; ``vision.tower`` and ``vision.projector`` put LoRA on those
 parts too (``lora``) or train them whole (``full``, saved beside the adapter by PEFT's modules_to_save).
 """
