@@ -19,13 +19,12 @@ from qlora_pipe.data.prepared import IGNORE
 from qlora_pipe.recipe import validate_recipe
 from tests.helpers.data import write_jsonl
 from tests.helpers.vision_families import (  # noqa: F401 (vision_family: the fixture)
-    QWEN_TEMPLATE,
     Family,
-    family_rows,
     family_tokenizer,
     torchvision_usable,
     vision_family,
 )
+from tests.helpers.vision_rows import QWEN_TEMPLATE, family_rows
 
 
 def vision_recipe(family, rows_path: Path, out: Path) -> dict:
