@@ -46,7 +46,7 @@ def _is_run_dir(path: Path) -> bool:
 
 def load_chat_model(path: str | Path) -> ChatModel:
     """A finished run directory (adapter on its 4-bit base) or a model directory (a merged export)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
     from qlora_pipe.models.loading import load_run_tokenizer, training_device
 
@@ -76,10 +76,9 @@ def load_chat_model(path: str | Path) -> ChatModel:
         ):
             raise UserError(f"chat: {path} is a classifier; load it with AutoModelForSequenceClassification")
         dtype = load_dtype_for(path)  # fp32 on a CPU that emulates bf16
-        vision = (path / "processor_config.json").is_file()
-        if vision:
-            from transformers import AutoModelForImageTextToText as AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": training_device()}).eval()
+        vision = (path / "processor_config.json").is_file()  # a vision-language model's export
+        auto = AutoModelForImageTextToText if vision else AutoModelForCausalLM
+        model = auto.from_pretrained(path, dtype=dtype, device_map={"": training_device()}).eval()
         tokenizer = AutoTokenizer.from_pretrained(path)
         # export wrote the recipe's generation section into generation_config.json
         system = training_system_prompt(run_of_merged(path))
